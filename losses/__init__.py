@@ -1,0 +1,6 @@
+"""The Cross Encoder loss table as data, the loss factory, and losses beyond sentence-transformers."""
+
+from losses.factory import build_loss, resolve_loss
+from losses.table import FORMATS, LOSS_TABLE, LossSpec
+
+__all__ = ["FORMATS", "LOSS_TABLE", "LossSpec", "build_loss", "resolve_loss"]

@@ -1,0 +1,345 @@
+"""Ingest: read a BEIR-style folder or a pairs file, validate it, and write normalized Parquet.
+
+Validation runs before any model is loaded and stops at the first problem with
+a one-line :class:`DataError` naming file, line and field.
+
+Normalized tables (explicit Arrow schemas):
+``queries``: query_id, text; ``corpus``: doc_id, title, text; ``qrels``: query_id, doc_id, score, split.
+Parallel languages (``queries.<lang>.jsonl``, ``corpus.<lang>.jsonl``) become
+``queries.<lang>.parquet`` / ``corpus.<lang>.parquet`` with the same schemas.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.artifacts import atomic_dir, hash_files, write_json
+from pipeline.errors import DataError
+
+QUERIES_SCHEMA = pa.schema([("query_id", pa.string()), ("text", pa.string())])
+CORPUS_SCHEMA = pa.schema([("doc_id", pa.string()), ("title", pa.string()), ("text", pa.string())])
+QRELS_SCHEMA = pa.schema(
+    [("query_id", pa.string()), ("doc_id", pa.string()), ("score", pa.int32()), ("split", pa.string())]
+)
+SPLITS = ("train", "dev", "test")
+_LANG_FILE = re.compile(r"^(queries|corpus)\.([A-Za-z_-]+)\.jsonl$")
+
+
+@dataclass
+class Dataset:
+    """A normalized dataset held in memory."""
+
+    queries: dict[str, str]
+    corpus: dict[str, tuple[str, str]]  # doc_id -> (title, text)
+    qrels: list[tuple[str, str, int, str]]  # (query_id, doc_id, score, split)
+    languages: dict[str, tuple[dict[str, str], dict[str, tuple[str, str]]]]  # lang -> (queries, corpus)
+
+    def passage(self, doc_id: str) -> str:
+        return join_title(*self.corpus[doc_id])
+
+    def relevant(self, split: str) -> dict[str, dict[str, int]]:
+        """query_id -> {doc_id: score} for one split (scores > 0 only)."""
+        out: dict[str, dict[str, int]] = {}
+        for q, d, s, sp in self.qrels:
+            if sp == split and s > 0:
+                out.setdefault(q, {})[d] = s
+        return out
+
+
+def join_title(title: str, text: str) -> str:
+    return f"{title}. {text}" if title else text
+
+
+def dataset_files(source: str | Path) -> list[Path]:
+    """The input files that define a dataset (their content is its fingerprint)."""
+    source = Path(source)
+    if source.is_file():
+        return [source]
+    if not source.is_dir():
+        raise DataError(source, None, None, "dataset not found (expected a BEIR-style folder or a .jsonl/.parquet pairs file)")
+    files = [p for p in source.glob("*.jsonl")] + [p for p in (source / "qrels").glob("*.tsv")]
+    return sorted(files)
+
+
+def dataset_hash(source: str | Path) -> str:
+    return hash_files(dataset_files(source))[:16]
+
+
+def read_dataset(source: str | Path) -> Dataset:
+    """Read and validate a BEIR-style folder or a pairs file."""
+    source = Path(source)
+    if source.is_file():
+        return read_pairs_file(source)
+    if not source.is_dir():
+        raise DataError(source, None, None, "dataset not found (expected a BEIR-style folder or a .jsonl/.parquet pairs file)")
+    return read_beir(source)
+
+
+def read_beir(folder: Path) -> Dataset:
+    for name in ("corpus.jsonl", "queries.jsonl"):
+        if not (folder / name).is_file():
+            raise DataError(folder / name, None, None, "missing file (a BEIR-style folder needs corpus.jsonl, queries.jsonl and qrels/*.tsv)")
+    corpus = _read_corpus(folder / "corpus.jsonl")
+    queries = _read_queries(folder / "queries.jsonl")
+    qrels: list[tuple[str, str, int, str]] = []
+    present = [s for s in SPLITS if (folder / "qrels" / f"{s}.tsv").is_file()]
+    if "test" not in present:
+        raise DataError(folder / "qrels" / "test.tsv", None, None, "missing file (the test split is needed for evaluation)")
+    for split in present:
+        qrels += _read_qrels(folder / "qrels" / f"{split}.tsv", split, queries, corpus)
+    languages = {}
+    for path in sorted(folder.glob("*.*.jsonl")):
+        m = _LANG_FILE.match(path.name)
+        if not m:
+            continue
+        kind, lang = m.groups()
+        lq, lc = languages.setdefault(lang, ({}, {}))
+        if kind == "queries":
+            lq.update(_read_queries(path, known=queries))
+        else:
+            lc.update(_read_corpus(path, known=corpus))
+    return Dataset(queries, corpus, qrels, languages)
+
+
+def _jsonl_rows(path: Path):
+    """Yield (line_number, dict) for each non-blank line."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(path, lineno, None, f"not valid UTF-8 (byte {e.start})") from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(path, lineno, None, f"malformed JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise DataError(path, lineno, None, "expected a JSON object")
+            yield lineno, row
+
+
+def _field(path: Path, lineno: int, row: dict, name: str, required: bool = True) -> str:
+    if name not in row or row[name] is None:
+        if required:
+            raise DataError(path, lineno, name, "missing")
+        return ""
+    value = row[name]
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise DataError(path, lineno, name, f"expected a string, got {type(value).__name__}")
+    return str(value)
+
+
+def _read_corpus(path: Path, known: dict | None = None) -> dict[str, tuple[str, str]]:
+    out: dict[str, tuple[str, str]] = {}
+    first_line: dict[str, int] = {}
+    for lineno, row in _jsonl_rows(path):
+        doc_id = _field(path, lineno, row, "_id").strip()
+        if not doc_id:
+            raise DataError(path, lineno, "_id", "empty id")
+        if doc_id in out:
+            raise DataError(path, lineno, "_id", f"duplicate id '{doc_id}' (first on line {first_line[doc_id]})")
+        if known is not None and doc_id not in known:
+            raise DataError(path, lineno, "_id", f"id '{doc_id}' is not in the source-language corpus")
+        title = _field(path, lineno, row, "title", required=False).strip()
+        text = _field(path, lineno, row, "text").strip()
+        if not text and not title:
+            raise DataError(path, lineno, "text", "empty text")
+        out[doc_id] = (title, text)
+        first_line[doc_id] = lineno
+    if not out:
+        raise DataError(path, None, None, "no documents")
+    return out
+
+
+def _read_queries(path: Path, known: dict | None = None) -> dict[str, str]:
+    out: dict[str, str] = {}
+    first_line: dict[str, int] = {}
+    for lineno, row in _jsonl_rows(path):
+        qid = _field(path, lineno, row, "_id").strip()
+        if not qid:
+            raise DataError(path, lineno, "_id", "empty id")
+        if qid in out:
+            raise DataError(path, lineno, "_id", f"duplicate id '{qid}' (first on line {first_line[qid]})")
+        if known is not None and qid not in known:
+            raise DataError(path, lineno, "_id", f"id '{qid}' is not in the source-language queries")
+        text = _field(path, lineno, row, "text").strip()
+        if not text:
+            raise DataError(path, lineno, "text", "empty text")
+        out[qid] = text
+        first_line[qid] = lineno
+    if not out:
+        raise DataError(path, None, None, "no queries")
+    return out
+
+
+def _read_qrels(path: Path, split: str, queries: dict, corpus: dict) -> list[tuple[str, str, int, str]]:
+    out = []
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as e:
+                raise DataError(path, lineno, None, f"not valid UTF-8 (byte {e.start})") from None
+            if not line.strip():
+                continue
+            cols = line.split("\t")
+            if lineno == 1:
+                if [c.strip() for c in cols[:3]] != ["query-id", "corpus-id", "score"]:
+                    raise DataError(path, lineno, None, "expected the header 'query-id<TAB>corpus-id<TAB>score'")
+                continue
+            if len(cols) < 3:
+                raise DataError(path, lineno, None, f"expected 3 tab-separated columns, got {len(cols)}")
+            qid, did, score = cols[0].strip(), cols[1].strip(), cols[2].strip()
+            if qid not in queries:
+                raise DataError(path, lineno, "query-id", f"unknown query id '{qid}' (not in queries.jsonl)")
+            if did not in corpus:
+                raise DataError(path, lineno, "corpus-id", f"unknown document id '{did}' (not in corpus.jsonl)")
+            try:
+                value = float(score)
+            except ValueError:
+                raise DataError(path, lineno, "score", f"not a number: '{score}'") from None
+            if value != value or value in (float("inf"), float("-inf")) or value != int(value):
+                raise DataError(path, lineno, "score", f"expected an integer relevance grade, got '{score}'")
+            out.append((qid, did, int(value), split))
+    return out
+
+
+def read_pairs_file(path: Path) -> Dataset:
+    """A JSONL or Parquet file with ``query`` and ``positive`` columns (optional ``query_id``,
+    ``positive_id`` and ``split``); rows without a split are assigned train/dev/test by a hash
+    of the query (80/10/10)."""
+    if path.suffix == ".parquet":
+        try:
+            table = pq.read_table(path)
+        except Exception as e:  # pyarrow raises several types for a broken file
+            raise DataError(path, None, None, f"cannot read Parquet ({e})") from None
+        for col in ("query", "positive"):
+            if col not in table.column_names:
+                raise DataError(path, None, col, "missing column")
+        rows = enumerate(table.to_pylist(), 1)
+    elif path.suffix in (".jsonl", ".json"):
+        rows = _jsonl_rows(path)
+    else:
+        raise DataError(path, None, None, "unknown pairs file type (use .jsonl or .parquet)")
+
+    queries: dict[str, str] = {}
+    corpus: dict[str, tuple[str, str]] = {}
+    qrels = []
+    seen = set()
+    for lineno, row in rows:
+        q = _field(path, lineno, row, "query").strip()
+        p = _field(path, lineno, row, "positive").strip()
+        if not q:
+            raise DataError(path, lineno, "query", "empty text")
+        if not p:
+            raise DataError(path, lineno, "positive", "empty text")
+        qid = _field(path, lineno, row, "query_id", required=False).strip() or "q-" + _short_hash(q)
+        did = _field(path, lineno, row, "positive_id", required=False).strip() or "d-" + _short_hash(p)
+        if queries.get(qid, q) != q:
+            raise DataError(path, lineno, "query_id", f"id '{qid}' already used for a different query text")
+        if corpus.get(did, ("", p))[1] != p:
+            raise DataError(path, lineno, "positive_id", f"id '{did}' already used for a different passage text")
+        split = _field(path, lineno, row, "split", required=False).strip() or _hash_split(qid)
+        if split not in SPLITS:
+            raise DataError(path, lineno, "split", f"expected one of {', '.join(SPLITS)}, got '{split}'")
+        queries[qid] = q
+        corpus[did] = ("", p)
+        if (qid, did) not in seen:
+            seen.add((qid, did))
+            qrels.append((qid, did, 1, split))
+    if not qrels:
+        raise DataError(path, None, None, "no pairs")
+    return Dataset(queries, corpus, qrels, {})
+
+
+def _short_hash(text: str) -> str:
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+def _hash_split(qid: str) -> str:
+    bucket = int(hashlib.sha1(qid.encode()).hexdigest()[:8], 16) % 10
+    return "test" if bucket == 0 else "dev" if bucket == 1 else "train"
+
+
+# ---- normalized Parquet -------------------------------------------------------------------
+
+def write_normalized(ds: Dataset, out_dir: str | Path, source: str | Path) -> dict:
+    """Write the dataset as Parquet into ``out_dir`` (atomically) and return its statistics."""
+    stats = {
+        "source": str(source),
+        "queries": len(ds.queries),
+        "documents": len(ds.corpus),
+        "qrels": {s: sum(1 for r in ds.qrels if r[3] == s) for s in SPLITS},
+        "languages": {lang: {"queries": len(q), "documents": len(c)} for lang, (q, c) in ds.languages.items()},
+    }
+    with atomic_dir(out_dir) as tmp:
+        _write_tables(tmp, "", ds.queries, ds.corpus)
+        pq.write_table(
+            pa.table(
+                {
+                    "query_id": [r[0] for r in ds.qrels],
+                    "doc_id": [r[1] for r in ds.qrels],
+                    "score": pa.array([r[2] for r in ds.qrels], pa.int32()),
+                    "split": [r[3] for r in ds.qrels],
+                },
+                schema=QRELS_SCHEMA,
+            ),
+            tmp / "qrels.parquet",
+        )
+        for lang, (q, c) in ds.languages.items():
+            _write_tables(tmp, f".{lang}", q, c)
+        write_json(tmp / "stats.json", stats)
+    return stats
+
+
+def _write_tables(folder: Path, suffix: str, queries: dict, corpus: dict) -> None:
+    pq.write_table(
+        pa.table({"query_id": list(queries), "text": list(queries.values())}, schema=QUERIES_SCHEMA),
+        folder / f"queries{suffix}.parquet",
+    )
+    pq.write_table(
+        pa.table(
+            {
+                "doc_id": list(corpus),
+                "title": [t for t, _ in corpus.values()],
+                "text": [x for _, x in corpus.values()],
+            },
+            schema=CORPUS_SCHEMA,
+        ),
+        folder / f"corpus{suffix}.parquet",
+    )
+
+
+def load_normalized(folder: str | Path) -> Dataset:
+    """Read what :func:`write_normalized` wrote."""
+    folder = Path(folder)
+
+    def tables(suffix: str):
+        q = pq.read_table(folder / f"queries{suffix}.parquet").to_pydict()
+        c = pq.read_table(folder / f"corpus{suffix}.parquet").to_pydict()
+        return dict(zip(q["query_id"], q["text"])), {
+            d: (t, x) for d, t, x in zip(c["doc_id"], c["title"], c["text"])
+        }
+
+    queries, corpus = tables("")
+    r = pq.read_table(folder / "qrels.parquet").to_pydict()
+    qrels = list(zip(r["query_id"], r["doc_id"], r["score"], r["split"]))
+    languages = {}
+    for p in folder.glob("queries.*.parquet"):
+        lang = p.name.split(".")[1]
+        languages[lang] = tables(f".{lang}")
+    return Dataset(queries, corpus, qrels, languages)
+
+
+def prepare_data(source: str | Path, out_dir: str | Path) -> dict:
+    """Stage entry: validate ``source`` and write it normalized to ``out_dir``."""
+    return write_normalized(read_dataset(source), out_dir, source)

@@ -1,0 +1,149 @@
+"""Labels: turn teacher-scored candidate groups into training rows in a loss table format.
+
+One group (query, positives, negatives) becomes, per format:
+``ntuple-margin``: (query, positive, negative_1..n) with [s(pos) - s(neg_i)] (MarginMSE);
+``ntuple``: the same columns, no label (MultipleNegativesRankingLoss);
+``pair-score`` / ``pair-soft``: one (query, passage) row per document with its teacher score
+(raw, or through a sigmoid into [0, 1]);
+``pair-binary`` / ``pair-class``: one row per document with 1/0 or the qrels grade;
+``list``: (query, [docs]) with [scores].
+Rows with fewer than ``num_negatives`` mined negatives are dropped from n-tuple formats
+(their column count must be fixed) and counted.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import pyarrow as pa
+
+from losses.table import FORMATS
+from pipeline.errors import PipelineError
+
+
+def score_lookup(scores: pa.Table) -> dict[tuple[str, str], float]:
+    d = scores.to_pydict()
+    return dict(zip(zip(d["query_id"], d["doc_id"]), d["score"]))
+
+
+def build_rows(
+    fmt: str,
+    groups: pa.Table,
+    teacher: dict[tuple[str, str], float] | None,
+    queries: dict[str, str],
+    passage: Callable[[str], str],
+    grades: dict[str, dict[str, int]] | None = None,
+    num_negatives: int | None = None,
+    label_scale: float = 1.0,
+) -> tuple[dict[str, list], dict]:
+    """Columns of the training dataset for ``fmt`` and statistics about what was built."""
+    if fmt not in FORMATS:
+        raise PipelineError(f"unknown data format '{fmt}' (one of {', '.join(FORMATS)})")
+    needs_teacher = fmt in ("ntuple-margin", "pair-score", "pair-soft", "list")
+    if needs_teacher and teacher is None:
+        raise PipelineError(f"format '{fmt}' needs teacher scores; run ScoreWithTeacher first")
+    g = groups.to_pydict()
+    n_neg = num_negatives if num_negatives is not None else max((len(x) for x in g["negative_ids"]), default=0)
+    if fmt.startswith("ntuple") and n_neg < 1:
+        raise PipelineError(f"format '{fmt}' needs at least one mined negative per query; got none")
+    cols: dict[str, list] = {}
+    short = 0
+
+    def s(q: str, d: str) -> float:
+        return float(teacher[(q, d)]) * label_scale
+
+    for qid, pos_ids, neg_ids in zip(g["query_id"], g["positive_ids"], g["negative_ids"]):
+        q = queries[qid]
+        if fmt.startswith("ntuple"):
+            if len(neg_ids) < n_neg:
+                short += 1
+                continue
+            negs = neg_ids[:n_neg]
+            for p in pos_ids:
+                cols.setdefault("query", []).append(q)
+                cols.setdefault("positive", []).append(passage(p))
+                for i, n in enumerate(negs, 1):
+                    cols.setdefault(f"negative_{i}", []).append(passage(n))
+                if fmt == "ntuple-margin":
+                    sp = s(qid, p)
+                    cols.setdefault("label", []).append([sp - s(qid, n) for n in negs])
+        elif fmt == "list":
+            docs = list(pos_ids) + list(neg_ids[:n_neg])
+            cols.setdefault("query", []).append(q)
+            cols.setdefault("docs", []).append([passage(d) for d in docs])
+            cols.setdefault("labels", []).append([s(qid, d) for d in docs])
+        else:
+            for d, is_pos in [(p, True) for p in pos_ids] + [(n, False) for n in neg_ids[:n_neg]]:
+                if fmt == "pair-score":
+                    label = s(qid, d)
+                elif fmt == "pair-soft":
+                    label = 1.0 / (1.0 + math.exp(-s(qid, d)))
+                elif fmt == "pair-binary":
+                    label = 1.0 if is_pos else 0.0
+                else:  # pair-class
+                    label = int((grades or {}).get(qid, {}).get(d, 1)) if is_pos else 0
+                cols.setdefault("query", []).append(q)
+                cols.setdefault("passage", []).append(passage(d))
+                cols.setdefault("label", []).append(label)
+    rows = len(cols.get("query", []))
+    if rows == 0:
+        raise PipelineError(
+            f"no training rows in format '{fmt}': {short} queries had fewer than {n_neg} mined negatives"
+            if short
+            else f"no training rows in format '{fmt}'"
+        )
+    stats = {"format": fmt, "rows": rows, "queries_short_of_negatives": short, "num_negatives": n_neg}
+    if "label" in cols and fmt != "pair-class":
+        flat = np.asarray(cols["label"], np.float64).ravel()
+        stats["label_mean"], stats["label_std"] = float(flat.mean()), float(flat.std())
+    if fmt == "pair-class":
+        stats["num_classes"] = int(max(cols["label"])) + 1
+    return cols, stats
+
+
+def to_dataset(cols: dict[str, list]):
+    """A ``datasets.Dataset`` with explicit feature types (labels last, as sentence-transformers expects)."""
+    from datasets import Dataset, Features, Sequence, Value
+
+    features = {}
+    for name, values in cols.items():
+        if name in ("docs",):
+            features[name] = Sequence(Value("string"))
+        elif name in ("labels",) or (name == "label" and values and isinstance(values[0], list)):
+            features[name] = Sequence(Value("float32"))
+        elif name == "label":
+            features[name] = Value("int64") if isinstance(values[0], int) else Value("float32")
+        else:
+            features[name] = Value("string")
+    return Dataset.from_dict(cols, features=Features(features))
+
+
+def build_labels(
+    data_dir,
+    mined_dir,
+    scores_path,
+    out_dir,
+    fmt: str,
+    num_negatives: int | None = None,
+    label_scale: float = 1.0,
+) -> dict:
+    """Stage entry: training rows in ``fmt`` saved as a ``datasets`` folder (atomically)."""
+    from pathlib import Path
+
+    import pyarrow.parquet as pq
+
+    from pipeline.artifacts import atomic_dir, write_json
+    from pipeline.data import load_normalized
+    from pipeline.scoring import read_scores
+
+    ds = load_normalized(data_dir)
+    groups = pq.read_table(Path(mined_dir) / "groups.parquet")
+    teacher = score_lookup(read_scores(scores_path)[0]) if scores_path else None
+    grades = ds.relevant("train")
+    cols, stats = build_rows(fmt, groups, teacher, ds.queries, ds.passage, grades, num_negatives, label_scale)
+    with atomic_dir(out_dir) as tmp:
+        to_dataset(cols).save_to_disk(str(tmp / "dataset"))
+        write_json(tmp / "stats.json", stats)
+    return stats

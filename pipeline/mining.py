@@ -1,0 +1,320 @@
+"""Hard-negative mining: embed queries and corpus with a bi-encoder, search with FAISS, pick negatives.
+
+Produces two tables:
+``groups`` (training queries): query_id, positive_ids, negative_ids, negative_scores, negative_ranks.
+``candidates`` (evaluation queries): query_id, doc_ids, scores: the retriever's top-k in its own
+order, with any judged positive that missed the top-k appended at its true score, so a reranker
+can be judged on every query.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+GROUPS_SCHEMA = pa.schema(
+    [
+        ("query_id", pa.string()),
+        ("positive_ids", pa.list_(pa.string())),
+        ("positive_scores", pa.list_(pa.float32())),
+        ("negative_ids", pa.list_(pa.string())),
+        ("negative_scores", pa.list_(pa.float32())),
+        ("negative_ranks", pa.list_(pa.int32())),
+    ]
+)
+CANDIDATES_SCHEMA = pa.schema(
+    [("query_id", pa.string()), ("doc_ids", pa.list_(pa.string())), ("scores", pa.list_(pa.float32()))]
+)
+
+
+class EmbeddingCache:
+    """Embeddings per (embedder, text), stored as a memory-mapped float32 matrix plus a key index.
+
+    A rerun, or a run with added documents, embeds only texts it has not seen.
+    """
+
+    def __init__(self, folder: str | Path, dim: int | None = None):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.index_path = self.folder / "keys.txt"
+        self.matrix_path = self.folder / "vectors.f32"
+        self.keys: dict[str, int] = {}
+        if self.index_path.exists():
+            for i, k in enumerate(self.index_path.read_text().splitlines()):
+                self.keys[k] = i
+        self.dim = dim
+        if self.keys and self.dim is None and self.matrix_path.exists():
+            self.dim = self.matrix_path.stat().st_size // 4 // max(len(self.keys), 1)
+
+    @staticmethod
+    def key(text: str) -> str:
+        return hashlib.sha1(text.encode()).hexdigest()
+
+    def get(self, texts: list[str], encode) -> np.ndarray:
+        """Embeddings for ``texts``; ``encode(list_of_texts) -> ndarray`` runs only on the missing ones."""
+        keys = [self.key(t) for t in texts]
+        missing = list(dict.fromkeys(k for k in keys if k not in self.keys))
+        if missing:
+            first = {k: t for k, t in zip(keys, texts)}
+            vectors = np.asarray(encode([first[k] for k in missing]), dtype=np.float32)
+            self._append(missing, vectors)
+        matrix = self._matrix()
+        return np.asarray(matrix[[self.keys[k] for k in keys]])
+
+    def _matrix(self) -> np.ndarray:
+        n = len(self.keys)
+        if n == 0:
+            return np.zeros((0, self.dim or 0), np.float32)
+        return np.memmap(self.matrix_path, dtype=np.float32, mode="r", shape=(n, self.dim))
+
+    def _append(self, keys: list[str], vectors: np.ndarray) -> None:
+        import fcntl
+
+        if self.dim is None:
+            self.dim = vectors.shape[1]
+        # One writer at a time: two runs sharing a cache must not interleave their appends.
+        with open(self.folder / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self._reload_keys()
+            keys_new = [k for k in keys if k not in self.keys]
+            if len(keys_new) != len(keys):
+                keep = [i for i, k in enumerate(keys) if k not in self.keys]
+                keys, vectors = keys_new, vectors[keep]
+            if keys:
+                self._append_locked(keys, vectors)
+
+    def _reload_keys(self) -> None:
+        if self.index_path.exists():
+            self.keys = {k: i for i, k in enumerate(self.index_path.read_text().splitlines())}
+
+    def _append_locked(self, keys: list[str], vectors: np.ndarray) -> None:
+        # Vectors first, keys second: a crash in between leaves extra vectors that no key points to,
+        # which the next append truncates away.
+        n_before = len(self.keys)
+        with open(self.matrix_path, "r+b" if self.matrix_path.exists() else "wb") as f:
+            f.truncate(n_before * self.dim * 4)
+            f.seek(0, 2)
+            f.write(np.ascontiguousarray(vectors, np.float32).tobytes())
+        with open(self.index_path, "a") as f:
+            f.write("".join(k + "\n" for k in keys))
+        for i, k in enumerate(keys):
+            self.keys[k] = n_before + i
+
+
+def encode_texts(model, texts: list[str], batch_size: int = 64, show_progress: bool = True) -> np.ndarray:
+    """Unit-normalised float32 embeddings (inner product = cosine)."""
+    if not texts:
+        return np.zeros((0, model.get_sentence_embedding_dimension()), np.float32)
+    # Sorting by length lets SentenceTransformer pad less; it restores the order itself.
+    return model.encode(
+        texts,
+        batch_size=batch_size,
+        normalize_embeddings=True,
+        convert_to_numpy=True,
+        show_progress_bar=show_progress,
+    ).astype(np.float32)
+
+
+def build_index(vectors: np.ndarray, factory: str = "Flat", train_sample: int = 100_000, nprobe: int = 16):
+    """A FAISS inner-product index over ``vectors`` (``factory`` is any faiss.index_factory string)."""
+    import faiss
+
+    dim = vectors.shape[1]
+    index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    if not index.is_trained:
+        rng = np.random.default_rng(0)
+        sample = vectors[rng.choice(len(vectors), min(train_sample, len(vectors)), replace=False)]
+        index.train(sample)
+    index.add(vectors)
+    try:
+        faiss.ParameterSpace().set_index_parameter(index, "nprobe", nprobe)
+    except RuntimeError:
+        pass  # index type without nprobe
+    return index
+
+
+def search(index, queries: np.ndarray, k: int, batch: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k (scores, ids) in bounded-memory batches."""
+    k = min(k, index.ntotal)
+    scores = np.empty((len(queries), k), np.float32)
+    ids = np.empty((len(queries), k), np.int64)
+    for s in range(0, len(queries), batch):
+        scores[s : s + batch], ids[s : s + batch] = index.search(queries[s : s + batch], k)
+    return scores, ids
+
+
+def select_negatives(
+    ranked_ids: list[str],
+    ranked_scores: list[float],
+    positives: set[str],
+    num_negatives: int,
+    range_min: int = 0,
+    range_max: int | None = None,
+    sampling: str = "top",
+    rng: random.Random | None = None,
+) -> tuple[list[str], list[float], list[int]]:
+    """Pick negatives from one query's ranked list.
+
+    Ranks count non-positive documents only (0 = the best-scored non-positive), so ``range_min``
+    skips the top of the list, where unjudged relevant documents (false negatives) crowd.
+    """
+    pool = [(d, s) for d, s in zip(ranked_ids, ranked_scores) if d not in positives]
+    pool = [(d, s, r) for r, (d, s) in enumerate(pool)][range_min:range_max]
+    if sampling == "top":
+        chosen = pool[:num_negatives]
+    elif sampling == "random":
+        rng = rng or random.Random(0)
+        chosen = sorted(rng.sample(pool, min(num_negatives, len(pool))), key=lambda x: x[2])
+    else:
+        raise PipelineError(f"unknown sampling '{sampling}' (choose top or random)")
+    return [d for d, _, _ in chosen], [float(s) for _, s, _ in chosen], [r for _, _, r in chosen]
+
+
+def mine(
+    query_vecs: np.ndarray,
+    query_ids: list[str],
+    doc_vecs: np.ndarray,
+    doc_ids: list[str],
+    positives: dict[str, dict[str, int]],
+    num_negatives: int,
+    range_min: int = 0,
+    range_max: int = 50,
+    sampling: str = "top",
+    index=None,
+    seed: int = 12,
+) -> pa.Table:
+    """Groups of (query, positives, mined negatives with retrieval scores and ranks)."""
+    index = index if index is not None else build_index(doc_vecs)
+    max_pos = max((len(p) for p in positives.values()), default=0)
+    k = min(range_max + max_pos, len(doc_ids))
+    scores, ids = search(index, query_vecs, k)
+    doc_pos = {d: i for i, d in enumerate(doc_ids)}
+    rng = random.Random(seed)
+    rows = {name: [] for name in GROUPS_SCHEMA.names}
+    for qi, qid in enumerate(query_ids):
+        pos = positives[qid]
+        ranked = [doc_ids[j] for j in ids[qi] if j >= 0]
+        neg_ids, neg_scores, neg_ranks = select_negatives(
+            ranked, scores[qi][: len(ranked)].tolist(), set(pos), num_negatives, range_min, range_max, sampling, rng
+        )
+        pos_ids = list(pos)
+        rows["query_id"].append(qid)
+        rows["positive_ids"].append(pos_ids)
+        rows["positive_scores"].append([float(query_vecs[qi] @ doc_vecs[doc_pos[p]]) for p in pos_ids])
+        rows["negative_ids"].append(neg_ids)
+        rows["negative_scores"].append(neg_scores)
+        rows["negative_ranks"].append(neg_ranks)
+    return pa.table(rows, schema=GROUPS_SCHEMA)
+
+
+def rerank_candidates(
+    query_vecs: np.ndarray,
+    query_ids: list[str],
+    doc_vecs: np.ndarray,
+    doc_ids: list[str],
+    positives: dict[str, dict[str, int]],
+    top_k: int,
+    index=None,
+) -> pa.Table:
+    """The retriever's top-k per query, judged positives appended at their true score if missed."""
+    index = index if index is not None else build_index(doc_vecs)
+    scores, ids = search(index, query_vecs, top_k)
+    doc_pos = {d: i for i, d in enumerate(doc_ids)}
+    out_ids, out_scores = [], []
+    for qi, qid in enumerate(query_ids):
+        ranked = [(doc_ids[j], float(s)) for j, s in zip(ids[qi], scores[qi]) if j >= 0]
+        have = {d for d, _ in ranked}
+        for p in positives.get(qid, {}):
+            if p not in have:
+                ranked.append((p, float(query_vecs[qi] @ doc_vecs[doc_pos[p]])))
+        ranked.sort(key=lambda x: -x[1])
+        out_ids.append([d for d, _ in ranked])
+        out_scores.append([s for _, s in ranked])
+    return pa.table({"query_id": query_ids, "doc_ids": out_ids, "scores": out_scores}, schema=CANDIDATES_SCHEMA)
+
+
+def write_table(table: pa.Table, path: str | Path) -> None:
+    from pipeline.artifacts import atomic_file
+
+    with atomic_file(path) as tmp:
+        pq.write_table(table, tmp)
+
+
+def mine_hard_negatives(
+    data_dir: str | Path,
+    out_dir: str | Path,
+    embedder: str,
+    cache_dir: str | Path,
+    num_negatives: int = 7,
+    range_min: int = 0,
+    range_max: int = 50,
+    sampling: str = "top",
+    max_train_queries: int = 0,
+    rerank_top_k: int = 20,
+    faiss_index: str = "Flat",
+    device: str = "cpu",
+    max_length: int = 256,
+    seed: int = 12,
+) -> dict:
+    """Stage entry: groups for training queries and rerank candidates for dev/test queries."""
+    import time
+
+    from pipeline.artifacts import atomic_dir, fingerprint, write_json
+    from pipeline.data import load_normalized
+    from pipeline.models import load_bi_encoder, model_identity
+
+    t0 = time.perf_counter()
+    ds = load_normalized(data_dir)
+    model = None
+    calls = {"encode_calls": 0, "texts_embedded": 0}
+
+    def encode(texts):
+        nonlocal model
+        if model is None:
+            model = load_bi_encoder(embedder, device, max_length)
+        calls["encode_calls"] += 1
+        calls["texts_embedded"] += len(texts)
+        return encode_texts(model, texts)
+
+    cache = EmbeddingCache(Path(cache_dir) / "embeddings" / fingerprint(model_identity(embedder), max_length))
+    doc_ids = list(ds.corpus)
+    doc_vecs = cache.get([ds.passage(d) for d in doc_ids], encode)
+    index = build_index(doc_vecs, faiss_index)
+
+    train = ds.relevant("train")
+    train_ids = sorted(train, key=lambda q: hashlib.sha1(f"{seed}:{q}".encode()).hexdigest())
+    if max_train_queries:
+        train_ids = train_ids[:max_train_queries]
+    stats: dict = {"train_queries": len(train_ids)}
+    with atomic_dir(out_dir) as tmp:
+        if train_ids:
+            qv = cache.get([ds.queries[q] for q in train_ids], encode)
+            groups = mine(qv, train_ids, doc_vecs, doc_ids, train, num_negatives, range_min, range_max, sampling, index, seed)
+            write_table(groups, tmp / "groups.parquet")
+            negs = groups.column("negative_ids").to_pylist()
+            ranks = [r for rr in groups.column("negative_ranks").to_pylist() for r in rr]
+            stats["queries_short_of_negatives"] = sum(1 for n in negs if len(n) < num_negatives)
+            stats["mean_negative_rank"] = float(np.mean(ranks)) if ranks else float("nan")
+            stats["mean_negative_score"] = float(np.mean([s for ss in groups.column("negative_scores").to_pylist() for s in ss] or [np.nan]))
+        for split in ("dev", "test"):
+            rel = ds.relevant(split)
+            if not rel:
+                continue
+            qids = sorted(rel)
+            qv = cache.get([ds.queries[q] for q in qids], encode)
+            write_table(rerank_candidates(qv, qids, doc_vecs, doc_ids, rel, rerank_top_k, index), tmp / f"candidates-{split}.parquet")
+            stats[f"{split}_queries"] = len(qids)
+        stats.update(calls)
+        stats["seconds"] = round(time.perf_counter() - t0, 2)
+        write_json(tmp / "stats.json", stats)
+    return stats

@@ -1,0 +1,196 @@
+"""Model loading: devices and precisions, model identities, students cut from a backbone.
+
+Every model argument is a hub id or a local folder. ``trust_remote_code`` is off
+unless the caller passes it explicitly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pipeline.errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(device: str = "auto") -> str:
+    """'auto' picks cuda when present, else cpu; anything else is checked and returned."""
+    if device in ("", "auto", None):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise PipelineError(f"--device {device}: CUDA is not available on this machine (use cpu or auto)")
+    return device
+
+
+def resolve_precision(precision: str, device: str) -> torch.dtype:
+    """'auto' is bf16 on CUDA (where the GPU supports it) and fp32 elsewhere."""
+    if precision in ("", "auto", None):
+        if device.startswith("cuda") and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if precision not in PRECISIONS:
+        raise PipelineError(f"unknown precision '{precision}' (choose fp32, bf16, fp16 or auto)")
+    if precision == "fp16" and not device.startswith("cuda"):
+        raise PipelineError("fp16 inference is only supported on CUDA; use bf16 or fp32 on CPU")
+    return PRECISIONS[precision]
+
+
+def model_identity(ref: str) -> str:
+    """Cheap identity for fingerprints: a local folder's file names, sizes and mtimes, or the hub id."""
+    path = Path(ref)
+    if path.is_dir():
+        h = hashlib.sha256()
+        for p in sorted(path.rglob("*")):
+            if p.is_file():
+                st = p.stat()
+                h.update(f"{p.relative_to(path)}:{st.st_size}:{st.st_mtime_ns}".encode())
+        return f"{path.resolve()}@{h.hexdigest()[:12]}"
+    return ref
+
+
+def weights_hash(model: nn.Module) -> str:
+    """Content hash of a model's parameters and buffers (precision-independent: hashed in fp32)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def model_kind(ref: str) -> str:
+    """'bi-encoder' for SentenceTransformer folders with pooling, else 'cross-encoder'.
+
+    A prefix forces the kind: ``bi:model`` or ``ce:model``.
+    """
+    if ref.startswith("bi:"):
+        return "bi-encoder"
+    if ref.startswith("ce:"):
+        return "cross-encoder"
+    path = Path(ref)
+    if not path.is_dir():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            found = try_to_load_from_cache(ref, "modules.json")
+            path = Path(found).parent if isinstance(found, str) else None
+        except Exception:
+            path = None
+    if path is not None and (path / "modules.json").is_file():
+        modules = json.loads((path / "modules.json").read_text())
+        if any("Pooling" in m.get("type", "") for m in modules):
+            return "bi-encoder"
+    return "cross-encoder"
+
+
+def strip_kind(ref: str) -> str:
+    return ref.split(":", 1)[1] if ref.startswith(("bi:", "ce:")) else ref
+
+
+def load_cross_encoder(
+    ref: str,
+    device: str = "cpu",
+    max_length: int | None = None,
+    num_labels: int | None = None,
+    trust_remote_code: bool = False,
+):
+    from sentence_transformers.cross_encoder import CrossEncoder
+
+    ref = strip_kind(ref)
+    _check_exists(ref)
+    model = CrossEncoder(
+        ref,
+        device=device,
+        max_length=max_length,
+        num_labels=num_labels,
+        trust_remote_code=trust_remote_code,
+        local_files_only=_offline(),
+        model_kwargs={"use_safetensors": True} if _has_safetensors(ref) else None,
+    )
+    if max_length:
+        model.max_seq_length = max_length
+    return model
+
+
+def load_bi_encoder(ref: str, device: str = "cpu", max_length: int | None = None, trust_remote_code: bool = False):
+    from sentence_transformers import SentenceTransformer
+
+    ref = strip_kind(ref)
+    _check_exists(ref)
+    model = SentenceTransformer(
+        ref, device=device, trust_remote_code=trust_remote_code, local_files_only=_offline()
+    )
+    if max_length:
+        model.max_seq_length = max_length
+    return model
+
+
+def cut_student(
+    backbone: str,
+    num_layers: int,
+    device: str = "cpu",
+    max_length: int | None = None,
+    trust_remote_code: bool = False,
+):
+    """A CrossEncoder with one output whose encoder keeps the first ``num_layers`` layers of ``backbone``.
+
+    Keeping the lowest layers is the usual way to initialise a shallow student from a deep model
+    (it keeps the embeddings and the layers the upper ones were trained on top of).
+    """
+    model = load_cross_encoder(backbone, device, max_length, num_labels=1, trust_remote_code=trust_remote_code)
+    hf = model.model
+    total = hf.config.num_hidden_layers
+    if num_layers <= 0 or num_layers >= total:
+        if num_layers > total:
+            log.warning("--student-layers %d exceeds the backbone's %d layers; keeping all", num_layers, total)
+        return model
+    layers = _layer_list(hf, total)
+    kept = nn.ModuleList(list(layers)[:num_layers])
+    parent, attr = _parent_of(hf, layers)
+    setattr(parent, attr, kept)
+    hf.config.num_hidden_layers = num_layers
+    return model
+
+
+def _layer_list(model: nn.Module, total: int) -> nn.ModuleList:
+    """The encoder's stack of transformer blocks (the ModuleList with num_hidden_layers entries)."""
+    candidates = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) == total]
+    if not candidates:
+        raise PipelineError(f"cannot find the {total} transformer layers of {type(model).__name__} to cut a student")
+    return candidates[0]
+
+
+def _parent_of(root: nn.Module, child: nn.Module) -> tuple[nn.Module, str]:
+    for module in root.modules():
+        for name, sub in module.named_children():
+            if sub is child:
+                return module, name
+    raise PipelineError("layer stack has no parent module")
+
+
+def _has_safetensors(ref: str) -> bool:
+    path = Path(ref)
+    return path.is_dir() and any(path.glob("*.safetensors"))
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+
+
+def _check_exists(ref: str) -> None:
+    looks_local = ref.startswith((".", "/", "~")) or os.sep in ref and not _looks_like_hub_id(ref)
+    if looks_local and not Path(ref).expanduser().exists():
+        raise PipelineError(f"model folder not found: {ref}")
+
+
+def _looks_like_hub_id(ref: str) -> bool:
+    parts = ref.split("/")
+    return len(parts) == 2 and all(parts) and not Path(ref).exists()

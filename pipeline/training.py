@@ -1,0 +1,188 @@
+"""Training: fit a student CrossEncoder with CrossEncoderTrainer and a loss from the loss table.
+
+The student is cut from a pretrained backbone (its first ``student_layers`` layers). Training
+checkpoints go to a work folder, so a killed run resumes from its last checkpoint; the finished
+model is saved atomically in the standard CrossEncoder format with a model card that names the
+teacher, the loss and the data.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from losses.factory import build_loss, resolve_loss
+from pipeline.artifacts import atomic_dir
+from pipeline.errors import PipelineError
+from pipeline.models import cut_student
+
+log = logging.getLogger(__name__)
+
+
+def reranking_samples(candidates: dict[str, list[str]], relevant: dict[str, dict[str, int]], queries, passage, limit: int | None = None):
+    """Samples for CrossEncoderRerankingEvaluator: query, its positives and the candidate list."""
+    samples = []
+    for qid, docs in candidates.items():
+        pos = [d for d in relevant.get(qid, {}) if d in docs]
+        if not pos:
+            continue
+        samples.append({"query": queries[qid], "positive": [passage(d) for d in pos], "documents": [passage(d) for d in docs]})
+        if limit and len(samples) >= limit:
+            break
+    return samples
+
+
+def train_student(
+    train_dataset,
+    loss: str,
+    out_dir: str | Path,
+    student: str,
+    student_layers: int = 2,
+    loss_kwargs: dict | str | None = None,
+    epochs: float = 1.0,
+    batch_size: int = 16,
+    learning_rate: float = 2e-5,
+    warmup_ratio: float = 0.1,
+    max_length: int = 256,
+    device: str = "cpu",
+    precision: str = "fp32",
+    dev_samples: list[dict] | None = None,
+    num_labels: int = 1,
+    card: dict | None = None,
+    seed: int = 12,
+    trust_remote_code: bool = False,
+    work_dir: str | Path | None = None,
+) -> dict:
+    """Train and save the student to ``out_dir``; returns training statistics."""
+    from sentence_transformers.cross_encoder import CrossEncoderTrainer, CrossEncoderTrainingArguments
+    from sentence_transformers.cross_encoder.evaluation import CrossEncoderRerankingEvaluator
+    from transformers import set_seed
+
+    set_seed(seed)
+    spec, _ = resolve_loss(loss)
+    model = cut_student(student, student_layers, device, max_length, trust_remote_code)
+    if num_labels != 1:
+        model = _with_num_labels(model, num_labels)
+    if card:
+        data = model.model_card_data
+        data.local_files_only = True
+        data.model_name = card.get("model_name")
+        data.train_datasets = [{"name": card.get("dataset", "")}]
+        data.task_name = "reranking (knowledge distillation from a cross-encoder teacher)"
+        data.tags = list(dict.fromkeys([*data.tags, "distillation", spec.name]))
+    loss_module = build_loss(model, loss, loss_kwargs)
+
+    work = Path(work_dir or f"{out_dir}.work")
+    use_bf16 = precision == "bf16"
+    if use_bf16 and device.startswith("cuda") and not torch.cuda.is_bf16_supported():
+        raise PipelineError("--train-precision bf16: this GPU does not support bf16")
+    evaluator = None
+    if dev_samples:
+        evaluator = CrossEncoderRerankingEvaluator(dev_samples, at_k=10, name="dev", batch_size=64, write_csv=False)
+    steps_per_epoch = max(1, -(-len(train_dataset) // batch_size))
+    args = CrossEncoderTrainingArguments(
+        output_dir=str(work),
+        num_train_epochs=epochs,
+        per_device_train_batch_size=batch_size,
+        learning_rate=learning_rate,
+        warmup_ratio=warmup_ratio,
+        bf16=use_bf16,
+        fp16=precision == "fp16",
+        use_cpu=not device.startswith("cuda"),
+        eval_strategy="epoch" if evaluator else "no",
+        save_strategy="steps",
+        save_steps=max(50, steps_per_epoch // 4),
+        save_total_limit=1,
+        logging_steps=max(1, steps_per_epoch // 10),
+        seed=seed,
+        report_to="none",
+        dataloader_drop_last=False,
+        disable_tqdm=False,
+    )
+    trainer = CrossEncoderTrainer(
+        model=model, args=args, train_dataset=train_dataset, loss=loss_module, evaluator=evaluator
+    )
+    resume = any(work.glob("checkpoint-*")) if work.exists() else False
+    t0 = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=resume or None)
+    seconds = time.perf_counter() - t0
+    dev_metrics = evaluator(model) if evaluator else {}
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(str(tmp))
+    shutil.rmtree(work, ignore_errors=True)
+    samples = len(train_dataset) * epochs
+    return {
+        "loss": spec.name,
+        "rows": len(train_dataset),
+        "epochs": epochs,
+        "steps": result.global_step,
+        "seconds": round(seconds, 2),
+        "samples_per_second": round(samples / seconds, 2) if seconds else None,
+        "train_loss": result.training_loss,
+        "resumed_from_checkpoint": resume,
+        "dev": {k: float(v) for k, v in dev_metrics.items()},
+    }
+
+
+def _with_num_labels(model, num_labels: int):
+    """Replace the one-output head with a ``num_labels`` head (CrossEntropyLoss classes)."""
+    hf = model.model
+    head = getattr(hf, "classifier", None)
+    if not isinstance(head, torch.nn.Linear):
+        raise PipelineError(f"cannot resize the head of {type(hf).__name__} to {num_labels} classes")
+    hf.classifier = torch.nn.Linear(head.in_features, num_labels).to(head.weight.device)
+    hf.config.num_labels = num_labels
+    hf.num_labels = num_labels
+    model.activation_fn = torch.nn.Identity()
+    return model
+
+
+def fit_student(
+    data_dir: str | Path,
+    mined_dir: str | Path,
+    labels_dir: str | Path,
+    out_dir: str | Path,
+    loss: str,
+    student: str,
+    student_layers: int = 2,
+    loss_kwargs: str = "",
+    teacher: str = "",
+    max_dev_queries: int = 200,
+    seed: int = 12,
+    **train_kwargs,
+) -> dict:
+    """Stage entry: train the student on the labels folder, judged on dev candidates."""
+    import pyarrow.parquet as pq
+    from datasets import load_from_disk
+
+    from pipeline.artifacts import read_json
+    from pipeline.data import load_normalized
+
+    ds = load_normalized(data_dir)
+    train = load_from_disk(str(Path(labels_dir) / "dataset")).shuffle(seed=seed)
+    label_stats = read_json(Path(labels_dir) / "stats.json")
+    dev_samples = None
+    dev_path = Path(mined_dir) / "candidates-dev.parquet"
+    if dev_path.exists() and max_dev_queries:
+        c = pq.read_table(dev_path).to_pydict()
+        dev_samples = reranking_samples(dict(zip(c["query_id"], c["doc_ids"])), ds.relevant("dev"), ds.queries, ds.passage, max_dev_queries)
+    return train_student(
+        train,
+        loss,
+        out_dir,
+        student=student,
+        student_layers=student_layers,
+        loss_kwargs=loss_kwargs,
+        dev_samples=dev_samples,
+        num_labels=label_stats.get("num_classes", 1),
+        card={
+            "model_name": f"{student_layers}-layer reranker distilled from {teacher or 'judged labels'} with {loss}",
+            "dataset": str(data_dir),
+        },
+        seed=seed,
+        **train_kwargs,
+    )

@@ -1,0 +1,23 @@
+"""Luigi tasks of the distillation pipeline: ``luigi --module tasks TrainStudent``."""
+
+from tasks.stages import (
+    BuildLabels,
+    EvaluateStudent,
+    FineTuneTeacher,
+    FitStudent,
+    MineHardNegatives,
+    PrepareData,
+    ScoreWithTeacher,
+    TrainStudent,
+)
+
+__all__ = [
+    "PrepareData",
+    "MineHardNegatives",
+    "FineTuneTeacher",
+    "ScoreWithTeacher",
+    "BuildLabels",
+    "FitStudent",
+    "EvaluateStudent",
+    "TrainStudent",
+]

@@ -1,0 +1,65 @@
+"""Parameter groups. Each stage takes its own group plus those of the stages it depends on, so
+values given to TrainStudent flow down through ``clone`` and each artifact's fingerprint covers
+exactly the settings that change it."""
+
+import luigi
+
+
+class DataParams:
+    dataset = luigi.Parameter(description="BEIR-style folder or a .jsonl/.parquet pairs file")
+    output_dir = luigi.Parameter(default="runs/default", description="root of all artifacts of this run")
+    device = luigi.Parameter(default="auto", significant=False, description="auto, cpu, cuda, cuda:N")
+    seed = luigi.IntParameter(default=12)
+    trust_remote_code = luigi.BoolParameter(default=False, significant=False)
+
+
+class MineParams(DataParams):
+    embedder = luigi.Parameter(default="sentence-transformers/all-MiniLM-L6-v2", description="bi-encoder for mining")
+    num_negatives = luigi.IntParameter(default=7)
+    range_min = luigi.IntParameter(default=0, description="skip this many top-ranked non-positives")
+    range_max = luigi.IntParameter(default=50, description="consider non-positives ranked below this")
+    sampling = luigi.ChoiceParameter(choices=["top", "random"], default="top")
+    max_train_queries = luigi.IntParameter(default=0, description="0 = all training queries")
+    rerank_top_k = luigi.IntParameter(default=20, description="candidates per dev/test query to rerank")
+    faiss_index = luigi.Parameter(default="Flat", description="faiss.index_factory string")
+    max_length = luigi.IntParameter(default=256, description="max tokens per (query, passage) for student and embedder")
+    cache_dir = luigi.Parameter(default="", description="shared cache root; default <output-dir>/cache")
+
+
+class TeacherParams(MineParams):
+    teacher = luigi.Parameter(
+        default="",
+        description="trained reranker(s), comma-separated; empty or 'fine-tuned' = fine-tune one from --teacher-backbone",
+    )
+    teacher_weights = luigi.Parameter(default="", description="ensemble weights, comma-separated")
+    teacher_backbone = luigi.Parameter(default="", description="backbone the teacher is fine-tuned from")
+    teacher_kind = luigi.ChoiceParameter(
+        choices=["cross-encoder", "bi-encoder"], default="cross-encoder", description="kind of teacher to fine-tune"
+    )
+    teacher_epochs = luigi.FloatParameter(default=1.0)
+    teacher_learning_rate = luigi.FloatParameter(default=5e-5)
+    teacher_batch_size = luigi.IntParameter(default=32)
+    teacher_negatives = luigi.IntParameter(default=3, description="mined negatives per query for teacher fine-tuning")
+    teacher_max_length = luigi.IntParameter(default=512)
+    score_precision = luigi.Parameter(default="auto", description="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16")
+    score_batch_tokens = luigi.IntParameter(default=16384, significant=False)
+
+
+class LabelParams(TeacherParams):
+    loss = luigi.Parameter(default="MarginMSELoss", description="a loss of the table, or package.module:Class")
+    label_scale = luigi.FloatParameter(default=1.0, description="multiplies teacher scores before building labels")
+
+
+class TrainParams(LabelParams):
+    student = luigi.Parameter(default="sentence-transformers/all-MiniLM-L6-v2", description="backbone the student is cut from")
+    student_layers = luigi.IntParameter(default=2)
+    loss_kwargs = luigi.Parameter(default="", description="JSON object of loss options")
+    epochs = luigi.FloatParameter(default=1.0)
+    batch_size = luigi.IntParameter(default=16)
+    learning_rate = luigi.FloatParameter(default=2e-5)
+    train_precision = luigi.Parameter(default="auto", description="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16")
+    max_dev_queries = luigi.IntParameter(default=200, significant=False)
+
+
+class EvalParams(TrainParams):
+    max_eval_queries = luigi.IntParameter(default=0, description="0 = every test query")

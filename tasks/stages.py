@@ -1,0 +1,325 @@
+"""The pipeline's luigi tasks: parameters, requires(), output(), and one call into pipeline/."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from pathlib import Path
+
+import luigi
+
+from losses.factory import resolve_loss
+from pipeline import data, evaluation, labels, mining, scoring, teacher, training
+from pipeline.artifacts import fingerprint, point_link, read_json, write_json
+from pipeline.models import model_identity, resolve_device
+from tasks.params import DataParams, EvalParams, LabelParams, MineParams, TeacherParams, TrainParams
+
+FINE_TUNED = "fine-tuned"
+
+
+class Stage(luigi.Task):
+    """Shared plumbing: fingerprinted artifact folders under --output-dir and stage statistics."""
+
+    stage_dir: str = ""
+
+    @property
+    def root(self) -> Path:
+        return Path(self.output_dir)
+
+    def artifact(self) -> Path:
+        return self.root / self.stage_dir / self.fp
+
+    def stats(self) -> dict:
+        path = self.artifact() / "stats.json"
+        return read_json(path) if path.exists() else {}
+
+    @property
+    def run_device(self) -> str:
+        return resolve_device(self.device)
+
+    @property
+    def resources(self):
+        return {"gpu": 1} if self.run_device.startswith("cuda") else {}
+
+    def progress(self, done: int, total: int) -> None:
+        self.set_progress_percentage(round(100 * done / max(total, 1), 1))
+        self.set_status_message(f"{done}/{total} pairs")
+
+
+class PrepareData(DataParams, Stage):
+    """Validate the dataset and normalize it to Parquet."""
+
+    stage_dir = "data"
+
+    @functools.cached_property
+    def fp(self) -> str:
+        return fingerprint("data", data.dataset_hash(self.dataset))
+
+    def output(self):
+        return luigi.LocalTarget(str(self.artifact()))
+
+    def run(self):
+        data.prepare_data(self.dataset, self.artifact())
+
+
+class MineHardNegatives(MineParams, Stage):
+    """Negatives for training queries and rerank candidates for dev/test, from a bi-encoder + FAISS."""
+
+    stage_dir = "mined"
+
+    def requires(self):
+        return self.clone(PrepareData)
+
+    @functools.cached_property
+    def fp(self) -> str:
+        return fingerprint(
+            self.requires().fp, model_identity(self.embedder), self.num_negatives, self.range_min, self.range_max,
+            self.sampling, self.max_train_queries, self.rerank_top_k, self.faiss_index, self.max_length, self.seed,
+        )
+
+    def output(self):
+        return luigi.LocalTarget(str(self.artifact()))
+
+    def run(self):
+        mining.mine_hard_negatives(
+            self.input().path, self.artifact(), self.embedder, self.cache_dir or self.root / "cache",
+            self.num_negatives, self.range_min, self.range_max, self.sampling, self.max_train_queries,
+            self.rerank_top_k, self.faiss_index, self.run_device, self.max_length, self.seed,
+        )
+
+
+class FineTuneTeacher(TeacherParams, Stage):
+    """A cross-encoder teacher fine-tuned on the judged train pairs (when --teacher names none)."""
+
+    stage_dir = "teacher"
+
+    def requires(self):
+        return {"data": self.clone(PrepareData), "mined": self.clone(MineHardNegatives)}
+
+    @functools.cached_property
+    def fp(self) -> str:
+        return fingerprint(
+            self.requires()["mined"].fp, self.teacher_kind, model_identity(self.teacher_backbone or self.embedder),
+            self.teacher_epochs,
+            self.teacher_learning_rate, self.teacher_batch_size, self.teacher_negatives, self.teacher_max_length,
+        )
+
+    def output(self):
+        return luigi.LocalTarget(str(self.artifact()))
+
+    def run(self):
+        if self.teacher_kind == "bi-encoder":
+            stats = teacher.fine_tune_bi_encoder(
+                self.input()["data"].path, self.input()["mined"].path, self.artifact(),
+                self.teacher_backbone or self.embedder, self.teacher_epochs, self.teacher_batch_size,
+                self.teacher_learning_rate, self.max_length, self.run_device,
+                _train_precision(self.run_device, "auto"), self.seed, self.trust_remote_code,
+            )
+            write_json(self.artifact() / "stats.json", stats)
+            return
+        stats = teacher.fine_tune_teacher(
+            self.input()["data"].path, self.input()["mined"].path, self.artifact(),
+            self.teacher_backbone or self.embedder, self.teacher_epochs, self.teacher_batch_size,
+            self.teacher_learning_rate, self.teacher_max_length, self.teacher_negatives,
+            device=self.run_device, precision=_train_precision(self.run_device, "auto"), seed=self.seed,
+            trust_remote_code=self.trust_remote_code,
+        )
+        write_json(self.artifact() / "stats.json", stats)
+
+
+def _needs_fine_tuned(teacher_param: str) -> bool:
+    refs = [t.strip() for t in teacher_param.split(",") if t.strip()]
+    return not refs or FINE_TUNED in refs
+
+
+def resolved_teacher(task: TeacherParams) -> str:
+    """--teacher with the fine-tuned teacher's folder in place of 'fine-tuned' (or of nothing)."""
+    refs = [t.strip() for t in task.teacher.split(",") if t.strip()] or [FINE_TUNED]
+    if FINE_TUNED in refs:
+        path = str(task.clone(FineTuneTeacher).artifact())
+        refs = [path if r == FINE_TUNED else r for r in refs]
+    return ",".join(refs)
+
+
+def _teacher_identity(task: TeacherParams) -> list:
+    ids = []
+    for r in [t.strip() for t in task.teacher.split(",") if t.strip()] or [FINE_TUNED]:
+        ids.append(task.clone(FineTuneTeacher).fp if r == FINE_TUNED else model_identity(r.split(":", 1)[-1]))
+    return ids
+
+
+def _train_precision(device: str, choice: str) -> str:
+    if choice != "auto":
+        return choice
+    import torch
+
+    return "bf16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "fp32"
+
+
+class ScoreWithTeacher(TeacherParams, Stage):
+    """Teacher scores of every (query, passage) in the mined groups, as an Arrow file."""
+
+    stage_dir = "scores"
+
+    def requires(self):
+        req = {"data": self.clone(PrepareData), "mined": self.clone(MineHardNegatives)}
+        if _needs_fine_tuned(self.teacher):
+            req["teacher"] = self.clone(FineTuneTeacher)
+        return req
+
+    @functools.cached_property
+    def fp(self) -> str:
+        return fingerprint(
+            self.requires()["mined"].fp, _teacher_identity(self), self.teacher_weights, self.score_precision,
+            self.teacher_max_length,
+        )
+
+    def output(self):
+        return luigi.LocalTarget(str(self.artifact() / "scores.arrow"))
+
+    def run(self):
+        stats = scoring.score_with_teacher(
+            self.input()["data"].path, self.input()["mined"].path, self.output().path, resolved_teacher(self),
+            self.teacher_weights, self.run_device, self.score_precision, self.teacher_max_length,
+            self.score_batch_tokens, self.trust_remote_code, self.progress,
+        )
+        write_json(self.artifact() / "stats.json", stats)
+
+
+class BuildLabels(LabelParams, Stage):
+    """Training rows in the data format of the chosen loss."""
+
+    stage_dir = "labels"
+
+    @property
+    def loss_spec(self):
+        return resolve_loss(self.loss)[0]
+
+    def requires(self):
+        req = {"data": self.clone(PrepareData), "mined": self.clone(MineHardNegatives)}
+        if self.loss_spec.needs_teacher:
+            req["scores"] = self.clone(ScoreWithTeacher)
+        return req
+
+    @functools.cached_property
+    def fp(self) -> str:
+        up = self.requires()
+        upstream = up["scores"].fp if "scores" in up else up["mined"].fp
+        return fingerprint(upstream, self.loss_spec.format, self.num_negatives, self.label_scale)
+
+    def output(self):
+        return luigi.LocalTarget(str(self.artifact()))
+
+    def run(self):
+        scores = self.input().get("scores")
+        labels.build_labels(
+            self.input()["data"].path, self.input()["mined"].path, scores.path if scores else None,
+            self.artifact(), self.loss_spec.format, self.num_negatives, self.label_scale,
+        )
+
+
+class FitStudent(TrainParams, Stage):
+    """The student cut from --student and trained with --loss on the labels."""
+
+    stage_dir = "students"
+
+    def requires(self):
+        return {"data": self.clone(PrepareData), "mined": self.clone(MineHardNegatives), "labels": self.clone(BuildLabels)}
+
+    @functools.cached_property
+    def fp(self) -> str:
+        return fingerprint(
+            self.requires()["labels"].fp, self.loss, model_identity(self.student), self.student_layers,
+            self.loss_kwargs, self.epochs, self.batch_size, self.learning_rate, self.max_length, self.train_precision,
+        )
+
+    def output(self):
+        return luigi.LocalTarget(str(self.artifact()))
+
+    def run(self):
+        stats = training.fit_student(
+            self.input()["data"].path, self.input()["mined"].path, self.input()["labels"].path, self.artifact(),
+            self.loss, self.student, self.student_layers, self.loss_kwargs, resolved_teacher(self),
+            self.max_dev_queries, self.seed, epochs=self.epochs, batch_size=self.batch_size,
+            learning_rate=self.learning_rate, max_length=self.max_length, device=self.run_device,
+            precision=_train_precision(self.run_device, self.train_precision), trust_remote_code=self.trust_remote_code,
+        )
+        write_json(self.artifact() / "stats.json", stats)
+
+
+class EvaluateStudent(EvalParams, Stage):
+    """Test metrics of retriever, teacher, untrained and trained student; report and plots."""
+
+    stage_dir = "eval"
+
+    def requires(self):
+        return {
+            "data": self.clone(PrepareData),
+            "mined": self.clone(MineHardNegatives),
+            "student": self.clone(FitStudent),
+        }
+
+    @functools.cached_property
+    def fp(self) -> str:
+        return fingerprint(self.requires()["student"].fp, _teacher_identity(self), self.teacher_weights, self.max_eval_queries)
+
+    def output(self):
+        return luigi.LocalTarget(str(self.artifact() / "metrics.json"))
+
+    def upstream_stats(self) -> dict:
+        tasks = {"PrepareData": self.clone(PrepareData), "MineHardNegatives": self.clone(MineHardNegatives)}
+        if _needs_fine_tuned(self.teacher):
+            tasks["FineTuneTeacher"] = self.clone(FineTuneTeacher)
+        if resolve_loss(self.loss)[0].needs_teacher:
+            tasks["ScoreWithTeacher"] = self.clone(ScoreWithTeacher)
+        tasks["BuildLabels"] = self.clone(BuildLabels)
+        tasks["FitStudent"] = self.clone(FitStudent)
+        return {name: t.stats() for name, t in tasks.items()}
+
+    def run(self):
+        stages = self.upstream_stats()
+        params = {k: v for k, v in self.param_kwargs.items()}
+        params["teacher_resolved"] = resolved_teacher(self)
+        params["fingerprint"] = self.fp
+        evaluation.evaluate_student(
+            self.input()["data"].path, self.input()["mined"].path, self.input()["student"].path,
+            self.artifact(), resolved_teacher(self), self.teacher_weights, self.student, self.student_layers,
+            self.embedder, params, stages, {k: v.get("seconds", 0.0) for k, v in stages.items()},
+            self.run_device, self.score_precision, self.max_length, self.teacher_max_length,
+            self.max_eval_queries, self.seed,
+        )
+
+
+class TrainStudent(EvalParams, luigi.Task):
+    """Entry point: runs the whole DAG and publishes <output-dir>/student, metrics.json and report.md."""
+
+    def requires(self):
+        return self.clone(EvaluateStudent)
+
+    def output(self):
+        return {
+            "metrics": luigi.LocalTarget(os.path.join(self.output_dir, "metrics.json")),
+            "report": luigi.LocalTarget(os.path.join(self.output_dir, "report.md")),
+            "student": luigi.LocalTarget(os.path.join(self.output_dir, "student")),
+        }
+
+    def complete(self):
+        # The published files are shared by every run in --output-dir; they count as this run's
+        # output only when they come from this run's fingerprint.
+        path = Path(self.output_dir) / "metrics.json"
+        if not path.exists() or not Path(self.output_dir, "student").exists():
+            return False
+        try:
+            return json.loads(path.read_text())["params"]["fingerprint"] == self.requires().fp
+        except (ValueError, KeyError):
+            return False
+
+    def run(self):
+        ev = self.requires()
+        src = ev.artifact()
+        root = Path(self.output_dir)
+        point_link(root / "student", ev.clone(FitStudent).artifact())
+        for name in ("teacher_vs_student.png", "quality_vs_speed.png", "report.md", "metrics.json"):
+            point_link(root / name, src / name)  # metrics.json last: it marks this run complete
+        print(f"\nStudent: {root / 'student'}\nMetrics: {root / 'metrics.json'}\nReport:  {root / 'report.md'}\n")

@@ -1,0 +1,180 @@
+"""Ingest: valid inputs normalize; each bad input stops with a one-line error naming file, line and field."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.data import load_normalized, prepare_data, read_dataset
+from pipeline.errors import DataError
+from tests.conftest import write_beir
+
+QUERIES = {"q1": "how to parse xml", "q2": "image viewer", "q3": "python linter"}
+CORPUS = {"d1": ("", "An XML parsing library."), "d2": ("Viewer", "A fast image viewer."), "d3": ("", "Checks Python code.")}
+QRELS = {"train": [("q1", "d1", 1)], "dev": [("q2", "d2", 1)], "test": [("q3", "d3", 1)]}
+
+
+@pytest.fixture
+def beir(tmp_path):
+    return write_beir(tmp_path / "ds", QUERIES, CORPUS, QRELS)
+
+
+def _error(source) -> str:
+    with pytest.raises(DataError) as exc:
+        read_dataset(source)
+    msg = str(exc.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_beir_folder_round_trips_through_parquet(beir, tmp_path):
+    stats = prepare_data(beir, tmp_path / "norm")
+    assert stats["queries"] == 3 and stats["documents"] == 3
+    assert stats["qrels"] == {"train": 1, "dev": 1, "test": 1}
+    ds = load_normalized(tmp_path / "norm")
+    assert ds.queries == QUERIES
+    assert ds.corpus == CORPUS
+    assert ds.passage("d2") == "Viewer. A fast image viewer."
+    assert ds.relevant("test") == {"q3": {"d3": 1}}
+    schema = pq.read_schema(tmp_path / "norm" / "qrels.parquet")
+    assert schema.field("score").type == pa.int32()
+
+
+def test_missing_corpus_file(beir):
+    (beir / "corpus.jsonl").unlink()
+    msg = _error(beir)
+    assert "corpus.jsonl" in msg and "missing file" in msg
+
+
+def test_missing_test_qrels(beir):
+    (beir / "qrels" / "test.tsv").unlink()
+    assert "test.tsv" in _error(beir)
+
+
+def test_qrel_with_unknown_query(beir):
+    with open(beir / "qrels" / "train.tsv", "a") as f:
+        f.write("q9\td1\t1\n")
+    msg = _error(beir)
+    assert "train.tsv:3" in msg and "'query-id'" in msg and "q9" in msg
+
+
+def test_qrel_with_unknown_document(beir):
+    with open(beir / "qrels" / "dev.tsv", "a") as f:
+        f.write("q1\tnope\t1\n")
+    msg = _error(beir)
+    assert "dev.tsv:3" in msg and "'corpus-id'" in msg and "nope" in msg
+
+
+def test_qrel_with_non_numeric_score(beir):
+    with open(beir / "qrels" / "train.tsv", "a") as f:
+        f.write("q1\td2\thigh\n")
+    msg = _error(beir)
+    assert "train.tsv:3" in msg and "'score'" in msg and "high" in msg
+
+
+def test_empty_query_text(beir):
+    with open(beir / "queries.jsonl", "a") as f:
+        f.write(json.dumps({"_id": "q4", "text": "   "}) + "\n")
+    msg = _error(beir)
+    assert "queries.jsonl:4" in msg and "'text'" in msg and "empty" in msg
+
+
+def test_empty_document_text(beir):
+    with open(beir / "corpus.jsonl", "a") as f:
+        f.write(json.dumps({"_id": "d4", "title": "", "text": ""}) + "\n")
+    msg = _error(beir)
+    assert "corpus.jsonl:4" in msg and "'text'" in msg
+
+
+def test_duplicate_document_id(beir):
+    with open(beir / "corpus.jsonl", "a") as f:
+        f.write(json.dumps({"_id": "d2", "title": "", "text": "again"}) + "\n")
+    msg = _error(beir)
+    assert "corpus.jsonl:4" in msg and "'_id'" in msg and "duplicate id 'd2'" in msg and "line 2" in msg
+
+
+def test_duplicate_query_id(beir):
+    with open(beir / "queries.jsonl", "a") as f:
+        f.write(json.dumps({"_id": "q1", "text": "again"}) + "\n")
+    assert "duplicate id 'q1'" in _error(beir)
+
+
+def test_malformed_json_line(beir):
+    with open(beir / "queries.jsonl", "a") as f:
+        f.write('{"_id": "q5", "text": \n')
+    msg = _error(beir)
+    assert "queries.jsonl:4" in msg and "malformed JSON" in msg
+
+
+def test_missing_field(beir):
+    with open(beir / "corpus.jsonl", "a") as f:
+        f.write(json.dumps({"title": "x", "text": "y"}) + "\n")
+    msg = _error(beir)
+    assert "corpus.jsonl:4" in msg and "'_id'" in msg and "missing" in msg
+
+
+def test_non_utf8_bytes(beir):
+    with open(beir / "corpus.jsonl", "ab") as f:
+        f.write(b'{"_id": "d9", "text": "caf\xe9"}\n')
+    msg = _error(beir)
+    assert "corpus.jsonl:4" in msg and "UTF-8" in msg
+
+
+def test_parallel_language_files_are_read(beir):
+    with open(beir / "queries.de.jsonl", "w") as f:
+        f.write(json.dumps({"_id": "q1", "text": "XML parsen"}) + "\n")
+    with open(beir / "corpus.de.jsonl", "w") as f:
+        f.write(json.dumps({"_id": "d1", "title": "", "text": "Eine XML-Bibliothek."}) + "\n")
+    ds = read_dataset(beir)
+    assert ds.languages["de"][0] == {"q1": "XML parsen"}
+
+
+def test_pairs_jsonl_with_and_without_ids(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    rows = [
+        {"query": "parse xml", "positive": "An XML library.", "split": "train"},
+        {"query": "parse xml", "positive": "Another XML parser.", "split": "train"},
+        {"query": "view images", "positive": "An image viewer.", "split": "test", "query_id": "qv", "positive_id": "dv"},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ds = read_dataset(path)
+    assert len(ds.queries) == 2 and len(ds.corpus) == 3
+    assert ds.relevant("test") == {"qv": {"dv": 1}}
+    assert len(ds.relevant("train")) == 1 and len(next(iter(ds.relevant("train").values()))) == 2
+
+
+def test_pairs_parquet_missing_column(tmp_path):
+    path = tmp_path / "pairs.parquet"
+    pq.write_table(pa.table({"query": ["a"], "passage": ["b"]}), path)
+    msg = _error(path)
+    assert "pairs.parquet" in msg and "'positive'" in msg and "missing column" in msg
+
+
+def test_pairs_parquet_reads(tmp_path):
+    path = tmp_path / "pairs.parquet"
+    pq.write_table(pa.table({"query": ["a b", "c d"], "positive": ["e f", "g h"]}), path)
+    ds = read_dataset(path)
+    assert sorted(ds.queries.values()) == ["a b", "c d"]
+
+
+def test_pairs_empty_positive(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps({"query": "a", "positive": " "}) + "\n")
+    msg = _error(path)
+    assert "pairs.jsonl:1" in msg and "'positive'" in msg
+
+
+def test_dataset_not_found(tmp_path):
+    assert "dataset not found" in _error(tmp_path / "nothing")
+
+
+def test_demo_dataset_is_valid():
+    from tests.conftest import DEMO
+
+    ds = read_dataset(DEMO)
+    assert len(ds.relevant("train")) > 1000 and len(ds.relevant("test")) > 200
+    assert {"de", "fr", "it"} <= set(ds.languages)
