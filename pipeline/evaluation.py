@@ -135,7 +135,7 @@ def evaluate_student(
     dtype = resolve_precision(precision, device)
 
     # The retriever's scores come from mining; its speed is measured by re-scoring a sample.
-    sample = pairs[: min(len(pairs), 2000)]
+    sample = pairs[: min(len(pairs), 256)]
     retriever = BiEncoderScorer(load_bi_encoder(embedder, device, max_length), device, dtype)
     _, retriever_pps = timed_scores(lambda: retriever.score(sample), len(sample))
     rankers = {"retriever": (np.asarray(retrieval, np.float32), retriever_pps)}

@@ -1,0 +1,124 @@
+"""The whole DAG on tiny models: runs end to end, publishes a loadable student, reruns do nothing,
+and a changed setting builds new artifacts instead of reusing stale ones."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import luigi
+import pytest
+
+import tasks
+from pipeline.artifacts import read_json
+
+
+def _params(small_beir, tiny_models, out, **over):
+    p = dict(
+        dataset=str(small_beir), output_dir=str(out), embedder=tiny_models["embedder"],
+        teacher=tiny_models["teacher"], student=tiny_models["student"], student_layers=2,
+        num_negatives=3, epochs=1.0, batch_size=8, max_length=64, teacher_max_length=64, rerank_top_k=10,
+        device="cpu", max_dev_queries=4,
+    )
+    p.update(over)
+    return p
+
+
+def _build(task) -> bool:
+    return luigi.build([task], local_scheduler=True, workers=1, log_level="WARNING")
+
+
+@pytest.fixture(scope="module")
+def finished_run(small_beir, tiny_models, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    t0 = time.perf_counter()
+    assert _build(tasks.TrainStudent(**_params(small_beir, tiny_models, out)))
+    return out, time.perf_counter() - t0
+
+
+def test_whole_dag_publishes_student_metrics_and_report(finished_run):
+    out, seconds = finished_run
+    assert seconds < 120
+    metrics = json.loads((out / "metrics.json").read_text())
+    for name in ("retriever", "teacher", "student", "student_untrained"):
+        m = metrics["test"][name]
+        assert set(m) >= {"ndcg@10", "mrr@10", "map", "pairs_per_second"}
+        assert 0.0 <= m["ndcg@10"] <= 1.0 and m["pairs_per_second"] > 0
+    for stage in ("PrepareData", "MineHardNegatives", "ScoreWithTeacher", "BuildLabels", "FitStudent"):
+        assert stage in metrics["timings"]
+    assert metrics["params"]["loss"] == "MarginMSELoss"
+    report = (out / "report.md").read_text()
+    assert "| retriever |" in report and "| student |" in report
+    assert (out / "teacher_vs_student.png").stat().st_size > 1000
+
+
+def test_published_student_loads_as_cross_encoder(finished_run):
+    from sentence_transformers.cross_encoder import CrossEncoder
+
+    out, _ = finished_run
+    model = CrossEncoder(str(out / "student"))
+    assert model.model.config.num_hidden_layers == 2
+    scores = model.predict([("how to parse xml", "An XML library."), ("q", "d")])
+    assert scores.shape == (2,)
+    card = (out / "student" / "README.md").read_text()
+    assert "MarginMSELoss" in card
+
+
+def test_teacher_scores_carry_identity_metadata(finished_run, tiny_models):
+    from pipeline.scoring import read_scores
+
+    out, _ = finished_run
+    [path] = list((out / "scores").glob("*/scores.arrow"))
+    table, meta = read_scores(path)
+    assert table.schema.field("score").type.bit_width == 32
+    [ident] = meta["teacher"]
+    assert ident["model"] == tiny_models["teacher"]
+    assert len(ident["weights_sha256"]) == 16 and ident["max_length"] == 64
+    assert ident["activation"].startswith("identity")
+    assert table.num_rows == len(set(zip(table.column("query_id").to_pylist(), table.column("doc_id").to_pylist())))
+
+
+def test_unchanged_rerun_does_nothing(finished_run, small_beir, tiny_models):
+    out, _ = finished_run
+    task = tasks.TrainStudent(**_params(small_beir, tiny_models, out))
+    assert task.complete()
+    stamp = (out / "metrics.json").resolve().stat().st_mtime_ns
+    assert _build(task)
+    assert (out / "metrics.json").resolve().stat().st_mtime_ns == stamp
+
+
+def test_changed_setting_gets_new_artifacts(finished_run, small_beir, tiny_models):
+    out, _ = finished_run
+    base = tasks.TrainStudent(**_params(small_beir, tiny_models, out))
+    changed = tasks.TrainStudent(**_params(small_beir, tiny_models, out, num_negatives=2))
+    assert not changed.complete()
+    mine = lambda t: t.clone(tasks.MineHardNegatives)
+    assert mine(base).fp != mine(changed).fp
+    assert mine(base).clone(tasks.PrepareData).fp == mine(changed).clone(tasks.PrepareData).fp
+    lr = tasks.TrainStudent(**_params(small_beir, tiny_models, out, learning_rate=1e-3))
+    assert lr.clone(tasks.FitStudent).fp != base.clone(tasks.FitStudent).fp
+    assert lr.clone(tasks.ScoreWithTeacher).fp == base.clone(tasks.ScoreWithTeacher).fp
+
+
+def test_fine_tuned_teacher_path(small_beir, tiny_models, tmp_path):
+    """With no --teacher, a cross-encoder teacher is fine-tuned from --teacher-backbone first."""
+    p = _params(small_beir, tiny_models, tmp_path, teacher="", teacher_backbone=tiny_models["teacher"],
+                teacher_epochs=0.5, max_train_queries=12)
+    task = tasks.ScoreWithTeacher(**{k: v for k, v in p.items() if k in tasks.ScoreWithTeacher.get_param_names()})
+    assert _build(task)
+    teacher_dir = task.clone(tasks.FineTuneTeacher).artifact()
+    assert (teacher_dir / "stats.json").exists()
+    from pipeline.scoring import read_scores
+
+    _, meta = read_scores(task.output().path)
+    assert meta["teacher"][0]["model"] == str(teacher_dir)
+
+
+def test_bad_dataset_fails_before_any_model_loads(tiny_models, tmp_path):
+    from tests.conftest import write_beir
+
+    ds = write_beir(tmp_path / "bad", {"q1": "a"}, {"d1": ("", "b")}, {"test": [("q1", "d2", 1)]})
+    task = tasks.TrainStudent(**_params(ds, tiny_models, tmp_path / "out"))
+    assert not _build(task)
+    assert not (tmp_path / "out" / "mined").exists()

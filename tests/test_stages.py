@@ -1,0 +1,168 @@
+"""Unit checks of each stage's core: label arithmetic, scorer fidelity, negative selection,
+embedding cache reuse, metrics against sentence-transformers' evaluator, and the loss table."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from losses import LOSS_TABLE, build_loss, resolve_loss
+from pipeline.errors import PipelineError
+from pipeline.labels import build_rows
+from pipeline.mining import GROUPS_SCHEMA, EmbeddingCache, select_negatives
+from pipeline.scoring import write_scores, zscore_per_query
+
+GROUPS = pa.table(
+    {
+        "query_id": ["q1", "q2"],
+        "positive_ids": [["p1"], ["p2"]],
+        "positive_scores": [[0.9], [0.8]],
+        "negative_ids": [["n1", "n2"], ["n3"]],
+        "negative_scores": [[0.7, 0.6], [0.5]],
+        "negative_ranks": [[0, 1], [0]],
+    },
+    schema=GROUPS_SCHEMA,
+)
+TEACHER = {("q1", "p1"): 5.0, ("q1", "n1"): 2.0, ("q1", "n2"): -1.5, ("q2", "p2"): 3.0, ("q2", "n3"): 3.5}
+QUERIES = {"q1": "query one", "q2": "query two"}
+
+
+def passage(d):
+    return f"text of {d}"
+
+
+def test_margin_labels_are_positive_minus_each_negative():
+    cols, stats = build_rows("ntuple-margin", GROUPS, TEACHER, QUERIES, passage, num_negatives=2)
+    assert cols["query"] == ["query one"]  # q2 has one negative: dropped and counted
+    assert cols["negative_2"] == ["text of n2"]
+    assert cols["label"] == [[3.0, 6.5]]
+    assert stats["queries_short_of_negatives"] == 1
+
+
+def test_margin_labels_scale():
+    cols, _ = build_rows("ntuple-margin", GROUPS, TEACHER, QUERIES, passage, num_negatives=1, label_scale=2.0)
+    assert cols["label"] == [[6.0], [-1.0]]
+
+
+def test_pair_formats():
+    cols, _ = build_rows("pair-score", GROUPS, TEACHER, QUERIES, passage, num_negatives=2)
+    assert list(zip(cols["passage"], cols["label"])) == [
+        ("text of p1", 5.0), ("text of n1", 2.0), ("text of n2", -1.5), ("text of p2", 3.0), ("text of n3", 3.5)
+    ]
+    cols, _ = build_rows("pair-binary", GROUPS, None, QUERIES, passage, num_negatives=2)
+    assert cols["label"] == [1.0, 0.0, 0.0, 1.0, 0.0]
+    cols, _ = build_rows("pair-soft", GROUPS, TEACHER, QUERIES, passage, num_negatives=1)
+    assert cols["label"][0] == pytest.approx(1 / (1 + np.exp(-5.0)))
+
+
+def test_list_format():
+    cols, _ = build_rows("list", GROUPS, TEACHER, QUERIES, passage, num_negatives=2)
+    assert cols["docs"][0] == ["text of p1", "text of n1", "text of n2"]
+    assert cols["labels"] == [[5.0, 2.0, -1.5], [3.0, 3.5]]
+
+
+def test_teacher_format_without_scores_is_refused():
+    with pytest.raises(PipelineError, match="needs teacher scores"):
+        build_rows("ntuple-margin", GROUPS, None, QUERIES, passage)
+
+
+def test_select_negatives_excludes_positives_and_respects_range():
+    ranked = ["a", "p", "b", "c", "d", "e"]
+    scores = [0.9, 0.8, 0.7, 0.6, 0.5, 0.4]
+    ids, sc, ranks = select_negatives(ranked, scores, {"p"}, 2, range_min=1, range_max=4)
+    assert ids == ["b", "c"] and sc == [0.7, 0.6] and ranks == [1, 2]
+    ids, _, ranks = select_negatives(ranked, scores, {"p"}, 2, range_min=1, range_max=4, sampling="random")
+    assert set(ids) <= {"b", "c", "d"} and "p" not in ids and ranks == sorted(ranks)
+
+
+def test_embedding_cache_embeds_each_text_once(tmp_path):
+    calls = []
+
+    def encode(texts):
+        calls.append(list(texts))
+        return np.stack([np.full(4, len(t), np.float32) for t in texts])
+
+    cache = EmbeddingCache(tmp_path)
+    first = cache.get(["a", "bb", "a"], encode)
+    assert calls == [["a", "bb"]] and first[:, 0].tolist() == [1, 2, 1]
+    again = EmbeddingCache(tmp_path).get(["bb", "ccc"], encode)  # a new process: reads from disk
+    assert calls[-1] == ["ccc"] and again[:, 0].tolist() == [2, 3]
+    EmbeddingCache(tmp_path).get(["a", "bb", "ccc"], encode)
+    assert len(calls) == 2
+
+
+def test_scorer_matches_cross_encoder_predict(tiny_models):
+    import torch
+
+    from pipeline.models import load_cross_encoder
+    from pipeline.scoring import CrossEncoderScorer
+
+    model = load_cross_encoder(tiny_models["teacher"], "cpu", 64)
+    pairs = [("short q", "a doc"), ("a much longer query here", "a much longer passage " * 20), ("q", "d")] * 5
+    expected = model.predict(pairs, activation_fn=torch.nn.Identity(), batch_size=4)
+    got = CrossEncoderScorer(model, "cpu", torch.float32, batch_tokens=256).score(pairs)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_zscore_per_query():
+    z = zscore_per_query(np.array([1.0, 3.0, 10.0, 10.0, 4.0]), ["a", "a", "b", "b", "c"])
+    np.testing.assert_allclose(z, [-1, 1, 0, 0, 0])
+
+
+def test_non_finite_teacher_scores_are_not_written(tmp_path):
+    with pytest.raises(PipelineError, match="non-finite"):
+        write_scores(tmp_path / "s.arrow", ["q"], ["d"], [float("nan")], {})
+    assert not (tmp_path / "s.arrow").exists()
+
+
+def test_metrics_match_sentence_transformers_evaluator(tiny_models):
+    """Our ir-measures numbers equal CrossEncoderRerankingEvaluator's on the same candidates."""
+    import torch
+    from sentence_transformers.cross_encoder.evaluation import CrossEncoderRerankingEvaluator
+
+    from pipeline.evaluation import ranking_metrics, to_run
+    from pipeline.models import load_cross_encoder
+
+    model = load_cross_encoder(tiny_models["teacher"], "cpu", 64)
+    rng = np.random.default_rng(0)
+    samples, qids, dids, qrels = [], [], [], {}
+    for qi in range(6):
+        docs = [f"doc {qi} number {j} " + "word " * int(rng.integers(1, 9)) for j in range(8)]
+        pos = [docs[int(rng.integers(0, 8))]]
+        samples.append({"query": f"query {qi}", "positive": pos, "documents": docs})
+        qids += [f"q{qi}"] * 8
+        dids += [f"q{qi}-d{j}" for j in range(8)]
+        qrels[f"q{qi}"] = {f"q{qi}-d{docs.index(pos[0])}": 1}
+    st = CrossEncoderRerankingEvaluator(samples, at_k=10, write_csv=False)(model)
+    pairs = [(s["query"], d) for s in samples for d in s["documents"]]
+    ours = ranking_metrics(to_run(qids, dids, model.predict(pairs, activation_fn=torch.nn.Identity())), qrels)
+    assert ours["ndcg@10"] == pytest.approx(st["ndcg@10"], abs=1e-6)
+    assert ours["mrr@10"] == pytest.approx(st["mrr@10"], abs=1e-6)
+    assert ours["map"] == pytest.approx(st["map"], abs=1e-6)
+
+
+def test_loss_table_covers_the_seed_document():
+    seed_losses = {
+        "CrossEntropyLoss", "BinaryCrossEntropyLoss", "MultipleNegativesRankingLoss",
+        "CachedMultipleNegativesRankingLoss", "LambdaLoss", "PListMLELoss", "ListNetLoss", "RankNetLoss",
+        "ListMLELoss", "MSELoss", "MarginMSELoss", "ADRMSELoss",
+    }
+    assert seed_losses == set(LOSS_TABLE)
+    for name in seed_losses:
+        spec, cls = resolve_loss(name)
+        assert cls.__name__ == name
+
+
+def test_unknown_loss_and_bad_kwargs(tiny_models):
+    from pipeline.models import load_cross_encoder
+
+    with pytest.raises(PipelineError, match="unknown loss"):
+        resolve_loss("NoSuchLoss")
+    model = load_cross_encoder(tiny_models["teacher"], "cpu", 64)
+    with pytest.raises(PipelineError, match="not valid JSON"):
+        build_loss(model, "MarginMSELoss", "{bad")
+    with pytest.raises(PipelineError, match="--loss-kwargs"):
+        build_loss(model, "MarginMSELoss", {"no_such_option": 1})
+    loss = build_loss(model, "MultipleNegativesRankingLoss", '{"scale": 5.0}')
+    assert loss.scale == 5.0
