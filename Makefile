@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install run test bench clean
+.PHONY: install run test clean bench bench-losses
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,3 +31,9 @@ test: install
 
 clean:
 	rm -rf runs
+
+# Benchmarks (not part of `make test`): each writes benchmarks/results/<name>.{json,md}.
+bench-losses: install
+	$(PY) benchmarks/losses.py --output-dir $(OUT)
+
+bench: bench-losses

@@ -21,6 +21,7 @@ FORMATS: dict[str, tuple[str, str]] = {
         "[teacher(query, positive) - teacher(query, negative_i) for i in 1..n]",
     ),
     "list": ("(query, [doc_1, ..., doc_n])", "[teacher score of each doc]"),
+    "list-gains": ("(query, [doc_1, ..., doc_n])", "[teacher scores min-max scaled per query into [0, 1]]"),
 }
 
 
@@ -50,7 +51,7 @@ LOSS_TABLE: dict[str, LossSpec] = {
         LossSpec("BinaryCrossEntropyLoss", "pair-binary", 1, "pointwise", False),
         LossSpec("MultipleNegativesRankingLoss", "ntuple", 1, "in-batch", False),
         LossSpec("CachedMultipleNegativesRankingLoss", "ntuple", 1, "in-batch", False),
-        LossSpec("LambdaLoss", "list", 1, "listwise", True),
+        LossSpec("LambdaLoss", "list-gains", 1, "listwise", True),
         LossSpec("PListMLELoss", "list", 1, "listwise", True),
         LossSpec("ListNetLoss", "list", 1, "listwise", True),
         LossSpec("RankNetLoss", "list", 1, "pairwise", True),
@@ -58,6 +59,9 @@ LOSS_TABLE: dict[str, LossSpec] = {
         LossSpec("ADRMSELoss", "list", 1, "listwise", True),
         LossSpec("MSELoss", "pair-score", 1, "distillation", True),
         LossSpec("MarginMSELoss", "ntuple-margin", 1, "distillation", True),
+        # Beyond sentence-transformers: losses/distillation.py
+        LossSpec("ListwiseKLDivLoss", "list", 1, "distillation", True, "losses.distillation"),
+        LossSpec("PearsonCorrelationLoss", "list", 1, "distillation", True, "losses.distillation"),
     ]
 }
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -113,9 +114,15 @@ def evaluate_student(
     teacher_max_length: int = 512,
     max_eval_queries: int = 0,
     seed: int = 12,
+    baseline_cache: str | None = None,
 ) -> dict:
     """Stage entry: test metrics of retriever, teacher, untrained and trained student; metrics.json,
-    report.md and plots in ``out_dir``."""
+    report.md and plots in ``out_dir``.
+
+    ``baseline_cache`` (a file path) keeps the retriever, teacher and untrained-student scores,
+    which do not depend on how the student was trained, so comparing many students pays for
+    them once.
+    """
     from pathlib import Path
 
     import pyarrow.parquet as pq
@@ -134,19 +141,22 @@ def evaluate_student(
     pairs = [(ds.queries[q], ds.passage(d)) for q, d in zip(qids, dids)]
     dtype = resolve_precision(precision, device)
 
-    # The retriever's scores come from mining; its speed is measured by re-scoring a sample.
-    sample = pairs[: min(len(pairs), 256)]
-    retriever = BiEncoderScorer(load_bi_encoder(embedder, device, max_length), device, dtype)
-    _, retriever_pps = timed_scores(lambda: retriever.score(sample), len(sample))
-    rankers = {"retriever": (np.asarray(retrieval, np.float32), retriever_pps)}
+    rankers = _cached_baselines(baseline_cache, len(pairs))
+    if rankers is None:
+        # The retriever's scores come from mining; its speed is measured by re-scoring a sample.
+        sample = pairs[: min(len(pairs), 256)]
+        retriever = BiEncoderScorer(load_bi_encoder(embedder, device, max_length), device, dtype)
+        _, retriever_pps = timed_scores(lambda: retriever.score(sample), len(sample))
+        rankers = {"retriever": (np.asarray(retrieval, np.float32), retriever_pps)}
 
-    t = load_teacher(TeacherSpec.parse(teacher, teacher_weights), device, precision, teacher_max_length)
-    rankers["teacher"] = timed_scores(lambda: t.score(pairs, qids), len(pairs))
-    del t
+        t = load_teacher(TeacherSpec.parse(teacher, teacher_weights), device, precision, teacher_max_length)
+        rankers["teacher"] = timed_scores(lambda: t.score(pairs, qids), len(pairs))
+        del t
 
-    torch.manual_seed(seed)
-    untrained = CrossEncoderScorer(cut_student(student, student_layers, device, max_length), device, dtype)
-    rankers["student_untrained"] = timed_scores(lambda: untrained.score(pairs, desc="untrained student"), len(pairs))
+        torch.manual_seed(seed)
+        untrained = CrossEncoderScorer(cut_student(student, student_layers, device, max_length), device, dtype)
+        rankers["student_untrained"] = timed_scores(lambda: untrained.score(pairs, desc="untrained student"), len(pairs))
+        _store_baselines(baseline_cache, rankers)
     trained = CrossEncoderScorer(load_cross_encoder(str(student_dir), device, max_length), device, dtype)
     rankers["student"] = timed_scores(lambda: trained.score(pairs, desc="student"), len(pairs))
 
@@ -167,3 +177,25 @@ def evaluate_student(
         write_json(tmp / "metrics.json", metrics)
         write_report(tmp / "report.md", metrics, lines, {"scatter": "teacher_vs_student.png", "quality_speed": "quality_vs_speed.png"})
     return metrics
+
+
+def _cached_baselines(path, n_pairs: int):
+    if not path or not Path(path).exists():
+        return None
+    z = np.load(path)
+    out = {name: (z[name], float(z[f"{name}_pps"])) for name in ("retriever", "teacher", "student_untrained")}
+    return out if all(len(v[0]) == n_pairs for v in out.values()) else None
+
+
+def _store_baselines(path, rankers) -> None:
+    if not path:
+        return
+    from pipeline.artifacts import atomic_file
+
+    arrays = {}
+    for name, (scores, pps) in rankers.items():
+        arrays[name] = scores
+        arrays[f"{name}_pps"] = np.asarray(pps)
+    with atomic_file(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)

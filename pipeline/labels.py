@@ -6,7 +6,8 @@ One group (query, positives, negatives) becomes, per format:
 ``pair-score`` / ``pair-soft``: one (query, passage) row per document with its teacher score
 (raw, or through a sigmoid into [0, 1]);
 ``pair-binary`` / ``pair-class``: one row per document with 1/0 or the qrels grade;
-``list``: (query, [docs]) with [scores].
+``list``: (query, [docs]) with [scores]; ``list-gains``: the same with scores min-max scaled per
+query into [0, 1] (LambdaLoss reads labels as gains 2^label - 1, which negative logits would break).
 Rows with fewer than ``num_negatives`` mined negatives are dropped from n-tuple formats
 (their column count must be fixed) and counted.
 """
@@ -41,7 +42,7 @@ def build_rows(
     """Columns of the training dataset for ``fmt`` and statistics about what was built."""
     if fmt not in FORMATS:
         raise PipelineError(f"unknown data format '{fmt}' (one of {', '.join(FORMATS)})")
-    needs_teacher = fmt in ("ntuple-margin", "pair-score", "pair-soft", "list")
+    needs_teacher = fmt in ("ntuple-margin", "pair-score", "pair-soft", "list", "list-gains")
     if needs_teacher and teacher is None:
         raise PipelineError(f"format '{fmt}' needs teacher scores; run ScoreWithTeacher first")
     g = groups.to_pydict()
@@ -69,11 +70,15 @@ def build_rows(
                 if fmt == "ntuple-margin":
                     sp = s(qid, p)
                     cols.setdefault("label", []).append([sp - s(qid, n) for n in negs])
-        elif fmt == "list":
+        elif fmt.startswith("list"):
             docs = list(pos_ids) + list(neg_ids[:n_neg])
+            scores = [s(qid, d) for d in docs]
+            if fmt == "list-gains":
+                lo, hi = min(scores), max(scores)
+                scores = [(x - lo) / (hi - lo) if hi > lo else 1.0 for x in scores]
             cols.setdefault("query", []).append(q)
             cols.setdefault("docs", []).append([passage(d) for d in docs])
-            cols.setdefault("labels", []).append([s(qid, d) for d in docs])
+            cols.setdefault("labels", []).append(scores)
         else:
             for d, is_pos in [(p, True) for p in pos_ids] + [(n, False) for n in neg_ids[:n_neg]]:
                 if fmt == "pair-score":
@@ -100,6 +105,11 @@ def build_rows(
         stats["label_mean"], stats["label_std"] = float(flat.mean()), float(flat.std())
     if fmt == "pair-class":
         stats["num_classes"] = int(max(cols["label"])) + 1
+        if len(set(cols["label"])) < 2:
+            raise PipelineError(
+                "CrossEntropyLoss needs at least two classes: judged grades in qrels/train.tsv, "
+                "or mined negatives as class 0 (use --num-negatives 1 or more)"
+            )
     return cols, stats
 
 

@@ -250,6 +250,15 @@ def write_table(table: pa.Table, path: str | Path) -> None:
         pq.write_table(table, tmp)
 
 
+def ds_source(data_dir) -> str:
+    from pipeline.artifacts import read_json
+
+    try:
+        return read_json(Path(data_dir) / "stats.json")["source"]
+    except (OSError, KeyError, ValueError):
+        return str(data_dir)
+
+
 def mine_hard_negatives(
     data_dir: str | Path,
     out_dir: str | Path,
@@ -275,6 +284,11 @@ def mine_hard_negatives(
 
     t0 = time.perf_counter()
     ds = load_normalized(data_dir)
+    if not ds.relevant("train"):
+        raise PipelineError(
+            f"{ds_source(data_dir)}: no judged training pairs (qrels/train.tsv is missing or has no score > 0); "
+            "training queries need at least one positive each"
+        )
     model = None
     calls = {"encode_calls": 0, "texts_embedded": 0}
 

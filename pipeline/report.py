@@ -70,7 +70,7 @@ def write_report(path: str | Path, metrics: dict, verdict: list[str], plots: dic
     parts = [
         "# Distillation report",
         "",
-        f"Dataset `{p['dataset']}`; teacher `{p['teacher']}`; student `{p['student']}` "
+        f"Dataset `{p['dataset']}`; teacher `{p.get('teacher_resolved') or p['teacher']}`; student `{p['student']}` "
         f"(first {p['student_layers']} layers); loss `{p['loss']}`.",
         "",
         "## Test split: reranking the retriever's top candidates",

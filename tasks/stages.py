@@ -287,8 +287,17 @@ class EvaluateStudent(EvalParams, Stage):
             self.artifact(), resolved_teacher(self), self.teacher_weights, self.student, self.student_layers,
             self.embedder, params, stages, {k: v.get("seconds", 0.0) for k, v in stages.items()},
             self.run_device, self.score_precision, self.max_length, self.teacher_max_length,
-            self.max_eval_queries, self.seed,
+            self.max_eval_queries, self.seed, str(self.baseline_cache()),
         )
+
+    def baseline_cache(self) -> Path:
+        """Scores that do not depend on the student's training, shared by every student of a run."""
+        key = fingerprint(
+            self.requires()["mined"].fp, _teacher_identity(self), self.teacher_weights, self.max_eval_queries,
+            model_identity(self.student), self.student_layers, self.seed, self.score_precision, self.max_length,
+            self.teacher_max_length,
+        )
+        return self.root / "cache" / "eval" / f"{key}.npz"
 
 
 class TrainStudent(EvalParams, luigi.Task):

@@ -122,3 +122,15 @@ def test_bad_dataset_fails_before_any_model_loads(tiny_models, tmp_path):
     task = tasks.TrainStudent(**_params(ds, tiny_models, tmp_path / "out"))
     assert not _build(task)
     assert not (tmp_path / "out" / "mined").exists()
+
+
+def test_dataset_without_training_pairs_says_so(tiny_models, tmp_path):
+    from pipeline.errors import PipelineError
+    from pipeline.mining import mine_hard_negatives
+    from pipeline.data import prepare_data
+    from tests.conftest import write_beir
+
+    ds = write_beir(tmp_path / "testonly", {"q1": "a b"}, {"d1": ("", "b c")}, {"test": [("q1", "d1", 1)]})
+    prepare_data(ds, tmp_path / "norm")
+    with pytest.raises(PipelineError, match="no judged training pairs"):
+        mine_hard_negatives(tmp_path / "norm", tmp_path / "mined", tiny_models["embedder"], tmp_path / "cache")

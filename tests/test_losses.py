@@ -1,0 +1,128 @@
+"""Every loss of the table trains from the pipeline's own data: rows built by BuildLabels from
+teacher-scored groups, a few CrossEncoderTrainer steps, and the loss on a fixed batch goes down."""
+
+from __future__ import annotations
+
+import json
+
+import luigi
+import numpy as np
+import pytest
+import torch
+from datasets import load_from_disk
+
+import tasks
+from losses import LOSS_TABLE, build_loss, resolve_loss
+from pipeline.labels import build_labels
+from pipeline.models import cut_student
+from pipeline.scoring import read_scores
+from pipeline.training import _with_num_labels, train_student
+
+SEED = 12
+OPTIONS = {
+    "CachedMultipleNegativesRankingLoss": {"mini_batch_size": 4},
+    "MultipleNegativesRankingLoss": {"num_negatives": 2},
+    "LambdaLoss": {"weighting_scheme": "NDCGLoss2PPScheme"},
+}
+
+
+def _params(small_beir, tiny_models, out, **over):
+    p = dict(
+        dataset=str(small_beir), output_dir=str(out), embedder=tiny_models["embedder"],
+        teacher=tiny_models["teacher"], student=tiny_models["student"], student_layers=2,
+        num_negatives=3, max_length=64, teacher_max_length=64, rerank_top_k=10, device="cpu",
+        max_dev_queries=0,
+    )
+    p.update(over)
+    return p
+
+
+@pytest.fixture(scope="module")
+def scored(small_beir, tiny_models, tmp_path_factory):
+    out = tmp_path_factory.mktemp("losses")
+    score = tasks.ScoreWithTeacher(
+        **{k: v for k, v in _params(small_beir, tiny_models, out).items() if k in tasks.ScoreWithTeacher.get_param_names()}
+    )
+    assert luigi.build([score], local_scheduler=True, log_level="WARNING")
+    return {
+        "data": score.clone(tasks.PrepareData).output().path,
+        "mined": score.clone(tasks.MineHardNegatives).output().path,
+        "scores": score.output().path,
+        "out": out,
+        "unit_scale": 1.0 / float(np.std(read_scores(score.output().path)[0].column("score").to_numpy())),
+    }
+
+
+def _collate(rows):
+    """What CrossEncoderDataCollator hands a loss: text columns in order, then the labels."""
+    cols = [c for c in rows.column_names if c not in ("label", "labels")]
+    label_col = "label" if "label" in rows.column_names else "labels" if "labels" in rows.column_names else None
+    inputs = [rows[c] for c in cols]
+    if label_col is None:
+        return inputs, None
+    values = rows[label_col]
+    labels = [torch.tensor(v) for v in values] if isinstance(values[0], list) else torch.tensor(values)
+    return inputs, labels
+
+
+def _loss_value(model, name, inputs, labels):
+    loss = build_loss(model, name, OPTIONS.get(name))
+    model.eval()  # no dropout: compare like with like
+    with torch.no_grad():
+        return float(loss(inputs, labels))
+
+
+@pytest.mark.parametrize("name", sorted(LOSS_TABLE))
+def test_loss_trains_from_pipeline_data(name, scored, tiny_models, tmp_path):
+    spec, _ = resolve_loss(name)
+    # A random tiny teacher scores every pair almost alike; scaling its scores to unit spread gives
+    # listwise losses a teacher distribution that is not uniform, as a trained teacher's is.
+    stats = build_labels(
+        scored["data"], scored["mined"], scored["scores"] if spec.needs_teacher else None,
+        tmp_path / "labels", spec.format, num_negatives=3, label_scale=scored["unit_scale"],
+    )
+    rows = load_from_disk(str(tmp_path / "labels" / "dataset")).select(range(8))
+    inputs, labels = _collate(rows)
+    num_labels = stats.get("num_classes", 1)
+
+    torch.manual_seed(SEED)
+    from transformers import set_seed
+
+    set_seed(SEED)
+    start = cut_student(tiny_models["student"], 2, "cpu", 64)
+    if num_labels != 1:
+        start = _with_num_labels(start, num_labels)
+    before = _loss_value(start, name, inputs, labels)
+
+    train_student(
+        rows, name, tmp_path / "student", student=tiny_models["student"], student_layers=2,
+        loss_kwargs=OPTIONS.get(name), epochs=12, batch_size=8, learning_rate=2e-3, warmup_ratio=0.0,
+        max_length=64, num_labels=num_labels, seed=SEED,
+    )
+    from pipeline.models import load_cross_encoder
+
+    trained = load_cross_encoder(str(tmp_path / "student"), "cpu", 64)
+    if num_labels != 1:
+        trained.activation_fn = torch.nn.Identity()
+    after = _loss_value(trained, name, inputs, labels)
+    assert after < before, f"{name}: loss {before:.4f} -> {after:.4f}"
+
+
+def test_custom_loss_class_reaches_the_model_card(small_beir, tiny_models, tmp_path):
+    p = _params(small_beir, tiny_models, tmp_path, loss="tests.custom_loss:ScaledMarginMSELoss",
+                loss_kwargs=json.dumps({"scale": 0.25}), epochs=1.0, batch_size=8)
+    fit = tasks.FitStudent(**{k: v for k, v in p.items() if k in tasks.FitStudent.get_param_names()})
+    assert luigi.build([fit], local_scheduler=True, log_level="WARNING")
+    card = (fit.artifact() / "README.md").read_text()
+    assert "ScaledMarginMSELoss" in card
+    assert "scaled-margin-test" in card and "0.25" in card
+    assert "scaledmargin2026" in card
+
+
+def test_custom_loss_must_take_model_first():
+    from pipeline.errors import PipelineError
+
+    with pytest.raises(PipelineError, match="cannot import"):
+        resolve_loss("tests.custom_loss:Nope")
+    with pytest.raises(PipelineError, match="nn.Module"):
+        resolve_loss("json:dumps")
