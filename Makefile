@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install run test clean bench bench-losses
+.PHONY: install run test clean bench bench-losses bench-score
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,4 +36,7 @@ clean:
 bench-losses: install
 	$(PY) benchmarks/losses.py --output-dir $(OUT)
 
-bench: bench-losses
+bench-score: install
+	$(PY) benchmarks/score.py
+
+bench: bench-score bench-losses

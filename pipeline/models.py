@@ -38,7 +38,7 @@ def resolve_precision(precision: str, device: str) -> torch.dtype:
             return torch.bfloat16
         return torch.float32
     if precision not in PRECISIONS:
-        raise PipelineError(f"unknown precision '{precision}' (choose fp32, bf16, fp16 or auto)")
+        raise PipelineError(f"unknown precision '{precision}' (choose fp32, bf16, fp16, auto; int8 for CPU scoring)")
     if precision == "fp16" and not device.startswith("cuda"):
         raise PipelineError("fp16 inference is only supported on CUDA; use bf16 or fp32 on CPU")
     return PRECISIONS[precision]

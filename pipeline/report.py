@@ -90,8 +90,10 @@ def write_report(path: str | Path, metrics: dict, verdict: list[str], plots: dic
         parts += [
             "## Teacher scoring",
             "",
-            f"{s.get('pairs_scored', 0)} pairs scored at {s.get('pairs_per_second', 0):.1f} pairs/s "
-            f"({s.get('precision', '?')}); {s.get('truncated_pairs', 0)} pairs were truncated to max_length.",
+            f"{s.get('pairs', 0)} unique pairs in {s.get('shards', 1)} shards: {s.get('pairs_scored', 0)} scored by the "
+            f"teacher at {s.get('pairs_per_second') or 0:.1f} pairs/s ({s.get('precision', '?')}), "
+            f"{s.get('pairs_from_cache', 0)} served from the score cache, {s.get('duplicate_pairs', 0)} duplicates "
+            f"scored once; {s.get('truncated_pairs', 0)} pairs were truncated to max_length.",
             "",
         ]
     if stages.get("MineHardNegatives"):

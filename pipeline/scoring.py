@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -65,11 +66,15 @@ class CrossEncoderScorer:
 
     activation = "identity (logits)"
 
-    def __init__(self, model, device: str, dtype: torch.dtype, batch_tokens: int = 16384, chunk: int = 8192):
+    def __init__(
+        self, model, device: str, dtype: torch.dtype, batch_tokens: int = 16384, chunk: int = 8192, quantize: bool = False
+    ):
         self.ce = model
         self.device, self.dtype = device, dtype
         self.batch_tokens, self.chunk = batch_tokens, chunk
         self.hf = model.model.to(device=device, dtype=dtype).eval()
+        if quantize:
+            self.hf = quantize_int8(self.hf)
         self.tokenizer = model.tokenizer
         self.max_length = model.max_seq_length
         self.pad_id = self.tokenizer.pad_token_id or 0
@@ -117,6 +122,8 @@ class CrossEncoderScorer:
         bar = tqdm(total=len(pairs), unit="pair", desc=desc, dynamic_ncols=True, mininterval=2.0)
         chunks = [(s, pairs[s : s + self.chunk]) for s in range(0, len(pairs), self.chunk)]
         done = 0
+        # Fault-injection tests slow scoring down so they can kill a process in the middle of a shard.
+        delay = float(os.environ.get("DISTILL_TEST_BATCH_DELAY", "0"))
         with ThreadPoolExecutor(max_workers=1) as pool, torch.inference_mode():
             pending = pool.submit(self._prepare, chunks[0][1]) if chunks else None
             for ci, (start, _) in enumerate(chunks):
@@ -129,6 +136,8 @@ class CrossEncoderScorer:
                     out[start + idx] = relevance(logits).cpu().numpy()
                     done += len(idx)
                     bar.update(len(idx))
+                    if delay:
+                        time.sleep(delay)
                     if progress:
                         progress(done, len(pairs))
         bar.close()
@@ -172,18 +181,113 @@ class Teacher:
     scorers: list
     identity: list[dict]
 
-    def score(self, pairs: list[tuple[str, str]], query_ids: list[str], progress: Progress | None = None) -> np.ndarray:
-        if len(self.scorers) == 1:
-            return self.scorers[0].score(pairs, progress)
+    cache_hits: int = 0
+    cache_misses: int = 0
+
+    def score(
+        self,
+        pairs: list[tuple[str, str]],
+        query_ids: list[str],
+        progress: Progress | None = None,
+        cache_dir: str | Path | None = None,
+    ) -> np.ndarray:
+        """Scores of ``pairs``; with ``cache_dir``, each member's raw scores are read from and added
+        to a cache shared across runs, so no pair reaches the same model twice."""
+        raws = [
+            self._member_scores(scorer, ident, pairs, progress, cache_dir)
+            for scorer, ident in zip(self.scorers, self.identity)
+        ]
+        if len(raws) == 1:
+            return raws[0]
         total = np.zeros(len(pairs), np.float64)
-        for scorer, w, ident in zip(self.scorers, self.spec.weights, self.identity):
-            raw = scorer.score(pairs, progress, desc=Path(ident["model"]).name)
+        for raw, w in zip(raws, self.spec.weights):
             total += w * zscore_per_query(raw, query_ids)
         return total.astype(np.float32)
+
+    def _member_scores(self, scorer, ident: dict, pairs, progress, cache_dir) -> np.ndarray:
+        desc = Path(ident["model"]).name
+        if cache_dir is None:
+            self.cache_misses += len(pairs)
+            return scorer.score(pairs, progress, desc=desc)
+        cache = ScoreCache(Path(cache_dir) / member_fingerprint(ident))
+        keys = [pair_key(q, p) for q, p in pairs]
+        known = cache.lookup(keys)
+        missing = [i for i, k in enumerate(keys) if k not in known]
+        out = np.empty(len(pairs), np.float32)
+        for i, k in enumerate(keys):
+            if k in known:
+                out[i] = known[k]
+        if missing:
+            fresh = scorer.score([pairs[i] for i in missing], progress, desc=desc)
+            out[missing] = fresh
+            cache.add([keys[i] for i in missing], fresh)
+        self.cache_hits += len(pairs) - len(missing)
+        self.cache_misses += len(missing)
+        log.info("%s: %d pairs from the cache, %d scored", desc, len(pairs) - len(missing), len(missing))
+        return out
 
     @property
     def normalization(self) -> str:
         return "none" if len(self.scorers) == 1 else "per-query z-score, weighted sum"
+
+
+def member_fingerprint(ident: dict) -> str:
+    """What makes one model's raw scores reusable: its weights, max_length, activation and precision."""
+    from pipeline.artifacts import fingerprint
+
+    return fingerprint(ident["kind"], ident["weights_sha256"], ident["max_length"], ident["activation"], ident["precision"])
+
+
+def pair_key(query: str, passage: str) -> str:
+    import hashlib
+
+    return hashlib.sha1(f"{query}\x1f{passage}".encode()).hexdigest()
+
+
+class ScoreCache:
+    """One model's raw scores keyed by the exact (query, passage) text, as append-only Parquet parts.
+
+    Each writer adds a new part atomically, so concurrent shards never write the same file and a
+    killed writer leaves no partial part.
+    """
+
+    SCHEMA = pa.schema([("key", pa.string()), ("score", pa.float32())])
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+
+    def lookup(self, keys: Sequence[str]) -> dict[str, float]:
+        import pyarrow.parquet as pq
+
+        wanted = set(keys)
+        found: dict[str, float] = {}
+        if not self.folder.exists():
+            return found
+        for part in sorted(self.folder.glob("part-*.parquet")):
+            t = pq.read_table(part).to_pydict()
+            for k, v in zip(t["key"], t["score"]):
+                if k in wanted:
+                    found[k] = v
+        return found
+
+    def add(self, keys: Sequence[str], scores: Sequence[float]) -> None:
+        import uuid
+
+        import pyarrow.parquet as pq
+
+        scores = np.asarray(scores, np.float32)
+        if not np.isfinite(scores).all():
+            return  # never cache a broken score; write_scores reports it
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with atomic_file(self.folder / f"part-{uuid.uuid4().hex}.parquet") as tmp:
+            pq.write_table(pa.table({"key": list(keys), "score": pa.array(scores, pa.float32())}, schema=self.SCHEMA), tmp)
+
+
+def quantize_int8(module: torch.nn.Module) -> torch.nn.Module:
+    """Dynamic int8 quantization of every Linear layer (weights int8, activations quantized per batch)."""
+    from torch.ao.quantization import quantize_dynamic
+
+    return quantize_dynamic(module, {torch.nn.Linear}, dtype=torch.qint8)
 
 
 def load_teacher(
@@ -194,7 +298,10 @@ def load_teacher(
     batch_tokens: int = 16384,
     trust_remote_code: bool = False,
 ) -> Teacher:
-    dtype = resolve_precision(precision, device)
+    quantize = precision == "int8"
+    if quantize and not device.startswith("cpu"):
+        raise PipelineError("--score-precision int8 (dynamic quantization) runs on CPU only; use bf16 or fp16 on CUDA")
+    dtype = resolve_precision("fp32" if quantize else precision, device)
     scorers, identity = [], []
     for ref in spec.refs:
         kind = model_kind(ref)
@@ -202,12 +309,14 @@ def load_teacher(
             model = load_bi_encoder(ref, device, max_length, trust_remote_code)
             whash = weights_hash(model)
             scorer = BiEncoderScorer(model, device, dtype)
+            if quantize:
+                scorer.model = quantize_int8(scorer.model)
         else:
             model = load_cross_encoder(ref, device, max_length, trust_remote_code=trust_remote_code)
             if model.num_labels != 1:
                 raise PipelineError(f"teacher {ref} has {model.num_labels} outputs; a reranker teacher needs one")
             whash = weights_hash(model.model)
-            scorer = CrossEncoderScorer(model, device, dtype, batch_tokens)
+            scorer = CrossEncoderScorer(model, device, dtype, batch_tokens, quantize=quantize)
         identity.append(
             {
                 "model": strip_kind(ref),
@@ -215,7 +324,7 @@ def load_teacher(
                 "weights_sha256": whash,
                 "max_length": scorer.max_length,
                 "activation": scorer.activation,
-                "precision": str(dtype).replace("torch.", ""),
+                "precision": "int8-dynamic" if quantize else str(dtype).replace("torch.", ""),
             }
         )
         scorers.append(scorer)
@@ -283,14 +392,17 @@ def score_pairs(
     queries: dict[str, str],
     passage: Callable[[str], str],
     progress: Progress | None = None,
+    cache_dir: str | Path | None = None,
 ) -> tuple[np.ndarray, dict]:
     """Score unique (query_id, doc_id) pairs; returns scores and timing stats."""
     pairs = [(queries[q], passage(d)) for q, d in zip(query_ids, doc_ids)]
     t0 = time.perf_counter()
-    scores = teacher.score(pairs, list(query_ids), progress)
+    scores = teacher.score(pairs, list(query_ids), progress, cache_dir)
     seconds = time.perf_counter() - t0
     stats = {
-        "pairs_scored": len(pairs),
+        "pairs": len(pairs),
+        "pairs_scored": teacher.cache_misses,
+        "pairs_from_cache": teacher.cache_hits,
         "seconds": round(seconds, 3),
         "pairs_per_second": round(len(pairs) / seconds, 2) if seconds > 0 else math.inf,
         "truncated_pairs": sum(s.truncated for s in teacher.scorers),
@@ -298,25 +410,17 @@ def score_pairs(
     return scores, stats
 
 
-def score_with_teacher(
-    data_dir: str | Path,
-    mined_dir: str | Path,
-    out_path: str | Path,
-    teacher: str,
-    teacher_weights: str = "",
-    device: str = "cpu",
-    precision: str = "auto",
-    max_length: int = 512,
-    batch_tokens: int = 16384,
-    trust_remote_code: bool = False,
-    progress: Progress | None = None,
-) -> dict:
-    """Stage entry: teacher scores for every (query, passage) of every mined group."""
+def shard_of(query_id: str, num_shards: int) -> int:
+    """Stable shard of a query: all of a query's pairs land in one shard (ensembles normalise per query)."""
+    import hashlib
+
+    return int(hashlib.sha1(query_id.encode()).hexdigest()[:8], 16) % num_shards
+
+
+def group_pairs(mined_dir: str | Path) -> tuple[list[str], list[str], int]:
+    """Unique (query_id, doc_id) pairs of the mined groups, and how many pairs the groups list."""
     import pyarrow.parquet as pq
 
-    from pipeline.data import load_normalized
-
-    ds = load_normalized(data_dir)
     g = pq.read_table(Path(mined_dir) / "groups.parquet").to_pydict()
     qids, dids = [], []
     for q, pos, neg in zip(g["query_id"], g["positive_ids"], g["negative_ids"]):
@@ -325,14 +429,66 @@ def score_with_teacher(
             dids.append(d)
     total = len(qids)
     qids, dids = unique_pairs(qids, dids)
+    return qids, dids, total
+
+
+def score_shard(
+    data_dir: str | Path,
+    mined_dir: str | Path,
+    out_path: str | Path,
+    teacher: str,
+    teacher_weights: str = "",
+    shard: int = 0,
+    num_shards: int = 1,
+    device: str = "cpu",
+    precision: str = "auto",
+    max_length: int = 512,
+    batch_tokens: int = 16384,
+    cache_dir: str | Path | None = None,
+    trust_remote_code: bool = False,
+    progress: Progress | None = None,
+) -> dict:
+    """Stage entry: teacher scores for one shard of the mined groups' unique pairs."""
+    from pipeline.data import load_normalized
+
+    ds = load_normalized(data_dir)
+    qids, dids, _ = group_pairs(mined_dir)
+    keep = [i for i, q in enumerate(qids) if shard_of(q, num_shards) == shard]
+    qids, dids = [qids[i] for i in keep], [dids[i] for i in keep]
     model = load_teacher(TeacherSpec.parse(teacher, teacher_weights), device, precision, max_length, batch_tokens, trust_remote_code)
-    scores, stats = score_pairs(model, qids, dids, ds.queries, ds.passage, progress)
+    scores, stats = score_pairs(model, qids, dids, ds.queries, ds.passage, progress, cache_dir)
     meta = {
         "teacher": model.identity,
         "weights": model.spec.weights,
         "normalization": model.normalization,
         "max_length": max_length,
         "precision": model.identity[0]["precision"],
+        "shard": [shard, num_shards],
     }
     write_scores(out_path, qids, dids, scores, meta)
-    return {**stats, "pairs_in_groups": total, "duplicate_pairs": total - len(qids), "precision": meta["precision"]}
+    return {**stats, "precision": meta["precision"], "shard": shard}
+
+
+def join_shards(mined_dir: str | Path, shard_paths: Sequence[str | Path], out_path: str | Path) -> dict:
+    """Stage entry: check that the shards hold every unique pair exactly once, from one teacher,
+    and write them as one Arrow file in the groups' pair order."""
+    qids, dids, total = group_pairs(mined_dir)
+    found: dict[tuple[str, str], float] = {}
+    meta = None
+    for path in shard_paths:
+        table, m = read_scores(path)
+        m.pop("shard", None)
+        if meta is None:
+            meta = m
+        elif m != meta:
+            raise PipelineError(f"{path}: scored by a different teacher or setting than the other shards")
+        d = table.to_pydict()
+        for q, doc, sc in zip(d["query_id"], d["doc_id"], d["score"]):
+            if (q, doc) in found:
+                raise PipelineError(f"{path}: pair ({q}, {doc}) is also in another shard")
+            found[(q, doc)] = sc
+    missing = [(q, d) for q, d in zip(qids, dids) if (q, d) not in found]
+    if missing or len(found) != len(qids):
+        raise PipelineError(f"shards hold {len(found)} pairs, the groups {len(qids)}; first missing: {missing[:1]}")
+    write_scores(out_path, qids, dids, [found[(q, d)] for q, d in zip(qids, dids)], meta or {})
+    return {"pairs": len(qids), "pairs_in_groups": total, "duplicate_pairs": total - len(qids), "shards": len(shard_paths)}

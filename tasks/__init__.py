@@ -7,6 +7,7 @@ from tasks.stages import (
     FitStudent,
     MineHardNegatives,
     PrepareData,
+    ScoreShard,
     ScoreWithTeacher,
     TrainStudent,
 )
@@ -15,6 +16,7 @@ __all__ = [
     "PrepareData",
     "MineHardNegatives",
     "FineTuneTeacher",
+    "ScoreShard",
     "ScoreWithTeacher",
     "BuildLabels",
     "FitStudent",

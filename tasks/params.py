@@ -41,8 +41,11 @@ class TeacherParams(MineParams):
     teacher_batch_size = luigi.IntParameter(default=32)
     teacher_negatives = luigi.IntParameter(default=3, description="mined negatives per query for teacher fine-tuning")
     teacher_max_length = luigi.IntParameter(default=512)
-    score_precision = luigi.Parameter(default="auto", description="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16")
+    score_precision = luigi.Parameter(
+        default="auto", description="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16 (CUDA), int8 (CPU)"
+    )
     score_batch_tokens = luigi.IntParameter(default=16384, significant=False)
+    score_shards = luigi.IntParameter(default=4, description="teacher scoring shards (separate, resumable tasks)")
 
 
 class LabelParams(TeacherParams):

@@ -157,33 +157,72 @@ def _train_precision(device: str, choice: str) -> str:
     return "bf16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "fp32"
 
 
+def _scores_fp(task: TeacherParams) -> str:
+    return fingerprint(
+        task.clone(MineHardNegatives).fp, _teacher_identity(task), task.teacher_weights, task.score_precision,
+        task.teacher_max_length, task.score_shards,
+    )
+
+
+def _scoring_inputs(task: TeacherParams) -> dict:
+    req = {"data": task.clone(PrepareData), "mined": task.clone(MineHardNegatives)}
+    if _needs_fine_tuned(task.teacher):
+        req["teacher"] = task.clone(FineTuneTeacher)
+    return req
+
+
+class ScoreShard(TeacherParams, Stage):
+    """Teacher scores of one shard of the mined pairs; any worker can take any shard."""
+
+    stage_dir = "scores"
+    shard = luigi.IntParameter()
+
+    def requires(self):
+        return _scoring_inputs(self)
+
+    @functools.cached_property
+    def fp(self) -> str:
+        return _scores_fp(self)
+
+    def output(self):
+        return luigi.LocalTarget(str(self.artifact() / "shards" / f"shard-{self.shard:05d}-of-{self.score_shards:05d}.arrow"))
+
+    def run(self):
+        stats = scoring.score_shard(
+            self.input()["data"].path, self.input()["mined"].path, self.output().path, resolved_teacher(self),
+            self.teacher_weights, self.shard, self.score_shards, self.run_device, self.score_precision,
+            self.teacher_max_length, self.score_batch_tokens, Path(self.cache_dir or self.root / "cache") / "teacher-scores",
+            self.trust_remote_code, self.progress,
+        )
+        write_json(Path(self.output().path).with_suffix(".json"), stats)
+
+
 class ScoreWithTeacher(TeacherParams, Stage):
-    """Teacher scores of every (query, passage) in the mined groups, as an Arrow file."""
+    """Checks the shards and joins them into one Arrow file of teacher scores."""
 
     stage_dir = "scores"
 
     def requires(self):
-        req = {"data": self.clone(PrepareData), "mined": self.clone(MineHardNegatives)}
-        if _needs_fine_tuned(self.teacher):
-            req["teacher"] = self.clone(FineTuneTeacher)
-        return req
+        return {
+            "mined": self.clone(MineHardNegatives),
+            "shards": [self.clone(ScoreShard, shard=i) for i in range(self.score_shards)],
+        }
 
     @functools.cached_property
     def fp(self) -> str:
-        return fingerprint(
-            self.requires()["mined"].fp, _teacher_identity(self), self.teacher_weights, self.score_precision,
-            self.teacher_max_length,
-        )
+        return _scores_fp(self)
 
     def output(self):
         return luigi.LocalTarget(str(self.artifact() / "scores.arrow"))
 
     def run(self):
-        stats = scoring.score_with_teacher(
-            self.input()["data"].path, self.input()["mined"].path, self.output().path, resolved_teacher(self),
-            self.teacher_weights, self.run_device, self.score_precision, self.teacher_max_length,
-            self.score_batch_tokens, self.trust_remote_code, self.progress,
-        )
+        paths = [t.path for t in self.input()["shards"]]
+        stats = scoring.join_shards(self.input()["mined"].path, paths, self.output().path)
+        shard_stats = [read_json(Path(p).with_suffix(".json")) for p in paths]
+        for key in ("pairs_scored", "pairs_from_cache", "seconds", "truncated_pairs"):
+            stats[key] = round(sum(s.get(key, 0) for s in shard_stats), 3)
+        stats["pairs_per_second"] = round(stats["pairs_scored"] / stats["seconds"], 2) if stats["seconds"] else None
+        stats["precision"] = shard_stats[0].get("precision") if shard_stats else None
         write_json(self.artifact() / "stats.json", stats)
 
 

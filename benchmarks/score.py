@@ -1,0 +1,160 @@
+"""Teacher scoring speed: the project's scorer against CrossEncoder.predict on the same unique pairs.
+
+Two pair sets: demo pairs (each sampled query with its positive and random passages) and a long
+tail (passages of log-normally distributed length, a few near max_length), scored in one run by:
+``CrossEncoder.predict(pairs, batch_size=32)`` in fp32, the project's scorer in fp32, and the
+project's scorer at a faster precision with its fidelity against fp32. Reports pairs/s, the
+ratio to predict, and model-FLOP utilisation against this machine's measured matmul peak.
+
+    make bench-score      # writes benchmarks/results/score.{json,md}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.artifacts import atomic_file, write_json
+from pipeline.data import read_dataset
+from pipeline.fidelity import compare, sample_groups
+from pipeline.models import load_cross_encoder
+from pipeline.scoring import CrossEncoderScorer, quantize_int8
+
+
+def matmul_peak(precision: str, d: int = 384, seconds: float = 2.0) -> float:
+    """GFLOP/s of an encoder-shaped Linear (tokens x d @ d x 4d) at this precision."""
+    x = torch.randn(8192, d)
+    lin = torch.nn.Linear(d, 4 * d)
+    if precision == "bf16":
+        x, lin = x.bfloat16(), lin.bfloat16()
+    if precision == "int8":
+        lin = quantize_int8(torch.nn.Sequential(lin))
+    flops, t0, n = 2 * 8192 * d * 4 * d, time.perf_counter(), 0
+    with torch.inference_mode():
+        lin(x)
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            lin(x)
+            n += 1
+    return n * flops / (time.perf_counter() - t0) / 1e9
+
+
+def model_flops(lengths, config) -> float:
+    """Forward FLOPs of a BERT-style encoder over sequences of these token lengths."""
+    d, layers, ff = config.hidden_size, config.num_hidden_layers, config.intermediate_size
+    total = 0.0
+    for n in lengths:
+        total += layers * n * (2 * (4 * d * d + 2 * d * ff) + 4 * n * d)
+    return total
+
+
+def long_tail_pairs(dataset, n: int, seed: int = 1) -> list[tuple[str, str]]:
+    rng = np.random.default_rng(seed)
+    texts = [dataset.passage(d) for d in dataset.corpus]
+    queries = list(dataset.queries.values())
+    pairs = []
+    for i in range(n):
+        words = int(min(600, rng.lognormal(mean=3.6, sigma=0.8)))
+        start = int(rng.integers(0, len(texts)))
+        body = []
+        while len(body) < words:
+            body += texts[start % len(texts)].split()
+            start += 1
+        pairs.append((queries[i % len(queries)], " ".join(body[:words])))
+    return pairs
+
+
+def timed(fn, n) -> tuple[np.ndarray, float]:
+    t0 = time.perf_counter()
+    out = np.asarray(fn(), np.float32)
+    return out, n / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="models/all-MiniLM-L6-v2", help="cross-encoder (or backbone) to time")
+    ap.add_argument("--dataset", default="data/debian-descriptions")
+    ap.add_argument("--pairs", type=int, default=768, help="pairs per set")
+    ap.add_argument("--max-length", type=int, default=512)
+    ap.add_argument("--fast-precision", default="int8", choices=["int8", "bf16", "fp16"])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--results", default="benchmarks/results/score")
+    args = ap.parse_args()
+
+    ds = read_dataset(args.dataset)
+    demo, groups = sample_groups(ds, args.pairs // 8, 8)
+    sets = {"demo": (demo, groups), "long-tail": (long_tail_pairs(ds, args.pairs), [str(i // 8) for i in range(args.pairs)])}
+    ce = load_cross_encoder(args.model, args.device, args.max_length, num_labels=1)
+    tok = ce.tokenizer
+    identity = torch.nn.Identity()
+    peaks = {p: matmul_peak(p) for p in ("fp32", args.fast_precision)} if args.device == "cpu" else {}
+    results = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+                           "torch": torch.__version__, "matmul_peak_gflops": peaks}, "sets": {}}
+
+    for name, (pairs, grp) in sets.items():
+        lengths = [len(x) for x in tok([p[0] for p in pairs], [p[1] for p in pairs], truncation=True, max_length=args.max_length)["input_ids"]]
+        flops = model_flops(lengths, ce.model.config)
+        ce.model.float()
+        ref, predict_pps = timed(lambda: ce.predict(pairs, batch_size=32, activation_fn=identity, show_progress_bar=False), len(pairs))
+        ours32, ours_pps = timed(lambda: CrossEncoderScorer(ce, args.device, torch.float32).score(pairs), len(pairs))
+        fast_scorer = (
+            CrossEncoderScorer(ce, args.device, torch.float32, quantize=True)
+            if args.fast_precision == "int8"
+            else CrossEncoderScorer(load_cross_encoder(args.model, args.device, args.max_length, num_labels=1), args.device,
+                                    torch.bfloat16 if args.fast_precision == "bf16" else torch.float16)
+        )
+        fast, fast_pps = timed(lambda: fast_scorer.score(pairs), len(pairs))
+        ce.model.float()
+        row = {
+            "pairs": len(pairs),
+            "mean_tokens": float(np.mean(lengths)),
+            "max_tokens": int(np.max(lengths)),
+            "predict_fp32_pairs_per_s": predict_pps,
+            "ours_fp32_pairs_per_s": ours_pps,
+            f"ours_{args.fast_precision}_pairs_per_s": fast_pps,
+            "ratio_fp32": ours_pps / predict_pps,
+            f"ratio_{args.fast_precision}": fast_pps / predict_pps,
+            "ours_fp32_matches_predict_max_abs": float(np.max(np.abs(ours32 - ref))),
+            f"fidelity_{args.fast_precision}": compare(ref, fast, grp),
+        }
+        if peaks:
+            per_pair = flops / len(pairs)
+            row["mfu_predict_fp32"] = predict_pps * per_pair / 1e9 / peaks["fp32"]
+            row["mfu_ours_fp32"] = ours_pps * per_pair / 1e9 / peaks["fp32"]
+            row[f"mfu_ours_{args.fast_precision}"] = fast_pps * per_pair / 1e9 / peaks[args.fast_precision]
+        results["sets"][name] = row
+        print(json.dumps({name: row}, indent=1))
+
+    out = Path(args.results)
+    write_json(out.with_suffix(".json"), results)
+    fp = args.fast_precision
+    lines = [
+        f"`make bench-score` on {results['machine']['cpu']}, {results['machine']['threads']} threads, torch {torch.__version__}; "
+        f"measured matmul peak: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items()) + ".",
+        "",
+        f"| pairs | mean tokens | predict fp32 pairs/s | ours fp32 | ours {fp} | ratio fp32 | ratio {fp} | MFU predict / ours fp32 / ours {fp} | {fp} Spearman scores / margins | {fp} max abs diff scores / margins |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---|---|",
+    ]
+    for name, r in results["sets"].items():
+        f = r[f"fidelity_{fp}"]
+        mfu = " / ".join(f"{r.get(k, float('nan')):.0%}" for k in ("mfu_predict_fp32", "mfu_ours_fp32", f"mfu_ours_{fp}"))
+        lines.append(
+            f"| {name} ({r['pairs']}) | {r['mean_tokens']:.0f} | {r['predict_fp32_pairs_per_s']:.1f} | {r['ours_fp32_pairs_per_s']:.1f} | "
+            f"{r[f'ours_{fp}_pairs_per_s']:.1f} | {r['ratio_fp32']:.2f}x | {r[f'ratio_{fp}']:.2f}x | {mfu} | "
+            f"{f['scores']['spearman']:.5f} / {f['margins']['spearman']:.5f} | {f['scores']['max_abs_diff']:.4f} / {f['margins']['max_abs_diff']:.4f} |"
+        )
+    with atomic_file(out.with_suffix(".md")) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

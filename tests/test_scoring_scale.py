@@ -1,0 +1,159 @@
+"""Teacher scoring at scale: shards survive a SIGKILL, and no pair reaches the teacher twice."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import luigi
+import pytest
+
+import tasks
+from pipeline.artifacts import read_json
+from pipeline.data import read_dataset
+from pipeline.scoring import read_scores
+from tests.conftest import REPO, write_beir
+
+
+def _score_params(dataset, tiny_models, out, **over):
+    p = dict(
+        dataset=str(dataset), output_dir=str(out), embedder=tiny_models["embedder"], teacher=tiny_models["teacher"],
+        num_negatives=3, max_length=64, teacher_max_length=64, rerank_top_k=10, device="cpu", score_shards=4,
+    )
+    p.update(over)
+    return p
+
+
+def _cli(params: dict) -> list[str]:
+    args = [sys.executable, "-m", "luigi", "--module", "tasks", "ScoreWithTeacher", "--local-scheduler"]
+    for k, v in params.items():
+        args += [f"--{k.replace('_', '-')}", str(v)]
+    return args
+
+
+def _rows(path):
+    t, meta = read_scores(path)
+    d = t.to_pydict()
+    return list(zip(d["query_id"], d["doc_id"], d["score"])), meta
+
+
+def test_sigkill_mid_shard_then_rerun_gives_the_uninterrupted_scores(small_beir, tiny_models, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # Small token batches make many batches, so the kill lands inside a shard; both runs batch
+    # alike, since padding a pair differently moves its score in the last bits.
+    reference = _score_params(small_beir, tiny_models, tmp_path / "reference", score_batch_tokens=256)
+    subprocess.run(_cli(reference), cwd=REPO, env=env, check=True, capture_output=True)
+
+    killed = _score_params(small_beir, tiny_models, tmp_path / "killed", score_batch_tokens=256)
+    slow = {**env, "DISTILL_TEST_BATCH_DELAY": "0.25"}
+    proc = subprocess.Popen(_cli(killed), cwd=REPO, env=slow, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    shards = tmp_path / "killed" / "scores"
+    deadline = time.time() + 90
+    while time.time() < deadline and not list(shards.glob("*/shards/shard-*.arrow")):
+        time.sleep(0.05)
+    time.sleep(0.6)  # into the next shard
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = sorted(p.name for p in shards.glob("*/shards/shard-*.arrow"))
+    assert 1 <= len(done_before) < 4, done_before
+    for p in shards.glob("*/shards/shard-*.arrow"):  # whatever is under a final name is complete
+        read_scores(p)
+    stamps = {p.name: p.stat().st_mtime_ns for p in shards.glob("*/shards/shard-*.arrow")}
+
+    subprocess.run(_cli(killed), cwd=REPO, env=env, check=True, capture_output=True)
+    for p in shards.glob("*/shards/shard-*.arrow"):
+        if p.name in stamps:
+            assert p.stat().st_mtime_ns == stamps[p.name], f"{p.name} was scored again"
+    [ref_path] = (tmp_path / "reference" / "scores").glob("*/scores.arrow")
+    [got_path] = shards.glob("*/scores.arrow")
+    ref_rows, ref_meta = _rows(ref_path)
+    got_rows, got_meta = _rows(got_path)
+    assert got_rows == ref_rows
+    assert got_meta == ref_meta
+    assert not [p for p in shards.rglob("*") if p.name.startswith(".")], "temporary files left behind"
+
+
+def test_new_queries_only_send_new_pairs_to_the_teacher(small_beir, tiny_models, tmp_path):
+    ds = read_dataset(small_beir)
+    train = [(q, d, s) for q, d, s, sp in ds.qrels if sp == "train"]
+    other = {sp: [(q, d, s) for q, d, s, x in ds.qrels if x == sp] for sp in ("dev", "test")}
+    base_train, new_train = train[:36], train[36:40]  # 4 new queries: 10% more
+    first = write_beir(tmp_path / "day1", ds.queries, ds.corpus, {"train": base_train, **other})
+    second = write_beir(tmp_path / "day2", ds.queries, ds.corpus, {"train": base_train + new_train, **other})
+    out = tmp_path / "out"
+
+    def score(dataset):
+        task = tasks.ScoreWithTeacher(**_score_params(dataset, tiny_models, out))
+        assert luigi.build([task], local_scheduler=True, log_level="WARNING")
+        return task, read_json(task.artifact() / "stats.json")
+
+    task1, day1 = score(first)
+    assert day1["pairs_from_cache"] == 0 and day1["pairs_scored"] == day1["pairs"]
+    task2, day2 = score(second)
+    new_pairs = {(q, d) for q, d, _ in _rows(task2.output().path)[0] if q in {x[0] for x in new_train}}
+    assert day2["pairs_scored"] == len(new_pairs) > 0
+    assert day2["pairs_from_cache"] == day1["pairs"]
+    # Cached scores are the scores: the old queries' rows are identical across days.
+    old1 = {(q, d): s for q, d, s in _rows(task1.output().path)[0]}
+    for q, d, s in _rows(task2.output().path)[0]:
+        if (q, d) in old1:
+            assert s == old1[(q, d)]
+
+
+def test_join_refuses_a_pair_in_two_shards(tmp_path):
+    from pipeline.errors import PipelineError
+    from pipeline.mining import GROUPS_SCHEMA, write_table
+    from pipeline.scoring import join_shards, write_scores
+    import pyarrow as pa
+
+    mined = tmp_path / "mined"
+    write_table(pa.table({"query_id": ["q"], "positive_ids": [["p"]], "positive_scores": [[1.0]],
+                          "negative_ids": [["n"]], "negative_scores": [[0.5]], "negative_ranks": [[0]]},
+                         schema=GROUPS_SCHEMA), mined / "groups.parquet")
+    write_scores(tmp_path / "a.arrow", ["q", "q"], ["p", "n"], [1.0, 0.0], {"teacher": "t"})
+    write_scores(tmp_path / "b.arrow", ["q"], ["n"], [0.0], {"teacher": "t"})
+    with pytest.raises(PipelineError, match="also in another shard"):
+        join_shards(mined, [tmp_path / "a.arrow", tmp_path / "b.arrow"], tmp_path / "out.arrow")
+    write_scores(tmp_path / "c.arrow", ["q"], ["p"], [1.0], {"teacher": "t"})
+    with pytest.raises(PipelineError, match="first missing"):
+        join_shards(mined, [tmp_path / "c.arrow"], tmp_path / "out.arrow")
+    assert join_shards(mined, [tmp_path / "a.arrow"], tmp_path / "out.arrow")["pairs"] == 2
+
+
+def test_fidelity_compare_on_known_values():
+    import numpy as np
+
+    from pipeline.fidelity import compare
+
+    ref = np.array([3.0, 1.0, 0.0, 2.0, 1.5])
+    other = ref + np.array([0.0, 0.1, 0.0, 0.0, -0.2])  # [3, 1.1, 0, 2, 1.3]: same order
+    r = compare(ref, other, ["a", "a", "a", "b", "b"])
+    # margins: a: 3-1=2, 3-0=3; b: 2-1.5=0.5  ->  other: 1.9, 3.0; 0.7
+    assert r["margins"]["max_abs_diff"] == pytest.approx(0.2)
+    assert r["scores"]["max_abs_diff"] == pytest.approx(0.2)
+    assert r["scores"]["spearman"] == pytest.approx(1.0)
+
+
+def test_int8_scoring_quantizes_linear_layers_and_is_cpu_only(tiny_models):
+    import numpy as np
+    import torch
+
+    from pipeline.errors import PipelineError
+    from pipeline.scoring import TeacherSpec, load_teacher
+
+    spec = TeacherSpec.parse(tiny_models["teacher"])
+    pairs = [("query words", f"passage number {i} " * (i % 5 + 1)) for i in range(24)]
+    qids = ["q"] * 24
+    int8 = load_teacher(spec, "cpu", "int8", 64)
+    assert int8.identity[0]["precision"] == "int8-dynamic"
+    linears = [type(m) for m in int8.scorers[0].hf.modules() if type(m).__name__ == "Linear"]
+    assert linears and torch.nn.Linear not in linears
+    assert all(t.__module__.startswith("torch.ao.nn.quantized") for t in linears)
+    scores = int8.score(pairs, qids)
+    assert scores.shape == (24,) and np.isfinite(scores).all()
+    with pytest.raises(PipelineError, match="CPU only"):
+        load_teacher(spec, "cuda", "int8", 64)
