@@ -34,9 +34,9 @@ clean:
 
 # Benchmarks (not part of `make test`): each writes benchmarks/results/<name>.{json,md}.
 bench-losses: install
-	$(PY) benchmarks/losses.py --output-dir $(OUT)
+	$(PY) benchmarks/bench_losses.py --output-dir $(OUT)
 
 bench-score: install
-	$(PY) benchmarks/score.py
+	$(PY) benchmarks/bench_score.py
 
 bench: bench-score bench-losses

@@ -6,6 +6,7 @@ unless the caller passes it explicitly.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -45,16 +46,28 @@ def resolve_precision(precision: str, device: str) -> torch.dtype:
 
 
 def model_identity(ref: str) -> str:
-    """Cheap identity for fingerprints: a local folder's file names, sizes and mtimes, or the hub id."""
-    path = Path(ref)
+    """Identity for fingerprints: the content hash of a local folder (so a copied or moved model
+    keeps its artifacts and a model retrained in place does not), or the hub id."""
+    path = Path(strip_kind(ref)).resolve()
     if path.is_dir():
-        h = hashlib.sha256()
-        for p in sorted(path.rglob("*")):
-            if p.is_file():
-                st = p.stat()
-                h.update(f"{p.relative_to(path)}:{st.st_size}:{st.st_mtime_ns}".encode())
-        return f"{path.resolve()}@{h.hexdigest()[:12]}"
+        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+        signature = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+        return f"local@{_folder_hash(str(path), signature)}"
     return ref
+
+
+@functools.lru_cache(maxsize=64)
+def _folder_hash(folder: str, signature: tuple) -> str:
+    """sha256 over relative names and bytes; memoised per process while the files stay unchanged."""
+    from pipeline.artifacts import hash_files
+
+    root = Path(folder)
+    h = hashlib.sha256()
+    for name, _, _ in signature:
+        p = Path(name)
+        h.update(str(p.relative_to(root)).encode())
+        h.update(hash_files([p]).encode())
+    return h.hexdigest()[:16]
 
 
 def weights_hash(model: nn.Module) -> str:

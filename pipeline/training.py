@@ -81,7 +81,9 @@ def train_student(
     if use_bf16 and device.startswith("cuda") and not torch.cuda.is_bf16_supported():
         raise PipelineError("--train-precision bf16: this GPU does not support bf16")
     evaluator = None
-    if dev_samples:
+    if dev_samples and num_labels != 1:
+        log.warning("no dev reranking evaluation during training: the evaluator needs a one-output model")
+    elif dev_samples:
         evaluator = CrossEncoderRerankingEvaluator(dev_samples, at_k=10, name="dev", batch_size=64, write_csv=False)
     steps_per_epoch = max(1, -(-len(train_dataset) // batch_size))
     args = CrossEncoderTrainingArguments(

@@ -14,7 +14,7 @@ import torch
 assert torch.cuda.is_available(), "no CUDA device"
 print("device:", torch.cuda.get_device_name(0), "| bf16:", torch.cuda.is_bf16_supported(), "| GPUs:", torch.cuda.device_count())
 PY
-timeout 150 "$PY" benchmarks/score.py --device cuda --fast-precision bf16 --pairs 4096 --results "$OUT/score"
+timeout 150 "$PY" benchmarks/bench_score.py --device cuda --fast-precision bf16 --pairs 4096 --results "$OUT/score"
 timeout 150 "$PY" -m luigi --module tasks TrainStudent --local-scheduler --output-dir "$OUT/run" --device cuda \
     --max-train-queries 600 --max-eval-queries 150 --score-precision bf16 --train-precision bf16
 "$PY" -c "import json; m=json.load(open('$OUT/run/metrics.json')); print(json.dumps(m['test'], indent=1)); print(json.dumps(m['timings'], indent=1))"

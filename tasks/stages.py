@@ -293,11 +293,15 @@ class EvaluateStudent(EvalParams, Stage):
     stage_dir = "eval"
 
     def requires(self):
-        return {
+        req = {
             "data": self.clone(PrepareData),
             "mined": self.clone(MineHardNegatives),
             "student": self.clone(FitStudent),
         }
+        if _needs_fine_tuned(self.teacher):
+            # The student's loss may not need teacher scores, but the evaluation compares against the teacher.
+            req["teacher"] = self.clone(FineTuneTeacher)
+        return req
 
     @functools.cached_property
     def fp(self) -> str:

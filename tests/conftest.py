@@ -111,3 +111,18 @@ def small_beir(tmp_path_factory) -> Path:
     docs |= set(list(ds.corpus)[:60])
     queries = {q: ds.queries[q] for rows in qrels.values() for q, _, _ in rows}
     return write_beir(tmp_path_factory.mktemp("beir") / "small", queries, {d: ds.corpus[d] for d in docs}, qrels)
+
+
+def dag_params(dataset, tiny_models: dict, out, task_cls=None, **over) -> dict:
+    """Parameters of a tiny, fast DAG run; only those ``task_cls`` takes when it is given."""
+    p = dict(
+        dataset=str(dataset), output_dir=str(out), embedder=tiny_models["embedder"],
+        teacher=tiny_models["teacher"], student=tiny_models["student"], student_layers=2,
+        num_negatives=3, epochs=1.0, batch_size=8, max_length=64, teacher_max_length=64, rerank_top_k=10,
+        device="cpu", max_dev_queries=4,
+    )
+    p.update(over)
+    if task_cls is not None:
+        names = set(task_cls.get_param_names())
+        p = {k: v for k, v in p.items() if k in names}
+    return p

@@ -17,6 +17,7 @@ from pipeline.labels import build_labels
 from pipeline.models import cut_student
 from pipeline.scoring import read_scores
 from pipeline.training import _with_num_labels, train_student
+from tests.conftest import dag_params
 
 SEED = 12
 OPTIONS = {
@@ -26,23 +27,10 @@ OPTIONS = {
 }
 
 
-def _params(small_beir, tiny_models, out, **over):
-    p = dict(
-        dataset=str(small_beir), output_dir=str(out), embedder=tiny_models["embedder"],
-        teacher=tiny_models["teacher"], student=tiny_models["student"], student_layers=2,
-        num_negatives=3, max_length=64, teacher_max_length=64, rerank_top_k=10, device="cpu",
-        max_dev_queries=0,
-    )
-    p.update(over)
-    return p
-
-
 @pytest.fixture(scope="module")
 def scored(small_beir, tiny_models, tmp_path_factory):
     out = tmp_path_factory.mktemp("losses")
-    score = tasks.ScoreWithTeacher(
-        **{k: v for k, v in _params(small_beir, tiny_models, out).items() if k in tasks.ScoreWithTeacher.get_param_names()}
-    )
+    score = tasks.ScoreWithTeacher(**dag_params(small_beir, tiny_models, out, tasks.ScoreWithTeacher))
     assert luigi.build([score], local_scheduler=True, log_level="WARNING")
     return {
         "data": score.clone(tasks.PrepareData).output().path,
@@ -109,9 +97,8 @@ def test_loss_trains_from_pipeline_data(name, scored, tiny_models, tmp_path):
 
 
 def test_custom_loss_class_reaches_the_model_card(small_beir, tiny_models, tmp_path):
-    p = _params(small_beir, tiny_models, tmp_path, loss="tests.custom_loss:ScaledMarginMSELoss",
-                loss_kwargs=json.dumps({"scale": 0.25}), epochs=1.0, batch_size=8)
-    fit = tasks.FitStudent(**{k: v for k, v in p.items() if k in tasks.FitStudent.get_param_names()})
+    fit = tasks.FitStudent(**dag_params(small_beir, tiny_models, tmp_path, tasks.FitStudent, max_dev_queries=0,
+                                        loss="tests.custom_loss:ScaledMarginMSELoss", loss_kwargs=json.dumps({"scale": 0.25})))
     assert luigi.build([fit], local_scheduler=True, log_level="WARNING")
     card = (fit.artifact() / "README.md").read_text()
     assert "ScaledMarginMSELoss" in card

@@ -12,17 +12,7 @@ import pytest
 
 import tasks
 from pipeline.artifacts import read_json
-
-
-def _params(small_beir, tiny_models, out, **over):
-    p = dict(
-        dataset=str(small_beir), output_dir=str(out), embedder=tiny_models["embedder"],
-        teacher=tiny_models["teacher"], student=tiny_models["student"], student_layers=2,
-        num_negatives=3, epochs=1.0, batch_size=8, max_length=64, teacher_max_length=64, rerank_top_k=10,
-        device="cpu", max_dev_queries=4,
-    )
-    p.update(over)
-    return p
+from tests.conftest import dag_params as _params
 
 
 def _build(task) -> bool:
@@ -134,3 +124,11 @@ def test_dataset_without_training_pairs_says_so(tiny_models, tmp_path):
     prepare_data(ds, tmp_path / "norm")
     with pytest.raises(PipelineError, match="no judged training pairs"):
         mine_hard_negatives(tmp_path / "norm", tmp_path / "mined", tiny_models["embedder"], tmp_path / "cache")
+
+
+def test_evaluation_requires_the_fine_tuned_teacher_even_for_losses_without_teacher_scores(small_beir, tiny_models, tmp_path):
+    p = _params(small_beir, tiny_models, tmp_path, teacher="", teacher_backbone=tiny_models["teacher"],
+                loss="BinaryCrossEntropyLoss")
+    ev = tasks.EvaluateStudent(**{k: v for k, v in p.items() if k in tasks.EvaluateStudent.get_param_names()})
+    assert "scores" not in ev.clone(tasks.BuildLabels).requires()
+    assert isinstance(ev.requires()["teacher"], tasks.FineTuneTeacher)

@@ -16,16 +16,11 @@ import tasks
 from pipeline.artifacts import read_json
 from pipeline.data import read_dataset
 from pipeline.scoring import read_scores
-from tests.conftest import REPO, write_beir
+from tests.conftest import REPO, dag_params, write_beir
 
 
 def _score_params(dataset, tiny_models, out, **over):
-    p = dict(
-        dataset=str(dataset), output_dir=str(out), embedder=tiny_models["embedder"], teacher=tiny_models["teacher"],
-        num_negatives=3, max_length=64, teacher_max_length=64, rerank_top_k=10, device="cpu", score_shards=4,
-    )
-    p.update(over)
-    return p
+    return dag_params(dataset, tiny_models, out, tasks.ScoreWithTeacher, **{"score_shards": 4, **over})
 
 
 def _cli(params: dict) -> list[str]:

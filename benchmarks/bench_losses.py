@@ -31,7 +31,7 @@ def main() -> None:
     ap.add_argument("--results", default="benchmarks/results/losses")
     args = ap.parse_args()
 
-    rows = []
+    rows, reference = [], {}
     for name in args.losses.split(","):
         base = tasks.TrainStudent(output_dir=args.output_dir, loss=name)
         spec = LOSS_TABLE[name]
@@ -61,10 +61,15 @@ def main() -> None:
                 "wall_seconds": round(wall, 1),
             }
         )
-        print(json.dumps(rows[-1]))
+        print(json.dumps(rows[-1]), flush=True)
         reference = {k: m["test"][k] for k in ("retriever", "teacher", "student_untrained")}
 
     out = Path(args.results)
+    if out.with_suffix(".json").exists():  # a rerun of some losses updates their rows, keeps the others
+        done = {r["loss"] for r in rows}
+        previous = read_json(out.with_suffix(".json"))
+        rows += [r for r in previous["rows"] if r["loss"] not in done]
+        reference = reference or previous.get("reference", {})
     meta = {"machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, {_cores()} cores", "output_dir": args.output_dir}
     write_json(out.with_suffix(".json"), {"meta": meta, "reference": reference, "rows": rows})
     lines = [
