@@ -29,10 +29,13 @@ def main() -> None:
     ap.add_argument("--output-dir", default="runs/demo")
     ap.add_argument("--losses", default=",".join(LOSS_TABLE))
     ap.add_argument("--results", default="benchmarks/results/losses")
+    ap.add_argument("--table-only", action="store_true", help="tabulate the evaluations already in --output-dir")
     args = ap.parse_args()
 
     rows, reference = [], {}
-    for name in args.losses.split(","):
+    if args.table_only:
+        rows, reference = collect(Path(args.output_dir), args.losses.split(","))
+    for name in [] if args.table_only else args.losses.split(","):
         base = tasks.TrainStudent(output_dir=args.output_dir, loss=name)
         spec = LOSS_TABLE[name]
         if spec.format in PAIR_FORMATS:
@@ -88,6 +91,31 @@ def main() -> None:
     with atomic_file(out.with_suffix(".md")) as tmp:
         tmp.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def collect(output_dir: Path, names: list[str]) -> tuple[list[dict], dict]:
+    """Rows from the newest evaluation of each loss under ``output_dir``/eval (for interrupted runs)."""
+    newest: dict[str, tuple[float, dict]] = {}
+    for path in output_dir.glob("eval/*/metrics.json"):
+        m = read_json(path)
+        name = m["params"]["loss"]
+        if name in names and path.stat().st_mtime > newest.get(name, (0, None))[0]:
+            newest[name] = (path.stat().st_mtime, m)
+    rows, reference = [], {}
+    for name in names:
+        if name not in newest:
+            rows.append({"loss": name, "format": LOSS_TABLE[name].format, "error": "not measured"})
+            continue
+        m = newest[name][1]
+        fit = m["stages"]["FitStudent"]
+        rows.append({
+            "loss": name, "format": LOSS_TABLE[name].format, "ndcg@10": m["test"]["student"]["ndcg@10"],
+            "mrr@10": m["test"]["student"]["mrr@10"], "map": m["test"]["student"]["map"],
+            "seconds_per_epoch": fit["seconds"] / max(fit["epochs"], 1e-9), "train_rows": fit["rows"],
+            "batch_size": m["params"]["batch_size"],
+        })
+        reference = {k: m["test"][k] for k in ("retriever", "teacher", "student_untrained")}
+    return rows, reference
 
 
 def _cores() -> int:
