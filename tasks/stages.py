@@ -12,7 +12,7 @@ import luigi
 from losses.factory import resolve_loss
 from pipeline import data, evaluation, labels, mining, scoring, teacher, training
 from pipeline.artifacts import fingerprint, point_link, read_json, write_json
-from pipeline.models import model_identity, resolve_device
+from pipeline.models import PRECISIONS, model_identity, resolve_device, resolve_precision
 from tasks.params import DataParams, EvalParams, LabelParams, MineParams, TeacherParams, TrainParams
 
 FINE_TUNED = "fine-tuned"
@@ -150,11 +150,11 @@ def _teacher_identity(task: TeacherParams) -> list:
 
 
 def _train_precision(device: str, choice: str) -> str:
+    """The trainer's precision name; 'auto' follows the same rule as scoring (resolve_precision)."""
     if choice != "auto":
         return choice
-    import torch
-
-    return "bf16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "fp32"
+    dtype = resolve_precision("auto", device)
+    return next(name for name, d in PRECISIONS.items() if d == dtype)
 
 
 def _scores_fp(task: TeacherParams) -> str:
