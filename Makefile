@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install run test clean bench bench-losses bench-score
+.PHONY: install run test clean bench bench-losses bench-score bench-mine
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,4 +39,7 @@ bench-losses: install
 bench-score: install
 	$(PY) benchmarks/bench_score.py
 
-bench: bench-score bench-losses
+bench-mine: install
+	$(PY) benchmarks/bench_mine.py
+
+bench: bench-score bench-mine bench-losses

@@ -131,7 +131,7 @@ def evaluate_student(
     from pipeline.artifacts import atomic_dir, write_json
     from pipeline.data import load_normalized
     from pipeline.models import cut_student, load_bi_encoder, load_cross_encoder, resolve_precision
-    from pipeline.report import plot_quality_speed, plot_scores, write_report
+    from pipeline.report import plot_mining, plot_quality_speed, plot_scores, write_report
     from pipeline.scoring import BiEncoderScorer, CrossEncoderScorer, TeacherSpec, load_teacher
 
     ds = load_normalized(data_dir)
@@ -171,11 +171,15 @@ def evaluate_student(
         "stages": stages,
         "timings": timings,
     }
+    plots = {"scatter": "teacher_vs_student.png", "quality_speed": "quality_vs_speed.png"}
     with atomic_dir(out_dir) as tmp:
-        plot_scores(rankers["teacher"][0], rankers["student"][0], tmp / "teacher_vs_student.png")
-        plot_quality_speed(test, tmp / "quality_vs_speed.png")
+        plot_scores(rankers["teacher"][0], rankers["student"][0], tmp / plots["scatter"])
+        plot_quality_speed(test, tmp / plots["quality_speed"])
+        if (Path(mined_dir) / "groups.parquet").exists():
+            plots["mining"] = "mined_negatives.png"
+            plot_mining(pq.read_table(Path(mined_dir) / "groups.parquet"), tmp / plots["mining"])
         write_json(tmp / "metrics.json", metrics)
-        write_report(tmp / "report.md", metrics, lines, {"scatter": "teacher_vs_student.png", "quality_speed": "quality_vs_speed.png"})
+        write_report(tmp / "report.md", metrics, lines, plots)
     return metrics
 
 

@@ -10,6 +10,10 @@ One group (query, positives, negatives) becomes, per format:
 query into [0, 1] (LambdaLoss reads labels as gains 2^label - 1, which negative logits would break).
 Rows with fewer than ``num_negatives`` mined negatives are dropped from n-tuple formats
 (their column count must be fixed) and counted.
+
+Before that, ``false_negatives`` can drop, or relabel as positives, the mined negatives that the
+teacher scores within a margin of (or above) the query's lowest-scored positive: the best known
+flaw of mined negatives is that many are unjudged relevant passages.
 """
 
 from __future__ import annotations
@@ -27,6 +31,34 @@ from pipeline.errors import PipelineError
 def score_lookup(scores: pa.Table) -> dict[tuple[str, str], float]:
     d = scores.to_pydict()
     return dict(zip(zip(d["query_id"], d["doc_id"]), d["score"]))
+
+
+def false_negatives(
+    groups: pa.Table, teacher: dict[tuple[str, str], float], margin: float = 0.0, action: str = "drop"
+) -> tuple[pa.Table, dict]:
+    """Groups with suspected false negatives dropped or moved to the positives, and their counts.
+
+    A negative is suspect when its teacher score >= (lowest positive teacher score) - ``margin``.
+    ``action`` is ``keep`` (count only), ``drop`` or ``relabel``.
+    """
+    if action not in ("keep", "drop", "relabel"):
+        raise PipelineError(f"unknown false-negative action '{action}' (choose keep, drop or relabel)")
+    g = groups.to_pydict()
+    found = queries_hit = 0
+    for i, qid in enumerate(g["query_id"]):
+        floor = min(teacher[(qid, p)] for p in g["positive_ids"][i]) - margin
+        suspect = [j for j, d in enumerate(g["negative_ids"][i]) if teacher[(qid, d)] >= floor]
+        found += len(suspect)
+        queries_hit += bool(suspect)
+        if not suspect or action == "keep":
+            continue
+        if action == "relabel":
+            g["positive_ids"][i] = g["positive_ids"][i] + [g["negative_ids"][i][j] for j in suspect]
+            g["positive_scores"][i] = g["positive_scores"][i] + [g["negative_scores"][i][j] for j in suspect]
+        for col in ("negative_ids", "negative_scores", "negative_ranks"):
+            g[col][i] = [x for j, x in enumerate(g[col][i]) if j not in suspect]
+    stats = {"action": action, "margin": margin, "suspected": found, "queries_with_suspects": queries_hit}
+    return pa.table(g, schema=groups.schema), stats
 
 
 def build_rows(
@@ -138,6 +170,8 @@ def build_labels(
     fmt: str,
     num_negatives: int | None = None,
     label_scale: float = 1.0,
+    false_negative_action: str = "keep",
+    false_negative_margin: float = 0.0,
 ) -> dict:
     """Stage entry: training rows in ``fmt`` saved as a ``datasets`` folder (atomically)."""
     from pathlib import Path
@@ -152,7 +186,14 @@ def build_labels(
     groups = pq.read_table(Path(mined_dir) / "groups.parquet")
     teacher = score_lookup(read_scores(scores_path)[0]) if scores_path else None
     grades = ds.relevant("train")
+    filter_stats = None
+    if teacher is not None:
+        groups, filter_stats = false_negatives(groups, teacher, false_negative_margin, false_negative_action)
+    elif false_negative_action != "keep":
+        raise PipelineError(f"--false-negatives {false_negative_action} needs teacher scores")
     cols, stats = build_rows(fmt, groups, teacher, ds.queries, ds.passage, grades, num_negatives, label_scale)
+    if filter_stats:
+        stats["false_negatives"] = filter_stats
     with atomic_dir(out_dir) as tmp:
         to_dataset(cols).save_to_disk(str(tmp / "dataset"))
         write_json(tmp / "stats.json", stats)

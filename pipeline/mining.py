@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -61,7 +63,11 @@ class EmbeddingCache:
         return hashlib.sha1(text.encode()).hexdigest()
 
     def get(self, texts: list[str], encode) -> np.ndarray:
-        """Embeddings for ``texts``; ``encode(list_of_texts) -> ndarray`` runs only on the missing ones."""
+        """Embeddings for ``texts``; ``encode(list_of_texts) -> ndarray`` runs only on the missing ones.
+
+        When the texts sit in the cache in the same order (a rerun on the same corpus), the result is
+        a read-only memory map rather than a copy, so a large corpus never has to fit in memory twice.
+        """
         keys = [self.key(t) for t in texts]
         missing = list(dict.fromkeys(k for k in keys if k not in self.keys))
         if missing:
@@ -69,7 +75,10 @@ class EmbeddingCache:
             vectors = np.asarray(encode([first[k] for k in missing]), dtype=np.float32)
             self._append(missing, vectors)
         matrix = self._matrix()
-        return np.asarray(matrix[[self.keys[k] for k in keys]])
+        rows = np.fromiter((self.keys[k] for k in keys), np.int64, len(keys))
+        if len(rows) and rows[-1] - rows[0] == len(rows) - 1 and bool(np.all(np.diff(rows) == 1)):
+            return matrix[rows[0] : rows[-1] + 1]
+        return np.asarray(matrix[rows])
 
     def _matrix(self) -> np.ndarray:
         n = len(self.keys)
@@ -125,21 +134,43 @@ def encode_texts(model, texts: list[str], batch_size: int = 64, show_progress: b
     ).astype(np.float32)
 
 
-def build_index(vectors: np.ndarray, factory: str = "Flat", train_sample: int = 100_000, nprobe: int = 16):
-    """A FAISS inner-product index over ``vectors`` (``factory`` is any faiss.index_factory string)."""
+def build_index(
+    vectors: np.ndarray,
+    factory: str = "Flat",
+    train_sample: int = 100_000,
+    nprobe: int = 16,
+    ef_search: int = 128,
+    use_gpu: bool = False,
+    add_batch: int = 65_536,
+    seed: int = 0,
+):
+    """A FAISS inner-product index over ``vectors`` (``factory`` is any faiss.index_factory string).
+
+    Indexes that need training (IVF, PQ) train on a random sample of at most ``train_sample``
+    vectors; vectors are added in batches, so a memory-mapped matrix is never copied whole.
+    ``use_gpu`` moves the index to every GPU when the installed faiss has GPU support.
+    """
     import faiss
 
     dim = vectors.shape[1]
     index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     if not index.is_trained:
-        rng = np.random.default_rng(0)
-        sample = vectors[rng.choice(len(vectors), min(train_sample, len(vectors)), replace=False)]
-        index.train(sample)
-    index.add(vectors)
-    try:
-        faiss.ParameterSpace().set_index_parameter(index, "nprobe", nprobe)
-    except RuntimeError:
-        pass  # index type without nprobe
+        rng = np.random.default_rng(seed)
+        rows = np.sort(rng.choice(len(vectors), min(train_sample, len(vectors)), replace=False))
+        index.train(np.ascontiguousarray(vectors[rows], dtype=np.float32))
+    if use_gpu and getattr(faiss, "get_num_gpus", lambda: 0)() > 0:
+        try:
+            index = faiss.index_cpu_to_all_gpus(index)
+        except RuntimeError as e:  # e.g. HNSW, which faiss cannot move to a GPU
+            log.warning("FAISS index %s stays on the CPU: %s", factory, e)
+    for s in range(0, len(vectors), add_batch):
+        index.add(np.ascontiguousarray(vectors[s : s + add_batch], dtype=np.float32))
+    space = faiss.GpuParameterSpace() if "Gpu" in type(index).__name__ else faiss.ParameterSpace()
+    for name, value in (("nprobe", nprobe), ("efSearch", ef_search), ("quantizer_efSearch", ef_search)):
+        try:
+            space.set_index_parameter(index, name, value)
+        except RuntimeError:
+            pass  # this index type has no such parameter
     return index
 
 
@@ -153,6 +184,33 @@ def search(index, queries: np.ndarray, k: int, batch: int = 4096) -> tuple[np.nd
     return scores, ids
 
 
+@dataclass(frozen=True)
+class NegativeFilter:
+    """sentence-transformers' mining filters; a candidate failing one is never a negative.
+
+    ``absolute_margin``: drop if score + margin > the positive's score; ``relative_margin``: drop if
+    score > positive - |positive| * margin; ``max_score`` / ``min_score``: drop above / below.
+    With several positives the lowest-scored one is the reference, as in
+    ``sentence_transformers.util.mine_hard_negatives``.
+    """
+
+    absolute_margin: float | None = None
+    relative_margin: float | None = None
+    max_score: float | None = None
+    min_score: float | None = None
+
+    def rejects(self, score: float, positive: float) -> str | None:
+        if self.absolute_margin is not None and score + self.absolute_margin > positive:
+            return "absolute_margin"
+        if self.relative_margin is not None and score > positive - abs(positive) * self.relative_margin:
+            return "relative_margin"
+        if self.max_score is not None and score > self.max_score:
+            return "max_score"
+        if self.min_score is not None and score < self.min_score:
+            return "min_score"
+        return None
+
+
 def select_negatives(
     ranked_ids: list[str],
     ranked_scores: list[float],
@@ -162,14 +220,26 @@ def select_negatives(
     range_max: int | None = None,
     sampling: str = "top",
     rng: random.Random | None = None,
+    positive_score: float = float("inf"),
+    filters: NegativeFilter = NegativeFilter(),
+    skipped: Counter | None = None,
 ) -> tuple[list[str], list[float], list[int]]:
     """Pick negatives from one query's ranked list.
 
-    Ranks count non-positive documents only (0 = the best-scored non-positive), so ``range_min``
-    skips the top of the list, where unjudged relevant documents (false negatives) crowd.
+    Ranks count non-positive documents only (0 = the best-scored non-positive). Filtered
+    candidates are removed first, then ``range_min`` / ``range_max`` cut the survivors, as
+    sentence-transformers does; ``range_min`` skips the top of the list, where unjudged relevant
+    documents (false negatives) crowd. ``skipped`` counts the filtered candidates by reason.
     """
-    pool = [(d, s) for d, s in zip(ranked_ids, ranked_scores) if d not in positives]
-    pool = [(d, s, r) for r, (d, s) in enumerate(pool)][range_min:range_max]
+    pool = []
+    for rank, (d, s) in enumerate((d, s) for d, s in zip(ranked_ids, ranked_scores) if d not in positives):
+        reason = filters.rejects(s, positive_score)
+        if reason:
+            if skipped is not None:
+                skipped[reason] += 1
+            continue
+        pool.append((d, s, rank))
+    pool = pool[:range_max][range_min:]
     if sampling == "top":
         chosen = pool[:num_negatives]
     elif sampling == "random":
@@ -192,25 +262,48 @@ def mine(
     sampling: str = "top",
     index=None,
     seed: int = 12,
+    filters: NegativeFilter = NegativeFilter(),
+    random_share: float = 0.0,
+    skipped: Counter | None = None,
 ) -> pa.Table:
-    """Groups of (query, positives, mined negatives with retrieval scores and ranks)."""
+    """Groups of (query, positives, mined negatives with retrieval scores and ranks).
+
+    ``random_share`` of each query's ``num_negatives`` are drawn uniformly from the corpus instead
+    (easy negatives, rank -1); the rest are hard negatives from the ranked list.
+    """
+    if not 0.0 <= random_share <= 1.0:
+        raise PipelineError(f"random_share must be within [0, 1], got {random_share}")
+    n_random = round(num_negatives * random_share)
+    n_hard = num_negatives - n_random
     index = index if index is not None else build_index(doc_vecs)
     max_pos = max((len(p) for p in positives.values()), default=0)
     k = min(range_max + max_pos, len(doc_ids))
-    scores, ids = search(index, query_vecs, k)
+    scores, ids = search(index, query_vecs, k) if n_hard else (np.zeros((len(query_ids), 0)), np.zeros((len(query_ids), 0), int))
     doc_pos = {d: i for i, d in enumerate(doc_ids)}
     rng = random.Random(seed)
     rows = {name: [] for name in GROUPS_SCHEMA.names}
     for qi, qid in enumerate(query_ids):
         pos = positives[qid]
+        pos_ids = list(pos)
+        pos_scores = [float(query_vecs[qi] @ doc_vecs[doc_pos[p]]) for p in pos_ids]
         ranked = [doc_ids[j] for j in ids[qi] if j >= 0]
         neg_ids, neg_scores, neg_ranks = select_negatives(
-            ranked, scores[qi][: len(ranked)].tolist(), set(pos), num_negatives, range_min, range_max, sampling, rng
+            ranked, scores[qi][: len(ranked)].tolist(), set(pos), n_hard, range_min, range_max, sampling, rng,
+            min(pos_scores, default=float("inf")), filters, skipped,
         )
-        pos_ids = list(pos)
+        if n_random:
+            taken = set(pos) | set(neg_ids)
+            for _ in range(min(n_random, len(doc_ids) - len(taken))):
+                j = rng.randrange(len(doc_ids))
+                while doc_ids[j] in taken:
+                    j = rng.randrange(len(doc_ids))
+                taken.add(doc_ids[j])
+                neg_ids.append(doc_ids[j])
+                neg_scores.append(float(query_vecs[qi] @ doc_vecs[j]))
+                neg_ranks.append(-1)
         rows["query_id"].append(qid)
         rows["positive_ids"].append(pos_ids)
-        rows["positive_scores"].append([float(query_vecs[qi] @ doc_vecs[doc_pos[p]]) for p in pos_ids])
+        rows["positive_scores"].append(pos_scores)
         rows["negative_ids"].append(neg_ids)
         rows["negative_scores"].append(neg_scores)
         rows["negative_ranks"].append(neg_ranks)
@@ -259,6 +352,33 @@ def ds_source(data_dir) -> str:
         return str(data_dir)
 
 
+def mining_stats(groups: pa.Table, num_negatives: int, skipped: Counter) -> dict:
+    """What the report shows about the chosen negatives: counts, rank and score distributions."""
+    negs = groups.column("negative_ids").to_pylist()
+    ranks = np.asarray([r for rr in groups.column("negative_ranks").to_pylist() for r in rr], np.int64)
+    neg_scores = np.asarray([x for xx in groups.column("negative_scores").to_pylist() for x in xx], np.float64)
+    pos_scores = np.asarray([x for xx in groups.column("positive_scores").to_pylist() for x in xx], np.float64)
+    hard = ranks[ranks >= 0]
+
+    def quantiles(x: np.ndarray) -> dict:
+        if not len(x):
+            return {}
+        return {f"p{q}": round(float(np.percentile(x, q)), 4) for q in (5, 25, 50, 75, 95)}
+
+    return {
+        "negatives": int(len(ranks)),
+        "random_negatives": int((ranks < 0).sum()),
+        "queries_short_of_negatives": sum(1 for n in negs if len(n) < num_negatives),
+        "queries_without_negatives": sum(1 for n in negs if not n),
+        "mean_negative_rank": float(hard.mean()) if len(hard) else float("nan"),
+        "mean_negative_score": float(neg_scores.mean()) if len(neg_scores) else float("nan"),
+        "negative_rank_quantiles": quantiles(hard),
+        "negative_score_quantiles": quantiles(neg_scores),
+        "positive_score_quantiles": quantiles(pos_scores),
+        "filtered": dict(sorted(skipped.items())),
+    }
+
+
 def mine_hard_negatives(
     data_dir: str | Path,
     out_dir: str | Path,
@@ -274,6 +394,10 @@ def mine_hard_negatives(
     device: str = "cpu",
     max_length: int = 256,
     seed: int = 12,
+    filters: NegativeFilter = NegativeFilter(),
+    random_share: float = 0.0,
+    nprobe: int = 16,
+    ef_search: int = 128,
 ) -> dict:
     """Stage entry: groups for training queries and rerank candidates for dev/test queries."""
     import time
@@ -289,6 +413,8 @@ def mine_hard_negatives(
             f"{ds_source(data_dir)}: no judged training pairs (qrels/train.tsv is missing or has no score > 0); "
             "training queries need at least one positive each"
         )
+    if range_min < 0 or range_min >= range_max:
+        raise PipelineError(f"range_min must be within [0, range_max); got range_min={range_min}, range_max={range_max}")
     model = None
     calls = {"encode_calls": 0, "texts_embedded": 0}
 
@@ -303,23 +429,25 @@ def mine_hard_negatives(
     cache = EmbeddingCache(Path(cache_dir) / "embeddings" / fingerprint(model_identity(embedder), max_length))
     doc_ids = list(ds.corpus)
     doc_vecs = cache.get([ds.passage(d) for d in doc_ids], encode)
-    index = build_index(doc_vecs, faiss_index)
+    t_index = time.perf_counter()
+    index = build_index(doc_vecs, faiss_index, nprobe=nprobe, ef_search=ef_search, use_gpu=device.startswith("cuda"))
+    index_seconds = time.perf_counter() - t_index
 
     train = ds.relevant("train")
     train_ids = sorted(train, key=lambda q: hashlib.sha1(f"{seed}:{q}".encode()).hexdigest())
     if max_train_queries:
         train_ids = train_ids[:max_train_queries]
-    stats: dict = {"train_queries": len(train_ids)}
+    stats: dict = {"train_queries": len(train_ids), "corpus": len(doc_ids), "faiss_index": faiss_index}
     with atomic_dir(out_dir) as tmp:
         if train_ids:
             qv = cache.get([ds.queries[q] for q in train_ids], encode)
-            groups = mine(qv, train_ids, doc_vecs, doc_ids, train, num_negatives, range_min, range_max, sampling, index, seed)
+            skipped: Counter = Counter()
+            groups = mine(
+                qv, train_ids, doc_vecs, doc_ids, train, num_negatives, range_min, range_max, sampling, index, seed,
+                filters, random_share, skipped,
+            )
             write_table(groups, tmp / "groups.parquet")
-            negs = groups.column("negative_ids").to_pylist()
-            ranks = [r for rr in groups.column("negative_ranks").to_pylist() for r in rr]
-            stats["queries_short_of_negatives"] = sum(1 for n in negs if len(n) < num_negatives)
-            stats["mean_negative_rank"] = float(np.mean(ranks)) if ranks else float("nan")
-            stats["mean_negative_score"] = float(np.mean([s for ss in groups.column("negative_scores").to_pylist() for s in ss] or [np.nan]))
+            stats.update(mining_stats(groups, num_negatives, skipped))
         for split in ("dev", "test"):
             rel = ds.relevant(split)
             if not rel:
@@ -329,6 +457,7 @@ def mine_hard_negatives(
             write_table(rerank_candidates(qv, qids, doc_vecs, doc_ids, rel, rerank_top_k, index), tmp / f"candidates-{split}.parquet")
             stats[f"{split}_queries"] = len(qids)
         stats.update(calls)
+        stats["index_seconds"] = round(index_seconds, 2)
         stats["seconds"] = round(time.perf_counter() - t0, 2)
         write_json(tmp / "stats.json", stats)
     return stats

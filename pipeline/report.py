@@ -64,6 +64,33 @@ def plot_quality_speed(test: dict[str, dict[str, float]], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_mining(groups, path: Path) -> None:
+    """Two histograms of the chosen negatives: their retrieval ranks, and their scores against the positives'."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ranks = [r for rr in groups.column("negative_ranks").to_pylist() for r in rr if r >= 0]
+    neg = [x for xx in groups.column("negative_scores").to_pylist() for x in xx]
+    pos = [x for xx in groups.column("positive_scores").to_pylist() for x in xx]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
+    a.hist(ranks, bins=min(50, max(ranks, default=0) + 1))
+    a.set_xlabel("rank among non-positives (0 = hardest)")
+    a.set_ylabel("negatives")
+    a.set_title("Ranks of the mined negatives")
+    b.hist([pos, neg], bins=40, label=["positives", "negatives"], histtype="step")
+    b.set_xlabel("retriever score")
+    b.legend()
+    b.set_title("Retriever scores")
+    _save(fig, path)
+    plt.close(fig)
+
+
+def _quantiles(q: dict) -> str:
+    return ", ".join(f"{k} {v:g}" for k, v in q.items()) or "n/a"
+
+
 def write_report(path: str | Path, metrics: dict, verdict: list[str], plots: dict[str, str]) -> None:
     path = Path(path)
     p = metrics["params"]
@@ -98,17 +125,37 @@ def write_report(path: str | Path, metrics: dict, verdict: list[str], plots: dic
         ]
     if stages.get("MineHardNegatives"):
         s = stages["MineHardNegatives"]
+        filtered = ", ".join(f"{k} {v}" for k, v in s.get("filtered", {}).items()) or "none"
         parts += [
             "## Mining",
             "",
-            f"{s.get('train_queries', 0)} training queries; {s.get('queries_short_of_negatives', 0)} had fewer than "
-            f"{p.get('num_negatives')} negatives in range; mean negative rank {s.get('mean_negative_rank', float('nan')):.1f}.",
+            f"{s.get('train_queries', 0)} training queries over {s.get('corpus', '?')} passages "
+            f"(FAISS `{s.get('faiss_index', '?')}`); {s.get('texts_embedded', 0)} texts embedded, the rest from the cache.",
+            "",
+            "| | value |",
+            "|---|---|",
+            f"| negatives chosen | {s.get('negatives', 0)} ({s.get('random_negatives', 0)} random) |",
+            f"| queries short of {p.get('num_negatives')} negatives | {s.get('queries_short_of_negatives', 0)} |",
+            f"| queries without any negative | {s.get('queries_without_negatives', 0)} |",
+            f"| candidates removed by filters | {filtered} |",
+            f"| negative rank quantiles | {_quantiles(s.get('negative_rank_quantiles', {}))} |",
+            f"| negative score quantiles | {_quantiles(s.get('negative_score_quantiles', {}))} |",
+            f"| positive score quantiles | {_quantiles(s.get('positive_score_quantiles', {}))} |",
             "",
         ]
+        if "mining" in plots:
+            parts += [f"![mined negatives]({plots['mining']})", ""]
     if stages.get("BuildLabels"):
         s = stages["BuildLabels"]
         parts += ["## Labels", "", f"{s.get('rows')} rows in format `{s.get('format')}`"
                   + (f"; label mean {s['label_mean']:.3f}, std {s['label_std']:.3f}." if "label_mean" in s else "."), ""]
+        fn = s.get("false_negatives")
+        if fn:
+            parts += [
+                f"Suspected false negatives (teacher score within {fn['margin']} of the positive): {fn['suspected']} "
+                f"in {fn['queries_with_suspects']} queries; action: {fn['action']}.",
+                "",
+            ]
     if stages.get("FitStudent"):
         s = stages["FitStudent"]
         parts += ["## Training", "", f"{s.get('steps')} steps in {s.get('seconds')} s "

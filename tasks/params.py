@@ -21,7 +21,14 @@ class MineParams(DataParams):
     sampling = luigi.ChoiceParameter(choices=["top", "random"], default="top")
     max_train_queries = luigi.IntParameter(default=0, description="0 = all training queries")
     rerank_top_k = luigi.IntParameter(default=20, description="candidates per dev/test query to rerank")
-    faiss_index = luigi.Parameter(default="Flat", description="faiss.index_factory string")
+    absolute_margin = luigi.OptionalFloatParameter(default=None, description="drop candidates scored above positive - margin")
+    relative_margin = luigi.OptionalFloatParameter(default=None, description="drop candidates above positive - |positive| * margin")
+    max_score = luigi.OptionalFloatParameter(default=None, description="drop candidates the retriever scores above this")
+    min_score = luigi.OptionalFloatParameter(default=None, description="drop candidates the retriever scores below this")
+    random_negatives = luigi.FloatParameter(default=0.0, description="share of negatives drawn at random from the corpus")
+    faiss_index = luigi.Parameter(default="Flat", description="faiss.index_factory string (Flat, IVF4096,Flat, HNSW32, IVF4096,PQ48)")
+    faiss_nprobe = luigi.IntParameter(default=16, description="IVF lists searched per query")
+    faiss_ef_search = luigi.IntParameter(default=128, description="HNSW search depth")
     max_length = luigi.IntParameter(default=256, description="max tokens per (query, passage) for student and embedder")
     cache_dir = luigi.Parameter(default="", description="shared cache root; default <output-dir>/cache")
 
@@ -51,6 +58,11 @@ class TeacherParams(MineParams):
 class LabelParams(TeacherParams):
     loss = luigi.Parameter(default="MarginMSELoss", description="a loss of the table, or package.module:Class")
     label_scale = luigi.FloatParameter(default=1.0, description="multiplies teacher scores before building labels")
+    false_negatives = luigi.ChoiceParameter(
+        choices=["keep", "drop", "relabel"], default="keep",
+        description="negatives the teacher scores within --false-negative-margin of the positive: keep, drop, or relabel as positives",
+    )
+    false_negative_margin = luigi.FloatParameter(default=0.0, description="in teacher-score units, before --label-scale")
 
 
 class TrainParams(LabelParams):

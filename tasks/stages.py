@@ -76,7 +76,12 @@ class MineHardNegatives(MineParams, Stage):
         return fingerprint(
             self.requires().fp, model_identity(self.embedder), self.num_negatives, self.range_min, self.range_max,
             self.sampling, self.max_train_queries, self.rerank_top_k, self.faiss_index, self.max_length, self.seed,
+            self.filters, self.random_negatives, self.faiss_nprobe, self.faiss_ef_search,
         )
+
+    @property
+    def filters(self) -> mining.NegativeFilter:
+        return mining.NegativeFilter(self.absolute_margin, self.relative_margin, self.max_score, self.min_score)
 
     def output(self):
         return luigi.LocalTarget(str(self.artifact()))
@@ -86,6 +91,7 @@ class MineHardNegatives(MineParams, Stage):
             self.input().path, self.artifact(), self.embedder, self.cache_dir or self.root / "cache",
             self.num_negatives, self.range_min, self.range_max, self.sampling, self.max_train_queries,
             self.rerank_top_k, self.faiss_index, self.run_device, self.max_length, self.seed,
+            self.filters, self.random_negatives, self.faiss_nprobe, self.faiss_ef_search,
         )
 
 
@@ -237,7 +243,7 @@ class BuildLabels(LabelParams, Stage):
 
     def requires(self):
         req = {"data": self.clone(PrepareData), "mined": self.clone(MineHardNegatives)}
-        if self.loss_spec.needs_teacher:
+        if self.loss_spec.needs_teacher or self.false_negatives != "keep":
             req["scores"] = self.clone(ScoreWithTeacher)
         return req
 
@@ -245,7 +251,10 @@ class BuildLabels(LabelParams, Stage):
     def fp(self) -> str:
         up = self.requires()
         upstream = up["scores"].fp if "scores" in up else up["mined"].fp
-        return fingerprint(upstream, self.loss_spec.format, self.num_negatives, self.label_scale)
+        return fingerprint(
+            upstream, self.loss_spec.format, self.num_negatives, self.label_scale, self.false_negatives,
+            self.false_negative_margin,
+        )
 
     def output(self):
         return luigi.LocalTarget(str(self.artifact()))
@@ -255,6 +264,7 @@ class BuildLabels(LabelParams, Stage):
         labels.build_labels(
             self.input()["data"].path, self.input()["mined"].path, scores.path if scores else None,
             self.artifact(), self.loss_spec.format, self.num_negatives, self.label_scale,
+            self.false_negatives, self.false_negative_margin,
         )
 
 
@@ -314,7 +324,7 @@ class EvaluateStudent(EvalParams, Stage):
         tasks = {"PrepareData": self.clone(PrepareData), "MineHardNegatives": self.clone(MineHardNegatives)}
         if _needs_fine_tuned(self.teacher):
             tasks["FineTuneTeacher"] = self.clone(FineTuneTeacher)
-        if resolve_loss(self.loss)[0].needs_teacher:
+        if "scores" in self.clone(BuildLabels).requires():
             tasks["ScoreWithTeacher"] = self.clone(ScoreWithTeacher)
         tasks["BuildLabels"] = self.clone(BuildLabels)
         tasks["FitStudent"] = self.clone(FitStudent)
@@ -372,6 +382,7 @@ class TrainStudent(EvalParams, luigi.Task):
         src = ev.artifact()
         root = Path(self.output_dir)
         point_link(root / "student", ev.clone(FitStudent).artifact())
-        for name in ("teacher_vs_student.png", "quality_vs_speed.png", "report.md", "metrics.json"):
-            point_link(root / name, src / name)  # metrics.json last: it marks this run complete
+        for name in ("teacher_vs_student.png", "quality_vs_speed.png", "mined_negatives.png", "report.md", "metrics.json"):
+            if (src / name).exists():
+                point_link(root / name, src / name)  # metrics.json last: it marks this run complete
         print(f"\nStudent: {root / 'student'}\nMetrics: {root / 'metrics.json'}\nReport:  {root / 'report.md'}\n")

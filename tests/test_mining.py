@@ -1,0 +1,180 @@
+"""Mining at scale: embedding reuse across runs, FAISS index choices, sentence-transformers'
+filters and sampling, random negatives, and the teacher's false-negative filter."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.data import load_normalized, prepare_data, read_dataset
+from pipeline.errors import PipelineError
+from pipeline.labels import false_negatives
+from pipeline.mining import (
+    EmbeddingCache,
+    NegativeFilter,
+    build_index,
+    encode_texts,
+    mine,
+    mine_hard_negatives,
+    search,
+    select_negatives,
+)
+from tests.conftest import write_beir
+from tests.test_stages import GROUPS, TEACHER
+
+
+@pytest.fixture(scope="module")
+def prepared(small_beir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("prepared") / "data"
+    prepare_data(small_beir, out)
+    return out
+
+
+def _mine(prepared, tiny_models, out, cache, **kw):
+    return mine_hard_negatives(prepared, out, tiny_models["embedder"], cache, max_length=64, rerank_top_k=10, **kw)
+
+
+def test_rerun_embeds_nothing_and_added_documents_only_once(prepared, small_beir, tiny_models, tmp_path):
+    cache = tmp_path / "cache"
+    first = _mine(prepared, tiny_models, tmp_path / "m1", cache, num_negatives=3)
+    assert first["texts_embedded"] > 0
+    # Different mining settings make a new artifact, but every text is already embedded.
+    second = _mine(prepared, tiny_models, tmp_path / "m2", cache, num_negatives=2, range_min=1)
+    assert second["encode_calls"] == 0 and second["texts_embedded"] == 0
+
+    ds = read_dataset(small_beir)
+    corpus = dict(ds.corpus)
+    corpus.update({f"new-{i}": ("", f"a brand new package description number {i}") for i in range(5)})
+    qrels = {}
+    for q, d, s, split in ds.qrels:
+        qrels.setdefault(split, []).append((q, d, s))
+    grown = write_beir(tmp_path / "grown", ds.queries, corpus, qrels)
+    prepare_data(grown, tmp_path / "grown-data")
+    third = _mine(tmp_path / "grown-data", tiny_models, tmp_path / "m3", cache, num_negatives=3)
+    assert third["encode_calls"] == 1 and third["texts_embedded"] == 5
+
+
+def test_mining_statistics_and_groups(prepared, tiny_models, tmp_path):
+    stats = _mine(prepared, tiny_models, tmp_path / "m", tmp_path / "cache", num_negatives=4, random_share=0.5)
+    groups = pq.read_table(tmp_path / "m" / "groups.parquet").to_pydict()
+    for pos, negs, ranks in zip(groups["positive_ids"], groups["negative_ids"], groups["negative_ranks"]):
+        assert not set(pos) & set(negs) and len(set(negs)) == len(negs) == 4
+        assert sum(r < 0 for r in ranks) == 2  # half drawn at random from the corpus
+    assert stats["random_negatives"] == 2 * stats["train_queries"]
+    assert stats["negatives"] == 4 * stats["train_queries"]
+    assert set(stats["negative_rank_quantiles"]) == {"p5", "p25", "p50", "p75", "p95"}
+    on_disk = json.loads((tmp_path / "m" / "stats.json").read_text())
+    assert on_disk["queries_short_of_negatives"] == stats["queries_short_of_negatives"] == 0
+
+
+def test_cache_serves_a_memory_map_for_the_same_corpus(tmp_path):
+    def encode(texts):
+        return np.random.default_rng(len(texts)).normal(size=(len(texts), 8)).astype(np.float32)
+
+    texts = [f"t{i}" for i in range(20)]
+    first = EmbeddingCache(tmp_path).get(texts, encode)
+    again = EmbeddingCache(tmp_path).get(texts, encode)
+    assert isinstance(again, np.memmap) and not again.flags.writeable
+    np.testing.assert_array_equal(first, again)
+    shuffled = EmbeddingCache(tmp_path).get(texts[::-1], encode)
+    np.testing.assert_array_equal(shuffled, first[::-1])
+
+
+def test_ivf_and_hnsw_indexes_find_the_exact_neighbours(tmp_path):
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(16, 24))
+    docs = (centers[rng.integers(0, 16, 2000)] + 0.3 * rng.normal(size=(2000, 24))).astype(np.float32)
+    docs /= np.linalg.norm(docs, axis=1, keepdims=True)
+    path = tmp_path / "v.f32"
+    docs.tofile(path)
+    mapped = np.memmap(path, dtype=np.float32, mode="r", shape=docs.shape)
+    queries = docs[:50] + 0.05 * rng.normal(size=(50, 24)).astype(np.float32)
+    _, exact = search(build_index(docs), queries, 10)
+    # Every IVF list probed: the same answer as exact search, from a memory-mapped matrix added in batches.
+    _, ivf = search(build_index(mapped, "IVF16,Flat", nprobe=16, add_batch=300), queries, 10)
+    np.testing.assert_array_equal(np.sort(ivf, 1), np.sort(exact, 1))
+    _, hnsw = search(build_index(docs, "HNSW16", ef_search=256), queries, 10)
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(hnsw, exact)])
+    assert recall > 0.95
+
+
+def test_filters_follow_sentence_transformers_semantics():
+    ranked = ["a", "p", "b", "c", "d", "e"]
+    scores = [0.95, 0.8, 0.78, 0.6, 0.5, -0.2]
+    skipped = Counter()
+    ids, _, ranks = select_negatives(
+        ranked, scores, {"p"}, 2, positive_score=0.8, filters=NegativeFilter(absolute_margin=0.05), skipped=skipped
+    )
+    assert ids == ["c", "d"] and ranks == [2, 3] and skipped == {"absolute_margin": 2}  # a above, b within 0.05
+    ids, _, _ = select_negatives(ranked, scores, {"p"}, 3, positive_score=0.8, filters=NegativeFilter(relative_margin=0.1))
+    assert ids == ["c", "d", "e"]  # drop above 0.8 - 0.08 = 0.72
+    ids, _, _ = select_negatives(ranked, scores, {"p"}, 9, filters=NegativeFilter(max_score=0.7, min_score=0.0))
+    assert ids == ["c", "d"]
+    # range_min counts the survivors of the filters, as in sentence-transformers.
+    ids, _, _ = select_negatives(ranked, scores, {"p"}, 1, range_min=1, filters=NegativeFilter(max_score=0.9))
+    assert ids == ["c"]
+
+
+def test_negatives_match_sentence_transformers_mine_hard_negatives(prepared, tiny_models):
+    """Same embedder, same settings: the same negatives as sentence_transformers.util.mine_hard_negatives."""
+    from datasets import Dataset
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.util import mine_hard_negatives as st_mine
+
+    ds = load_normalized(prepared)
+    model = SentenceTransformer(tiny_models["embedder"], device="cpu")
+    model.max_seq_length = 64
+    train = ds.relevant("train")
+    qids = [q for q in sorted(train) if len(train[q]) == 1]
+    texts = [ds.queries[q] for q in qids]
+    assert len(set(texts)) == len(texts)
+    doc_ids = list(ds.corpus)
+    doc_vecs = encode_texts(model, [ds.passage(d) for d in doc_ids], show_progress=False)
+    query_vecs = encode_texts(model, texts, show_progress=False)
+    pairs = Dataset.from_dict({"query": texts, "positive": [ds.passage(next(iter(train[q]))) for q in qids]})
+    corpus = [ds.passage(d) for d in doc_ids]
+    plain = mine(query_vecs, qids, doc_vecs, doc_ids, {q: train[q] for q in qids}, 3, 0, 20).to_pydict()
+    # Thresholds at the medians of this model's scores, so each filter removes some candidates, not all.
+    gap = float(np.median([p[0] - n[0] for p, n in zip(plain["positive_scores"], plain["negative_scores"])]))
+    top = float(np.median([n[0] for n in plain["negative_scores"]]))
+    for settings in (
+        dict(range_min=0, range_max=20),
+        dict(range_min=2, range_max=20, absolute_margin=-gap),
+        dict(range_min=0, range_max=20, relative_margin=0.0, max_score=top),
+        dict(range_min=1, range_max=20, min_score=top),
+    ):
+        theirs = st_mine(
+            pairs, model, corpus=corpus, num_negatives=3, use_faiss=True, output_format="labeled-list",
+            verbose=False, **settings,
+        )
+        theirs = {r["query"]: {d for d, label in zip(r["positive"], r["labels"]) if label == 0} for r in theirs}
+        filt = NegativeFilter(**{k: v for k, v in settings.items() if k not in ("range_min", "range_max")})
+        skipped = Counter()
+        groups = mine(
+            query_vecs, qids, doc_vecs, doc_ids, {q: train[q] for q in qids}, 3, settings["range_min"],
+            settings["range_max"], "top", filters=filt, skipped=skipped,
+        ).to_pydict()
+        assert (sum(skipped.values()) > 0) == (filt != NegativeFilter()), (settings, skipped)
+        ours = {ds.queries[q]: {ds.passage(d) for d in negs} for q, negs in zip(groups["query_id"], groups["negative_ids"])}
+        assert 0 < sum(map(len, ours.values())), settings
+        same = sum(ours[t] == theirs.get(t, set()) for t in texts)  # sentence-transformers drops empty rows
+        assert same >= 0.95 * len(qids), settings
+
+
+def test_false_negative_filter_drops_or_relabels():
+    kept, stats = false_negatives(GROUPS, TEACHER, 0.0, "keep")
+    assert kept.to_pydict() == GROUPS.to_pydict() and stats["suspected"] == 1  # q2's n3 outscores its positive
+    dropped, stats = false_negatives(GROUPS, TEACHER, 0.0, "drop")
+    assert dropped.column("negative_ids").to_pylist() == [["n1", "n2"], []]
+    assert dropped.column("negative_ranks").to_pylist() == [[0, 1], []]
+    relabelled, _ = false_negatives(GROUPS, TEACHER, 0.0, "relabel")
+    assert relabelled.column("positive_ids").to_pylist() == [["p1"], ["p2", "n3"]]
+    # A margin widens the net: n1 (2.0) is within 3.5 of p1 (5.0).
+    wide, stats = false_negatives(GROUPS, TEACHER, 3.5, "drop")
+    assert wide.column("negative_ids").to_pylist() == [["n2"], []] and stats["queries_with_suspects"] == 2
+    with pytest.raises(PipelineError, match="unknown false-negative action"):
+        false_negatives(GROUPS, TEACHER, 0.0, "ignore")
