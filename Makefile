@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install run test clean bench bench-losses bench-score bench-mine
+.PHONY: install run test clean bench bench-losses bench-score bench-mine bench-e2e
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,4 +42,9 @@ bench-score: install
 bench-mine: install
 	$(PY) benchmarks/bench_mine.py
 
-bench: bench-score bench-mine bench-losses
+# DATASET=path/to/beir-folder runs it on another dataset.
+DATASET ?= data/debian-descriptions
+bench-e2e: install
+	$(PY) benchmarks/bench_e2e.py --dataset $(DATASET)
+
+bench: bench-score bench-mine bench-losses bench-e2e

@@ -31,11 +31,17 @@ def peak_mib() -> float:
 
 
 def train_only_copy(dataset: Path, dst: Path) -> Path:
-    """The same corpus and queries with only the train qrels: both sides do exactly one job."""
+    """The same corpus and queries with the train qrels: both sides do the same job.
+
+    The reader requires a test split; one test judgement keeps the stage's evaluation candidates
+    to a single query.
+    """
     (dst / "qrels").mkdir(parents=True)
     for name in ("corpus.jsonl", "queries.jsonl"):
         (dst / name).symlink_to((dataset / name).resolve())
     shutil.copy(dataset / "qrels" / "train.tsv", dst / "qrels" / "train.tsv")
+    test = (dataset / "qrels" / "test.tsv").read_text().splitlines()
+    (dst / "qrels" / "test.tsv").write_text("\n".join(test[:2]) + "\n")
     return dst
 
 
@@ -80,7 +86,7 @@ def side_st(args) -> dict:
     model.max_seq_length = args.max_length
     out = mine_hard_negatives(
         pairs, model, corpus=[ds.passage(d) for d in ds.corpus], num_negatives=args.num_negatives,
-        range_max=args.range_max, use_faiss=True, output_format="labeled-list", batch_size=64, verbose=False,
+        range_max=args.range_max, use_faiss=True, output_format="labeled-list", batch_size=32, verbose=False,
     )
     wall = time.perf_counter() - t0
     negatives = {r["query"]: sorted(d for d, label in zip(r["positive"], r["labels"]) if label == 0) for r in out}
@@ -167,6 +173,7 @@ def main() -> None:
     from pipeline.data import prepare_data
 
     work = Path(tempfile.mkdtemp(prefix="bench-mine-"))
+    args.work = str(work)
     try:
         prepare_data(train_only_copy(Path(args.dataset), work / "dataset"), work / "prepared")
         common = [
@@ -174,8 +181,14 @@ def main() -> None:
             "--num-negatives", str(args.num_negatives), "--range-max", str(args.range_max),
             "--max-length", str(args.max_length),
         ]
-        st = run_side("st", args, common)
-        ours = run_side("project", args, common)
+        # Alternating runs, best of two each: a shared 2-core VM drifts by 10-20% between processes.
+        ours, st = run_side("project", args, common), run_side("st", args, common)
+        shutil.rmtree(work / "cache"), shutil.rmtree(work / "project"), shutil.rmtree(work / "project-rerun")
+        ours2, st2 = run_side("project", args, common), run_side("st", args, common)
+        for first, second in ((ours, ours2), (st, st2)):
+            first["seconds"] = min(first["seconds"], second["seconds"])
+            first["peak_mib"] = max(first["peak_mib"], second["peak_mib"])
+        ours["rerun_seconds"] = min(ours["rerun_seconds"], ours2["rerun_seconds"])
         shared = set(st["negatives"]) & set(ours["negatives"])
         same = sum(st["negatives"][q] == ours["negatives"][q] for q in shared)
         jaccard = np.mean(
@@ -212,13 +225,13 @@ def main() -> None:
         f"Mining {demo['queries_compared']} training queries of `{demo['dataset']}` with `{demo['embedder']}` "
         f"({demo['num_negatives']} negatives, range_max {demo['range_max']}, exact inner product), {meta['machine']}.",
         "",
-        "| | project (MineHardNegatives) | sentence-transformers mine_hard_negatives | ratio |",
+        "| | project (MineHardNegatives) | sentence-transformers mine_hard_negatives | sentence-transformers ÷ project |",
         "|---|---:|---:|---:|",
-        f"| wall time, cold cache (s) | {demo['project_seconds']:.1f} | {demo['st_seconds']:.1f} | {demo['speed_ratio']:.2f}× faster |",
+        f"| wall time, cold cache (s) | {demo['project_seconds']:.1f} | {demo['st_seconds']:.1f} | {demo['speed_ratio']:.2f} |",
         f"| wall time, rerun (s) | {demo['project_rerun_seconds']:.1f} | {demo['st_seconds']:.1f} (no cache) | "
-        f"{demo['st_seconds'] / demo['project_rerun_seconds']:.1f}× faster |",
+        f"{demo['st_seconds'] / demo['project_rerun_seconds']:.1f} |",
         f"| peak memory (MiB) | {demo['project_peak_mib']:.0f} | {demo['st_peak_mib']:.0f} | "
-        f"{demo['project_peak_mib'] / demo['st_peak_mib']:.2f}× |",
+        f"{demo['st_peak_mib'] / demo['project_peak_mib']:.2f} |",
         "",
         f"Identical negative sets for {100 * demo['identical_negative_sets']:.1f}% of queries "
         f"(mean Jaccard {demo['mean_jaccard']:.3f}).",

@@ -120,8 +120,12 @@ class EmbeddingCache:
             self.keys[k] = n_before + i
 
 
-def encode_texts(model, texts: list[str], batch_size: int = 64, show_progress: bool = True) -> np.ndarray:
-    """Unit-normalised float32 embeddings (inner product = cosine)."""
+def encode_texts(model, texts: list[str], batch_size: int = 32, show_progress: bool = True) -> np.ndarray:
+    """Unit-normalised float32 embeddings (inner product = cosine).
+
+    32 texts per batch: on a 2-core CPU, 64 was 1.2x slower for MiniLM (larger activations
+    fall out of cache); on a GPU, pass a larger batch.
+    """
     if not texts:
         return np.zeros((0, model.get_sentence_embedding_dimension()), np.float32)
     # Sorting by length lets SentenceTransformer pad less; it restores the order itself.
