@@ -59,6 +59,7 @@ def job_project(args) -> dict:
     import tasks
 
     params = luigi_params(args, Path(args.work) / "project")
+    params = {k: v for k, v in params.items() if k in tasks.FitStudent.get_param_names()}
     t0 = time.perf_counter()
     ok = luigi.build([tasks.FitStudent(**params)], local_scheduler=True, workers=1, log_level="WARNING")
     wall = time.perf_counter() - t0
@@ -151,7 +152,7 @@ def job_plain(args) -> dict:
     n = BUDGET["num_negatives"]
     cols = ["positive"] + [f"negative_{i}" for i in range(1, n + 1)]
     flat = [(r["query"], r[c]) for r in mined for c in cols]
-    if model_kind(args.teacher) == "bi":
+    if model_kind(args.teacher) == "bi-encoder":
         teacher = SentenceTransformer(args.teacher, device="cpu")
         teacher.max_seq_length = BUDGET["teacher_max_length"]
         q = teacher.encode([a for a, _ in flat], batch_size=32, convert_to_tensor=True)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from sentence_transformers.base.sampler import DefaultBatchSampler
 
 from losses.factory import build_loss, resolve_loss
 from pipeline.artifacts import atomic_dir
@@ -37,47 +38,43 @@ def reranking_samples(candidates: dict[str, list[str]], relevant: dict[str, dict
     return samples
 
 
-def _length_grouped_sampler():
+class LengthGroupedBatchSampler(DefaultBatchSampler):
     """A sentence-transformers batch sampler that puts rows of similar text length together.
 
     CrossEncoder losses pad each column of a batch to its longest pair, so a batch that mixes a
     20-token passage with a 128-token one pays for 128 twice. Rows are shuffled, cut into pools
     of 50 batches, sorted by length within a pool, and the batches shuffled again: randomness
-    stays (as in transformers' LengthGroupedSampler), padding mostly goes.
+    stays (as in transformers' LengthGroupedSampler), padding mostly goes. A module-level class:
+    the trainer pickles its arguments into every checkpoint.
     """
-    from sentence_transformers.base.sampler import DefaultBatchSampler
 
-    class LengthGroupedBatchSampler(DefaultBatchSampler):
-        pool_batches = 50
+    pool_batches = 50
 
-        def __init__(self, dataset, batch_size, drop_last, valid_label_columns=None, generator=None, seed=0):
-            super().__init__(dataset, batch_size, drop_last, valid_label_columns, generator, seed)
-            texts = [c for c, f in dataset.features.items() if getattr(f, "dtype", None) == "string" or c == "docs"]
-            lengths = np.zeros(len(dataset), np.int64)
-            for c in texts:
-                col = dataset[c]
-                lengths += np.asarray([sum(map(len, v)) if isinstance(v, list) else len(v) for v in col], np.int64)
-            self.lengths = lengths
+    def __init__(self, dataset, batch_size, drop_last, valid_label_columns=None, generator=None, seed=0):
+        super().__init__(dataset, batch_size, drop_last, valid_label_columns, generator, seed)
+        texts = [c for c, f in dataset.features.items() if getattr(f, "dtype", None) == "string" or c == "docs"]
+        lengths = np.zeros(len(dataset), np.int64)
+        for c in texts:
+            lengths += np.asarray([sum(map(len, v)) if isinstance(v, list) else len(v) for v in dataset[c]], np.int64)
+        self.lengths = lengths
 
-        def __iter__(self):
-            rng = np.random.default_rng(self.seed + self.epoch)
-            order = rng.permutation(len(self.lengths))
-            pool = self.batch_size * self.pool_batches
-            batches = []
-            for s in range(0, len(order), pool):
-                chunk = order[s : s + pool]
-                chunk = chunk[np.argsort(-self.lengths[chunk], kind="stable")]
-                batches += [chunk[i : i + self.batch_size].tolist() for i in range(0, len(chunk), self.batch_size)]
-            if self.drop_last:
-                batches = [b for b in batches if len(b) == self.batch_size]
-            for i in rng.permutation(len(batches)):
-                yield batches[i]
+    def __iter__(self):
+        rng = np.random.default_rng(self.seed + self.epoch)
+        order = rng.permutation(len(self.lengths))
+        pool = self.batch_size * self.pool_batches
+        batches = []
+        for s in range(0, len(order), pool):
+            chunk = order[s : s + pool]
+            chunk = chunk[np.argsort(-self.lengths[chunk], kind="stable")]
+            batches += [chunk[i : i + self.batch_size].tolist() for i in range(0, len(chunk), self.batch_size)]
+        if self.drop_last:
+            batches = [b for b in batches if len(b) == self.batch_size]
+        for i in rng.permutation(len(batches)):
+            yield batches[i]
 
-        def __len__(self):
-            n = len(self.lengths)
-            return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
-
-    return LengthGroupedBatchSampler
+    def __len__(self):
+        n = len(self.lengths)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
 
 def train_student(
@@ -149,7 +146,7 @@ def train_student(
         report_to="none",
         dataloader_drop_last=False,
         disable_tqdm=False,
-        **({"batch_sampler": _length_grouped_sampler()} if group_by_length else {}),
+        **({"batch_sampler": LengthGroupedBatchSampler} if group_by_length else {}),
     )
     trainer = CrossEncoderTrainer(
         model=model, args=args, train_dataset=train_dataset, loss=loss_module, evaluator=evaluator

@@ -3,6 +3,8 @@ embedding cache reuse, metrics against sentence-transformers' evaluator, and the
 
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -202,12 +204,12 @@ def test_cross_entropy_without_two_classes_is_refused():
 def test_length_grouped_batches_cover_every_row_once_with_less_padding():
     from datasets import Dataset
 
-    from pipeline.training import _length_grouped_sampler
+    from pipeline.training import LengthGroupedBatchSampler
 
     rng = np.random.default_rng(0)
     lengths = rng.integers(5, 400, 1000)
     ds = Dataset.from_dict({"query": ["q"] * 1000, "positive": ["x" * n for n in lengths], "label": [0.0] * 1000})
-    sampler = _length_grouped_sampler()(ds, batch_size=16, drop_last=False, seed=3)
+    sampler = LengthGroupedBatchSampler(ds, batch_size=16, drop_last=False, seed=3)
     first = list(sampler)
     assert len(first) == len(sampler) == 63
     assert sorted(i for b in first for i in b) == list(range(1000))
@@ -219,3 +221,4 @@ def test_length_grouped_batches_cover_every_row_once_with_less_padding():
     assert padding(first) < 0.2 * padding(shuffled)
     sampler.set_epoch(1)
     assert list(sampler) != first
+    pickle.loads(pickle.dumps(LengthGroupedBatchSampler))  # the trainer pickles its arguments into checkpoints
