@@ -62,6 +62,8 @@ LOSS_TABLE: dict[str, LossSpec] = {
         # Beyond sentence-transformers: losses/distillation.py
         LossSpec("ListwiseKLDivLoss", "list", 1, "distillation", True, "losses.distillation"),
         LossSpec("PearsonCorrelationLoss", "list", 1, "distillation", True, "losses.distillation"),
+        # MarginMSELoss's math with the batch's pairs packed by length: losses/packed.py
+        LossSpec("PackedMarginMSELoss", "ntuple-margin", 1, "distillation", True, "losses.packed"),
     ]
 }
 

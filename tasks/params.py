@@ -56,7 +56,9 @@ class TeacherParams(MineParams):
 
 
 class LabelParams(TeacherParams):
-    loss = luigi.Parameter(default="MarginMSELoss", description="a loss of the table, or package.module:Class")
+    loss = luigi.Parameter(
+        default="PackedMarginMSELoss", description="a loss of the table, or package.module:Class (default: MarginMSE, packed)"
+    )
     label_scale = luigi.FloatParameter(default=1.0, description="multiplies teacher scores before building labels")
     false_negatives = luigi.ChoiceParameter(
         choices=["keep", "drop", "relabel"], default="keep",

@@ -77,3 +77,29 @@ def test_configs_and_citations():
     assert "eps" in PearsonCorrelationLoss(FakeStudent()).get_config_dict()
     with pytest.raises(ValueError, match="temperature"):
         ListwiseKLDivLoss(FakeStudent(), temperature=0)
+
+
+def test_packed_margin_mse_equals_margin_mse_in_value_and_gradients(tiny_models):
+    """Same loss and gradients as sentence-transformers' MarginMSELoss, from length-sorted sub-batches."""
+    from sentence_transformers.cross_encoder.losses import MarginMSELoss
+
+    from losses.packed import PackedMarginMSELoss
+    from pipeline.models import load_cross_encoder
+
+    model = load_cross_encoder(tiny_models["student"], "cpu", 64)
+    model.eval()  # no dropout: both losses must see the same network
+    queries = ["short", "a longer query about xml parsing", "q"]
+    inputs = [queries, ["a doc", "x " * 40, "mid length text here"], ["y " * 30, "z", "w w"], ["n", "m " * 5, "k " * 50]]
+    labels = torch.tensor([[1.0, -0.5], [2.0, 0.3], [0.0, 1.5]])
+    results = []
+    packed = PackedMarginMSELoss(model, pairs_per_forward=2)
+    for loss in (MarginMSELoss(model), packed):
+        model.zero_grad()
+        value = loss(inputs, labels)
+        value.backward()
+        grad = model.model.classifier.weight.grad.clone()
+        results.append((value.item(), grad))
+    assert results[1][0] == pytest.approx(results[0][0], rel=1e-5)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-4, atol=1e-6)
+    assert PackedMarginMSELoss(model, pairs_per_forward=4).get_config_dict()["pairs_per_forward"] == 4
+    assert "logits_from_pairs" not in packed.__dict__  # the per-call override is gone after forward
