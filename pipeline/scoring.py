@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from pipeline.artifacts import atomic_file
 from pipeline.errors import PipelineError
+from pipeline.mining import encode_texts
 from pipeline.models import (
     load_bi_encoder,
     load_cross_encoder,
@@ -154,7 +155,7 @@ class BiEncoderScorer:
 
     activation = "cosine"
 
-    def __init__(self, model, device: str, dtype: torch.dtype, batch_size: int = 64):
+    def __init__(self, model, device: str, dtype: torch.dtype, batch_size: int = 32):
         self.model = model.to(device=device, dtype=dtype)
         self.max_length = model.max_seq_length
         self.batch_size = batch_size
@@ -162,9 +163,7 @@ class BiEncoderScorer:
 
     def score(self, pairs: Sequence[tuple[str, str]], progress: Progress | None = None, desc: str = "teacher") -> np.ndarray:
         texts = list(dict.fromkeys(t for p in pairs for t in p))
-        vecs = self.model.encode(
-            texts, batch_size=self.batch_size, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=True
-        ).astype(np.float32)
+        vecs = encode_texts(self.model, texts, batch_size=self.batch_size)
         pos = {t: i for i, t in enumerate(texts)}
         q = vecs[[pos[p[0]] for p in pairs]]
         d = vecs[[pos[p[1]] for p in pairs]]
