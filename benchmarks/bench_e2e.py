@@ -79,6 +79,7 @@ def job_project(args) -> dict:
         "samples_per_second": train["samples_per_second"], "rows": train["rows"],
         "mined": str(fit.clone(tasks.MineHardNegatives).artifact()),
         "prepared": str(fit.clone(tasks.PrepareData).artifact()),
+        "labels": str(fit.clone(tasks.BuildLabels).artifact() / "dataset"),
     }
 
 
@@ -220,6 +221,34 @@ def job_evaluate(args) -> dict:
     return {"test": test, "report": str(Path(ev.output().path).parent / "report.md")}
 
 
+def job_train_ab(args) -> dict:
+    """Training speed alone, alternating in one process: the plain trainer + MarginMSELoss against
+    the project's train_student (PackedMarginMSELoss, length-grouped batches), same rows, N rounds.
+
+    The end-to-end jobs run in separate processes, and on a shared VM one process can run 15-50%
+    slower than the next; alternating in one process cancels that drift.
+    """
+    from datasets import Dataset
+    from sentence_transformers.cross_encoder.losses import MarginMSELoss
+
+    from pipeline.training import train_student
+
+    rows = Dataset.load_from_disk(args.labels).shuffle(seed=BUDGET["seed"]).select(range(args.ab_rows))
+    out = Path(args.work) / "train-ab"
+    plain, project = [], []
+    for _ in range(args.ab_rounds):
+        student = _plain_student(args)
+        plain.append(len(rows) / _plain_train(student, rows, MarginMSELoss(student), out / "plain"))
+        stats = train_student(
+            rows, "PackedMarginMSELoss", out / "project", args.student, BUDGET["student_layers"], epochs=1.0,
+            batch_size=BUDGET["batch_size"], learning_rate=BUDGET["learning_rate"], max_length=BUDGET["max_length"],
+        )
+        shutil.rmtree(out / "project")
+        project.append(stats["samples_per_second"])
+    return {"rows": len(rows), "plain": plain, "project": project,
+            "median_ratio": float(np.median(project) / np.median(plain))}
+
+
 def run_job(job: str, args, extra: list[str]) -> dict:
     out = Path(args.work) / f"{job}.json"
     cmd = [sys.executable, __file__, "--job", job, "--result", str(out), "--work", args.work, "--dataset", args.dataset,
@@ -249,7 +278,11 @@ def main() -> None:
     ap.add_argument("--teacher", default="", help="a trained teacher; default: fine-tune the demo's once")
     ap.add_argument("--work", default="runs/bench-e2e")
     ap.add_argument("--results", default="benchmarks/results/e2e")
-    ap.add_argument("--job", choices=["project", "plain", "evaluate"], help=argparse.SUPPRESS)
+    ap.add_argument("--ab-rows", type=int, default=320, help="rows per round of the training-speed A/B")
+    ap.add_argument("--ab-rounds", type=int, default=3)
+    ap.add_argument("--ab-only", action="store_true", help="rerun only the training A/B on the last run's labels")
+    ap.add_argument("--job", choices=["project", "plain", "evaluate", "train-ab"], help=argparse.SUPPRESS)
+    ap.add_argument("--labels", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     ap.add_argument("--prepared", help=argparse.SUPPRESS)
     ap.add_argument("--mined", help=argparse.SUPPRESS)
@@ -257,35 +290,47 @@ def main() -> None:
     ap.add_argument("--bce-student", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.job:
-        result = {"project": job_project, "plain": job_plain, "evaluate": job_evaluate}[args.job](args)
+        jobs = {"project": job_project, "plain": job_plain, "evaluate": job_evaluate, "train-ab": job_train_ab}
+        result = jobs[args.job](args)
         Path(args.result).write_text(json.dumps(result))
         return
 
     work = Path(args.work)
+    args.work = str(work)
+    out = Path(args.results)
+    ab_args = ["--ab-rows", str(args.ab_rows), "--ab-rounds", str(args.ab_rounds)]
+    if args.ab_only:
+        results = json.loads(out.with_suffix(".json").read_text())
+        labels = next((work / "project" / "labels").glob("*/dataset"))
+        results["train_ab"] = run_job("train-ab", args, ["--labels", str(labels), *ab_args])
+        write_results(results, out)
+        return
     for side in ("project", "plain"):  # both start cold: no embedding or score caches
         shutil.rmtree(work / side, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
-    args.work = str(work)
     args.teacher = ensure_teacher(args)
     project = run_job("project", args, [])
     plain = run_job("plain", args, ["--prepared", project["prepared"]])
     ev = run_job("evaluate", args, ["--prepared", project["prepared"], "--mined", project["mined"],
                                     "--plain-student", plain["student"], "--bce-student", plain["bce_student"]])
-    test = ev["test"]
     results = {
         "meta": {"machine": f"{platform.machine()}, {shutil.os.cpu_count()} cores, CPU", "dataset": args.dataset,
                  "teacher": args.teacher, "budget": BUDGET, "command": " ".join(sys.argv)},
-        "project": {k: v for k, v in project.items() if k not in ("prepared", "mined")},
+        "project": {k: v for k, v in project.items() if k not in ("prepared", "mined", "labels")},
         "plain": plain,
-        "test": test,
+        "test": ev["test"],
+        "train_ab": run_job("train-ab", args, ["--labels", project["labels"], *ab_args]),
     }
-    out = Path(args.results)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    write_results(results, out)
+
+
+def write_results(results: dict, out: Path) -> None:
     from pipeline.artifacts import atomic_file, write_json
     from pipeline.report import plot_quality_speed
 
+    out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out.with_suffix(".json"), results)
-    plot_quality_speed(test, out.with_suffix(".png"))
+    plot_quality_speed(results["test"], out.with_suffix(".png"))
     with atomic_file(out.with_suffix(".md")) as tmp:
         tmp.write_text(table(results))
     print(table(results))
@@ -326,6 +371,14 @@ def table(r: dict) -> str:
         "",
         "The plain script's total covers MarginMSE only; its BCE baseline is trained afterwards, outside the timing.",
     ]
+    ab = r.get("train_ab")
+    if ab:
+        lines += [
+            "",
+            f"Training speed alone, alternating in one process ({len(ab['plain'])} rounds of {ab['rows']} rows): "
+            f"plain trainer + MarginMSELoss {' / '.join(f'{x:.2f}' for x in ab['plain'])} samples/s, project "
+            f"{' / '.join(f'{x:.2f}' for x in ab['project'])}: **{ab['median_ratio']:.2f}×** by median.",
+        ]
     return "\n".join(lines) + "\n"
 
 
