@@ -272,7 +272,7 @@ def _hash_split(qid: str) -> str:
 
 # ---- normalized Parquet -------------------------------------------------------------------
 
-def write_normalized(ds: Dataset, out_dir: str | Path, source: str | Path) -> dict:
+def write_normalized(ds: Dataset, out_dir: str | Path, source: str | Path, started: float | None = None) -> dict:
     """Write the dataset as Parquet into ``out_dir`` (atomically) and return its statistics."""
     stats = {
         "source": str(source),
@@ -297,6 +297,10 @@ def write_normalized(ds: Dataset, out_dir: str | Path, source: str | Path) -> di
         )
         for lang, (q, c) in ds.languages.items():
             _write_tables(tmp, f".{lang}", q, c)
+        if started is not None:
+            import time
+
+            stats["seconds"] = round(time.perf_counter() - started, 2)
         write_json(tmp / "stats.json", stats)
     return stats
 
@@ -342,4 +346,7 @@ def load_normalized(folder: str | Path) -> Dataset:
 
 def prepare_data(source: str | Path, out_dir: str | Path) -> dict:
     """Stage entry: validate ``source`` and write it normalized to ``out_dir``."""
-    return write_normalized(read_dataset(source), out_dir, source)
+    import time
+
+    t0 = time.perf_counter()
+    return write_normalized(read_dataset(source), out_dir, source, started=t0)

@@ -174,11 +174,14 @@ def build_labels(
     false_negative_margin: float = 0.0,
 ) -> dict:
     """Stage entry: training rows in ``fmt`` saved as a ``datasets`` folder (atomically)."""
+    import time
     from pathlib import Path
 
     import pyarrow.parquet as pq
 
     from pipeline.artifacts import atomic_dir, write_json
+
+    t0 = time.perf_counter()
     from pipeline.data import load_normalized
     from pipeline.scoring import read_scores
 
@@ -196,5 +199,6 @@ def build_labels(
         stats["false_negatives"] = filter_stats
     with atomic_dir(out_dir) as tmp:
         to_dataset(cols).save_to_disk(str(tmp / "dataset"))
+        stats["seconds"] = round(time.perf_counter() - t0, 2)
         write_json(tmp / "stats.json", stats)
     return stats
