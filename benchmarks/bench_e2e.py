@@ -71,8 +71,6 @@ def job_project(args) -> dict:
     stages = {}
     for cls_name, key in names.items():
         stages[key] = fit.clone(getattr(tasks, cls_name)).stats().get("seconds", 0.0)
-    shards = [fit.clone(tasks.ScoreShard, shard=i) for i in range(fit.score_shards)]
-    stages["score"] = sum(json.loads(Path(s.output().path).with_suffix(".json").read_text())["seconds"] for s in shards)
     train = fit.stats()
     return {
         "seconds": wall, "stages": stages, "peak_mib": peak_mib(), "student": str(fit.artifact()),
@@ -83,7 +81,7 @@ def job_project(args) -> dict:
     }
 
 
-def _plain_mined(args, ds, model):
+def _plain_mined(ds, model):
     """The plain script's mining: mine_hard_negatives over the same training queries."""
     import hashlib
 
@@ -102,13 +100,9 @@ def _plain_mined(args, ds, model):
 
 
 def _plain_student(args):
-    from sentence_transformers.cross_encoder import CrossEncoder
-
     from pipeline.models import cut_student
 
-    model = cut_student(args.student, BUDGET["student_layers"], "cpu", BUDGET["max_length"])
-    assert isinstance(model, CrossEncoder)
-    return model
+    return cut_student(args.student, BUDGET["student_layers"], "cpu", BUDGET["max_length"])
 
 
 def _plain_train(model, train_ds, loss, out: Path) -> float:
@@ -146,7 +140,7 @@ def job_plain(args) -> dict:
     ds = load_normalized(args.prepared)  # same parsing cost as the project's PrepareData, which is timed there
     embedder = SentenceTransformer(args.embedder, device="cpu")
     embedder.max_seq_length = BUDGET["max_length"]
-    mined = _plain_mined(args, ds, embedder)
+    mined = _plain_mined(ds, embedder)
     stages["mine"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

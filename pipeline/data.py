@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -298,8 +299,6 @@ def write_normalized(ds: Dataset, out_dir: str | Path, source: str | Path, start
         for lang, (q, c) in ds.languages.items():
             _write_tables(tmp, f".{lang}", q, c)
         if started is not None:
-            import time
-
             stats["seconds"] = round(time.perf_counter() - started, 2)
         write_json(tmp / "stats.json", stats)
     return stats
@@ -346,7 +345,5 @@ def load_normalized(folder: str | Path) -> Dataset:
 
 def prepare_data(source: str | Path, out_dir: str | Path) -> dict:
     """Stage entry: validate ``source`` and write it normalized to ``out_dir``."""
-    import time
-
     t0 = time.perf_counter()
     return write_normalized(read_dataset(source), out_dir, source, started=t0)
