@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
 from pipeline.errors import PipelineError
 
@@ -153,7 +154,11 @@ def build_index(
     Indexes that need training (IVF, PQ) train on a random sample of at most ``train_sample``
     vectors; vectors are added in batches, so a memory-mapped matrix is never copied whole.
     ``use_gpu`` moves the index to every GPU when the installed faiss has GPU support.
+    ``use_gpu`` with ``Flat`` and a faiss without GPU support (pip's faiss-cpu) searches on the GPU
+    with torch instead: the same exact inner product, without faiss-gpu.
     """
+    if use_gpu and factory == "Flat" and _faiss_gpus() == 0 and torch.cuda.is_available():
+        return TorchFlatIndex(vectors, add_batch=add_batch)
     import faiss
 
     dim = vectors.shape[1]
@@ -162,7 +167,7 @@ def build_index(
         rng = np.random.default_rng(seed)
         rows = np.sort(rng.choice(len(vectors), min(train_sample, len(vectors)), replace=False))
         index.train(np.ascontiguousarray(vectors[rows], dtype=np.float32))
-    if use_gpu and getattr(faiss, "get_num_gpus", lambda: 0)() > 0:
+    if use_gpu and _faiss_gpus() > 0:
         try:
             index = faiss.index_cpu_to_all_gpus(index)
         except RuntimeError as e:  # e.g. HNSW, which faiss cannot move to a GPU
@@ -176,6 +181,33 @@ def build_index(
         except RuntimeError:
             pass  # this index type has no such parameter
     return index
+
+
+def _faiss_gpus() -> int:
+    try:
+        import faiss
+    except ImportError:
+        return 0
+    return getattr(faiss, "get_num_gpus", lambda: 0)()
+
+
+class TorchFlatIndex:
+    """Exact inner-product search on one CUDA device, with faiss's ``ntotal``/``search`` interface."""
+
+    max_scores = 1 << 28  # 1 GiB of fp32 scores at a time
+
+    def __init__(self, vectors: np.ndarray, device: str = "cuda", add_batch: int = 65_536):
+        self.vectors = torch.empty((len(vectors), vectors.shape[1]), dtype=torch.float32, device=device)
+        for s in range(0, len(vectors), add_batch):
+            self.vectors[s : s + add_batch] = torch.from_numpy(np.array(vectors[s : s + add_batch], dtype=np.float32))
+        self.ntotal = len(vectors)
+
+    @torch.inference_mode()
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        q = torch.from_numpy(np.array(queries, dtype=np.float32)).to(self.vectors)
+        step = max(1, self.max_scores // max(self.ntotal, 1))  # bounds the (queries x corpus) score block
+        parts = [torch.topk(q[s : s + step] @ self.vectors.T, k, dim=1) for s in range(0, len(q), step)]
+        return torch.cat([p.values for p in parts]).cpu().numpy(), torch.cat([p.indices for p in parts]).cpu().numpy()
 
 
 def search(index, queries: np.ndarray, k: int, batch: int = 4096) -> tuple[np.ndarray, np.ndarray]:

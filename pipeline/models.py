@@ -126,7 +126,7 @@ def load_cross_encoder(
         num_labels=num_labels,
         trust_remote_code=trust_remote_code,
         local_files_only=_offline(),
-        model_kwargs={"use_safetensors": True} if _has_safetensors(ref) else None,
+        model_kwargs=_model_kwargs(ref),
     )
     if max_length:
         model.max_seq_length = max_length
@@ -139,7 +139,7 @@ def load_bi_encoder(ref: str, device: str = "cpu", max_length: int | None = None
     ref = strip_kind(ref)
     _check_exists(ref)
     model = SentenceTransformer(
-        ref, device=device, trust_remote_code=trust_remote_code, local_files_only=_offline()
+        ref, device=device, trust_remote_code=trust_remote_code, local_files_only=_offline(), model_kwargs=_model_kwargs(ref)
     )
     if max_length:
         model.max_seq_length = max_length
@@ -187,6 +187,15 @@ def _parent_of(root: nn.Module, child: nn.Module) -> tuple[nn.Module, str]:
             if sub is child:
                 return module, name
     raise PipelineError("layer stack has no parent module")
+
+
+def _model_kwargs(ref: str) -> dict:
+    # fp32 master weights whatever dtype the checkpoint was saved in (transformers otherwise keeps a
+    # bf16/fp16 checkpoint's dtype); reduced precision is applied per stage, by autocast or the scorer.
+    kwargs = {"dtype": torch.float32}
+    if _has_safetensors(ref):
+        kwargs["use_safetensors"] = True
+    return kwargs
 
 
 def _has_safetensors(ref: str) -> bool:

@@ -121,7 +121,10 @@ class CrossEncoderScorer:
     def score(self, pairs: Sequence[tuple[str, str]], progress: Progress | None = None, desc: str = "teacher") -> np.ndarray:
         out = np.empty(len(pairs), np.float32)
         bar = tqdm(total=len(pairs), unit="pair", desc=desc, dynamic_ncols=True, mininterval=2.0)
-        chunks = [(s, pairs[s : s + self.chunk]) for s in range(0, len(pairs), self.chunk)]
+        # A short first chunk lets the model start while the tokenizer prepares the next one.
+        first = min(self.chunk, 1024)
+        starts = [0, *range(first, len(pairs), self.chunk)] if pairs else []
+        chunks = [(s, pairs[s : s + (first if s == 0 else self.chunk)]) for s in starts]
         done = 0
         # Fault-injection tests slow scoring down so they can kill a process in the middle of a shard.
         delay = float(os.environ.get("DISTILL_TEST_BATCH_DELAY", "0"))
@@ -131,16 +134,20 @@ class CrossEncoderScorer:
                 enc, batches, collated = pending.result()
                 if ci + 1 < len(chunks):
                     pending = pool.submit(self._prepare, chunks[ci + 1][1])
+                # Scores stay on the device until the chunk ends: one sync per chunk, not per batch,
+                # so the host queues the next batch while the GPU runs this one.
+                scores = []
                 for idx, feats in zip(batches, collated):
                     feats = {k: v.to(self.device, non_blocking=True) for k, v in feats.items()}
-                    logits = self.hf(**feats).logits.float()
-                    out[start + idx] = relevance(logits).cpu().numpy()
+                    scores.append(relevance(self.hf(**feats).logits.float()))
                     done += len(idx)
                     bar.update(len(idx))
                     if delay:
                         time.sleep(delay)
                     if progress:
                         progress(done, len(pairs))
+                if scores:
+                    out[start + np.concatenate(batches)] = torch.cat(scores).cpu().numpy()
         bar.close()
         return out
 

@@ -16,6 +16,7 @@ from pipeline.labels import false_negatives
 from pipeline.mining import (
     EmbeddingCache,
     NegativeFilter,
+    TorchFlatIndex,
     build_index,
     encode_texts,
     mine,
@@ -100,6 +101,12 @@ def test_ivf_and_hnsw_indexes_find_the_exact_neighbours(tmp_path):
     _, hnsw = search(build_index(docs, "HNSW16", ef_search=256), queries, 10)
     recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(hnsw, exact)])
     assert recall > 0.95
+    # The torch index (CUDA without faiss-gpu) on the CPU here, with a score block smaller than the corpus.
+    flat = TorchFlatIndex(mapped, device="cpu", add_batch=300)
+    flat.max_scores = 5000
+    scores, ids = search(flat, queries, 10)
+    np.testing.assert_array_equal(ids, exact)
+    np.testing.assert_allclose(scores, search(build_index(docs), queries, 10)[0], rtol=1e-5)
 
 
 def test_filters_follow_sentence_transformers_semantics():
