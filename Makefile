@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install run test clean bench bench-losses bench-score bench-mine bench-e2e
+.PHONY: install run run-multilingual test clean bench bench-losses bench-score bench-mine bench-e2e
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,9 @@ install: $(VENV)/.installed $(MODEL_DIR)/config.json
 
 run: install
 	$(VENV)/bin/luigi --module tasks TrainStudent --output-dir $(OUT)
+
+run-multilingual: install
+	$(VENV)/bin/luigi --module tasks TrainMultilingualStudent
 
 test: install
 	$(PY) -m pytest

@@ -8,14 +8,27 @@ import numpy as np
 
 from pipeline.artifacts import atomic_file
 
-ROW_ORDER = ["retriever", "teacher", "student_untrained", "student"]
+ROW_ORDER = ["retriever", "teacher", "student_untrained", "student_source_only", "student"]
 
 
 def metrics_table(test: dict[str, dict[str, float]]) -> str:
     lines = ["| model | nDCG@10 | MRR@10 | MAP | pairs/s |", "|---|---:|---:|---:|---:|"]
     for name in [n for n in ROW_ORDER if n in test] + [n for n in test if n not in ROW_ORDER]:
         m = test[name]
-        lines.append(f"| {name} | {m['ndcg@10']:.4f} | {m['mrr@10']:.4f} | {m['map']:.4f} | {m['pairs_per_second']:.1f} |")
+        pps = f"{m['pairs_per_second']:.1f}" if "pairs_per_second" in m else "n/a"
+        lines.append(f"| {name} | {m['ndcg@10']:.4f} | {m['mrr@10']:.4f} | {m['map']:.4f} | {pps} |")
+    return "\n".join(lines)
+
+
+def languages_table(languages: dict[str, dict], metric: str = "ndcg@10") -> str:
+    """One row per model, one column per language."""
+    langs = list(languages)
+    names = [n for n in ROW_ORDER if any(n in e["rankers"] for e in languages.values())]
+    lines = ["| model | " + " | ".join(langs) + " |", "|---|" + "---:|" * len(langs)]
+    for name in names:
+        cells = [f"{e['rankers'][name][metric]:.4f}" if name in e["rankers"] else "n/a" for e in languages.values()]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append("| test queries / pairs | " + " | ".join(f"{e['queries']} / {e['pairs']}" for e in languages.values()) + " |")
     return "\n".join(lines)
 
 
@@ -64,6 +77,28 @@ def plot_quality_speed(test: dict[str, dict[str, float]], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_languages(languages: dict[str, dict], path: Path) -> None:
+    """Grouped bars: nDCG@10 of each model in each language."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    langs = list(languages)
+    names = [n for n in ROW_ORDER if any(n in e["rankers"] for e in languages.values())]
+    width = 0.8 / max(len(names), 1)
+    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(langs), 4))
+    for i, name in enumerate(names):
+        values = [languages[lang]["rankers"].get(name, {}).get("ndcg@10", 0.0) for lang in langs]
+        ax.bar(np.arange(len(langs)) + (i - (len(names) - 1) / 2) * width, values, width, label=name)
+    ax.set_xticks(np.arange(len(langs)), langs)
+    ax.set_ylabel("nDCG@10 (test)")
+    ax.set_title("Per language: teacher on source texts, students on each language")
+    ax.legend(fontsize=7, loc="lower right")
+    _save(fig, path)
+    plt.close(fig)
+
+
 def plot_mining(groups, path: Path) -> None:
     """Two histograms of the chosen negatives: their retrieval ranks, and their scores against the positives'."""
     import matplotlib
@@ -107,6 +142,19 @@ def write_report(path: str | Path, metrics: dict, verdict: list[str], plots: dic
         *[f"- {line}" for line in verdict],
         "",
     ]
+    if metrics.get("languages"):
+        parts += [
+            "## Languages: nDCG@10 on each language's test queries",
+            "",
+            f"The teacher reads the source texts ({metrics.get('source_language')}); the students read each "
+            "language's translations. Candidates are the source retriever's, restricted to translated passages, "
+            "so lists are shorter where fewer passages are translated.",
+            "",
+            languages_table(metrics["languages"]),
+            "",
+        ]
+        if "languages" in plots:
+            parts += [f"![per language]({plots['languages']})", ""]
     if "quality_speed" in plots:
         parts += [f"![quality against speed]({plots['quality_speed']})", ""]
     if "scatter" in plots:
@@ -145,6 +193,19 @@ def write_report(path: str | Path, metrics: dict, verdict: list[str], plots: dic
         ]
         if "mining" in plots:
             parts += [f"![mined negatives]({plots['mining']})", ""]
+    if stages.get("BuildMultilingualLabels"):
+        s = stages["BuildMultilingualLabels"]
+        parts += [
+            "## Training rows per language view",
+            "",
+            "| view (query-passage) | groups | rows | skipped: query missing | skipped: positive missing | negatives missing |",
+            "|---|---:|---:|---:|---:|---:|",
+            *[
+                f"| {name} | {v['groups']} | {v['rows']} | {v['missing_query']} | {v['missing_positive']} | {v['negatives_missing']} |"
+                for name, v in s.get("views", {}).items()
+            ],
+            "",
+        ]
     if stages.get("BuildLabels"):
         s = stages["BuildLabels"]
         parts += ["## Labels", "", f"{s.get('rows')} rows in format `{s.get('format')}`"

@@ -1,14 +1,21 @@
 """Luigi tasks of the distillation pipeline: ``luigi --module tasks TrainStudent``."""
 
+from luigi.tools.range import RangeDaily
+
+from tasks.retrain import RetrainStudent
 from tasks.stages import (
     BuildLabels,
+    BuildMultilingualLabels,
+    EvaluateMultilingualStudent,
     EvaluateStudent,
     FineTuneTeacher,
+    FitMultilingualStudent,
     FitStudent,
     MineHardNegatives,
     PrepareData,
     ScoreShard,
     ScoreWithTeacher,
+    TrainMultilingualStudent,
     TrainStudent,
 )
 
@@ -22,4 +29,10 @@ __all__ = [
     "FitStudent",
     "EvaluateStudent",
     "TrainStudent",
+    "BuildMultilingualLabels",
+    "FitMultilingualStudent",
+    "EvaluateMultilingualStudent",
+    "TrainMultilingualStudent",
+    "RetrainStudent",
+    "RangeDaily",
 ]

@@ -2,7 +2,14 @@
 values given to TrainStudent flow down through ``clone`` and each artifact's fingerprint covers
 exactly the settings that change it."""
 
+import datetime
+
 import luigi
+
+
+class SnapshotDate:
+    # Defined first, so it is the first positional parameter: RangeDaily passes the date there.
+    date = luigi.DateParameter(default=datetime.date.today(), description="the snapshot date of a scheduled retrain")
 
 
 class DataParams:
@@ -11,6 +18,9 @@ class DataParams:
     device = luigi.Parameter(default="auto", significant=False, description="auto, cpu, cuda, cuda:N")
     seed = luigi.IntParameter(default=12)
     trust_remote_code = luigi.BoolParameter(default=False, significant=False)
+    # Set by RetrainStudent so that a failing stage records itself in the registry's history.
+    registry = luigi.Parameter(default="", significant=False, description="model registry folder (scheduled retraining)")
+    run_id = luigi.Parameter(default="", significant=False, description="name of this run in the registry")
 
 
 class MineParams(DataParams):
@@ -25,6 +35,9 @@ class MineParams(DataParams):
     relative_margin = luigi.OptionalFloatParameter(default=None, description="drop candidates above positive - |positive| * margin")
     max_score = luigi.OptionalFloatParameter(default=None, description="drop candidates the retriever scores above this")
     min_score = luigi.OptionalFloatParameter(default=None, description="drop candidates the retriever scores below this")
+    negative_pool = luigi.IntParameter(
+        default=0, description="mine this many negatives per query (labels use the first --num-negatives); 0 = --num-negatives"
+    )
     random_negatives = luigi.FloatParameter(default=0.0, description="share of negatives drawn at random from the corpus")
     faiss_index = luigi.Parameter(default="Flat", description="faiss.index_factory string (Flat, IVF4096,Flat, HNSW32, IVF4096,PQ48)")
     faiss_nprobe = luigi.IntParameter(default=16, description="IVF lists searched per query")
@@ -80,3 +93,11 @@ class TrainParams(LabelParams):
 
 class EvalParams(TrainParams):
     max_eval_queries = luigi.IntParameter(default=0, description="0 = every test query")
+
+
+class MultilingualParams(EvalParams):
+    languages = luigi.Parameter(default="", description="target languages, comma-separated (corpus.<lang>.jsonl, queries.<lang>.jsonl)")
+    source_language = luigi.Parameter(default="en", description="name of the language of corpus.jsonl / queries.jsonl")
+    cross_lingual = luigi.BoolParameter(default=False, description="also train on query-in-one-language, passage-in-another rows")
+    # Each language keeps only the negatives it has a translation of; a deeper pool leaves enough.
+    negative_pool = luigi.IntParameter(default=16, description="negatives mined per query, for every language to choose from")

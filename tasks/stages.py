@@ -10,10 +10,10 @@ from pathlib import Path
 import luigi
 
 from losses.factory import resolve_loss
-from pipeline import data, evaluation, labels, mining, scoring, teacher, training
+from pipeline import data, evaluation, labels, mining, multilingual, scoring, teacher, training
 from pipeline.artifacts import fingerprint, point_link, read_json, write_json
 from pipeline.models import PRECISIONS, model_identity, resolve_device, resolve_precision
-from tasks.params import DataParams, EvalParams, LabelParams, MineParams, TeacherParams, TrainParams
+from tasks.params import DataParams, EvalParams, LabelParams, MineParams, MultilingualParams, TeacherParams, TrainParams
 
 FINE_TUNED = "fine-tuned"
 
@@ -74,10 +74,14 @@ class MineHardNegatives(MineParams, Stage):
     @functools.cached_property
     def fp(self) -> str:
         return fingerprint(
-            self.requires().fp, model_identity(self.embedder), self.num_negatives, self.range_min, self.range_max,
+            self.requires().fp, model_identity(self.embedder), self.mined_negatives, self.range_min, self.range_max,
             self.sampling, self.max_train_queries, self.rerank_top_k, self.faiss_index, self.max_length, self.seed,
             self.filters, self.random_negatives, self.faiss_nprobe, self.faiss_ef_search,
         )
+
+    @property
+    def mined_negatives(self) -> int:
+        return max(self.num_negatives, self.negative_pool)
 
     @property
     def filters(self) -> mining.NegativeFilter:
@@ -89,7 +93,7 @@ class MineHardNegatives(MineParams, Stage):
     def run(self):
         mining.mine_hard_negatives(
             self.input().path, self.artifact(), self.embedder, self.cache_dir or self.root / "cache",
-            self.num_negatives, self.range_min, self.range_max, self.sampling, self.max_train_queries,
+            self.mined_negatives, self.range_min, self.range_max, self.sampling, self.max_train_queries,
             self.rerank_top_k, self.faiss_index, self.run_device, self.max_length, self.seed,
             self.filters, self.random_negatives, self.faiss_nprobe, self.faiss_ef_search,
         )
@@ -356,8 +360,12 @@ class EvaluateStudent(EvalParams, Stage):
 class TrainStudent(EvalParams, luigi.Task):
     """Entry point: runs the whole DAG and publishes <output-dir>/student, metrics.json and report.md."""
 
+    evaluation_task = EvaluateStudent
+    student_task = FitStudent
+    published = ("teacher_vs_student.png", "quality_vs_speed.png", "mined_negatives.png", "report.md", "metrics.json")
+
     def requires(self):
-        return self.clone(EvaluateStudent)
+        return self.clone(self.evaluation_task)
 
     def output(self):
         return {
@@ -381,8 +389,94 @@ class TrainStudent(EvalParams, luigi.Task):
         ev = self.requires()
         src = ev.artifact()
         root = Path(self.output_dir)
-        point_link(root / "student", ev.clone(FitStudent).artifact())
-        for name in ("teacher_vs_student.png", "quality_vs_speed.png", "mined_negatives.png", "report.md", "metrics.json"):
+        point_link(root / "student", ev.clone(self.student_task).artifact())
+        for name in self.published:
             if (src / name).exists():
                 point_link(root / name, src / name)  # metrics.json last: it marks this run complete
         print(f"\nStudent: {root / 'student'}\nMetrics: {root / 'metrics.json'}\nReport:  {root / 'report.md'}\n")
+
+
+# ---- multilingual distillation ------------------------------------------------------------
+
+
+class BuildMultilingualLabels(MultilingualParams, BuildLabels):
+    """Training rows for the source language and each target language (and mixed pairs with
+    --cross-lingual), all labelled with the source pairs' teacher scores."""
+
+    @functools.cached_property
+    def fp(self) -> str:
+        return fingerprint(
+            BuildLabels.fp.func(self), "multilingual", multilingual.parse_languages(self.languages), self.source_language, self.cross_lingual
+        )
+
+    def run(self):
+        scores = self.input().get("scores")
+        multilingual.build_multilingual_labels(
+            self.input()["data"].path, self.input()["mined"].path, scores.path if scores else None, self.artifact(),
+            self.loss_spec.format, multilingual.parse_languages(self.languages), self.source_language,
+            self.cross_lingual, self.num_negatives, self.label_scale, self.false_negatives, self.false_negative_margin,
+        )
+
+
+class FitMultilingualStudent(MultilingualParams, FitStudent):
+    """The student trained on every language's rows."""
+
+    def requires(self):
+        return {**super().requires(), "labels": self.clone(BuildMultilingualLabels)}
+
+
+class EvaluateMultilingualStudent(MultilingualParams, Stage):
+    """Per-language test metrics: retriever, teacher (source texts), untrained, source-only and
+    multilingual students."""
+
+    stage_dir = "eval"
+
+    def requires(self):
+        req = {
+            "data": self.clone(PrepareData),
+            "mined": self.clone(MineHardNegatives),
+            "student": self.clone(FitMultilingualStudent),
+            "source_only": self.clone(FitStudent),
+        }
+        if _needs_fine_tuned(self.teacher):
+            req["teacher"] = self.clone(FineTuneTeacher)
+        return req
+
+    @functools.cached_property
+    def fp(self) -> str:
+        req = self.requires()
+        return fingerprint(
+            "multilingual", req["student"].fp, req["source_only"].fp, _teacher_identity(self), self.teacher_weights,
+            self.max_eval_queries, multilingual.parse_languages(self.languages), self.source_language,
+        )
+
+    def output(self):
+        return luigi.LocalTarget(str(self.artifact() / "metrics.json"))
+
+    def run(self):
+        tasks = {"PrepareData": self.clone(PrepareData), "MineHardNegatives": self.clone(MineHardNegatives)}
+        if _needs_fine_tuned(self.teacher):
+            tasks["FineTuneTeacher"] = self.clone(FineTuneTeacher)
+        if "scores" in self.clone(BuildMultilingualLabels).requires():
+            tasks["ScoreWithTeacher"] = self.clone(ScoreWithTeacher)
+        tasks["BuildMultilingualLabels"] = self.clone(BuildMultilingualLabels)
+        tasks["FitStudent"] = self.clone(FitMultilingualStudent)
+        tasks["FitStudentSourceOnly"] = self.clone(FitStudent)
+        stages = {name: t.stats() for name, t in tasks.items()}
+        params = dict(self.param_kwargs, teacher_resolved=resolved_teacher(self), fingerprint=self.fp)
+        multilingual.evaluate_languages(
+            self.input()["data"].path, self.input()["mined"].path, self.input()["student"].path,
+            self.input()["source_only"].path, self.artifact(), multilingual.parse_languages(self.languages),
+            self.source_language, resolved_teacher(self), self.teacher_weights, self.student, self.student_layers,
+            params, stages, {k: v.get("seconds", 0.0) for k, v in stages.items()}, self.run_device,
+            self.score_precision, self.max_length, self.teacher_max_length, self.max_eval_queries, self.seed,
+        )
+
+
+class TrainMultilingualStudent(MultilingualParams, TrainStudent):
+    """Entry point of multilingual distillation: publishes the multilingual student, metrics.json
+    (with a ``languages`` section) and report.md."""
+
+    evaluation_task = EvaluateMultilingualStudent
+    student_task = FitMultilingualStudent
+    published = ("languages.png", "report.md", "metrics.json")

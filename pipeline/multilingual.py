@@ -1,0 +1,319 @@
+"""Multilingual distillation: the source language's teacher labels carried over to parallel
+translations, and per-language evaluation on the test split.
+
+Mining and teacher scoring run once, on the source language. A training view is a (query
+language, passage language) pair: the source itself, each target language, and with
+``cross_lingual`` each target mixed with the source both ways. Every view reuses the source
+groups and teacher scores by id; a group keeps only what the view has a translation of, and ids
+missing from a language are skipped and counted, never fatal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.data import Dataset, join_title
+from pipeline.errors import PipelineError
+from pipeline.labels import build_rows
+
+# Model rows of the per-language table, in the order they are shown.
+RANKERS = ("retriever", "teacher", "student_untrained", "student_source_only", "student")
+
+
+def parse_languages(languages: str | Sequence[str]) -> list[str]:
+    langs = [x.strip() for x in languages.split(",")] if isinstance(languages, str) else list(languages)
+    return [x for x in dict.fromkeys(langs) if x]
+
+
+def texts_of(ds: Dataset, lang: str, source: str) -> tuple[dict[str, str], dict[str, tuple[str, str]]]:
+    """(queries, corpus) of one language; the source language is the dataset's own files."""
+    if lang == source:
+        return ds.queries, ds.corpus
+    if lang not in ds.languages:
+        have = ", ".join(sorted(ds.languages)) or "none"
+        raise PipelineError(
+            f"language '{lang}' has no corpus.{lang}.jsonl / queries.{lang}.jsonl in the dataset (parallel languages: {have})"
+        )
+    return ds.languages[lang]
+
+
+def training_views(languages: Sequence[str], source: str, cross_lingual: bool) -> list[tuple[str, str]]:
+    """(query language, passage language) of every set of training rows."""
+    views = [(source, source)] + [(lang, lang) for lang in languages if lang != source]
+    if cross_lingual:
+        for lang in languages:
+            if lang != source:
+                views += [(lang, source), (source, lang)]
+    return views
+
+
+def view_name(query_lang: str, passage_lang: str) -> str:
+    return query_lang if query_lang == passage_lang else f"{query_lang}-{passage_lang}"
+
+
+def restrict_groups(groups: pa.Table, queries: dict, corpus: dict) -> tuple[pa.Table, dict]:
+    """The groups a language can express: its query and every positive translated; negatives
+    without a translation are left out (in order), so later ones take their place."""
+    g = groups.to_pydict()
+    out = {"query_id": [], "positive_ids": [], "negative_ids": []}
+    skipped = {"missing_query": 0, "missing_positive": 0, "negatives_missing": 0}
+    for qid, pos, negs in zip(g["query_id"], g["positive_ids"], g["negative_ids"]):
+        if qid not in queries:
+            skipped["missing_query"] += 1
+            continue
+        if any(p not in corpus for p in pos):
+            skipped["missing_positive"] += 1
+            continue
+        kept = [n for n in negs if n in corpus]
+        skipped["negatives_missing"] += len(negs) - len(kept)
+        out["query_id"].append(qid)
+        out["positive_ids"].append(list(pos))
+        out["negative_ids"].append(kept)
+    schema = pa.schema([("query_id", pa.string()), ("positive_ids", pa.list_(pa.string())), ("negative_ids", pa.list_(pa.string()))])
+    return pa.table(out, schema=schema), skipped
+
+
+def multilingual_rows(
+    fmt: str,
+    groups: pa.Table,
+    teacher: dict[tuple[str, str], float] | None,
+    ds: Dataset,
+    languages: Sequence[str],
+    source: str = "en",
+    cross_lingual: bool = False,
+    grades: dict[str, dict[str, int]] | None = None,
+    num_negatives: int | None = None,
+    label_scale: float = 1.0,
+) -> tuple[dict[str, list], dict]:
+    """Training columns for every view, each row labelled with its source pair's teacher scores."""
+    cols: dict[str, list] = {}
+    views = {}
+    for q_lang, p_lang in training_views(languages, source, cross_lingual):
+        queries = texts_of(ds, q_lang, source)[0]
+        corpus = texts_of(ds, p_lang, source)[1]
+        kept, skipped = restrict_groups(groups, queries, corpus)
+        stats = {"groups": kept.num_rows, **skipped, "rows": 0}
+        if kept.num_rows:
+            try:
+                view_cols, built = build_rows(
+                    fmt, kept, teacher, queries, lambda d, c=corpus: join_title(*c[d]), grades, num_negatives, label_scale
+                )
+            except PipelineError as e:
+                if "no training rows" not in str(e):
+                    raise
+                view_cols, built = {}, {"rows": 0, "queries_short_of_negatives": kept.num_rows}
+            stats["rows"] = built["rows"]
+            stats["queries_short_of_negatives"] = built.get("queries_short_of_negatives", 0)
+            for name, values in view_cols.items():
+                cols.setdefault(name, []).extend(values)
+        views[view_name(q_lang, p_lang)] = stats
+    rows = len(cols.get("query", []))
+    if rows == 0:
+        raise PipelineError(f"no training rows in format '{fmt}' in any language ({', '.join(views)})")
+    out = {"format": fmt, "rows": rows, "views": views, "num_negatives": num_negatives}
+    if "label" in cols and fmt != "pair-class":
+        flat = np.asarray(cols["label"], np.float64).ravel()
+        out["label_mean"], out["label_std"] = float(flat.mean()), float(flat.std())
+    if fmt == "pair-class":
+        out["num_classes"] = int(max(cols["label"])) + 1
+    return cols, out
+
+
+def build_multilingual_labels(
+    data_dir,
+    mined_dir,
+    scores_path,
+    out_dir,
+    fmt: str,
+    languages: Sequence[str],
+    source: str = "en",
+    cross_lingual: bool = False,
+    num_negatives: int | None = None,
+    label_scale: float = 1.0,
+    false_negative_action: str = "keep",
+    false_negative_margin: float = 0.0,
+) -> dict:
+    """Stage entry: the rows of every language view saved as one ``datasets`` folder (atomically)."""
+    import time
+
+    import pyarrow.parquet as pq
+
+    from pipeline.artifacts import atomic_dir, write_json
+    from pipeline.data import load_normalized
+    from pipeline.labels import false_negatives, score_lookup, to_dataset
+    from pipeline.scoring import read_scores
+
+    t0 = time.perf_counter()
+    ds = load_normalized(data_dir)
+    for lang in languages:
+        texts_of(ds, lang, source)  # a missing language fails here, before any rows are built
+    groups = pq.read_table(Path(mined_dir) / "groups.parquet")
+    teacher = score_lookup(read_scores(scores_path)[0]) if scores_path else None
+    filter_stats = None
+    if teacher is not None:
+        groups, filter_stats = false_negatives(groups, teacher, false_negative_margin, false_negative_action)
+    elif false_negative_action != "keep":
+        raise PipelineError(f"--false-negatives {false_negative_action} needs teacher scores")
+    cols, stats = multilingual_rows(
+        fmt, groups, teacher, ds, languages, source, cross_lingual, ds.relevant("train"), num_negatives, label_scale
+    )
+    if filter_stats:
+        stats["false_negatives"] = filter_stats
+    with atomic_dir(out_dir) as tmp:
+        to_dataset(cols).save_to_disk(str(tmp / "dataset"))
+        stats["seconds"] = round(time.perf_counter() - t0, 2)
+        write_json(tmp / "stats.json", stats)
+    return stats
+
+
+def language_candidates(
+    candidates: pa.Table, ds: Dataset, lang: str, source: str, max_queries: int = 0
+) -> tuple[list[str], list[str], list[float], dict]:
+    """The source retriever's test candidates restricted to what ``lang`` has translated.
+
+    A query counts when it and at least one of its judged passages are translated; its candidate
+    list keeps the translated passages in the retriever's order.
+    """
+    queries, corpus = texts_of(ds, lang, source)
+    qrels = ds.relevant("test")
+    c = candidates.to_pydict()
+    qids, dids, scores = [], [], []
+    skipped = {"missing_query": 0, "no_judged_passage": 0, "candidates_missing": 0}
+    kept = 0
+    for q, docs, ss in zip(c["query_id"], c["doc_ids"], c["scores"]):
+        if max_queries and kept >= max_queries:
+            break
+        if q not in queries:
+            skipped["missing_query"] += 1
+            continue
+        if not any(d in corpus for d in qrels.get(q, {})):
+            skipped["no_judged_passage"] += 1
+            continue
+        pairs = [(d, s) for d, s in zip(docs, ss) if d in corpus]
+        skipped["candidates_missing"] += len(docs) - len(pairs)
+        kept += 1
+        qids += [q] * len(pairs)
+        dids += [d for d, _ in pairs]
+        scores += [s for _, s in pairs]
+    return qids, dids, scores, skipped
+
+
+def evaluate_languages(
+    data_dir,
+    mined_dir,
+    student_dir,
+    source_only_dir,
+    out_dir,
+    languages: Sequence[str],
+    source: str,
+    teacher: str,
+    teacher_weights: str,
+    student: str,
+    student_layers: int,
+    params: dict,
+    stages: dict,
+    timings: dict,
+    device: str = "cpu",
+    precision: str = "auto",
+    max_length: int = 256,
+    teacher_max_length: int = 512,
+    max_eval_queries: int = 0,
+    seed: int = 12,
+) -> dict:
+    """Stage entry: per language, the retriever's order, the teacher on the source texts, and the
+    untrained, source-only and multilingual students on that language's texts; metrics.json,
+    report.md and a plot in ``out_dir``."""
+    import pyarrow.parquet as pq
+    import torch
+
+    from pipeline.artifacts import atomic_dir, write_json
+    from pipeline.data import load_normalized
+    from pipeline.evaluation import evaluate_rankers, timed_scores
+    from pipeline.models import cut_student, load_cross_encoder, resolve_precision
+    from pipeline.report import plot_languages, write_report
+    from pipeline.scoring import CrossEncoderScorer, TeacherSpec, load_teacher
+
+    ds = load_normalized(data_dir)
+    qrels = ds.relevant("test")
+    cand = pq.read_table(Path(mined_dir) / "candidates-test.parquet")
+    dtype = resolve_precision(precision, device)
+    langs = [source] + [lang for lang in languages if lang != source]
+    sets = {lang: language_candidates(cand, ds, lang, source, max_eval_queries) for lang in langs}
+
+    # The teacher reads the source texts of every language's pairs: score each pair once.
+    needed = list(dict.fromkeys((q, d) for qids, dids, _, _ in sets.values() for q, d in zip(qids, dids)))
+    t = load_teacher(TeacherSpec.parse(teacher, teacher_weights), device, precision, teacher_max_length)
+    t_scores, t_pps = timed_scores(
+        lambda: t.score([(ds.queries[q], ds.passage(d)) for q, d in needed], [q for q, _ in needed]), len(needed)
+    )
+    teacher_of = dict(zip(needed, t_scores))
+    del t
+
+    torch.manual_seed(seed)
+    models = {
+        "student_untrained": cut_student(student, student_layers, device, max_length),
+        "student_source_only": load_cross_encoder(str(source_only_dir), device, max_length),
+        "student": load_cross_encoder(str(student_dir), device, max_length),
+    }
+    scorers = {name: CrossEncoderScorer(m, device, dtype) for name, m in models.items()}
+
+    per_lang = {}
+    for lang, (qids, dids, retrieval, skipped) in sets.items():
+        queries, corpus = texts_of(ds, lang, source)
+        pairs = [(queries[q], join_title(*corpus[d])) for q, d in zip(qids, dids)]
+        rankers = {
+            "retriever": (np.asarray(retrieval, np.float32), float("nan")),
+            "teacher": (np.asarray([teacher_of[(q, d)] for q, d in zip(qids, dids)], np.float32), t_pps),
+        }
+        for name, scorer in scorers.items():
+            rankers[name] = timed_scores(lambda s=scorer: s.score(pairs, desc=f"{name} [{lang}]"), len(pairs))
+        per_lang[lang] = {
+            "queries": len(set(qids)),
+            "pairs": len(pairs),
+            "skipped": skipped,
+            "rankers": evaluate_rankers(qids, dids, qrels, rankers) if pairs else {},
+        }
+        if pairs:  # the retriever's scores come from mining; it was not timed here
+            del per_lang[lang]["rankers"]["retriever"]["pairs_per_second"]
+
+    lines = language_verdict(per_lang, source)
+    metrics = {
+        "test": per_lang[source]["rankers"],
+        "test_queries": per_lang[source]["queries"],
+        "test_pairs": per_lang[source]["pairs"],
+        "languages": per_lang,
+        "source_language": source,
+        "verdict": lines,
+        "params": params,
+        "stages": stages,
+        "timings": timings,
+    }
+    plots = {"languages": "languages.png"}
+    with atomic_dir(out_dir) as tmp:
+        plot_languages(per_lang, tmp / plots["languages"])
+        write_json(tmp / "metrics.json", metrics)
+        write_report(tmp / "report.md", metrics, lines, plots)
+    return metrics
+
+
+def language_verdict(per_lang: dict, source: str) -> list[str]:
+    """One sentence per language: does the multilingual student beat the students it must beat?"""
+    lines = []
+    for lang, entry in per_lang.items():
+        r = entry["rankers"]
+        if not r:
+            lines.append(f"{lang}: no test query has a translated judged passage; not evaluated.")
+            continue
+        m, so, un, ret = (r[k]["ndcg@10"] for k in ("student", "student_source_only", "student_untrained", "retriever"))
+        beats = m > so and m > un
+        lines.append(
+            f"{lang}{' (source)' if lang == source else ''}: the multilingual student scores {m:.4f} nDCG@10 against "
+            f"{so:.4f} for the source-only student and {un:.4f} untrained"
+            + ("." if lang == source else (" (beats both)." if beats else " (does NOT beat both)."))
+            + ("" if m > ret else f" It does not beat the retriever's order ({ret:.4f}).")
+        )
+    return lines

@@ -1,0 +1,212 @@
+"""Model registry for scheduled retraining: run history, the promotion gate, and ``current``.
+
+Layout of a registry folder::
+
+    history.jsonl        one JSON line per event: a finished run, a failed run, a rollback
+    runs/<run>.json      the record of a finished run (its presence marks the run done)
+    students/<run>/      a copy of every promoted student
+    current -> students/<run>    the champion a serving process loads
+    report.md            the history as a table
+
+``current`` is swapped atomically (a new link renamed over the old one), so a reader sees the
+old champion or the new one, never a missing path.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from pipeline.artifacts import atomic_dir, atomic_file, point_link, write_json
+from pipeline.errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+
+def gate_decision(challenger: float, champion: float | None, tolerance: float) -> tuple[bool, str]:
+    """Promote unless the challenger's nDCG@10 is worse than the champion's by more than ``tolerance``."""
+    if champion is None:
+        return True, "no champion yet"
+    if challenger >= champion - tolerance:
+        return True, f"challenger {challenger:.4f} >= champion {champion:.4f} - tolerance {tolerance:g}"
+    return False, f"challenger {challenger:.4f} < champion {champion:.4f} - tolerance {tolerance:g}"
+
+
+class Registry:
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    @property
+    def history_path(self) -> Path:
+        return self.root / "history.jsonl"
+
+    def history(self) -> list[dict]:
+        if not self.history_path.exists():
+            return []
+        with open(self.history_path) as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    def run_record(self, run: str) -> Path:
+        return self.root / "runs" / f"{run}.json"
+
+    def champions(self) -> list[dict]:
+        """Promoted runs still standing, oldest first: promotions push, rollbacks pop."""
+        stack: list[dict] = []
+        for event in self.history():
+            if event.get("status") == "finished" and event.get("promoted"):
+                stack.append(event)
+            elif event.get("status") == "rollback" and stack:
+                stack.pop()
+        return stack
+
+    def champion(self) -> dict | None:
+        stack = self.champions()
+        return stack[-1] if stack else None
+
+    def current(self) -> Path | None:
+        link = self.root / "current"
+        return link.resolve() if link.exists() else None
+
+    def _append(self, event: dict) -> None:
+        # One short line per event, appended with O_APPEND: concurrent writers never interleave
+        # inside a line, and earlier lines are never rewritten.
+        self.root.mkdir(parents=True, exist_ok=True)
+        event = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **event}
+        line = json.dumps(event, sort_keys=False, default=str) + "\n"
+        fd = os.open(self.history_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line.encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self.write_report()
+
+    def record_run(self, run: str, record: dict, student_dir: str | os.PathLike) -> dict:
+        """Append a finished run; when promoted, copy its student in and point ``current`` at it."""
+        event = {"run": run, "status": "finished", **record}
+        if record.get("promoted"):
+            target = self.root / "students" / run
+            if not target.exists():
+                with atomic_dir(target) as tmp:
+                    shutil.copytree(Path(student_dir).resolve(), tmp, dirs_exist_ok=True)
+            event["registry_student"] = str(target)
+            point_link(self.root / "current", target)
+        self._append(event)
+        write_json(self.run_record(run), event)  # last: it marks the run done
+        return event
+
+    def record_failure(self, run: str, stage: str, error: str) -> None:
+        self._append({"run": run, "status": "failed", "stage": stage, "error": error[:500]})
+
+    def rollback(self) -> dict:
+        """Point ``current`` back to the champion before this one."""
+        stack = self.champions()
+        if len(stack) < 2:
+            raise PipelineError(f"{self.root}: no earlier champion to roll back to ({len(stack)} promoted run(s) standing)")
+        retired, back = stack[-1], stack[-2]
+        point_link(self.root / "current", self.root / "students" / back["run"])
+        event = {"status": "rollback", "run": back["run"], "retired": retired["run"]}
+        self._append(event)
+        log.info("rolled back: current is %s again (retired %s)", back["run"], retired["run"])
+        return event
+
+    def write_report(self) -> None:
+        lines = [
+            "# Registry history",
+            "",
+            f"current: `{os.readlink(self.root / 'current') if (self.root / 'current').is_symlink() else 'none'}`",
+            "",
+            "| time | run | status | challenger nDCG@10 | champion nDCG@10 | decision | stage / note |",
+            "|---|---|---|---:|---:|---|---|",
+        ]
+        for e in self.history():
+            gate = e.get("gate", {})
+            fmt = lambda v: f"{v:.4f}" if isinstance(v, (int, float)) else "n/a"  # noqa: E731
+            decision = {True: "promoted", False: "kept champion"}.get(e.get("promoted"), "")
+            if e.get("status") == "failed":
+                note = f"failed in {e.get('stage')}: {e.get('error', '')[:80]}"
+            elif e.get("status") == "rollback":
+                note = f"current back to {e.get('run')}, retired {e.get('retired')}"
+            else:
+                note = gate.get("reason", "")
+            lines.append(
+                f"| {e.get('time', '')} | {e.get('run', '')} | {e.get('status')} | {fmt(gate.get('challenger'))} | "
+                f"{fmt(gate.get('champion'))} | {decision} | {note} |"
+            )
+        with atomic_file(self.root / "report.md") as tmp:
+            tmp.write_text("\n".join(lines) + "\n")
+
+
+def gate_ndcg(
+    model_dirs: dict[str, str | os.PathLike],
+    data_dir,
+    mined_dir,
+    device: str = "cpu",
+    precision: str = "auto",
+    max_length: int = 256,
+    max_queries: int = 0,
+) -> dict[str, float]:
+    """nDCG@10 of each model reranking the same test candidates of the gate dataset."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from pipeline.data import load_normalized
+    from pipeline.evaluation import candidate_pairs, ranking_metrics, to_run
+    from pipeline.models import load_cross_encoder, resolve_precision
+    from pipeline.scoring import CrossEncoderScorer
+
+    ds = load_normalized(data_dir)
+    qids, dids, _ = candidate_pairs(pq.read_table(Path(mined_dir) / "candidates-test.parquet"), max_queries or None)
+    pairs = [(ds.queries[q], ds.passage(d)) for q, d in zip(qids, dids)]
+    dtype = resolve_precision(precision, device)
+    out = {}
+    for name, path in model_dirs.items():
+        scorer = CrossEncoderScorer(load_cross_encoder(str(path), device, max_length), device, dtype)
+        scores = np.asarray(scorer.score(pairs, desc=f"gate: {name}"))
+        out[name] = ranking_metrics(to_run(qids, dids, scores), ds.relevant("test"))["ndcg@10"]
+    return out
+
+
+def promote_or_keep(
+    registry: str | os.PathLike,
+    run: str,
+    student_dir: str | os.PathLike,
+    metrics_path: str | os.PathLike,
+    gate_data_dir,
+    gate_mined_dir,
+    tolerance: float,
+    record: dict,
+    device: str = "cpu",
+    precision: str = "auto",
+    max_length: int = 256,
+    max_queries: int = 0,
+) -> dict:
+    """Stage entry: gate the run's student against the champion on the gate set, record the run,
+    and promote it when the gate allows."""
+    reg = Registry(registry)
+    champion = reg.champion()
+    models = {"challenger": student_dir}
+    if champion:
+        models["champion"] = champion["registry_student"]
+    scores = gate_ndcg(models, gate_data_dir, gate_mined_dir, device, precision, max_length, max_queries)
+    promoted, reason = gate_decision(scores["challenger"], scores.get("champion"), tolerance)
+    gate = {
+        "challenger": scores["challenger"],
+        "champion": scores.get("champion"),
+        "champion_run": champion["run"] if champion else None,
+        "tolerance": tolerance,
+        "reason": reason,
+    }
+    log.info("promotion gate for %s: %s -> %s", run, reason, "promoted" if promoted else "kept the champion")
+    metrics = json.loads(Path(metrics_path).read_text())
+    event = reg.record_run(
+        run,
+        {**record, "promoted": promoted, "gate": gate, "metrics": metrics.get("test"), "stages": metrics.get("stages"),
+         "timings": metrics.get("timings"), "student": str(Path(student_dir).resolve())},
+        student_dir,
+    )
+    return event

@@ -1,0 +1,88 @@
+"""Scheduled retraining: one dated run of the whole DAG, gated into a model registry.
+
+    luigi --module tasks RetrainStudent --date 2026-11-26 --dataset 'snapshots/{date}' --registry runs/registry
+    luigi --module tasks RangeDaily --of RetrainStudent --start 2026-11-01 --stop 2026-11-27
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import luigi
+
+from pipeline import registry
+from pipeline.models import resolve_device
+from tasks.params import EvalParams, SnapshotDate
+from tasks.stages import MineHardNegatives, PrepareData, TrainStudent
+
+
+class RetrainStudent(SnapshotDate, EvalParams, luigi.Task):
+    """Retrain on one date's snapshot; promote the student to <registry>/current if it passes the gate."""
+
+    registry = luigi.Parameter(default="runs/registry", description="registry folder: history.jsonl, current, students/")
+    promotion_tolerance = luigi.FloatParameter(
+        default=0.0, description="promote unless nDCG@10 is worse than the champion's by more than this"
+    )
+    gate_dataset = luigi.Parameter(
+        default="", description="fixed dataset whose test split gates promotion; default: the snapshot itself"
+    )
+    rollback = luigi.BoolParameter(default=False, description="point current back to the previous champion and stop")
+
+    @property
+    def run_name(self) -> str:
+        return self.date.isoformat()
+
+    def snapshot(self) -> str:
+        """The dataset of this date: --dataset with {date} filled in (a plain path is used as is)."""
+        return self.dataset.format(date=self.run_name) if "{date}" in self.dataset else self.dataset
+
+    def requires(self):
+        if self.rollback:
+            return {}
+        # Each date gets its own artifact folder; the caches are shared, so only new texts are
+        # embedded and only new pairs reach the teacher.
+        shared = dict(
+            output_dir=str(Path(self.output_dir) / self.run_name),
+            cache_dir=self.cache_dir or str(Path(self.output_dir) / "cache"),
+            registry=self.registry,
+            run_id=self.run_name,
+        )
+        gate = self.gate_dataset or self.snapshot()
+        return {
+            "run": self.clone(TrainStudent, dataset=self.snapshot(), **shared),
+            "data": self.clone(PrepareData, dataset=self.snapshot(), **shared),
+            "gate_data": self.clone(PrepareData, dataset=gate, **shared),
+            "gate_mined": self.clone(MineHardNegatives, dataset=gate, **shared),
+        }
+
+    def output(self):
+        return luigi.LocalTarget(str(registry.Registry(self.registry).run_record(self.run_name)))
+
+    def complete(self):
+        return False if self.rollback else super().complete()
+
+    def run(self):
+        reg = registry.Registry(self.registry)
+        if self.rollback:
+            reg.rollback()
+            return
+        run = self.input()["run"]
+        record = {
+            "date": self.run_name,
+            "dataset": self.snapshot(),
+            "data_fingerprint": self.requires()["data"].fp,
+            "params": {k: v for k, v in self.to_str_params(only_significant=True).items()},
+        }
+        registry.promote_or_keep(
+            self.registry, self.run_name, run["student"].path, run["metrics"].path, self.input()["gate_data"].path,
+            self.input()["gate_mined"].path, self.promotion_tolerance, record, resolve_device(self.device),
+            self.score_precision, self.max_length, self.max_eval_queries,
+        )
+
+
+@luigi.Task.event_handler(luigi.Event.FAILURE)
+def record_failed_stage(task, exception):
+    """A stage of a retrain that fails is written to the registry's history, with where it failed."""
+    run = getattr(task, "run_id", "") or (task.run_name if isinstance(task, RetrainStudent) else "")
+    if getattr(task, "registry", "") and run:
+        registry.Registry(task.registry).record_failure(run, task.get_task_family(), f"{type(exception).__name__}: {exception}")

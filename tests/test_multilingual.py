@@ -1,0 +1,101 @@
+"""Multilingual distillation: rows per language view carry the source labels; the DAG runs with
+two target languages, one of them missing ids."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import luigi
+import pyarrow as pa
+import pytest
+
+from conftest import dag_params
+from pipeline.data import join_title, read_dataset
+from pipeline.multilingual import multilingual_rows, restrict_groups, training_views
+from tasks import TrainMultilingualStudent
+
+
+def translate(text: str, lang: str) -> str:
+    """A stand-in translation: every word tagged with the language, so texts differ but stay parallel."""
+    return " ".join(f"{w}_{lang}" for w in text.split())
+
+
+@pytest.fixture(scope="module")
+def parallel_beir(small_beir, tmp_path_factory):
+    """small_beir plus 'xx' (everything translated) and 'yy' (every third query and document missing)."""
+    folder = tmp_path_factory.mktemp("parallel") / "beir"
+    shutil.copytree(small_beir, folder)
+    ds = read_dataset(small_beir)
+    for lang, keep in (("xx", lambda i: True), ("yy", lambda i: i % 3 != 0)):
+        with open(folder / f"queries.{lang}.jsonl", "w") as f:
+            for i, (q, text) in enumerate(ds.queries.items()):
+                if keep(i):
+                    f.write(json.dumps({"_id": q, "text": translate(text, lang)}) + "\n")
+        with open(folder / f"corpus.{lang}.jsonl", "w") as f:
+            for i, (d, (title, text)) in enumerate(ds.corpus.items()):
+                if keep(i):
+                    f.write(json.dumps({"_id": d, "title": translate(title, lang), "text": translate(text, lang)}) + "\n")
+    return folder
+
+
+def test_views_carry_the_source_labels_and_skip_missing_ids(parallel_beir):
+    ds = read_dataset(parallel_beir)
+    train = ds.relevant("train")
+    qids = sorted(train)[:12]
+    others = [d for d in ds.corpus if all(d not in train[q] for q in qids)]
+    groups = pa.table({
+        "query_id": qids,
+        "positive_ids": [sorted(train[q]) for q in qids],
+        "negative_ids": [others[i : i + 6] for i in range(len(qids))],
+    })
+    teacher = {(q, d): float(len(q) % 7 + i) for q in qids for i, d in enumerate(list(ds.corpus))}
+    cols, stats = multilingual_rows("ntuple-margin", groups, teacher, ds, ["xx", "yy"], "en", cross_lingual=True, num_negatives=2)
+
+    assert [v for v in stats["views"]] == ["en", "xx", "yy", "xx-en", "en-xx", "yy-en", "en-yy"]
+    assert stats["views"]["en"]["rows"] == stats["views"]["xx"]["rows"] == sum(len(train[q]) for q in qids)
+    yy = stats["views"]["yy"]
+    assert yy["missing_query"] + yy["missing_positive"] > 0 and yy["rows"] < stats["views"]["en"]["rows"]
+    assert stats["rows"] == sum(v["rows"] for v in stats["views"].values()) == len(cols["query"])
+
+    # A translated row has the translated texts and exactly its source row's margins.
+    xq, xc = ds.languages["xx"]
+    rows = list(zip(cols["query"], cols["positive"], cols["negative_1"], cols["label"]))
+    for q in qids:
+        p = sorted(train[q])[0]
+        src = [r for r in rows if r[:2] == (ds.queries[q], ds.passage(p))]
+        xx = [r for r in rows if r[:2] == (xq[q], join_title(*xc[p]))]
+        assert len(src) == len(xx) == 1
+        assert xx[0][3] == src[0][3]
+        assert xx[0][2] == translate(src[0][2], "xx")
+
+    # yy keeps negatives in order, leaving out the untranslated ones.
+    yq, yc = ds.languages["yy"]
+    kept, skipped = restrict_groups(groups, yq, yc)
+    for q, negs in zip(kept["query_id"].to_pylist(), kept["negative_ids"].to_pylist()):
+        source_negs = groups["negative_ids"].to_pylist()[qids.index(q)]
+        assert negs == [n for n in source_negs if n in yc]
+    assert skipped["negatives_missing"] > 0
+    assert training_views(["xx"], "en", False) == [("en", "en"), ("xx", "xx")]
+
+
+def test_multilingual_dag_runs_with_two_languages(parallel_beir, tiny_models, tmp_path):
+    out = tmp_path / "run"
+    params = dag_params(parallel_beir, tiny_models, out, TrainMultilingualStudent, languages="xx,yy", negative_pool=6)
+    assert luigi.build([TrainMultilingualStudent(**params)], local_scheduler=True, workers=1, log_level="WARNING")
+
+    m = json.loads((out / "metrics.json").read_text())
+    assert list(m["languages"]) == ["en", "xx", "yy"]
+    for lang, entry in m["languages"].items():
+        assert set(entry["rankers"]) == {"retriever", "teacher", "student_untrained", "student_source_only", "student"}
+        assert entry["queries"] > 0
+    assert m["languages"]["yy"]["skipped"]["missing_query"] > 0
+    assert m["languages"]["yy"]["queries"] < m["languages"]["xx"]["queries"]
+    assert m["test"] == m["languages"]["en"]["rankers"]
+    views = m["stages"]["BuildMultilingualLabels"]["views"]
+    assert views["xx"]["rows"] == views["en"]["rows"] > views["yy"]["rows"] > 0
+    assert m["stages"]["FitStudent"]["rows"] == sum(v["rows"] for v in views.values())
+    report = (out / "report.md").read_text()
+    assert "## Languages" in report and "student_source_only" in report
+    assert (out / "languages.png").stat().st_size > 0
+    assert (out / "student" / "config.json").exists()

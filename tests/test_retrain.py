@@ -1,0 +1,157 @@
+"""Scheduled retraining: dated runs share caches, a worse challenger is not promoted, a failed
+stage leaves current alone and is recorded, rollback restores the previous champion."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import shutil
+import time
+
+import luigi
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import dag_params
+from pipeline.registry import Registry, gate_decision
+from tasks import RangeDaily, RetrainStudent
+
+D1, D2, D3, D4 = (datetime.date(2026, 11, d) for d in (24, 25, 26, 27))
+
+
+def _retrain(snapshots, tiny_models, root, date, **over):
+    params = dag_params(
+        str(snapshots / "{date}"), tiny_models, root / "runs", RetrainStudent, registry=str(root / "registry"), **over
+    )
+    task = RetrainStudent(date=date, **params)
+    t0 = time.perf_counter()
+    ok = luigi.build([task], local_scheduler=True, workers=1, log_level="WARNING")
+    return ok, time.perf_counter() - t0
+
+
+def _drop_train_queries(folder, n):
+    """Remove the last ``n`` training queries' judgments and texts (the 'earlier' snapshot)."""
+    lines = (folder / "qrels" / "train.tsv").read_text().splitlines()
+    qids = list(dict.fromkeys(line.split("\t")[0] for line in lines[1:]))
+    gone = set(qids[-n:])
+    (folder / "qrels" / "train.tsv").write_text("\n".join(line for line in lines if line.split("\t")[0] not in gone) + "\n")
+    rows = [json.loads(x) for x in (folder / "queries.jsonl").read_text().splitlines()]
+    (folder / "queries.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows if r["_id"] not in gone))
+    return gone
+
+
+@pytest.fixture(scope="module")
+def retrained(small_beir, tiny_models, tmp_path_factory):
+    """Two dates: the second adds 10% new training queries; the second is promoted with a wide tolerance."""
+    root = tmp_path_factory.mktemp("retrain")
+    snapshots = root / "snapshots"
+    shutil.copytree(small_beir, snapshots / D1.isoformat())
+    shutil.copytree(small_beir, snapshots / D2.isoformat())
+    new = _drop_train_queries(snapshots / D1.isoformat(), 4)
+    ok1, t1 = _retrain(snapshots, tiny_models, root, D1)
+    ok2, t2 = _retrain(snapshots, tiny_models, root, D2, promotion_tolerance=1.0)
+    assert ok1 and ok2
+    print(f"\nretrain wall time: first date {t1:.1f} s, second date (+10% queries) {t2:.1f} s")
+    return root, snapshots, new
+
+
+def _record(root, date):
+    return json.loads((root / "registry" / "runs" / f"{date.isoformat()}.json").read_text())
+
+
+def test_second_date_scores_only_new_pairs(retrained):
+    root, _, new = retrained
+    second = _record(root, D2)
+    groups = pq.read_table(next((root / "runs" / D2.isoformat() / "mined").iterdir()) / "groups.parquet").to_pydict()
+    new_pairs = {(q, d) for q, p, n in zip(groups["query_id"], groups["positive_ids"], groups["negative_ids"]) if q in new for d in p + n}
+    old_pairs = {(q, d) for q, p, n in zip(groups["query_id"], groups["positive_ids"], groups["negative_ids"]) if q not in new for d in p + n}
+    scoring = second["stages"]["ScoreWithTeacher"]
+    assert len(new_pairs) > 0
+    assert scoring["pairs_scored"] == len(new_pairs)
+    assert scoring["pairs_from_cache"] == len(old_pairs)
+    # Mining embedded only the new query texts; the corpus came from the shared cache.
+    assert second["stages"]["MineHardNegatives"]["texts_embedded"] == len(new)
+    assert _record(root, D1)["stages"]["ScoreWithTeacher"]["pairs_from_cache"] == 0
+    assert set(second["timings"]) >= {"MineHardNegatives", "ScoreWithTeacher", "FitStudent"}
+
+
+def test_promotion_history_and_rerun_does_nothing(retrained, tiny_models):
+    root, snapshots, _ = retrained
+    reg = Registry(root / "registry")
+    first, second = _record(root, D1), _record(root, D2)
+    assert first["promoted"] and first["gate"]["champion"] is None
+    assert second["promoted"] and second["gate"]["champion_run"] == D1.isoformat()
+    assert reg.current() == (root / "registry" / "students" / D2.isoformat()).resolve()
+    assert (reg.current() / "config.json").exists()
+    events = len(reg.history())
+    ok, _ = _retrain(snapshots, tiny_models, root, D2)
+    assert ok and len(reg.history()) == events
+    # RangeDaily asks only for dates not yet done.
+    of_params = {k: v for k, v in dag_params(str(snapshots / "{date}"), tiny_models, root / "runs", RetrainStudent,
+                                             registry=str(root / "registry")).items()}
+    earlier = datetime.date(2026, 11, 23)
+    missing = RangeDaily(of=RetrainStudent, start=earlier, stop=D3, of_params=of_params).requires()
+    assert [t.date for t in missing] == [earlier]
+    report = (root / "registry" / "report.md").read_text()
+    assert f"| {D1.isoformat()} | finished |" in report and f"| {D2.isoformat()} | finished |" in report
+
+
+def test_worse_challenger_is_not_promoted_then_rollback(retrained, tiny_models):
+    root, snapshots, _ = retrained
+    reg = Registry(root / "registry")
+    champion = reg.current()
+    # A gate set on which the champion is perfect: each test query's judged passage is the
+    # champion's own first choice among the candidates.
+    from pipeline.data import read_dataset
+    from pipeline.models import load_cross_encoder
+
+    gate = root / "gate"
+    shutil.copytree(snapshots / D2.isoformat(), gate)
+    ds = read_dataset(gate)
+    cands = pq.read_table(next((root / "runs" / D2.isoformat() / "mined").iterdir()) / "candidates-test.parquet").to_pydict()
+    ce = load_cross_encoder(str(champion), "cpu", 64)
+    lines = ["query-id\tcorpus-id\tscore"]
+    for q, docs in zip(cands["query_id"], cands["doc_ids"]):
+        scores = ce.predict([(ds.queries[q], ds.passage(d)) for d in docs], show_progress_bar=False)
+        lines.append(f"{q}\t{docs[int(np.argmax(scores))]}\t1")
+    (gate / "qrels" / "test.tsv").write_text("\n".join(lines) + "\n")
+
+    # The challenger: one layer, trained on inverted margins.
+    shutil.copytree(snapshots / D2.isoformat(), snapshots / D3.isoformat())
+    ok, _ = _retrain(snapshots, tiny_models, root, D3, gate_dataset=str(gate), student_layers=1, label_scale=-20.0)
+    assert ok
+    third = _record(root, D3)
+    assert third["gate"]["champion"] == pytest.approx(1.0)
+    assert third["gate"]["challenger"] < 1.0
+    assert not third["promoted"]
+    assert reg.current() == champion
+
+    # Rollback: current goes back to the first date's student.
+    params = dag_params(str(snapshots / "{date}"), tiny_models, root / "runs", RetrainStudent, registry=str(root / "registry"))
+    assert luigi.build([RetrainStudent(rollback=True, **params)], local_scheduler=True, workers=1, log_level="WARNING")
+    assert reg.current() == (root / "registry" / "students" / D1.isoformat()).resolve()
+    assert reg.history()[-1]["status"] == "rollback" and reg.history()[-1]["retired"] == D2.isoformat()
+
+
+def test_failed_stage_leaves_current_and_is_recorded(retrained, tiny_models):
+    root, snapshots, _ = retrained
+    reg = Registry(root / "registry")
+    current = reg.current()
+    bad = snapshots / D4.isoformat()
+    shutil.copytree(snapshots / D2.isoformat(), bad)
+    with open(bad / "corpus.jsonl", "a") as f:
+        f.write('{"_id": "broken", "text": \n')
+    ok, _ = _retrain(snapshots, tiny_models, root, D4)
+    assert not ok
+    last = reg.history()[-1]
+    assert last["run"] == D4.isoformat() and last["status"] == "failed" and last["stage"] == "PrepareData"
+    assert "corpus.jsonl" in last["error"]
+    assert reg.current() == current
+    assert not reg.run_record(D4.isoformat()).exists()
+
+
+def test_gate_decision():
+    assert gate_decision(0.5, None, 0.0)[0]
+    assert gate_decision(0.49, 0.5, 0.02)[0]
+    assert not gate_decision(0.47, 0.5, 0.02)[0]
