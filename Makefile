@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install run run-multilingual test clean bench bench-losses bench-score bench-mine bench-e2e
+.PHONY: install run run-multilingual scheduler worker test clean bench bench-losses bench-score bench-mine bench-e2e
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,19 @@ run: install
 
 run-multilingual: install
 	$(VENV)/bin/luigi --module tasks TrainMultilingualStudent
+
+SCHEDULER_PORT ?= 8082
+WORKERS ?= 2
+# luigid bound to 127.0.0.1 only; state and logs in runs/scheduler/.
+scheduler: install
+	mkdir -p runs/scheduler/logs
+	LUIGI_CONFIG_PATH=luigi-central.cfg $(VENV)/bin/luigid --address 127.0.0.1 --port $(SCHEDULER_PORT) \
+		--state-path runs/scheduler/state.pickle --logdir runs/scheduler/logs
+
+# A worker process for the running scheduler (start several, here or on other machines).
+worker: install
+	LUIGI_CONFIG_PATH=luigi-central.cfg $(VENV)/bin/luigi --module tasks TrainStudent --workers $(WORKERS) \
+		--scheduler-port $(SCHEDULER_PORT) --output-dir $(OUT)
 
 test: install
 	$(PY) -m pytest

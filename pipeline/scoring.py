@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import socket
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -472,7 +473,9 @@ def score_shard(
         "shard": [shard, num_shards],
     }
     write_scores(out_path, qids, dids, scores, meta)
-    return {**stats, "precision": meta["precision"], "shard": shard}
+    # Which worker scored the shard: with several workers on a shared output root, the logs of
+    # that host and process are the ones to read.
+    return {**stats, "precision": meta["precision"], "shard": shard, "host": socket.gethostname(), "pid": os.getpid()}
 
 
 def join_shards(mined_dir: str | Path, shard_paths: Sequence[str | Path], out_path: str | Path) -> dict:

@@ -3,13 +3,19 @@
 The student is cut from a pretrained backbone (its first ``student_layers`` layers). Training
 checkpoints go to a work folder, so a killed run resumes from its last checkpoint; the finished
 model is saved atomically in the standard CrossEncoder format with a model card that names the
-teacher, the loss and the data.
+teacher, the loss and the data. ``fit_student_distributed`` runs the same training under
+torchrun (DDP through the trainer), one process per GPU; only rank 0 evaluates and saves.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import shutil
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -147,6 +153,9 @@ def train_student(
         dataloader_drop_last=False,
         disable_tqdm=False,
         **({"batch_sampler": LengthGroupedBatchSampler} if group_by_length else {}),
+        # Under DDP: MarginMSE-style losses run one forward pass per column before one backward,
+        # the same number every step, which DDP accepts only with a static graph.
+        **({"ddp_static_graph": True} if int(os.environ.get("WORLD_SIZE", "1")) > 1 else {}),
     )
     trainer = CrossEncoderTrainer(
         model=model, args=args, train_dataset=train_dataset, loss=loss_module, evaluator=evaluator
@@ -155,6 +164,8 @@ def train_student(
     t0 = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume or None)
     seconds = time.perf_counter() - t0
+    if not trainer.is_world_process_zero():
+        return {}
     dev_metrics = evaluator(model) if evaluator else {}
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(str(tmp))
@@ -231,3 +242,36 @@ def fit_student(
         seed=seed,
         **train_kwargs,
     )
+
+
+def fit_student_distributed(nproc_per_node: int, **kwargs) -> dict:
+    """:func:`fit_student` under ``torchrun --nproc-per-node N`` in a child process.
+
+    The parent never touches CUDA, so it can fork luigi workers safely; the children each take
+    one device (DDP, through the trainer) and rank 0 writes the model and its statistics.
+    """
+    with tempfile.TemporaryDirectory(prefix="fit-student-") as tmp:
+        spec, stats_path = Path(tmp) / "spec.json", Path(tmp) / "stats.json"
+        spec.write_text(json.dumps({"kwargs": kwargs, "stats_path": str(stats_path)}, default=str))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc_per_node}",
+               "-m", "pipeline.training", str(spec)]
+        log.info("training under torchrun: %s", " ".join(cmd))
+        proc = subprocess.run(cmd, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+        if proc.returncode != 0:
+            raise PipelineError(f"distributed training failed (torchrun exit code {proc.returncode}); see the log above")
+        return json.loads(stats_path.read_text())
+
+
+def _distributed_main(spec_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    kwargs = spec["kwargs"]
+    if kwargs.get("device", "").startswith("cuda"):
+        kwargs["device"] = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    stats = fit_student(**kwargs)
+    if int(os.environ.get("RANK", "0")) == 0:
+        stats["processes"] = int(os.environ.get("WORLD_SIZE", "1"))
+        Path(spec["stats_path"]).write_text(json.dumps(stats))
+
+
+if __name__ == "__main__":
+    _distributed_main(sys.argv[1])

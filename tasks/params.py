@@ -89,6 +89,9 @@ class TrainParams(LabelParams):
     learning_rate = luigi.FloatParameter(default=2e-5)
     train_precision = luigi.Parameter(default="auto", description="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16")
     max_dev_queries = luigi.IntParameter(default=200, significant=False)
+    nproc_per_node = luigi.IntParameter(
+        default=1, significant=False, description="GPUs to train on, one torchrun process each (DDP); 1 or no GPU = one process"
+    )
 
 
 class EvalParams(TrainParams):

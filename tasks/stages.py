@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 from pathlib import Path
 
 import luigi
+import torch
 
 from losses.factory import resolve_loss
 from pipeline import data, evaluation, labels, mining, multilingual, scoring, teacher, training
@@ -16,6 +18,7 @@ from pipeline.models import PRECISIONS, model_identity, resolve_device, resolve_
 from tasks.params import DataParams, EvalParams, LabelParams, MineParams, MultilingualParams, TeacherParams, TrainParams
 
 FINE_TUNED = "fine-tuned"
+logger = logging.getLogger("luigi-interface")
 
 
 class Stage(luigi.Task):
@@ -291,13 +294,21 @@ class FitStudent(TrainParams, Stage):
         return luigi.LocalTarget(str(self.artifact()))
 
     def run(self):
-        stats = training.fit_student(
-            self.input()["data"].path, self.input()["mined"].path, self.input()["labels"].path, self.artifact(),
-            self.loss, self.student, self.student_layers, self.loss_kwargs, resolved_teacher(self),
-            self.max_dev_queries, self.seed, epochs=self.epochs, batch_size=self.batch_size,
+        kwargs = dict(
+            data_dir=self.input()["data"].path, mined_dir=self.input()["mined"].path,
+            labels_dir=self.input()["labels"].path, out_dir=str(self.artifact()), loss=self.loss, student=self.student,
+            student_layers=self.student_layers, loss_kwargs=self.loss_kwargs, teacher=resolved_teacher(self),
+            max_dev_queries=self.max_dev_queries, seed=self.seed, epochs=self.epochs, batch_size=self.batch_size,
             learning_rate=self.learning_rate, max_length=self.max_length, device=self.run_device,
             precision=_train_precision(self.run_device, self.train_precision), trust_remote_code=self.trust_remote_code,
         )
+        gpus = torch.cuda.device_count() if self.run_device.startswith("cuda") else 0
+        if self.nproc_per_node > 1 and gpus > 1:
+            stats = training.fit_student_distributed(min(self.nproc_per_node, gpus), **kwargs)
+        else:
+            if self.nproc_per_node > 1:
+                logger.warning("--nproc-per-node %d: %d GPU(s) here, training in one process", self.nproc_per_node, gpus)
+            stats = training.fit_student(**kwargs)
         write_json(self.artifact() / "stats.json", stats)
 
 
