@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU check for machines with CUDA: the demo DAG on cuda in bf16 (mining, teacher scoring,
-# training, evaluation), then the scoring benchmark in bf16 on the trained student. About 5
-# minutes on one H100/H200.
+# training, evaluation), then the scoring benchmark in bf16 on the trained student, then, with
+# two or more GPUs, a two-process torchrun training. About 5 minutes on one H100/H200.
 # Results land in ${OUT:-runs/gpu-check}. PYTHON picks the interpreter that has CUDA torch.
 # Tokenizer threads stay on: on a GPU the tokenizer, not the model, bounds scoring speed.
 set -euo pipefail
@@ -35,4 +35,12 @@ timeout 150 "$PY" benchmarks/bench_score.py --model "$OUT/run/student" --device 
     --pairs 8192 --max-length 512 --results "$OUT/score"
 
 gpus=$("$PY" -c "import torch; print(torch.cuda.device_count())")
-echo "torchrun smoke test: not run ($gpus GPU here; multi-GPU training is not built yet)"
+if [ "$gpus" -gt 1 ]; then
+    # The same DAG in a fresh folder (embeddings come from the first run's cache), trained by two processes.
+    timeout 240 "$PY" -m luigi --module tasks TrainStudent --local-scheduler --output-dir "$OUT/ddp" --device cuda \
+        --cache-dir "$OUT/run/cache" --score-precision bf16 --train-precision bf16 --max-train-queries 2544 \
+        --max-eval-queries 492 --nproc-per-node 2
+    "$PY" -c "import json, glob; print('torchrun smoke test: processes', [json.load(open(p)).get('processes') for p in glob.glob('$OUT/ddp/students/*/stats.json')])"
+else
+    echo "torchrun smoke test: skipped ($gpus GPU here; it needs 2 or more)"
+fi
