@@ -8,6 +8,7 @@ leaves only temporaries that the next run ignores and overwrites.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -37,6 +38,21 @@ def hash_files(paths: list[Path], chunk: int = 1 << 20) -> str:
 
 
 @contextlib.contextmanager
+def _disk_full_is_clear(path: Path) -> Iterator[None]:
+    """ENOSPC / EDQUOT deep inside a writer, as one line naming the outermost output being written."""
+    from pipeline.errors import DiskFullError
+
+    try:
+        yield
+    except DiskFullError:
+        raise DiskFullError(path) from None
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise DiskFullError(path) from None
+
+
+@contextlib.contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it to ``path`` if the block succeeds."""
     path = Path(path)
@@ -45,8 +61,9 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     tmp = Path(tmp)
     try:
-        yield tmp
-        _fsync(tmp)
+        with _disk_full_is_clear(path):
+            yield tmp
+            _fsync(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -59,7 +76,8 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
-        yield tmp
+        with _disk_full_is_clear(path):
+            yield tmp
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             os.replace(path, old)

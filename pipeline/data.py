@@ -136,7 +136,12 @@ def _field(path: Path, lineno: int, row: dict, name: str, required: bool = True)
     value = row[name]
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise DataError(path, lineno, name, f"expected a string, got {type(value).__name__}")
-    return str(value)
+    value = str(value)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:  # valid JSON ("\ud800") but not text: Arrow and the tokenizer would fail later
+        raise DataError(path, lineno, name, f"not valid Unicode (a lone surrogate escape at character {e.start})") from None
+    return value
 
 
 def _read_corpus(path: Path, known: dict | None = None) -> dict[str, tuple[str, str]]:

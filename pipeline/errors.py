@@ -15,3 +15,14 @@ class DataError(PipelineError, ValueError):
         where = self.path if line is None else f"{self.path}:{line}"
         what = f" field '{field}':" if field else ""
         super().__init__(f"{where}:{what} {problem}")
+
+
+class DiskFullError(PipelineError, OSError):
+    """The device ran out of space while an output was written; names the output, not a temporary."""
+
+    def __init__(self, path):
+        self.path = str(path)
+        super().__init__(
+            f"{self.path}: no space left on the device while writing it; nothing was written under this name "
+            "and finished outputs are intact: free space and rerun"
+        )

@@ -51,13 +51,14 @@ class EmbeddingCache:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.index_path = self.folder / "keys.txt"
         self.matrix_path = self.folder / "vectors.f32"
+        self.dim_path = self.folder / "dim.txt"
         self.keys: dict[str, int] = {}
-        if self.index_path.exists():
-            for i, k in enumerate(self.index_path.read_text().splitlines()):
-                self.keys[k] = i
+        self._reload_keys()
         self.dim = dim
-        if self.keys and self.dim is None and self.matrix_path.exists():
-            self.dim = self.matrix_path.stat().st_size // 4 // max(len(self.keys), 1)
+        if self.dim is None and self.dim_path.exists():
+            self.dim = int(self.dim_path.read_text())
+        elif self.dim is None and self.keys and self.matrix_path.exists():  # a cache from before dim.txt
+            self.dim = self.matrix_path.stat().st_size // 4 // len(self.keys)
 
     @staticmethod
     def key(text: str) -> str:
@@ -104,13 +105,21 @@ class EmbeddingCache:
                 self._append_locked(keys, vectors)
 
     def _reload_keys(self) -> None:
+        # Only whole lines count: a run killed while appending keys leaves at most a partial last
+        # line, which the next append cuts off (see _append_locked).
         if self.index_path.exists():
-            self.keys = {k: i for i, k in enumerate(self.index_path.read_text().splitlines())}
+            text = self.index_path.read_text()
+            self.keys = {k: i for i, k in enumerate(text[: text.rfind("\n") + 1].splitlines())}
 
     def _append_locked(self, keys: list[str], vectors: np.ndarray) -> None:
         # Vectors first, keys second: a crash in between leaves extra vectors that no key points to,
         # which the next append truncates away.
         n_before = len(self.keys)
+        if not self.dim_path.exists():
+            self.dim_path.write_text(str(self.dim))
+        if self.index_path.exists():
+            with open(self.index_path, "r+b") as f:
+                f.truncate(f.read().rfind(b"\n") + 1)
         with open(self.matrix_path, "r+b" if self.matrix_path.exists() else "wb") as f:
             f.truncate(n_before * self.dim * 4)
             f.seek(0, 2)

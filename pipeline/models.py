@@ -6,6 +6,7 @@ unless the caller passes it explicitly.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -119,15 +120,16 @@ def load_cross_encoder(
 
     ref = strip_kind(ref)
     _check_exists(ref)
-    model = CrossEncoder(
-        ref,
-        device=device,
-        max_length=max_length,
-        num_labels=num_labels,
-        trust_remote_code=trust_remote_code,
-        local_files_only=_offline(),
-        model_kwargs=_model_kwargs(ref),
-    )
+    with _remote_code_refused(ref):
+        model = CrossEncoder(
+            ref,
+            device=device,
+            max_length=max_length,
+            num_labels=num_labels,
+            trust_remote_code=trust_remote_code,
+            local_files_only=_offline(),
+            model_kwargs=_model_kwargs(ref),
+        )
     if max_length:
         model.max_seq_length = max_length
     return model
@@ -138,9 +140,10 @@ def load_bi_encoder(ref: str, device: str = "cpu", max_length: int | None = None
 
     ref = strip_kind(ref)
     _check_exists(ref)
-    model = SentenceTransformer(
-        ref, device=device, trust_remote_code=trust_remote_code, local_files_only=_offline(), model_kwargs=_model_kwargs(ref)
-    )
+    with _remote_code_refused(ref):
+        model = SentenceTransformer(
+            ref, device=device, trust_remote_code=trust_remote_code, local_files_only=_offline(), model_kwargs=_model_kwargs(ref)
+        )
     if max_length:
         model.max_seq_length = max_length
     return model
@@ -187,6 +190,20 @@ def _parent_of(root: nn.Module, child: nn.Module) -> tuple[nn.Module, str]:
             if sub is child:
                 return module, name
     raise PipelineError("layer stack has no parent module")
+
+
+@contextlib.contextmanager
+def _remote_code_refused(ref: str):
+    """transformers' refusal to run a model's own code, as one line that says what to do."""
+    try:
+        yield
+    except ValueError as e:
+        if "trust_remote_code" not in str(e):
+            raise
+        raise PipelineError(
+            f"{ref}: this model ships its own Python code (auto_map in config.json), which is not run by default; "
+            "pass --trust-remote-code only for a model you trust"
+        ) from None
 
 
 def _model_kwargs(ref: str) -> dict:

@@ -218,9 +218,15 @@ def fit_student(
     from pipeline.artifacts import read_json
     from pipeline.data import load_normalized
 
+    label_stats = read_json(Path(labels_dir) / "stats.json")
+    spec, _ = resolve_loss(loss)
+    if label_stats.get("format") != spec.format:
+        raise PipelineError(
+            f"{labels_dir}: labels are in format '{label_stats.get('format')}' but {spec.name} needs '{spec.format}'; "
+            "rebuild them with BuildLabels for this loss"
+        )
     ds = load_normalized(data_dir)
     train = load_from_disk(str(Path(labels_dir) / "dataset")).shuffle(seed=seed)
-    label_stats = read_json(Path(labels_dir) / "stats.json")
     dev_samples = None
     dev_path = Path(mined_dir) / "candidates-dev.parquet"
     if dev_path.exists() and max_dev_queries:

@@ -1,0 +1,132 @@
+"""Faults and untrusted input: a full disk, labels that do not fit the loss, model folders that
+carry code or pickles, and two runs at once on one output folder."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import dag_params, make_cross_encoder
+from pipeline.artifacts import hash_files
+from pipeline.data import prepare_data
+from pipeline.errors import PipelineError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_disk_full_fails_with_one_line_and_keeps_earlier_outputs(small_beir, tiny_models, tmp_path, monkeypatch):
+    from pipeline import mining
+
+    data = tmp_path / "data"
+    prepare_data(small_beir, data)
+    before = hash_files(list(data.iterdir()))
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(mining.pq, "write_table", full)
+    out = tmp_path / "mined" / "abc"
+    with pytest.raises(PipelineError, match="no space left on the device") as e:
+        mining.mine_hard_negatives(data, out, tiny_models["embedder"], tmp_path / "cache", num_negatives=2, max_length=64)
+    assert "\n" not in str(e.value) and str(out) in str(e.value)
+    assert not out.exists() and not [p for p in out.parent.iterdir() if p.name.endswith(".tmp")]
+    assert hash_files(list(data.iterdir())) == before
+
+
+def test_labels_that_do_not_fit_the_loss_stop_before_training(tmp_path):
+    from pipeline.training import fit_student
+
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    (labels / "stats.json").write_text(json.dumps({"format": "pair-score", "rows": 10}))
+    with pytest.raises(PipelineError, match="labels are in format 'pair-score' but MarginMSELoss needs 'ntuple-margin'"):
+        fit_student(tmp_path / "no-data", tmp_path / "no-mined", labels, tmp_path / "out", "MarginMSELoss", "no-model")
+
+
+def test_model_code_is_not_run_without_trust_remote_code(tmp_path):
+    from pipeline.models import load_cross_encoder
+
+    folder = make_cross_encoder(tmp_path / "ce")
+    marker = tmp_path / "code-ran"
+    (folder / "modeling_evil.py").write_text(
+        f"open({str(marker)!r}, 'w').write('ran')\n"
+        "from transformers import BertForSequenceClassification\n"
+        "class EvilModel(BertForSequenceClassification):\n    pass\n"
+    )
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForSequenceClassification": "modeling_evil.EvilModel"}
+    (folder / "config.json").write_text(json.dumps(config))
+    # Without the flag the folder's code never runs: transformers either refuses (our one-line
+    # error) or loads the standard class named by model_type.
+    try:
+        model = load_cross_encoder(str(folder), num_labels=1)
+        assert type(model.model).__name__ == "BertForSequenceClassification"
+    except PipelineError as e:
+        assert "--trust-remote-code" in str(e)
+    assert not marker.exists()
+    # With it, the same folder's code does run: the check above is not vacuous.
+    load_cross_encoder(str(folder), num_labels=1, trust_remote_code=True)
+    assert marker.exists()
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_safetensors_win_over_a_pickle_in_the_same_folder(tmp_path):
+    from pipeline.models import load_cross_encoder
+
+    folder = make_cross_encoder(tmp_path / "ce")
+    assert (folder / "model.safetensors").exists()
+    marker = tmp_path / "pickle-ran"
+    with open(folder / "pytorch_model.bin", "wb") as f:
+        pickle.dump(_Payload(str(marker)), f)
+    model = load_cross_encoder(str(folder), num_labels=1)
+    assert np.isfinite(model.predict([("q", "p")])).all()
+    assert not marker.exists()
+
+
+def test_scheduler_binds_to_loopback_only():
+    make = (REPO / "Makefile").read_text()
+    line = next(x for x in make.splitlines() if "luigid" in x and "--address" in x)
+    assert "--address 127.0.0.1" in line
+
+
+def test_two_runs_at_once_on_one_output_dir(small_beir, tiny_models, tmp_path):
+    out = tmp_path / "run"
+    cfg = tmp_path / "luigi.cfg"
+    cfg.write_text("[core]\nlocal_scheduler = true\n[retcode]\ntask_failed = 30\nunhandled_exception = 40\nmissing_data = 20\n")
+    params = dag_params(small_beir, tiny_models, out)
+    args = [sys.executable, "-m", "luigi", "--module", "tasks", "TrainStudent", "--local-scheduler"]
+    for k, v in params.items():
+        args += [f"--{k.replace('_', '-')}", str(v)]
+    env = {**os.environ, "LUIGI_CONFIG_PATH": str(cfg), "PYTHONPATH": str(REPO)}
+    runs = [subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    logs = [r.communicate(timeout=600)[0] for r in runs]
+    assert [r.returncode for r in runs] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+
+    from pipeline.scoring import read_scores
+    from sentence_transformers.cross_encoder import CrossEncoder
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["params"]["fingerprint"]
+    assert np.isfinite(CrossEncoder(str(out / "student")).predict([("q", "p")])).all()
+    scores = read_scores(next(out.glob("scores/*/scores.arrow")))[0]
+    assert scores.num_rows > 0 and np.isfinite(scores["score"].to_numpy()).all()
+    # Nothing half-written is left under a final name, and no temporary is left behind.
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+    for stats in out.glob("*/*/stats.json"):
+        json.loads(stats.read_text())
