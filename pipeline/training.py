@@ -226,7 +226,8 @@ def fit_student(
             "rebuild them with BuildLabels for this loss"
         )
     ds = load_normalized(data_dir)
-    train = load_from_disk(str(Path(labels_dir) / "dataset")).shuffle(seed=seed)
+    # In memory: a cache file written into the labels folder would change a finished artifact.
+    train = load_from_disk(str(Path(labels_dir) / "dataset")).shuffle(seed=seed, keep_in_memory=True)
     dev_samples = None
     dev_path = Path(mined_dir) / "candidates-dev.parquet"
     if dev_path.exists() and max_dev_queries:

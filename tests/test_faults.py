@@ -1,0 +1,111 @@
+"""SIGKILL in every stage: a run killed at a random point inside any stage, then rerun, ends
+with the outputs of an uninterrupted run, and nothing half-written ever sits under a final name."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import dag_params
+from pipeline.scoring import read_scores
+
+REPO = Path(__file__).resolve().parents[1]
+# Stage -> what must not exist yet when the kill landed inside that stage.
+STAGES = {
+    "PrepareData": "data/*",
+    "MineHardNegatives": "mined/*",
+    "ScoreShard": "scores/*/shards/shard-*.arrow",
+    "BuildLabels": "labels/*",
+    "FitStudent": "students/[!.]*[!k]",  # not the .work checkpoint folder
+    "EvaluateStudent": "eval/*/metrics.json",
+}
+
+
+def _run(params: dict, cwd: Path, slow: bool = False) -> subprocess.Popen:
+    args = [sys.executable, "-m", "luigi", "--module", "tasks", "TrainStudent", "--local-scheduler"]
+    for k, v in params.items():
+        args += [f"--{k.replace('_', '-')}", str(v)]
+    cfg = cwd / "luigi.cfg"
+    if not cfg.exists():
+        cfg.write_text("[core]\nlog_level = INFO\n[retcode]\ntask_failed = 30\nunhandled_exception = 40\nmissing_data = 20\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "LUIGI_CONFIG_PATH": str(cfg)}
+    if slow:  # every finished temporary waits 1 s before its rename; scoring batches are slowed too
+        env.update(DISTILL_TEST_WRITE_DELAY="1.0", DISTILL_TEST_BATCH_DELAY="0.05")
+    return subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _outputs(out: Path) -> dict:
+    """What a finished run produced, in comparable form."""
+    t = read_scores(next(out.glob("scores/*/scores.arrow")))[0].to_pydict()
+    from datasets import load_from_disk
+
+    labels = load_from_disk(str(next(out.glob("labels/*/dataset"))))
+    metrics = json.loads((out / "metrics.json").read_text())
+    return {
+        "groups": pq.read_table(next(out.glob("mined/*/groups.parquet"))).to_pydict(),
+        "scores": sorted(zip(t["query_id"], t["doc_id"], t["score"])),
+        "labels": labels.to_dict(),
+        "test": metrics["test"],
+    }
+
+
+def _no_partial_final_files(out: Path) -> None:
+    """Every file under a final name (no dot-prefixed part, no training work folder) is whole."""
+    for p in out.rglob("*"):
+        rel = p.relative_to(out).parts
+        if not p.is_file() or any(x.startswith(".") or x.endswith(".work") for x in rel) or rel[0] == "cache":
+            continue
+        if p.suffix == ".json":
+            json.loads(p.read_text())
+        elif p.suffix == ".parquet":
+            pq.read_table(p)
+        elif p.suffix == ".arrow" and "dataset" not in rel:
+            read_scores(p)
+
+
+@pytest.fixture(scope="module")
+def reference(small_beir, tiny_models, tmp_path_factory):
+    root = tmp_path_factory.mktemp("uninterrupted")
+    params = dag_params(small_beir, tiny_models, root / "run", score_batch_tokens=256)
+    proc = _run(params, root)
+    log = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, log[-3000:]
+    return _outputs(root / "run")
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_sigkill_inside_a_stage_then_rerun(stage, reference, small_beir, tiny_models, tmp_path):
+    params = dag_params(small_beir, tiny_models, tmp_path / "run", score_batch_tokens=256)
+    delay = random.Random(stage).uniform(0.05, 0.9)  # a reproducible random point in the stage
+    victim = _run(params, tmp_path, slow=True)
+    for line in victim.stdout:
+        if f"running   {stage}(" in line:
+            break
+    time.sleep(delay)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert not (tmp_path / "run" / "metrics.json").exists()
+    assert not [p.name for p in (tmp_path / "run").glob(STAGES[stage]) if not p.name.startswith(".")], "killed after the stage"
+    _no_partial_final_files(tmp_path / "run")
+
+    rerun = _run(params, tmp_path)
+    log = rerun.communicate(timeout=600)[0]
+    assert rerun.returncode == 0, log[-3000:]
+    _no_partial_final_files(tmp_path / "run")
+    got = _outputs(tmp_path / "run")
+    assert got["groups"] == reference["groups"]
+    assert got["scores"] == reference["scores"]
+    assert got["labels"] == reference["labels"]
+    for name, m in reference["test"].items():
+        for key in ("ndcg@10", "mrr@10", "map"):
+            assert got["test"][name][key] == pytest.approx(m[key], abs=1e-6), (name, key)
