@@ -92,7 +92,10 @@ class CrossEncoderScorer:
             return_overflowing_tokens=False,
             return_length=True,
         )
-        self.truncated += sum(1 for n in enc["length"] if n >= self.max_length)
+        if enc.encodings:  # fast tokenizers keep what truncation cut off
+            self.truncated += sum(1 for e in enc.encodings if e.overflowing)
+        else:
+            self.truncated += sum(1 for n in enc["length"] if n >= self.max_length)
         return enc
 
     def _batches(self, enc: dict) -> list[np.ndarray]:

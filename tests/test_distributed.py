@@ -37,7 +37,7 @@ def scheduler(tmp_path_factory):
     port = _free_port()
     cfg = root / "central.cfg"
     cfg.write_text(
-        f"[core]\nlocal_scheduler = false\ndefault_scheduler_host = 127.0.0.1\ndefault_scheduler_port = {port}\n"
+        f"[core]\nlocal_scheduler = false\nno_lock = true\ndefault_scheduler_host = 127.0.0.1\ndefault_scheduler_port = {port}\n"
         "[worker]\nkeep_alive = true\nwait_interval = 0.2\n"
         "[retcode]\ntask_failed = 30\nscheduling_error = 35\nunhandled_exception = 40\nmissing_data = 20\n"
         f"[scheduler]\nstate_path = {root / 'state.pickle'}\nworker_disconnect_delay = 1\nretry_delay = 1\nprune_on_get_work = true\n"
@@ -95,7 +95,7 @@ def test_two_workers_score_every_shard_once(scheduler, reference, small_beir, ti
     out = tmp_path / "run"
     params = dag_params(small_beir, tiny_models, out, score_shards=SHARDS, score_batch_tokens=256)
     # Slow batches keep both workers busy, so they really share the shards.
-    workers = [_worker(env, params, tmp_path, DISTILL_TEST_BATCH_DELAY="0.2") for _ in range(2)]
+    workers = [_worker(env, params, tmp_path, DISTILL_TEST_BATCH_DELAY="0.5") for _ in range(2)]
     logs = [w.communicate(timeout=600)[0] for w in workers]
     assert all(w.returncode == 0 for w in workers), logs
 

@@ -28,8 +28,7 @@ def finished_run(small_beir, tiny_models, tmp_path_factory):
 
 
 def test_whole_dag_publishes_student_metrics_and_report(finished_run):
-    out, seconds = finished_run
-    assert seconds < 120
+    out, _ = finished_run
     metrics = json.loads((out / "metrics.json").read_text())
     for name in ("retriever", "teacher", "student", "student_untrained"):
         m = metrics["test"][name]
@@ -41,6 +40,23 @@ def test_whole_dag_publishes_student_metrics_and_report(finished_run):
     report = (out / "report.md").read_text()
     assert "| retriever |" in report and "| student |" in report
     assert (out / "teacher_vs_student.png").stat().st_size > 1000
+
+
+def test_long_passages_are_truncated_and_counted(finished_run, small_beir):
+    from pipeline.data import read_dataset
+    from pipeline.models import load_cross_encoder
+
+    out, _ = finished_run
+    metrics = json.loads((out / "metrics.json").read_text())
+    # The tiny run scores with teacher_max_length 64: count the pairs that do not fit.
+    groups = __import__("pyarrow.parquet", fromlist=["x"]).read_table(next(out.glob("mined/*/groups.parquet"))).to_pydict()
+    ds = read_dataset(small_beir)
+    tok = load_cross_encoder(metrics["params"]["teacher"]).tokenizer
+    pairs = {(q, d) for q, p, n in zip(groups["query_id"], groups["positive_ids"], groups["negative_ids"]) for d in p + n}
+    too_long = sum(len(tok(ds.queries[q], ds.passage(d))["input_ids"]) > 64 for q, d in pairs)
+    assert too_long > 0
+    assert metrics["stages"]["ScoreWithTeacher"]["truncated_pairs"] == too_long
+    assert f"{too_long} pairs were truncated" in (out / "report.md").read_text()
 
 
 def test_published_student_loads_as_cross_encoder(finished_run):

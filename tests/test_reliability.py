@@ -108,7 +108,8 @@ def test_scheduler_binds_to_loopback_only():
 def test_two_runs_at_once_on_one_output_dir(small_beir, tiny_models, tmp_path):
     out = tmp_path / "run"
     cfg = tmp_path / "luigi.cfg"
-    cfg.write_text("[core]\nlocal_scheduler = true\n[retcode]\ntask_failed = 30\nunhandled_exception = 40\nmissing_data = 20\n")
+    # no_lock: luigi's own lock would turn the second, identical command away; both must run.
+    cfg.write_text("[core]\nlocal_scheduler = true\nno_lock = true\nlog_level = INFO\n[retcode]\ntask_failed = 30\nunhandled_exception = 40\nmissing_data = 20\n")
     params = dag_params(small_beir, tiny_models, out)
     args = [sys.executable, "-m", "luigi", "--module", "tasks", "TrainStudent", "--local-scheduler"]
     for k, v in params.items():
@@ -117,6 +118,7 @@ def test_two_runs_at_once_on_one_output_dir(small_beir, tiny_models, tmp_path):
     runs = [subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
     logs = [r.communicate(timeout=600)[0] for r in runs]
     assert [r.returncode for r in runs] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    assert all("running   " in log and "already running" not in log for log in logs)
 
     from pipeline.scoring import read_scores
     from sentence_transformers.cross_encoder import CrossEncoder
