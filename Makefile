@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install run run-multilingual scheduler worker test clean bench bench-losses bench-score bench-mine bench-e2e
+.PHONY: install run run-multilingual scheduler worker test clean bench bench-losses bench-score bench-mine bench-e2e bench-retrain
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -60,6 +60,9 @@ bench-mine: install
 
 # DATASET=path/to/beir-folder runs it on another dataset.
 DATASET ?= data/debian-descriptions
+bench-retrain: install
+	$(PY) benchmarks/bench_retrain.py
+
 bench-e2e: install
 	$(PY) benchmarks/bench_e2e.py --dataset $(DATASET)
 
