@@ -104,6 +104,7 @@ def evaluate_student(
     teacher_weights: str,
     student: str,
     student_layers: int,
+    student_head: str,
     embedder: str,
     params: dict,
     stages: dict,
@@ -154,7 +155,7 @@ def evaluate_student(
         del t
 
         torch.manual_seed(seed)
-        untrained = CrossEncoderScorer(cut_student(student, student_layers, device, max_length), device, dtype)
+        untrained = CrossEncoderScorer(cut_student(student, student_layers, device, max_length, head=student_head), device, dtype)
         rankers["student_untrained"] = timed_scores(lambda: untrained.score(pairs, desc="untrained student"), len(pairs))
         _store_baselines(baseline_cache, rankers)
     trained = CrossEncoderScorer(load_cross_encoder(str(student_dir), device, max_length), device, dtype)

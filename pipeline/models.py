@@ -149,19 +149,37 @@ def load_bi_encoder(ref: str, device: str = "cpu", max_length: int | None = None
     return model
 
 
+STUDENT_HEADS = ("auto", "mean", "cls")
+
+
 def cut_student(
     backbone: str,
     num_layers: int,
     device: str = "cpu",
     max_length: int | None = None,
     trust_remote_code: bool = False,
+    head: str = "auto",
 ):
-    """A CrossEncoder with one output whose encoder keeps the first ``num_layers`` layers of ``backbone``.
+    """A one-output CrossEncoder whose encoder keeps the first ``num_layers`` layers of ``backbone``.
 
     Keeping the lowest layers is the usual way to initialise a shallow student from a deep model
     (it keeps the embeddings and the layers the upper ones were trained on top of).
+
+    ``head``: ``cls`` is the sequence-classification head (a linear layer on the [CLS] token),
+    ``mean`` a linear layer on the mean of the token vectors (sentence-transformers' Transformer,
+    Pooling and Dense modules, still loadable with ``CrossEncoder(path)``). ``auto`` takes
+    ``mean`` for a sentence-embedding backbone: it was trained to put its signal in the token
+    mean, and its [CLS] vector barely varies between inputs (all-MiniLM-L6-v2 after 2 layers:
+    50 times less than the mean), which leaves a [CLS] head almost nothing to learn from.
     """
-    model = load_cross_encoder(backbone, device, max_length, num_labels=1, trust_remote_code=trust_remote_code)
+    if head not in STUDENT_HEADS:
+        raise PipelineError(f"unknown student head '{head}' (one of {', '.join(STUDENT_HEADS)})")
+    if head == "auto":
+        head = "mean" if model_kind(backbone) == "bi-encoder" else "cls"
+    if head == "mean":
+        model = _mean_pooled_cross_encoder(backbone, device, max_length, trust_remote_code)
+    else:
+        model = load_cross_encoder(backbone, device, max_length, num_labels=1, trust_remote_code=trust_remote_code)
     hf = model.model
     total = hf.config.num_hidden_layers
     if num_layers <= 0 or num_layers >= total:
@@ -173,6 +191,21 @@ def cut_student(
     parent, attr = _parent_of(hf, layers)
     setattr(parent, attr, kept)
     hf.config.num_hidden_layers = num_layers
+    return model
+
+
+def _mean_pooled_cross_encoder(backbone: str, device: str, max_length: int | None, trust_remote_code: bool):
+    """CrossEncoder(Transformer, mean Pooling, Dense -> 1 score) from a backbone's encoder."""
+    from sentence_transformers.base.modules import Dense
+    from sentence_transformers.cross_encoder import CrossEncoder
+    from sentence_transformers.sentence_transformer.modules import Pooling
+
+    encoder = load_bi_encoder(backbone, device, max_length, trust_remote_code)[0]
+    dim = encoder.get_embedding_dimension() if hasattr(encoder, "get_embedding_dimension") else encoder.get_word_embedding_dimension()
+    head = Dense(dim, 1, activation_function=nn.Identity(), module_input_name="sentence_embedding", module_output_name="scores")
+    model = CrossEncoder(modules=[encoder, Pooling(dim, "mean"), head], device=device)
+    if max_length:
+        model.max_seq_length = max_length
     return model
 
 

@@ -214,6 +214,7 @@ def evaluate_languages(
     teacher_weights: str,
     student: str,
     student_layers: int,
+    student_head: str,
     params: dict,
     stages: dict,
     timings: dict,
@@ -255,7 +256,7 @@ def evaluate_languages(
 
     torch.manual_seed(seed)
     models = {
-        "student_untrained": cut_student(student, student_layers, device, max_length),
+        "student_untrained": cut_student(student, student_layers, device, max_length, head=student_head),
         "student_source_only": load_cross_encoder(str(source_only_dir), device, max_length),
         "student": load_cross_encoder(str(student_dir), device, max_length),
     }

@@ -74,9 +74,11 @@ class CrossEncoderScorer:
         self.ce = model
         self.device, self.dtype = device, dtype
         self.batch_tokens, self.chunk = batch_tokens, chunk
-        self.hf = model.model.to(device=device, dtype=dtype).eval()
+        # The CrossEncoder's own modules run the forward pass, so a sequence-classification model
+        # and a Transformer + Pooling + Dense one score alike ("scores" is their common output).
+        self.net = model.to(device=device, dtype=dtype).eval()
         if quantize:
-            self.hf = quantize_int8(self.hf)
+            self.net = quantize_int8(self.net)
         self.tokenizer = model.tokenizer
         self.max_length = model.max_seq_length
         self.pad_id = self.tokenizer.pad_token_id or 0
@@ -143,7 +145,7 @@ class CrossEncoderScorer:
                 scores = []
                 for idx, feats in zip(batches, collated):
                     feats = {k: v.to(self.device, non_blocking=True) for k, v in feats.items()}
-                    scores.append(relevance(self.hf(**feats).logits.float()))
+                    scores.append(relevance(self.net(feats)["scores"].float()))
                     done += len(idx)
                     bar.update(len(idx))
                     if delay:

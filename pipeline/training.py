@@ -89,6 +89,7 @@ def train_student(
     out_dir: str | Path,
     student: str,
     student_layers: int = 2,
+    student_head: str = "auto",
     loss_kwargs: dict | str | None = None,
     epochs: float = 1.0,
     batch_size: int = 16,
@@ -112,7 +113,9 @@ def train_student(
 
     set_seed(seed)
     spec, _ = resolve_loss(loss)
-    model = cut_student(student, student_layers, device, max_length, trust_remote_code)
+    # A classification loss resizes the sequence-classification head, so it keeps that head.
+    head = "cls" if num_labels != 1 else student_head
+    model = cut_student(student, student_layers, device, max_length, trust_remote_code, head=head)
     if num_labels != 1:
         model = _with_num_labels(model, num_labels)
     if card:
@@ -205,6 +208,7 @@ def fit_student(
     loss: str,
     student: str,
     student_layers: int = 2,
+    student_head: str = "auto",
     loss_kwargs: str = "",
     teacher: str = "",
     max_dev_queries: int = 200,
@@ -239,6 +243,7 @@ def fit_student(
         out_dir,
         student=student,
         student_layers=student_layers,
+        student_head=student_head,
         loss_kwargs=loss_kwargs,
         dev_samples=dev_samples,
         num_labels=label_stats.get("num_classes", 1),

@@ -83,6 +83,10 @@ class LabelParams(TeacherParams):
 class TrainParams(LabelParams):
     student = luigi.Parameter(default="sentence-transformers/all-MiniLM-L6-v2", description="backbone the student is cut from")
     student_layers = luigi.IntParameter(default=2)
+    student_head = luigi.ChoiceParameter(
+        choices=["auto", "mean", "cls"], default="auto",
+        description="score from the token mean (mean) or [CLS] (cls); auto: mean for a sentence-embedding backbone",
+    )
     loss_kwargs = luigi.Parameter(default="", description="JSON object of loss options")
     epochs = luigi.FloatParameter(default=1.0)
     batch_size = luigi.IntParameter(default=16)

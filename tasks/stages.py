@@ -287,7 +287,7 @@ class FitStudent(TrainParams, Stage):
     def fp(self) -> str:
         return fingerprint(
             self.requires()["labels"].fp, self.loss, model_identity(self.student), self.student_layers,
-            self.loss_kwargs, self.epochs, self.batch_size, self.learning_rate, self.max_length, self.train_precision,
+            self.student_head, self.loss_kwargs, self.epochs, self.batch_size, self.learning_rate, self.max_length, self.train_precision,
         )
 
     def output(self):
@@ -297,7 +297,8 @@ class FitStudent(TrainParams, Stage):
         kwargs = dict(
             data_dir=self.input()["data"].path, mined_dir=self.input()["mined"].path,
             labels_dir=self.input()["labels"].path, out_dir=str(self.artifact()), loss=self.loss, student=self.student,
-            student_layers=self.student_layers, loss_kwargs=self.loss_kwargs, teacher=resolved_teacher(self),
+            student_layers=self.student_layers, student_head=self.student_head, loss_kwargs=self.loss_kwargs,
+            teacher=resolved_teacher(self),
             max_dev_queries=self.max_dev_queries, seed=self.seed, epochs=self.epochs, batch_size=self.batch_size,
             learning_rate=self.learning_rate, max_length=self.max_length, device=self.run_device,
             precision=_train_precision(self.run_device, self.train_precision), trust_remote_code=self.trust_remote_code,
@@ -353,7 +354,7 @@ class EvaluateStudent(EvalParams, Stage):
         evaluation.evaluate_student(
             self.input()["data"].path, self.input()["mined"].path, self.input()["student"].path,
             self.artifact(), resolved_teacher(self), self.teacher_weights, self.student, self.student_layers,
-            self.embedder, params, stages, {k: v.get("seconds", 0.0) for k, v in stages.items()},
+            self.student_head, self.embedder, params, stages, {k: v.get("seconds", 0.0) for k, v in stages.items()},
             self.run_device, self.score_precision, self.max_length, self.teacher_max_length,
             self.max_eval_queries, self.seed, str(self.baseline_cache()),
         )
@@ -362,7 +363,8 @@ class EvaluateStudent(EvalParams, Stage):
         """Scores that do not depend on the student's training, shared by every student of a run."""
         key = fingerprint(
             self.requires()["mined"].fp, _teacher_identity(self), self.teacher_weights, self.max_eval_queries,
-            model_identity(self.student), self.student_layers, self.seed, self.score_precision, self.max_length,
+            model_identity(self.student), self.student_layers, self.student_head, self.seed, self.score_precision,
+            self.max_length,
             self.teacher_max_length,
         )
         return self.root / "cache" / "eval" / f"{key}.npz"
@@ -479,7 +481,7 @@ class EvaluateMultilingualStudent(MultilingualParams, Stage):
             self.input()["data"].path, self.input()["mined"].path, self.input()["student"].path,
             self.input()["source_only"].path, self.artifact(), multilingual.parse_languages(self.languages),
             self.source_language, resolved_teacher(self), self.teacher_weights, self.student, self.student_layers,
-            params, stages, {k: v.get("seconds", 0.0) for k, v in stages.items()}, self.run_device,
+            self.student_head, params, stages, {k: v.get("seconds", 0.0) for k, v in stages.items()}, self.run_device,
             self.score_precision, self.max_length, self.teacher_max_length, self.max_eval_queries, self.seed,
         )
 

@@ -145,7 +145,7 @@ def test_int8_scoring_quantizes_linear_layers_and_is_cpu_only(tiny_models):
     qids = ["q"] * 24
     int8 = load_teacher(spec, "cpu", "int8", 64)
     assert int8.identity[0]["precision"] == "int8-dynamic"
-    linears = [type(m) for m in int8.scorers[0].hf.modules() if type(m).__name__ == "Linear"]
+    linears = [type(m) for m in int8.scorers[0].net.modules() if type(m).__name__ == "Linear"]
     assert linears and torch.nn.Linear not in linears
     assert all(t.__module__.startswith("torch.ao.nn.quantized") for t in linears)
     scores = int8.score(pairs, qids)
