@@ -102,7 +102,8 @@ def _plain_mined(ds, model):
 def _plain_student(args):
     from pipeline.models import cut_student
 
-    return cut_student(args.student, BUDGET["student_layers"], "cpu", BUDGET["max_length"])
+    # What the plain way gives: CrossEncoder(backbone, num_labels=1), a [CLS] head, cut to N layers.
+    return cut_student(args.student, BUDGET["student_layers"], "cpu", BUDGET["max_length"], head="cls")
 
 
 def _plain_train(model, train_ds, loss, out: Path) -> float:
