@@ -222,7 +222,8 @@ def _read_qrels(path: Path, split: str, queries: dict, corpus: dict) -> list[tup
 def read_pairs_file(path: Path) -> Dataset:
     """A JSONL or Parquet file with ``query`` and ``positive`` columns (optional ``query_id``,
     ``positive_id`` and ``split``); rows without a split are assigned train/dev/test by a hash
-    of the query (80/10/10)."""
+    of the query (80/10/10). ``query.<lang>`` and ``positive.<lang>`` columns hold parallel
+    translations of the same row."""
     if path.suffix == ".parquet":
         try:
             table = pq.read_table(path)
@@ -239,6 +240,7 @@ def read_pairs_file(path: Path) -> Dataset:
 
     queries: dict[str, str] = {}
     corpus: dict[str, tuple[str, str]] = {}
+    languages: dict[str, tuple[dict[str, str], dict[str, tuple[str, str]]]] = {}
     qrels = []
     seen = set()
     for lineno, row in rows:
@@ -262,9 +264,21 @@ def read_pairs_file(path: Path) -> Dataset:
         if (qid, did) not in seen:
             seen.add((qid, did))
             qrels.append((qid, did, 1, split))
+        # Parallel languages: query.<lang> / positive.<lang> columns; an empty cell means no translation.
+        for name in row:
+            kind, _, lang = str(name).partition(".")
+            if kind not in ("query", "positive") or not lang:
+                continue
+            text = _field(path, lineno, row, name, required=False).strip()
+            if text:
+                lq, lc = languages.setdefault(lang, ({}, {}))
+                if kind == "query":
+                    lq[qid] = text
+                else:
+                    lc[did] = ("", text)
     if not qrels:
         raise DataError(path, None, None, "no pairs")
-    return Dataset(queries, corpus, qrels, {})
+    return Dataset(queries, corpus, qrels, languages)
 
 
 def _short_hash(text: str) -> str:

@@ -99,3 +99,18 @@ def test_multilingual_dag_runs_with_two_languages(parallel_beir, tiny_models, tm
     assert "## Languages" in report and "student_source_only" in report
     assert (out / "languages.png").stat().st_size > 0
     assert (out / "student" / "config.json").exists()
+
+
+def test_pairs_file_with_a_column_per_language(tmp_path):
+    rows = [
+        {"query": "image viewer", "positive": "A fast image viewer.", "split": "train",
+         "query.de": "Bildbetrachter", "positive.de": "Ein schneller Bildbetrachter."},
+        {"query": "window manager", "positive": "Tiles windows.", "split": "test", "query.de": "", "positive.de": None},
+    ]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ds = read_dataset(path)
+    dq, dc = ds.languages["de"]
+    qid = next(q for q, t in ds.queries.items() if t == "image viewer")
+    did = next(d for d, (_, t) in ds.corpus.items() if t == "A fast image viewer.")
+    assert dq == {qid: "Bildbetrachter"} and dc == {did: ("", "Ein schneller Bildbetrachter.")}
