@@ -27,7 +27,7 @@ import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.artifacts import atomic_file
+from pipeline.artifacts import atomic_file, write_json
 from pipeline.errors import PipelineError
 from pipeline.mining import encode_texts
 from pipeline.models import (
@@ -477,10 +477,14 @@ def score_shard(
         "precision": model.identity[0]["precision"],
         "shard": [shard, num_shards],
     }
-    write_scores(out_path, qids, dids, scores, meta)
     # Which worker scored the shard: with several workers on a shared output root, the logs of
     # that host and process are the ones to read.
-    return {**stats, "precision": meta["precision"], "shard": shard, "host": socket.gethostname(), "pid": os.getpid()}
+    stats = {**stats, "precision": meta["precision"], "shard": shard, "host": socket.gethostname(), "pid": os.getpid()}
+    # Statistics first, scores last: the scores file marks the shard done, so a shard that
+    # counts as done always has its statistics.
+    write_json(Path(out_path).with_suffix(".json"), stats)
+    write_scores(out_path, qids, dids, scores, meta)
+    return stats
 
 
 def join_shards(mined_dir: str | Path, shard_paths: Sequence[str | Path], out_path: str | Path) -> dict:

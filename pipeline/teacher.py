@@ -55,8 +55,9 @@ def fine_tune_teacher(
         card={"model_name": f"Teacher reranker fine-tuned from {backbone}", "dataset": str(data_dir)},
         seed=seed,
         trust_remote_code=trust_remote_code,
+        extra_stats=stats,
     )
-    return {**stats, **result}
+    return result
 
 
 def fine_tune_bi_encoder(
@@ -86,7 +87,7 @@ def fine_tune_bi_encoder(
     from sentence_transformers.losses import MultipleNegativesRankingLoss
     from transformers import set_seed
 
-    from pipeline.artifacts import atomic_dir
+    from pipeline.artifacts import atomic_dir, write_json
     from pipeline.models import load_bi_encoder
 
     set_seed(seed)
@@ -122,7 +123,9 @@ def fine_tune_bi_encoder(
     t0 = time.perf_counter()
     result = trainer.train()
     seconds = time.perf_counter() - t0
+    stats = {"kind": "bi-encoder", "rows": len(rows["anchor"]), "steps": result.global_step,
+             "seconds": round(seconds, 2), "train_loss": result.training_loss}
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(str(tmp))
-    return {"kind": "bi-encoder", "rows": len(rows["anchor"]), "steps": result.global_step,
-            "seconds": round(seconds, 2), "train_loss": result.training_loss}
+        write_json(tmp / "stats.json", stats)  # inside the rename, like every stage's statistics
+    return stats

@@ -24,7 +24,7 @@ import torch
 from sentence_transformers.base.sampler import DefaultBatchSampler
 
 from losses.factory import build_loss, resolve_loss
-from pipeline.artifacts import atomic_dir
+from pipeline.artifacts import atomic_dir, write_json
 from pipeline.errors import PipelineError
 from pipeline.models import cut_student
 
@@ -105,8 +105,10 @@ def train_student(
     trust_remote_code: bool = False,
     work_dir: str | Path | None = None,
     group_by_length: bool = True,
+    extra_stats: dict | None = None,
 ) -> dict:
-    """Train and save the student to ``out_dir``; returns training statistics."""
+    """Train and save the student to ``out_dir`` with its ``stats.json`` (``extra_stats`` and the
+    training statistics, written inside the same atomic rename); returns the statistics."""
     from sentence_transformers.cross_encoder import CrossEncoderTrainer, CrossEncoderTrainingArguments
     from sentence_transformers.cross_encoder.evaluation import CrossEncoderRerankingEvaluator
     from transformers import set_seed
@@ -170,11 +172,9 @@ def train_student(
     if not trainer.is_world_process_zero():
         return {}
     dev_metrics = evaluator(model) if evaluator else {}
-    with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(str(tmp))
-    shutil.rmtree(work, ignore_errors=True)
     samples = len(train_dataset) * epochs
-    return {
+    stats = {
+        **(extra_stats or {}),
         "loss": spec.name,
         "rows": len(train_dataset),
         "epochs": epochs,
@@ -184,7 +184,15 @@ def train_student(
         "train_loss": result.training_loss,
         "resumed_from_checkpoint": resume,
         "dev": {k: float(v) for k, v in dev_metrics.items()},
+        "processes": int(os.environ.get("WORLD_SIZE", "1")),
     }
+    # The statistics go inside the folder before its rename: written afterwards, they could land
+    # in a folder that a concurrent run of the same stage has just replaced.
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(str(tmp))
+        write_json(tmp / "stats.json", stats)
+    shutil.rmtree(work, ignore_errors=True)
+    return stats
 
 
 def _with_num_labels(model, num_labels: int):
@@ -281,7 +289,6 @@ def _distributed_main(spec_path: str) -> None:
         kwargs["device"] = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     stats = fit_student(**kwargs)
     if int(os.environ.get("RANK", "0")) == 0:
-        stats["processes"] = int(os.environ.get("WORLD_SIZE", "1"))
         Path(spec["stats_path"]).write_text(json.dumps(stats))
 
 

@@ -123,22 +123,20 @@ class FineTuneTeacher(TeacherParams, Stage):
 
     def run(self):
         if self.teacher_kind == "bi-encoder":
-            stats = teacher.fine_tune_bi_encoder(
+            teacher.fine_tune_bi_encoder(
                 self.input()["data"].path, self.input()["mined"].path, self.artifact(),
                 self.teacher_backbone or self.embedder, self.teacher_epochs, self.teacher_batch_size,
                 self.teacher_learning_rate, self.max_length, self.run_device,
                 _train_precision(self.run_device, "auto"), self.seed, self.trust_remote_code,
             )
-            write_json(self.artifact() / "stats.json", stats)
             return
-        stats = teacher.fine_tune_teacher(
+        teacher.fine_tune_teacher(
             self.input()["data"].path, self.input()["mined"].path, self.artifact(),
             self.teacher_backbone or self.embedder, self.teacher_epochs, self.teacher_batch_size,
             self.teacher_learning_rate, self.teacher_max_length, self.teacher_negatives,
             device=self.run_device, precision=_train_precision(self.run_device, "auto"), seed=self.seed,
             trust_remote_code=self.trust_remote_code,
         )
-        write_json(self.artifact() / "stats.json", stats)
 
 
 def _needs_fine_tuned(teacher_param: str) -> bool:
@@ -201,13 +199,12 @@ class ScoreShard(TeacherParams, Stage):
         return luigi.LocalTarget(str(self.artifact() / "shards" / f"shard-{self.shard:05d}-of-{self.score_shards:05d}.arrow"))
 
     def run(self):
-        stats = scoring.score_shard(
+        scoring.score_shard(
             self.input()["data"].path, self.input()["mined"].path, self.output().path, resolved_teacher(self),
             self.teacher_weights, self.shard, self.score_shards, self.run_device, self.score_precision,
             self.teacher_max_length, self.score_batch_tokens, Path(self.cache_dir or self.root / "cache") / "teacher-scores",
             self.trust_remote_code, self.progress,
         )
-        write_json(Path(self.output().path).with_suffix(".json"), stats)
 
 
 class ScoreWithTeacher(TeacherParams, Stage):
@@ -230,12 +227,14 @@ class ScoreWithTeacher(TeacherParams, Stage):
 
     def run(self):
         paths = [t.path for t in self.input()["shards"]]
-        stats = scoring.join_shards(self.input()["mined"].path, paths, self.output().path)
         shard_stats = [read_json(Path(p).with_suffix(".json")) for p in paths]
-        for key in ("pairs_scored", "pairs_from_cache", "seconds", "truncated_pairs"):
-            stats[key] = round(sum(s.get(key, 0) for s in shard_stats), 3)
+        stats = {key: round(sum(s.get(key, 0) for s in shard_stats), 3)
+                 for key in ("pairs_scored", "pairs_from_cache", "seconds", "truncated_pairs")}
         stats["pairs_per_second"] = round(stats["pairs_scored"] / stats["seconds"], 2) if stats["seconds"] else None
         stats["precision"] = shard_stats[0].get("precision") if shard_stats else None
+        # Written before the joined scores (which mark the stage done), then completed after.
+        write_json(self.artifact() / "stats.json", stats)
+        stats = {**scoring.join_shards(self.input()["mined"].path, paths, self.output().path), **stats}
         write_json(self.artifact() / "stats.json", stats)
 
 
@@ -305,12 +304,11 @@ class FitStudent(TrainParams, Stage):
         )
         gpus = torch.cuda.device_count() if self.run_device.startswith("cuda") else 0
         if self.nproc_per_node > 1 and gpus > 1:
-            stats = training.fit_student_distributed(min(self.nproc_per_node, gpus), **kwargs)
+            training.fit_student_distributed(min(self.nproc_per_node, gpus), **kwargs)
         else:
             if self.nproc_per_node > 1:
                 logger.warning("--nproc-per-node %d: %d GPU(s) here, training in one process", self.nproc_per_node, gpus)
-            stats = training.fit_student(**kwargs)
-        write_json(self.artifact() / "stats.json", stats)
+            training.fit_student(**kwargs)
 
 
 class EvaluateStudent(EvalParams, Stage):
