@@ -132,17 +132,24 @@ def build_rows(
             else f"no training rows in format '{fmt}'"
         )
     stats = {"format": fmt, "rows": rows, "queries_short_of_negatives": short, "num_negatives": n_neg}
-    if "label" in cols and fmt != "pair-class":
-        flat = np.asarray(cols["label"], np.float64).ravel()
-        stats["label_mean"], stats["label_std"] = float(flat.mean()), float(flat.std())
+    stats.update(label_summary(fmt, cols))
     if fmt == "pair-class":
-        stats["num_classes"] = int(max(cols["label"])) + 1
         if len(set(cols["label"])) < 2:
             raise PipelineError(
                 "CrossEntropyLoss needs at least two classes: judged grades in qrels/train.tsv, "
                 "or mined negatives as class 0 (use --num-negatives 1 or more)"
             )
     return cols, stats
+
+
+def label_summary(fmt: str, cols: dict[str, list]) -> dict:
+    """Mean and spread of the labels, or the number of classes for ``pair-class``."""
+    if fmt == "pair-class":
+        return {"num_classes": int(max(cols["label"])) + 1}
+    if "label" in cols:
+        flat = np.asarray(cols["label"], np.float64).ravel()
+        return {"label_mean": float(flat.mean()), "label_std": float(flat.std())}
+    return {}
 
 
 def to_dataset(cols: dict[str, list]):
@@ -172,8 +179,13 @@ def build_labels(
     label_scale: float = 1.0,
     false_negative_action: str = "keep",
     false_negative_margin: float = 0.0,
+    rows: Callable | None = None,
 ) -> dict:
-    """Stage entry: training rows in ``fmt`` saved as a ``datasets`` folder (atomically)."""
+    """Stage entry: training rows in ``fmt`` saved as a ``datasets`` folder (atomically).
+
+    ``rows(groups, teacher, dataset) -> (columns, stats)`` replaces :func:`build_rows` (the
+    multilingual stage builds one set of rows per language view from the same filtered groups).
+    """
     import time
     from pathlib import Path
 
@@ -188,13 +200,15 @@ def build_labels(
     ds = load_normalized(data_dir)
     groups = pq.read_table(Path(mined_dir) / "groups.parquet")
     teacher = score_lookup(read_scores(scores_path)[0]) if scores_path else None
-    grades = ds.relevant("train")
     filter_stats = None
     if teacher is not None:
         groups, filter_stats = false_negatives(groups, teacher, false_negative_margin, false_negative_action)
     elif false_negative_action != "keep":
         raise PipelineError(f"--false-negatives {false_negative_action} needs teacher scores")
-    cols, stats = build_rows(fmt, groups, teacher, ds.queries, ds.passage, grades, num_negatives, label_scale)
+    if rows is None:
+        cols, stats = build_rows(fmt, groups, teacher, ds.queries, ds.passage, ds.relevant("train"), num_negatives, label_scale)
+    else:
+        cols, stats = rows(groups, teacher, ds)
     if filter_stats:
         stats["false_negatives"] = filter_stats
     with atomic_dir(out_dir) as tmp:

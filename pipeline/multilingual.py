@@ -18,7 +18,7 @@ import pyarrow as pa
 
 from pipeline.data import Dataset, join_title
 from pipeline.errors import PipelineError
-from pipeline.labels import build_rows
+from pipeline.labels import build_rows, label_summary
 
 # Model rows of the per-language table, in the order they are shown.
 RANKERS = ("retriever", "teacher", "student_untrained", "student_source_only", "student")
@@ -114,13 +114,7 @@ def multilingual_rows(
     rows = len(cols.get("query", []))
     if rows == 0:
         raise PipelineError(f"no training rows in format '{fmt}' in any language ({', '.join(views)})")
-    out = {"format": fmt, "rows": rows, "views": views, "num_negatives": num_negatives}
-    if "label" in cols and fmt != "pair-class":
-        flat = np.asarray(cols["label"], np.float64).ravel()
-        out["label_mean"], out["label_std"] = float(flat.mean()), float(flat.std())
-    if fmt == "pair-class":
-        out["num_classes"] = int(max(cols["label"])) + 1
-    return cols, out
+    return cols, {"format": fmt, "rows": rows, "views": views, "num_negatives": num_negatives, **label_summary(fmt, cols)}
 
 
 def build_multilingual_labels(
@@ -138,36 +132,19 @@ def build_multilingual_labels(
     false_negative_margin: float = 0.0,
 ) -> dict:
     """Stage entry: the rows of every language view saved as one ``datasets`` folder (atomically)."""
-    import time
+    from pipeline.labels import build_labels
 
-    import pyarrow.parquet as pq
+    def rows(groups, teacher, ds):
+        for lang in languages:
+            texts_of(ds, lang, source)  # a missing language fails before any view is built
+        return multilingual_rows(
+            fmt, groups, teacher, ds, languages, source, cross_lingual, ds.relevant("train"), num_negatives, label_scale
+        )
 
-    from pipeline.artifacts import atomic_dir, write_json
-    from pipeline.data import load_normalized
-    from pipeline.labels import false_negatives, score_lookup, to_dataset
-    from pipeline.scoring import read_scores
-
-    t0 = time.perf_counter()
-    ds = load_normalized(data_dir)
-    for lang in languages:
-        texts_of(ds, lang, source)  # a missing language fails here, before any rows are built
-    groups = pq.read_table(Path(mined_dir) / "groups.parquet")
-    teacher = score_lookup(read_scores(scores_path)[0]) if scores_path else None
-    filter_stats = None
-    if teacher is not None:
-        groups, filter_stats = false_negatives(groups, teacher, false_negative_margin, false_negative_action)
-    elif false_negative_action != "keep":
-        raise PipelineError(f"--false-negatives {false_negative_action} needs teacher scores")
-    cols, stats = multilingual_rows(
-        fmt, groups, teacher, ds, languages, source, cross_lingual, ds.relevant("train"), num_negatives, label_scale
+    return build_labels(
+        data_dir, mined_dir, scores_path, out_dir, fmt, num_negatives, label_scale, false_negative_action,
+        false_negative_margin, rows=rows,
     )
-    if filter_stats:
-        stats["false_negatives"] = filter_stats
-    with atomic_dir(out_dir) as tmp:
-        to_dataset(cols).save_to_disk(str(tmp / "dataset"))
-        stats["seconds"] = round(time.perf_counter() - t0, 2)
-        write_json(tmp / "stats.json", stats)
-    return stats
 
 
 def language_candidates(

@@ -334,21 +334,9 @@ class EvaluateStudent(EvalParams, Stage):
     def output(self):
         return luigi.LocalTarget(str(self.artifact() / "metrics.json"))
 
-    def upstream_stats(self) -> dict:
-        tasks = {"PrepareData": self.clone(PrepareData), "MineHardNegatives": self.clone(MineHardNegatives)}
-        if _needs_fine_tuned(self.teacher):
-            tasks["FineTuneTeacher"] = self.clone(FineTuneTeacher)
-        if "scores" in self.clone(BuildLabels).requires():
-            tasks["ScoreWithTeacher"] = self.clone(ScoreWithTeacher)
-        tasks["BuildLabels"] = self.clone(BuildLabels)
-        tasks["FitStudent"] = self.clone(FitStudent)
-        return {name: t.stats() for name, t in tasks.items()}
-
     def run(self):
-        stages = self.upstream_stats()
-        params = {k: v for k, v in self.param_kwargs.items()}
-        params["teacher_resolved"] = resolved_teacher(self)
-        params["fingerprint"] = self.fp
+        stages = _upstream_stats(self, BuildLabels, {"FitStudent": FitStudent})
+        params = dict(self.param_kwargs, teacher_resolved=resolved_teacher(self), fingerprint=self.fp)
         evaluation.evaluate_student(
             self.input()["data"].path, self.input()["mined"].path, self.input()["student"].path,
             self.artifact(), resolved_teacher(self), self.teacher_weights, self.student, self.student_layers,
@@ -366,6 +354,18 @@ class EvaluateStudent(EvalParams, Stage):
             self.teacher_max_length,
         )
         return self.root / "cache" / "eval" / f"{key}.npz"
+
+
+def _upstream_stats(task: Stage, labels_task: type, students: dict[str, type]) -> dict:
+    """stats.json of every stage an evaluation depends on, by stage name (in pipeline order)."""
+    tasks = {"PrepareData": task.clone(PrepareData), "MineHardNegatives": task.clone(MineHardNegatives)}
+    if _needs_fine_tuned(task.teacher):
+        tasks["FineTuneTeacher"] = task.clone(FineTuneTeacher)
+    if "scores" in task.clone(labels_task).requires():
+        tasks["ScoreWithTeacher"] = task.clone(ScoreWithTeacher)
+    tasks[labels_task.__name__] = task.clone(labels_task)
+    tasks.update({name: task.clone(cls) for name, cls in students.items()})
+    return {name: t.stats() for name, t in tasks.items()}
 
 
 class TrainStudent(EvalParams, luigi.Task):
@@ -465,15 +465,9 @@ class EvaluateMultilingualStudent(MultilingualParams, Stage):
         return luigi.LocalTarget(str(self.artifact() / "metrics.json"))
 
     def run(self):
-        tasks = {"PrepareData": self.clone(PrepareData), "MineHardNegatives": self.clone(MineHardNegatives)}
-        if _needs_fine_tuned(self.teacher):
-            tasks["FineTuneTeacher"] = self.clone(FineTuneTeacher)
-        if "scores" in self.clone(BuildMultilingualLabels).requires():
-            tasks["ScoreWithTeacher"] = self.clone(ScoreWithTeacher)
-        tasks["BuildMultilingualLabels"] = self.clone(BuildMultilingualLabels)
-        tasks["FitStudent"] = self.clone(FitMultilingualStudent)
-        tasks["FitStudentSourceOnly"] = self.clone(FitStudent)
-        stages = {name: t.stats() for name, t in tasks.items()}
+        stages = _upstream_stats(
+            self, BuildMultilingualLabels, {"FitStudent": FitMultilingualStudent, "FitStudentSourceOnly": FitStudent}
+        )
         params = dict(self.param_kwargs, teacher_resolved=resolved_teacher(self), fingerprint=self.fp)
         multilingual.evaluate_languages(
             self.input()["data"].path, self.input()["mined"].path, self.input()["student"].path,

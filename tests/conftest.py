@@ -126,3 +126,13 @@ def dag_params(dataset, tiny_models: dict, out, task_cls=None, **over) -> dict:
         names = set(task_cls.get_param_names())
         p = {k: v for k, v in p.items() if k in names}
     return p
+
+
+def luigi_command(task: str, params: dict, *flags: str) -> list[str]:
+    """The ``python -m luigi`` command line that runs ``task`` with ``params`` in a subprocess."""
+    import sys
+
+    args = [sys.executable, "-m", "luigi", "--module", "tasks", task, *flags]
+    for k, v in params.items():
+        args += [f"--{k.replace('_', '-')}", str(v)]
+    return args

@@ -17,10 +17,9 @@ import numpy as np
 import pytest
 
 import tasks
-from conftest import dag_params
+from conftest import REPO, dag_params, luigi_command
 from pipeline.scoring import read_scores
 
-REPO = Path(__file__).resolve().parents[1]
 SHARDS = 4
 
 
@@ -65,9 +64,7 @@ def scheduler(tmp_path_factory):
 
 
 def _worker(env, params: dict, cwd: Path, **extra_env) -> subprocess.Popen:
-    args = [sys.executable, "-m", "luigi", "--module", "tasks", "TrainStudent", "--workers", "1"]
-    for k, v in params.items():
-        args += [f"--{k.replace('_', '-')}", str(v)]
+    args = luigi_command("TrainStudent", params, "--workers", "1")
     return subprocess.Popen(args, cwd=cwd, env={**env, **extra_env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

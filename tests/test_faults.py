@@ -8,7 +8,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,10 +15,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import dag_params
+from conftest import REPO, dag_params, luigi_command
 from pipeline.scoring import read_scores
 
-REPO = Path(__file__).resolve().parents[1]
 # Stage -> what must not exist yet when the kill landed inside that stage.
 STAGES = {
     "PrepareData": "data/*",
@@ -33,9 +31,7 @@ STAGES = {
 
 
 def _run(params: dict, cwd: Path, slow: bool = False) -> subprocess.Popen:
-    args = [sys.executable, "-m", "luigi", "--module", "tasks", "TrainStudent", "--local-scheduler"]
-    for k, v in params.items():
-        args += [f"--{k.replace('_', '-')}", str(v)]
+    args = luigi_command("TrainStudent", params, "--local-scheduler")
     cfg = cwd / "luigi.cfg"
     if not cfg.exists():
         cfg.write_text("[core]\nlog_level = INFO\n[retcode]\ntask_failed = 30\nunhandled_exception = 40\nmissing_data = 20\n")

@@ -7,20 +7,16 @@ import errno
 import json
 import os
 import pickle
-import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import dag_params, make_cross_encoder
+from conftest import REPO, dag_params, luigi_command, make_cross_encoder
 from pipeline.artifacts import hash_files
 from pipeline.data import prepare_data
 from pipeline.errors import PipelineError
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_disk_full_fails_with_one_line_and_keeps_earlier_outputs(small_beir, tiny_models, tmp_path, monkeypatch):
@@ -111,9 +107,7 @@ def test_two_runs_at_once_on_one_output_dir(small_beir, tiny_models, tmp_path):
     # no_lock: luigi's own lock would turn the second, identical command away; both must run.
     cfg.write_text("[core]\nlocal_scheduler = true\nno_lock = true\nlog_level = INFO\n[retcode]\ntask_failed = 30\nunhandled_exception = 40\nmissing_data = 20\n")
     params = dag_params(small_beir, tiny_models, out)
-    args = [sys.executable, "-m", "luigi", "--module", "tasks", "TrainStudent", "--local-scheduler"]
-    for k, v in params.items():
-        args += [f"--{k.replace('_', '-')}", str(v)]
+    args = luigi_command("TrainStudent", params, "--local-scheduler")
     env = {**os.environ, "LUIGI_CONFIG_PATH": str(cfg), "PYTHONPATH": str(REPO)}
     runs = [subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
     logs = [r.communicate(timeout=600)[0] for r in runs]

@@ -5,9 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import luigi
 import pytest
@@ -16,7 +14,7 @@ import tasks
 from pipeline.artifacts import read_json
 from pipeline.data import read_dataset
 from pipeline.scoring import read_scores
-from tests.conftest import REPO, dag_params, write_beir
+from tests.conftest import REPO, dag_params, luigi_command, write_beir
 
 
 def _score_params(dataset, tiny_models, out, **over):
@@ -24,10 +22,7 @@ def _score_params(dataset, tiny_models, out, **over):
 
 
 def _cli(params: dict) -> list[str]:
-    args = [sys.executable, "-m", "luigi", "--module", "tasks", "ScoreWithTeacher", "--local-scheduler"]
-    for k, v in params.items():
-        args += [f"--{k.replace('_', '-')}", str(v)]
-    return args
+    return luigi_command("ScoreWithTeacher", params, "--local-scheduler")
 
 
 def _rows(path):
