@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO))
 # The demo's settings (luigi.cfg [TrainStudent]); both sides get exactly these.
 BUDGET = dict(
     max_train_queries=600, num_negatives=3, range_max=50, max_length=128, teacher_max_length=128,
-    student_layers=2, epochs=1.0, batch_size=16, learning_rate=1e-4, label_scale=1.0, rerank_top_k=20,
+    student_layers=2, epochs=1.0, batch_size=16, learning_rate=3e-4, label_scale=1.0, rerank_top_k=20,
     max_eval_queries=150, seed=12,
 )
 

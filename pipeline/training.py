@@ -26,6 +26,7 @@ from sentence_transformers.base.sampler import DefaultBatchSampler
 from losses.factory import build_loss, resolve_loss
 from pipeline.artifacts import atomic_dir, write_json
 from pipeline.errors import PipelineError
+from pipeline.heads import self_contained
 from pipeline.models import cut_student
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,71 @@ class LengthGroupedBatchSampler(DefaultBatchSampler):
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
 
+# sentence-transformers' scale for cosine similarities used as logits (MNRL, CoSENT).
+COSINE_LOGIT_SCALE = 20.0
+
+
+def fit_head_scale(model, dataset, fmt: str, rows: int = 64) -> float | None:
+    """Set a ``SegmentCosine`` head's scale to the labels' units and return it (None: no such head).
+
+    Labels that carry teacher scores or margins get the least-squares fit of the labels on the
+    untrained student's cosines over ``rows`` rows (centred per query where scores are absolute):
+    a cosine spans [-1, 1] while a cross-encoder teacher's margins span tens of units, and a scalar
+    trained at the student's learning rate would take thousands of steps to get there. Labels
+    without teacher scores get ``COSINE_LOGIT_SCALE``.
+    """
+    from pipeline.heads import SegmentCosine
+
+    head = model[-1]
+    if not isinstance(head, SegmentCosine):
+        return None
+    sample = dataset.select(range(min(rows, len(dataset))))
+    xs, ys = [], []
+    if fmt == "ntuple-margin":
+        negatives = sorted((c for c in sample.column_names if c.startswith("negative_")), key=lambda c: int(c.split("_")[1]))
+        for row in sample:
+            cos = _cosines(model, [(row["query"], row["positive"])] + [(row["query"], row[c]) for c in negatives])
+            xs += list(cos[0] - cos[1:])
+            ys += list(row["label"])
+    elif fmt in ("list", "pair-score", "pair-soft"):
+        if fmt == "list":
+            groups = [([(r["query"], d) for d in r["docs"]], r["labels"]) for r in sample]
+        else:
+            labels = np.asarray(sample["label"], np.float64)
+            if fmt == "pair-soft":
+                labels = np.log(np.clip(labels, 1e-6, 1 - 1e-6) / np.clip(1 - labels, 1e-6, 1))
+            groups = [(list(zip(sample["query"], sample["passage"])), labels)]
+        for pairs, labels in groups:
+            cos, labels = _cosines(model, pairs), np.asarray(labels, np.float64)
+            xs += list(cos - cos.mean())
+            ys += list(labels - labels.mean())
+    else:
+        scale = COSINE_LOGIT_SCALE
+    if xs:
+        x, y = np.asarray(xs, np.float64), np.asarray(ys, np.float64)
+        fit = float(x @ y / (x @ x)) if x @ x > 0 else 0.0
+        # A student whose cosines run against the teacher's (or do not vary) gets the spread ratio.
+        scale = fit if fit > 0 else float(y.std() / max(x.std(), 1e-6))
+    with torch.no_grad():
+        head.scale.fill_(scale)
+    head.initial_scale = scale
+    log.info("student head: cosine scale %.3f fitted to the %s labels of %d rows", scale, fmt, len(sample))
+    return scale
+
+
+def _cosines(model, pairs) -> np.ndarray:
+    """The untrained head's raw cosines (scale 1, bias 0) for ``pairs``."""
+    head = model[-1]
+    saved = head.scale.item(), head.bias.item()
+    with torch.no_grad():
+        head.scale.fill_(1.0)
+        head.bias.fill_(0.0)
+        out = model.predict(pairs, batch_size=32, activation_fn=torch.nn.Identity(), show_progress_bar=False)
+        head.scale.fill_(saved[0])
+        head.bias.fill_(saved[1])
+    return np.asarray(out, np.float64)
+
+
 def train_student(
     train_dataset,
     loss: str,
@@ -93,7 +159,7 @@ def train_student(
     loss_kwargs: dict | str | None = None,
     epochs: float = 1.0,
     batch_size: int = 16,
-    learning_rate: float = 2e-5,
+    learning_rate: float = 3e-4,
     warmup_ratio: float = 0.1,
     max_length: int = 256,
     device: str = "cpu",
@@ -120,6 +186,7 @@ def train_student(
     model = cut_student(student, student_layers, device, max_length, trust_remote_code, head=head)
     if num_labels != 1:
         model = _with_num_labels(model, num_labels)
+    head_scale = fit_head_scale(model, train_dataset, spec.format)
     if card:
         data = model.model_card_data
         data.local_files_only = True
@@ -185,11 +252,13 @@ def train_student(
         "resumed_from_checkpoint": resume,
         "dev": {k: float(v) for k, v in dev_metrics.items()},
         "processes": int(os.environ.get("WORLD_SIZE", "1")),
+        **({"head_initial_scale": round(head_scale, 4)} if head_scale is not None else {}),
     }
     # The statistics go inside the folder before its rename: written afterwards, they could land
     # in a folder that a concurrent run of the same stage has just replaced.
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(str(tmp))
+        self_contained(tmp)
         write_json(tmp / "stats.json", stats)
     shutil.rmtree(work, ignore_errors=True)
     return stats

@@ -14,7 +14,7 @@ import torch
 from losses.factory import resolve_loss
 from pipeline import data, evaluation, labels, mining, multilingual, scoring, teacher, training
 from pipeline.artifacts import fingerprint, point_link, read_json, write_json
-from pipeline.models import PRECISIONS, model_identity, resolve_device, resolve_precision
+from pipeline.models import PRECISIONS, model_identity, resolve_device, resolve_precision, student_head
 from tasks.params import DataParams, EvalParams, LabelParams, MineParams, MultilingualParams, TeacherParams, TrainParams
 
 FINE_TUNED = "fine-tuned"
@@ -286,7 +286,8 @@ class FitStudent(TrainParams, Stage):
     def fp(self) -> str:
         return fingerprint(
             self.requires()["labels"].fp, self.loss, model_identity(self.student), self.student_layers,
-            self.student_head, self.loss_kwargs, self.epochs, self.batch_size, self.learning_rate, self.max_length, self.train_precision,
+            student_head(self.student, self.student_head), self.loss_kwargs, self.epochs, self.batch_size,
+            self.learning_rate, self.max_length, self.train_precision,
         )
 
     def output(self):
@@ -349,7 +350,8 @@ class EvaluateStudent(EvalParams, Stage):
         """Scores that do not depend on the student's training, shared by every student of a run."""
         key = fingerprint(
             self.requires()["mined"].fp, _teacher_identity(self), self.teacher_weights, self.max_eval_queries,
-            model_identity(self.student), self.student_layers, self.student_head, self.seed, self.score_precision,
+            model_identity(self.student), self.student_layers, student_head(self.student, self.student_head), self.seed,
+            self.score_precision,
             self.max_length,
             self.teacher_max_length,
         )

@@ -1,4 +1,5 @@
-"""Model loading: checkpoints saved in reduced precision still give fp32 master weights."""
+"""Model loading and students: fp32 master weights from any checkpoint; the students' heads save,
+load and score alike; the cosine head's scale is fitted to the labels."""
 
 from __future__ import annotations
 
@@ -21,13 +22,13 @@ def test_half_precision_checkpoints_load_as_fp32(tmp_path):
         assert {p.dtype for p in model.parameters()} == {torch.float32}
 
 
-def test_student_cut_from_a_sentence_embedding_model_scores_from_the_token_mean(tiny_models, tmp_path):
+def test_mean_head_student_scores_from_the_token_mean(tiny_models, tmp_path):
     import numpy as np
     from sentence_transformers.cross_encoder import CrossEncoder
 
     from pipeline.scoring import CrossEncoderScorer
 
-    student = cut_student(tiny_models["embedder"], 1, "cpu", 64)
+    student = cut_student(tiny_models["embedder"], 1, "cpu", 64, head="mean")
     assert [type(m).__name__ for m in student] == ["Transformer", "Pooling", "Dense"]
     assert student.model.config.num_hidden_layers == 1 and student.num_labels == 1
     assert type(cut_student(tiny_models["embedder"], 1, "cpu", 64, head="cls").model).__name__ == "BertForSequenceClassification"
@@ -40,3 +41,72 @@ def test_student_cut_from_a_sentence_embedding_model_scores_from_the_token_mean(
     ours = CrossEncoderScorer(loaded, "cpu", torch.float32).score(pairs)
     np.testing.assert_allclose(ours, predicted, atol=1e-5)
     assert np.ptp(ours) > 0
+
+
+def test_segment_cosine_splits_the_pair_at_the_first_separator():
+    from pipeline.heads import SegmentCosine
+
+    head = SegmentCosine(separator_id=2)
+    tokens = torch.randn(2, 7, 4)
+    # BERT layout [CLS] q q [SEP] p [SEP] pad, and XLM-R layout <s> q </s> </s> p p </s>.
+    ids = torch.tensor([[0, 5, 6, 2, 7, 2, 1], [0, 5, 2, 2, 7, 8, 2]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1, 1]])
+    with torch.no_grad():
+        head.scale.fill_(3.0)
+        head.bias.fill_(0.5)
+        out = head({"token_embeddings": tokens, "attention_mask": mask, "input_ids": ids})["scores"]
+    assert out.shape == (2, 1)
+    for row, query_end, end in ((0, 4, 6), (1, 3, 7)):
+        q, p = tokens[row, :query_end].mean(0), tokens[row, query_end:end].mean(0)
+        expected = 3.0 * torch.nn.functional.cosine_similarity(q, p, dim=0) + 0.5
+        torch.testing.assert_close(out[row, 0], expected)
+
+
+def test_cosine_head_student_loads_with_our_code_or_with_its_own_copy_when_trusted(tiny_models, tmp_path):
+    import numpy as np
+    import pytest
+    from sentence_transformers.cross_encoder import CrossEncoder
+
+    from pipeline.heads import SegmentCosine, self_contained
+    from pipeline.scoring import CrossEncoderScorer
+
+    student = cut_student(tiny_models["embedder"], 1, "cpu", 64)
+    assert [type(m).__name__ for m in student] == ["Transformer", "SegmentCosine"]
+    assert student.num_labels == 1 and student.model.config.num_hidden_layers == 1
+    with torch.no_grad():
+        student[-1].scale.fill_(7.0)
+    student.save_pretrained(str(tmp_path / "s"))
+    assert self_contained(tmp_path / "s") and (tmp_path / "s" / "segment_cosine.py").is_file()
+
+    loaded = load_cross_encoder(str(tmp_path / "s"), "cpu", 64)
+    assert type(loaded[-1]) is SegmentCosine and loaded[-1].scale.item() == 7.0
+    pairs = [("a query", "a passage about it"), ("another query", "text"), ("q", "a much longer passage " * 5)]
+    ours = CrossEncoderScorer(loaded, "cpu", torch.float32).score(pairs)
+    np.testing.assert_allclose(ours, student.predict(pairs, activation_fn=torch.nn.Identity()), atol=1e-5)
+    assert np.ptp(ours) > 0
+    # Plain sentence-transformers runs the folder's own copy of the head, and only when trusted.
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        CrossEncoder(str(tmp_path / "s"), device="cpu")
+    plain = CrossEncoder(str(tmp_path / "s"), device="cpu", trust_remote_code=True, max_length=64)
+    assert type(plain[-1]).__module__.startswith("transformers_modules")
+    np.testing.assert_allclose(plain.predict(pairs, activation_fn=torch.nn.Identity()), ours, atol=1e-5)
+
+
+def test_head_scale_is_fitted_to_the_labels_units(tiny_models):
+    from datasets import Dataset
+
+    from pipeline.training import COSINE_LOGIT_SCALE, _cosines, fit_head_scale
+
+    student = cut_student(tiny_models["embedder"], 1, "cpu", 64)
+    rows = [("what is vim", "a text editor", "a web browser"), ("python", "a language", "a snake"), ("tea", "a drink", "a car")]
+    cos = [_cosines(student, [(q, p), (q, n)]) for q, p, n in rows]
+    margins = Dataset.from_dict({
+        "query": [r[0] for r in rows], "positive": [r[1] for r in rows], "negative_1": [r[2] for r in rows],
+        # Teacher margins 40 times the student's own: the fitted scale is exactly 40.
+        "label": [[40.0 * float(c[0] - c[1])] for c in cos],
+    })
+    assert abs(fit_head_scale(student, margins, "ntuple-margin") - 40.0) < 1e-3
+    assert abs(student[-1].scale.item() - 40.0) < 1e-3
+    binary = Dataset.from_dict({"query": ["a"], "passage": ["b"], "label": [1.0]})
+    assert fit_head_scale(student, binary, "pair-binary") == COSINE_LOGIT_SCALE
+    assert fit_head_scale(cut_student(tiny_models["embedder"], 1, "cpu", 64, head="mean"), margins, "ntuple-margin") is None
