@@ -35,8 +35,8 @@ sys.path.insert(0, str(REPO))
 # The demo's settings (luigi.cfg [TrainStudent]); both sides get exactly these.
 BUDGET = dict(
     max_train_queries=600, num_negatives=3, range_max=50, max_length=128, teacher_max_length=128,
-    student_layers=2, epochs=1.0, batch_size=16, learning_rate=3e-4, label_scale=1.0, rerank_top_k=20,
-    max_eval_queries=150, seed=12,
+    student_layers=3, epochs=1.0, batch_size=16, learning_rate=3e-4, label_scale=1.0, rerank_top_k=20,
+    max_eval_queries=0, seed=12,
 )
 
 
@@ -59,7 +59,9 @@ def job_project(args) -> dict:
     import tasks
 
     params = luigi_params(args, Path(args.work) / "project")
-    params = {k: v for k, v in params.items() if k in tasks.FitStudent.get_param_names()}
+    # include_significant=True: luigi otherwise lists only significant parameters, which silently
+    # dropped max_dev_queries=0 (and device) and gave the project's training a dev evaluation to pay for.
+    params = {k: v for k, v in params.items() if k in tasks.FitStudent.get_param_names(include_significant=True)}
     t0 = time.perf_counter()
     ok = luigi.build([tasks.FitStudent(**params)], local_scheduler=True, workers=1, log_level="WARNING")
     wall = time.perf_counter() - t0
@@ -338,7 +340,7 @@ def table(r: dict) -> str:
         f"`{r['meta']['dataset']}`, {r['meta']['machine']}; {r['meta']['budget']['max_train_queries']} training queries × "
         f"{r['meta']['budget']['num_negatives']} negatives, {r['meta']['budget']['student_layers']}-layer student, "
         f"{r['meta']['budget']['epochs']:g} epoch, lr {r['meta']['budget']['learning_rate']:g}; "
-        f"{r['meta']['budget']['max_eval_queries']} test queries × top-{r['meta']['budget']['rerank_top_k']}.",
+        f"{r['meta']['budget']['max_eval_queries'] or 'all'} test queries × top-{r['meta']['budget']['rerank_top_k']}.",
         "",
         "| model | nDCG@10 | MRR@10 | pairs/s | nDCG ÷ teacher | speed ÷ teacher |",
         "|---|---:|---:|---:|---:|---:|",

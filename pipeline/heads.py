@@ -39,16 +39,17 @@ class SegmentCosine(Module):
         self.bias = nn.Parameter(torch.tensor(0.0))
 
     def forward(self, features: dict, **kwargs) -> dict:
-        tokens = features["token_embeddings"]
-        mask = features["attention_mask"].to(tokens.dtype)
-        seps = (features["input_ids"] == self.separator_id).to(torch.int32).cumsum(dim=1)
-        # The first separator itself closes the query; everything after it is the passage.
-        passage = ((seps - (features["input_ids"] == self.separator_id).to(torch.int32)) > 0).to(tokens.dtype)
+        # Pooled in fp32 whatever the encoder ran in: bf16 sums over hundreds of tokens lose digits.
+        tokens = features["token_embeddings"].float()
+        mask = features["attention_mask"].float()
+        is_sep = (features["input_ids"] == self.separator_id).int()
+        # Tokens after the first separator are the passage; that separator closes the query.
+        passage = ((is_sep.cumsum(dim=1) - is_sep) > 0).float()
         q_mask = (mask * (1 - passage)).unsqueeze(-1)
         p_mask = (mask * passage).unsqueeze(-1)
         q = (tokens * q_mask).sum(1) / q_mask.sum(1).clamp(min=1)
         p = (tokens * p_mask).sum(1) / p_mask.sum(1).clamp(min=1)
-        cosine = nn.functional.cosine_similarity(q.float(), p.float(), dim=-1)
+        cosine = nn.functional.cosine_similarity(q, p, dim=-1)
         features["scores"] = (self.scale * cosine + self.bias).unsqueeze(-1)
         return features
 

@@ -103,27 +103,33 @@ def fit_head_scale(model, dataset, fmt: str, rows: int = 64) -> float | None:
     if not isinstance(head, SegmentCosine):
         return None
     sample = dataset.select(range(min(rows, len(dataset))))
-    xs, ys = [], []
+    # Each entry: the pairs of one query and the labels to fit on their cosines.
+    groups: list[tuple[list[tuple[str, str]], np.ndarray]] = []
     if fmt == "ntuple-margin":
         negatives = sorted((c for c in sample.column_names if c.startswith("negative_")), key=lambda c: int(c.split("_")[1]))
-        for row in sample:
-            cos = _cosines(model, [(row["query"], row["positive"])] + [(row["query"], row[c]) for c in negatives])
-            xs += list(cos[0] - cos[1:])
-            ys += list(row["label"])
-    elif fmt in ("list", "pair-score", "pair-soft"):
-        if fmt == "list":
-            groups = [([(r["query"], d) for d in r["docs"]], r["labels"]) for r in sample]
-        else:
-            labels = np.asarray(sample["label"], np.float64)
-            if fmt == "pair-soft":
-                labels = np.log(np.clip(labels, 1e-6, 1 - 1e-6) / np.clip(1 - labels, 1e-6, 1))
-            groups = [(list(zip(sample["query"], sample["passage"])), labels)]
+        for r in sample:
+            groups.append(([(r["query"], r["positive"])] + [(r["query"], r[c]) for c in negatives], np.asarray(r["label"])))
+    elif fmt == "list":
+        groups = [([(r["query"], d) for d in r["docs"]], np.asarray(r["labels"])) for r in sample]
+    elif fmt in ("pair-score", "pair-soft"):
+        labels = np.asarray(sample["label"], np.float64)
+        if fmt == "pair-soft":
+            labels = np.log(np.clip(labels, 1e-6, 1 - 1e-6) / np.clip(1 - labels, 1e-6, 1))
+        groups = [(list(zip(sample["query"], sample["passage"])), labels)]
+    scale = COSINE_LOGIT_SCALE
+    xs, ys = [], []
+    if groups:
+        cos = _cosines(model, [p for pairs, _ in groups for p in pairs])
+        offset = 0
         for pairs, labels in groups:
-            cos, labels = _cosines(model, pairs), np.asarray(labels, np.float64)
-            xs += list(cos - cos.mean())
-            ys += list(labels - labels.mean())
-    else:
-        scale = COSINE_LOGIT_SCALE
+            c, offset = cos[offset : offset + len(pairs)], offset + len(pairs)
+            labels = np.asarray(labels, np.float64)
+            if fmt == "ntuple-margin":  # margins: positive minus each negative
+                xs += list(c[0] - c[1:])
+                ys += list(labels)
+            else:  # absolute scores: the head's bias takes the shift
+                xs += list(c - c.mean())
+                ys += list(labels - labels.mean())
     if xs:
         x, y = np.asarray(xs, np.float64), np.asarray(ys, np.float64)
         fit = float(x @ y / (x @ x)) if x @ x > 0 else 0.0
@@ -132,7 +138,8 @@ def fit_head_scale(model, dataset, fmt: str, rows: int = 64) -> float | None:
     with torch.no_grad():
         head.scale.fill_(scale)
     head.initial_scale = scale
-    log.info("student head: cosine scale %.3f fitted to the %s labels of %d rows", scale, fmt, len(sample))
+    how = f"fitted to the {fmt} labels of {len(sample)} rows" if xs else f"{fmt} labels carry no teacher scores"
+    log.info("student head: cosine scale %.3f (%s)", scale, how)
     return scale
 
 

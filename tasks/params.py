@@ -82,7 +82,10 @@ class LabelParams(TeacherParams):
 
 class TrainParams(LabelParams):
     student = luigi.Parameter(default="sentence-transformers/all-MiniLM-L6-v2", description="backbone the student is cut from")
-    student_layers = luigi.IntParameter(default=2)
+    # On the demo (cosine head, 600 queries, one epoch), 3 layers beat the retriever on every split
+    # (all 492 test queries: 0.855 against 0.816; dev: 0.870 against 0.842); 2 layers only tie it
+    # (0.814, 0.836), with 2 epochs or batch 8 too.
+    student_layers = luigi.IntParameter(default=3, description="keep the backbone's first N layers")
     student_head = luigi.ChoiceParameter(
         choices=["auto", "cosine", "mean", "cls"], default="auto",
         description="cosine of query and passage token means (cosine), linear on the token mean (mean) or on [CLS] (cls); "

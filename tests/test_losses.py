@@ -1,5 +1,6 @@
 """Every loss of the table trains from the pipeline's own data: rows built by BuildLabels from
-teacher-scored groups, a few CrossEncoderTrainer steps, and the loss on a fixed batch goes down."""
+teacher-scored groups, a few CrossEncoderTrainer steps, and the loss on a fixed batch goes down,
+for a student with a cross-encoder's own head and for one with the cosine head."""
 
 from __future__ import annotations
 
@@ -60,8 +61,9 @@ def _loss_value(model, name, inputs, labels):
         return float(loss(inputs, labels))
 
 
+@pytest.mark.parametrize("backbone", ["student", "embedder"], ids=["cross-encoder-head", "cosine-head"])
 @pytest.mark.parametrize("name", sorted(LOSS_TABLE))
-def test_loss_trains_from_pipeline_data(name, scored, tiny_models, tmp_path):
+def test_loss_trains_from_pipeline_data(name, backbone, scored, tiny_models, tmp_path):
     spec, _ = resolve_loss(name)
     # A random tiny teacher scores every pair almost alike; scaling its scores to unit spread gives
     # listwise losses a teacher distribution that is not uniform, as a trained teacher's is.
@@ -77,13 +79,14 @@ def test_loss_trains_from_pipeline_data(name, scored, tiny_models, tmp_path):
     from transformers import set_seed
 
     set_seed(SEED)
-    start = cut_student(tiny_models["student"], 2, "cpu", 64)
+    # A classification loss always gets the sequence-classification head (as train_student does).
+    start = cut_student(tiny_models[backbone], 2, "cpu", 64, head="cls" if num_labels != 1 else "auto")
     if num_labels != 1:
         start = _with_num_labels(start, num_labels)
     before = _loss_value(start, name, inputs, labels)
 
     train_student(
-        rows, name, tmp_path / "student", student=tiny_models["student"], student_layers=2,
+        rows, name, tmp_path / "student", student=tiny_models[backbone], student_layers=2,
         loss_kwargs=OPTIONS.get(name), epochs=12, batch_size=8, learning_rate=2e-3, warmup_ratio=0.0,
         max_length=64, num_labels=num_labels, seed=SEED,
     )

@@ -110,3 +110,20 @@ def test_head_scale_is_fitted_to_the_labels_units(tiny_models):
     binary = Dataset.from_dict({"query": ["a"], "passage": ["b"], "label": [1.0]})
     assert fit_head_scale(student, binary, "pair-binary") == COSINE_LOGIT_SCALE
     assert fit_head_scale(cut_student(tiny_models["embedder"], 1, "cpu", 64, head="mean"), margins, "ntuple-margin") is None
+
+
+def test_head_scale_fit_reads_every_score_format(tiny_models):
+    import numpy as np
+    from datasets import Dataset
+
+    from pipeline.training import _cosines, fit_head_scale
+
+    student = cut_student(tiny_models["embedder"], 1, "cpu", 64)
+    q, docs = "what is vim", ["a text editor", "a web browser", "a snake", "tea"]
+    cos = _cosines(student, [(q, d) for d in docs])
+    # Teacher scores 8 * cosine + 3: the shift is per query, so only the 8 is the head's to learn.
+    listwise = Dataset.from_dict({"query": [q], "docs": [docs], "labels": [list(8.0 * cos + 3.0)]})
+    pointwise = Dataset.from_dict({"query": [q] * 4, "passage": docs, "label": list(8.0 * cos + 3.0)})
+    soft = Dataset.from_dict({"query": [q] * 4, "passage": docs, "label": list(1 / (1 + np.exp(-(8.0 * cos + 3.0))))})
+    for fmt, rows in (("list", listwise), ("pair-score", pointwise), ("pair-soft", soft)):
+        assert abs(fit_head_scale(student, rows, fmt) - 8.0) < 1e-2, fmt
