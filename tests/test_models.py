@@ -127,3 +127,18 @@ def test_head_scale_fit_reads_every_score_format(tiny_models):
     soft = Dataset.from_dict({"query": [q] * 4, "passage": docs, "label": list(1 / (1 + np.exp(-(8.0 * cos + 3.0))))})
     for fmt, rows in (("list", listwise), ("pair-score", pointwise), ("pair-soft", soft)):
         assert abs(fit_head_scale(student, rows, fmt) - 8.0) < 1e-2, fmt
+
+
+def test_cosine_head_scores_in_bf16_like_fp32(tiny_models):
+    import numpy as np
+
+    from pipeline.scoring import CrossEncoderScorer
+
+    pairs = [("a query", "a passage about it"), ("another query", "text"), ("q", "a much longer passage " * 5)] * 3
+    fp32 = CrossEncoderScorer(cut_student(tiny_models["embedder"], 2, "cpu", 64), "cpu", torch.float32).score(pairs)
+    student = cut_student(tiny_models["embedder"], 2, "cpu", 64)
+    bf16 = CrossEncoderScorer(student, "cpu", torch.bfloat16).score(pairs)
+    assert student[0].model.dtype == torch.bfloat16 and bf16.dtype == np.float32
+    # The encoder runs in bf16 (about 3 significant digits); the pooling and cosine stay in fp32.
+    np.testing.assert_allclose(bf16, fp32, atol=2e-2)
+    assert np.ptp(fp32) > 0.05
