@@ -298,9 +298,9 @@ def main() -> None:
     ab_args = ["--ab-rows", str(args.ab_rows), "--ab-rounds", str(args.ab_rounds)]
     if args.ab_only:
         results = json.loads(out.with_suffix(".json").read_text())
-        # The MarginMSE labels: other studies may have built other formats in the same run.
-        labels = next(p / "dataset" for p in sorted((work / "project" / "labels").glob("*"))
-                      if json.loads((p / "stats.json").read_text()).get("format") == "ntuple-margin")
+        from bench_student import margin_labels  # other studies may have built other formats there
+
+        labels = margin_labels(work / "project") / "dataset"
         results["train_ab"] = run_job("train-ab", args, ["--labels", str(labels), *ab_args])
         write_results(results, out)
         return

@@ -36,25 +36,19 @@ def margin_labels(run: Path) -> Path:
     return found[0]
 
 
-def evaluate(model, ds, mined: Path, split: str, limit: int) -> float:
-    import pyarrow.parquet as pq
-    import torch
-
-    from pipeline.evaluation import candidate_pairs, ranking_metrics, to_run
-    from pipeline.scoring import CrossEncoderScorer
-
-    qids, dids, _ = candidate_pairs(pq.read_table(mined / f"candidates-{split}.parquet"), limit or None)
-    pairs = [(ds.queries[q], ds.passage(d)) for q, d in zip(qids, dids)]
-    scores = CrossEncoderScorer(model, "cpu", torch.float32).score(pairs, desc=f"{split} ({limit or 'all'})")
-    return ranking_metrics(to_run(qids, dids, scores), ds.relevant(split))["ndcg@10"]
-
-
-def retriever(ds, mined: Path, split: str, limit: int) -> float:
+def candidates(ds, mined: Path, split: str, limit: int) -> tuple[list[str], list[str], list[float], list[tuple[str, str]]]:
+    """(query ids, doc ids, retrieval scores, (query, passage) texts) of ``split``'s rerank candidates."""
     import pyarrow.parquet as pq
 
-    from pipeline.evaluation import candidate_pairs, ranking_metrics, to_run
+    from pipeline.evaluation import candidate_pairs
 
-    qids, dids, scores = candidate_pairs(pq.read_table(mined / f"candidates-{split}.parquet"), limit or None)
+    qids, dids, retrieval = candidate_pairs(pq.read_table(mined / f"candidates-{split}.parquet"), limit or None)
+    return qids, dids, retrieval, [(ds.queries[q], ds.passage(d)) for q, d in zip(qids, dids)]
+
+
+def ndcg(ds, split: str, qids, dids, scores) -> float:
+    from pipeline.evaluation import ranking_metrics, to_run
+
     return ranking_metrics(to_run(qids, dids, scores), ds.relevant(split))["ndcg@10"]
 
 
@@ -71,11 +65,13 @@ def main() -> None:
     ap.add_argument("--results", default="benchmarks/results/student")
     args = ap.parse_args()
 
+    import torch
     from datasets import load_from_disk
 
     from pipeline.artifacts import write_json
     from pipeline.data import load_normalized
     from pipeline.models import load_cross_encoder
+    from pipeline.scoring import CrossEncoderScorer
     from pipeline.training import train_student
 
     run = Path(args.run)
@@ -83,8 +79,8 @@ def main() -> None:
     mined = Path(args.mined) if args.mined else only(run / "mined", "*")
     labels = Path(args.labels) if args.labels else margin_labels(run)
     ds = load_normalized(data)
-    splits = [("test", 150), ("test", 0), ("dev", 0)]
-    rows = [{"model": "retriever's own order", **{f"{s}_{n or 'all'}": retriever(ds, mined, s, n) for s, n in splits}}]
+    splits = {f"{s}_{n or 'all'}": (s, candidates(ds, mined, s, n)) for s, n in (("test", 150), ("test", 0), ("dev", 0))}
+    rows = [{"model": "retriever's own order", **{k: ndcg(ds, s, q, d, r) for k, (s, (q, d, r, _)) in splits.items()}}]
     train = load_from_disk(str(labels / "dataset")).shuffle(seed=12, keep_in_memory=True)
     for config in args.config:
         head, lr, layers, *rest = config.split(":")
@@ -97,7 +93,8 @@ def main() -> None:
         )
         model = load_cross_encoder(str(out), "cpu", args.max_length)
         row = {"model": config, "train_seconds": stats["seconds"], "train_loss": stats["train_loss"]}
-        row.update({f"{s}_{n or 'all'}": evaluate(model, ds, mined, s, n) for s, n in splits})
+        scorer = CrossEncoderScorer(model, "cpu", torch.float32)
+        row.update({k: ndcg(ds, s, q, d, scorer.score(pairs, desc=k)) for k, (s, (q, d, _, pairs)) in splits.items()})
         rows.append(row)
         print(json.dumps(row), flush=True)
 

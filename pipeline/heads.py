@@ -80,7 +80,7 @@ def self_contained(folder: str | Path) -> bool:
     if not modules_file.is_file():
         return False
     modules = json.loads(modules_file.read_text())
-    ours = [m for m in modules if m.get("type", "").endswith(".SegmentCosine")]
+    ours = [m for m in modules if m.get("type") in CLASS_REFS]
     if not ours:
         return False
     for m in ours:

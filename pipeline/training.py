@@ -104,17 +104,17 @@ def fit_head_scale(model, dataset, fmt: str, rows: int = 64) -> float | None:
         return None
     sample = dataset.select(range(min(rows, len(dataset))))
     # Each entry: the pairs of one query and the labels to fit on their cosines.
-    groups: list[tuple[list[tuple[str, str]], np.ndarray]] = []
+    groups: list[tuple[list[tuple[str, str]], list[float]]] = []
     if fmt == "ntuple-margin":
         negatives = sorted((c for c in sample.column_names if c.startswith("negative_")), key=lambda c: int(c.split("_")[1]))
-        for r in sample:
-            groups.append(([(r["query"], r["positive"])] + [(r["query"], r[c]) for c in negatives], np.asarray(r["label"])))
+        groups = [([(r["query"], r["positive"])] + [(r["query"], r[c]) for c in negatives], r["label"]) for r in sample]
     elif fmt == "list":
-        groups = [([(r["query"], d) for d in r["docs"]], np.asarray(r["labels"])) for r in sample]
+        groups = [([(r["query"], d) for d in r["docs"]], r["labels"]) for r in sample]
     elif fmt in ("pair-score", "pair-soft"):
         labels = np.asarray(sample["label"], np.float64)
-        if fmt == "pair-soft":
-            labels = np.log(np.clip(labels, 1e-6, 1 - 1e-6) / np.clip(1 - labels, 1e-6, 1))
+        if fmt == "pair-soft":  # back to the teacher's logits
+            p = np.clip(labels, 1e-6, 1 - 1e-6)
+            labels = np.log(p / (1 - p))
         groups = [(list(zip(sample["query"], sample["passage"])), labels)]
     scale = COSINE_LOGIT_SCALE
     xs, ys = [], []
@@ -144,16 +144,10 @@ def fit_head_scale(model, dataset, fmt: str, rows: int = 64) -> float | None:
 
 
 def _cosines(model, pairs) -> np.ndarray:
-    """The untrained head's raw cosines (scale 1, bias 0) for ``pairs``."""
+    """The head's raw cosines for ``pairs`` (its scores with the scale and bias taken out)."""
     head = model[-1]
-    saved = head.scale.item(), head.bias.item()
-    with torch.no_grad():
-        head.scale.fill_(1.0)
-        head.bias.fill_(0.0)
-        out = model.predict(pairs, batch_size=32, activation_fn=torch.nn.Identity(), show_progress_bar=False)
-        head.scale.fill_(saved[0])
-        head.bias.fill_(saved[1])
-    return np.asarray(out, np.float64)
+    scores = model.predict(pairs, batch_size=32, activation_fn=torch.nn.Identity(), show_progress_bar=False)
+    return (np.asarray(scores, np.float64) - head.bias.item()) / head.scale.item()
 
 
 def train_student(

@@ -351,9 +351,7 @@ class EvaluateStudent(EvalParams, Stage):
         key = fingerprint(
             self.requires()["mined"].fp, _teacher_identity(self), self.teacher_weights, self.max_eval_queries,
             model_identity(self.student), self.student_layers, student_head(self.student, self.student_head), self.seed,
-            self.score_precision,
-            self.max_length,
-            self.teacher_max_length,
+            self.score_precision, self.max_length, self.teacher_max_length,
         )
         return self.root / "cache" / "eval" / f"{key}.npz"
 
