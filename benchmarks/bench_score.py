@@ -25,7 +25,7 @@ import torch
 from pipeline.artifacts import atomic_file, write_json
 from pipeline.data import read_dataset
 from pipeline.fidelity import compare, sample_groups
-from pipeline.models import load_cross_encoder
+from pipeline.models import cut_student, native_bf16_cpu
 from pipeline.scoring import CrossEncoderScorer, quantize_int8
 
 
@@ -93,18 +93,28 @@ def timed(fn, n) -> tuple[np.ndarray, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="models/all-MiniLM-L6-v2", help="cross-encoder (or backbone) to time")
+    ap.add_argument(
+        "--head", default="auto", choices=["auto", "cosine", "mean", "cls"],
+        help="head for a backbone (pipeline.models.cut_student): auto gives a sentence-embedding model its "
+        "cosine head, whose scores rank, so the fidelity numbers are about a ranking, not a random head's noise",
+    )
     ap.add_argument("--dataset", default="data/debian-descriptions")
     ap.add_argument("--pairs", type=int, default=768, help="pairs per set")
     ap.add_argument("--max-length", type=int, default=512)
-    ap.add_argument("--fast-precision", default="int8", choices=["int8", "bf16", "fp16"])
+    ap.add_argument(
+        "--fast-precision", default="auto", choices=["auto", "int8", "bf16", "fp16"],
+        help="auto: bf16 on CUDA and on CPUs with AMX or AVX512-BF16, int8 on other CPUs",
+    )
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--results", default="benchmarks/results/score")
     args = ap.parse_args()
 
+    if args.fast_precision == "auto":
+        args.fast_precision = "bf16" if args.device.startswith("cuda") or native_bf16_cpu() else "int8"
     ds = read_dataset(args.dataset)
     demo, groups = sample_groups(ds, args.pairs // 8, 8)
     sets = {"demo": (demo, groups), "long-tail": (long_tail_pairs(ds, args.pairs), [str(i // 8) for i in range(args.pairs)])}
-    ce = load_cross_encoder(args.model, args.device, args.max_length, num_labels=1)
+    ce = cut_student(args.model, 0, args.device, args.max_length, head=args.head)  # 0 layers: keep them all
     tok = ce.tokenizer
     identity = torch.nn.Identity()
     peaks = {p: matmul_peak(p, args.device) for p in ("fp32", args.fast_precision) if p != "int8" or args.device == "cpu"}
@@ -125,7 +135,7 @@ def main() -> None:
         fast_scorer = (
             CrossEncoderScorer(ce, args.device, torch.float32, quantize=True)
             if args.fast_precision == "int8"
-            else CrossEncoderScorer(load_cross_encoder(args.model, args.device, args.max_length, num_labels=1), args.device,
+            else CrossEncoderScorer(cut_student(args.model, 0, args.device, args.max_length, head=args.head), args.device,
                                     torch.bfloat16 if args.fast_precision == "bf16" else torch.float16)
         )
         if on_gpu:

@@ -20,7 +20,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from tqdm.auto import tqdm
 
+from pipeline.batching import token_batches
 from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
@@ -130,22 +132,49 @@ class EmbeddingCache:
             self.keys[k] = n_before + i
 
 
-def encode_texts(model, texts: list[str], batch_size: int = 32, show_progress: bool = True) -> np.ndarray:
-    """Unit-normalised float32 embeddings (inner product = cosine).
+def encode_texts(model, texts: list[str], batch_tokens: int | None = None, show_progress: bool = True) -> np.ndarray:
+    """Unit-normalised float32 embeddings (inner product = cosine): ``model.encode(texts,
+    normalize_embeddings=True)``, with the model's default prompt, batched by token budget.
 
-    32 texts per batch: on a 2-core CPU, 64 was 1.2x slower for MiniLM (larger activations
-    fall out of cache); on a GPU, pass a larger batch.
+    ``encode`` sorts by characters and takes 32 texts a batch; sorting by exact token length and
+    batching up to ``batch_tokens`` padded tokens (default 4096 on a CPU, 32768 on a GPU) gives
+    the same vectors, about 1.1-1.2x faster for MiniLM on a 2-core CPU (``make bench-mine``).
     """
+    dim = (getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension)()
     if not texts:
-        return np.zeros((0, model.get_sentence_embedding_dimension()), np.float32)
-    # Sorting by length lets SentenceTransformer pad less; it restores the order itself.
-    return model.encode(
-        texts,
-        batch_size=batch_size,
-        normalize_embeddings=True,
-        convert_to_numpy=True,
-        show_progress_bar=show_progress,
-    ).astype(np.float32)
+        return np.zeros((0, dim), np.float32)
+    prompt = model.prompts.get(model.default_prompt_name) if model.default_prompt_name else None
+    lengths = _token_lengths(model, texts, prompt)
+    if lengths is None:  # an input module without an attention mask (e.g. static embeddings)
+        return model.encode(texts, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=show_progress)
+    budget = batch_tokens or (32768 if model.device.type == "cuda" else 4096)
+    out = np.empty((len(texts), dim), np.float32)
+    model.eval()
+    with torch.inference_mode(), tqdm(total=len(texts), unit="text", desc="embed", disable=not show_progress) as bar:
+        for idx in token_batches(lengths, budget):
+            feats = _preprocess(model, [texts[i] for i in idx], prompt)
+            feats = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in feats.items()}
+            vecs = torch.nn.functional.normalize(model(feats)["sentence_embedding"].float(), p=2, dim=1)
+            out[idx] = vecs.cpu().numpy()
+            bar.update(len(idx))
+    return out
+
+
+def _preprocess(model, texts: list[str], prompt: str | None) -> dict:
+    if hasattr(model, "preprocess"):  # sentence-transformers 6
+        return model.preprocess(texts, prompt=prompt)
+    return model.tokenize([prompt + t for t in texts] if prompt else texts)
+
+
+def _token_lengths(model, texts: list[str], prompt: str | None, chunk: int = 8192) -> np.ndarray | None:
+    """Each text's token count after the model's own preprocessing (truncation, prompt, specials)."""
+    lengths = []
+    for s in range(0, len(texts), chunk):
+        feats = _preprocess(model, texts[s : s + chunk], prompt)
+        if "attention_mask" not in feats:
+            return None
+        lengths.append(feats["attention_mask"].sum(dim=1).numpy())
+    return np.concatenate(lengths)
 
 
 def build_index(

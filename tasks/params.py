@@ -62,9 +62,12 @@ class TeacherParams(MineParams):
     teacher_negatives = luigi.IntParameter(default=3, description="mined negatives per query for teacher fine-tuning")
     teacher_max_length = luigi.IntParameter(default=512)
     score_precision = luigi.Parameter(
-        default="auto", description="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16 (CUDA), int8 (CPU)"
+        default="auto",
+        description="auto (bf16 on CUDA and on CPUs with AMX or AVX512-BF16, else fp32), fp32, bf16, fp16 (CUDA), int8 (CPU)",
     )
-    score_batch_tokens = luigi.IntParameter(default=16384, significant=False)
+    score_batch_tokens = luigi.IntParameter(
+        default=0, significant=False, description="padded tokens per scoring batch; 0: 2048 on CPU, 16384 on CUDA"
+    )
     score_shards = luigi.IntParameter(default=4, description="teacher scoring shards (separate, resumable tasks)")
 
 

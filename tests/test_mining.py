@@ -172,6 +172,26 @@ def test_negatives_match_sentence_transformers_mine_hard_negatives(prepared, tin
         assert same >= 0.95 * len(qids), settings
 
 
+@pytest.mark.parametrize("prompt", [None, "query: "])
+def test_token_budget_embeddings_equal_encode(prepared, tiny_models, prompt):
+    """encode_texts batches by token budget; the vectors, their order and the default prompt are encode's."""
+    from sentence_transformers import SentenceTransformer
+
+    ds = load_normalized(prepared)
+    model = SentenceTransformer(tiny_models["embedder"], device="cpu")
+    model.max_seq_length = 16  # some texts truncated, some not: many distinct lengths
+    if prompt:
+        model.prompts, model.default_prompt_name = {"query": prompt}, "query"
+    texts = [ds.passage(d) for d in ds.corpus] + list(ds.queries.values())
+    expected = model.encode(texts, batch_size=4, normalize_embeddings=True, show_progress_bar=False)
+    ours = encode_texts(model, texts, batch_tokens=64, show_progress=False)
+    assert ours.dtype == np.float32 and ours.shape == expected.shape
+    np.testing.assert_allclose(ours, expected, atol=1e-5)
+    if prompt:  # the prompt changed the vectors, so the comparison above covered it
+        model.default_prompt_name = None
+        assert np.abs(encode_texts(model, texts, show_progress=False) - ours).max() > 1e-3
+
+
 def test_false_negative_filter_drops_or_relabels():
     kept, stats = false_negatives(GROUPS, TEACHER, 0.0, "keep")
     assert kept.to_pydict() == GROUPS.to_pydict() and stats["suspected"] == 1  # q2's n3 outscores its positive

@@ -147,3 +147,40 @@ def test_int8_scoring_quantizes_linear_layers_and_is_cpu_only(tiny_models):
     assert scores.shape == (24,) and np.isfinite(scores).all()
     with pytest.raises(PipelineError, match="CPU only"):
         load_teacher(spec, "cuda", "int8", 64)
+
+
+def test_token_batches_cover_every_input_once_within_the_budget():
+    import numpy as np
+
+    from pipeline.batching import token_batches
+
+    lengths = np.random.default_rng(0).integers(1, 600, 500)
+    batches = token_batches(lengths, 2048)
+    flat = np.concatenate(batches)
+    assert sorted(flat.tolist()) == list(range(500))
+    assert (np.diff(lengths[flat]) <= 0).all()  # longest first, so each batch pads to its first
+    padded = [len(b) * lengths[b[0]] for b in batches]
+    assert all(p <= 2048 or len(b) == 1 for p, b in zip(padded, batches))
+    # Padded sizes grow only where a new power-of-two band of lengths starts (allocator reuse).
+    bands = [int(lengths[b[0]] - 1).bit_length() for b in batches]
+    rises = sum(padded[i] > padded[i - 1] for i in range(1, len(batches)))
+    assert rises <= len(set(bands)) - 1
+    assert len(batches) < 0.5 * len(lengths)  # short inputs share batches
+
+
+def test_auto_scoring_precision_follows_the_cpu(monkeypatch, tiny_models):
+    """auto scores in bf16 on a CPU with bf16 matrix instructions, fp32 on one without; training keeps fp32."""
+    import torch
+
+    import pipeline.models
+    from pipeline.models import resolve_precision
+    from pipeline.scoring import TeacherSpec, load_teacher
+
+    spec = TeacherSpec.parse(tiny_models["teacher"])
+    for native, dtype in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(pipeline.models, "native_bf16_cpu", lambda native=native: native)
+        teacher = load_teacher(spec, "cpu", "auto", 64)
+        assert teacher.identity[0]["precision"] == str(dtype).replace("torch.", "")
+        assert next(teacher.scorers[0].net.parameters()).dtype == dtype
+        assert teacher.scorers[0].batch_tokens == 2048
+        assert resolve_precision("auto", "cpu") == torch.float32
