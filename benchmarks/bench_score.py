@@ -30,7 +30,8 @@ from pipeline.scoring import CrossEncoderScorer, quantize_int8
 
 
 def matmul_peak(precision: str, device: str = "cpu", d: int = 384, seconds: float = 2.0) -> float:
-    """GFLOP/s of a matrix product at this precision: encoder-shaped on a CPU, 8192-square on a GPU."""
+    """GFLOP/s of a matrix product at this precision: encoder-shaped (2048 x d x 4d) on a CPU,
+    8192-square on a GPU."""
     if device != "cpu":
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
         a = torch.randn(8192, 8192, device=device, dtype=dtype)
@@ -43,20 +44,24 @@ def matmul_peak(precision: str, device: str = "cpu", d: int = 384, seconds: floa
             torch.cuda.synchronize()
             n += 1
         return n * 2 * 8192**3 / (time.perf_counter() - t0) / 1e9
-    x = torch.randn(8192, d)
+    # 2048 rows: the scorer's CPU batch, so the peak is measured where its batches run; best of
+    # three windows, since this shared VM's speed drifts.
+    x = torch.randn(2048, d)
     lin = torch.nn.Linear(d, 4 * d)
     if precision == "bf16":
         x, lin = x.bfloat16(), lin.bfloat16()
     if precision == "int8":
         lin = quantize_int8(torch.nn.Sequential(lin))
-    flops, t0, n = 2 * 8192 * d * 4 * d, time.perf_counter(), 0
+    flops, best = 2 * 2048 * d * 4 * d, 0.0
     with torch.inference_mode():
         lin(x)
-        t0 = time.perf_counter()
-        while time.perf_counter() - t0 < seconds:
-            lin(x)
-            n += 1
-    return n * flops / (time.perf_counter() - t0) / 1e9
+        for _ in range(3):
+            t0, n = time.perf_counter(), 0
+            while time.perf_counter() - t0 < seconds / 3:
+                lin(x)
+                n += 1
+            best = max(best, n * flops / (time.perf_counter() - t0) / 1e9)
+    return best
 
 
 def model_flops(lengths, config) -> float:

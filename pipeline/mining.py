@@ -138,7 +138,7 @@ def encode_texts(model, texts: list[str], batch_tokens: int | None = None, show_
 
     ``encode`` sorts by characters and takes 32 texts a batch; sorting by exact token length and
     batching up to ``batch_tokens`` padded tokens (default 4096 on a CPU, 32768 on a GPU) gives
-    the same vectors, about 1.1-1.2x faster for MiniLM on a 2-core CPU (``make bench-mine``).
+    the same vectors; mining the demo on a 2-core CPU ran 1.1-1.5x faster (``make bench-mine``).
     """
     dim = (getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension)()
     if not texts:
