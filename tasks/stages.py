@@ -168,9 +168,18 @@ def _train_precision(device: str, choice: str) -> str:
     return next(name for name, d in PRECISIONS.items() if d == dtype)
 
 
+def _score_precision(task: TeacherParams) -> str:
+    """The scoring precision's name with 'auto' resolved, so that fingerprints tell a bf16 run
+    (CUDA, or a CPU with bf16 instructions) from an fp32 one."""
+    if task.score_precision == "int8":
+        return "int8"
+    dtype = resolve_precision(task.score_precision, task.run_device, cpu_bf16=True)
+    return next(name for name, d in PRECISIONS.items() if d == dtype)
+
+
 def _scores_fp(task: TeacherParams) -> str:
     return fingerprint(
-        task.clone(MineHardNegatives).fp, _teacher_identity(task), task.teacher_weights, task.score_precision,
+        task.clone(MineHardNegatives).fp, _teacher_identity(task), task.teacher_weights, _score_precision(task),
         task.teacher_max_length, task.score_shards,
     )
 
@@ -351,7 +360,7 @@ class EvaluateStudent(EvalParams, Stage):
         key = fingerprint(
             self.requires()["mined"].fp, _teacher_identity(self), self.teacher_weights, self.max_eval_queries,
             model_identity(self.student), self.student_layers, student_head(self.student, self.student_head), self.seed,
-            self.score_precision, self.max_length, self.teacher_max_length,
+            _score_precision(self), self.max_length, self.teacher_max_length,
         )
         return self.root / "cache" / "eval" / f"{key}.npz"
 

@@ -184,3 +184,16 @@ def test_auto_scoring_precision_follows_the_cpu(monkeypatch, tiny_models):
         assert next(teacher.scorers[0].net.parameters()).dtype == dtype
         assert teacher.scorers[0].batch_tokens == 2048
         assert resolve_precision("auto", "cpu") == torch.float32
+
+
+def test_scores_fingerprint_holds_the_resolved_precision(monkeypatch, small_beir, tiny_models, tmp_path):
+    """'auto' scored in bf16 on one CPU and fp32 on another must not share score artifacts."""
+    import pipeline.models
+
+    def fp(precision, native):
+        monkeypatch.setattr(pipeline.models, "native_bf16_cpu", lambda: native)
+        from tasks.stages import _scores_fp  # uncached: luigi reuses the task instance, and with it .fp
+
+        return _scores_fp(tasks.ScoreWithTeacher(**_score_params(small_beir, tiny_models, tmp_path, score_precision=precision)))
+
+    assert fp("auto", True) == fp("bf16", False) != fp("auto", False) == fp("fp32", True)
