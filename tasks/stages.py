@@ -160,12 +160,13 @@ def _teacher_identity(task: TeacherParams) -> list:
     return ids
 
 
-def _train_precision(device: str, choice: str) -> str:
-    """The trainer's precision name; 'auto' follows the same rule as scoring (resolve_precision)."""
-    if choice != "auto":
-        return choice
-    dtype = resolve_precision("auto", device)
+def _precision_name(dtype: torch.dtype) -> str:
     return next(name for name, d in PRECISIONS.items() if d == dtype)
+
+
+def _train_precision(device: str, choice: str) -> str:
+    """The trainer's precision name; 'auto' follows resolve_precision's rule (fp32 on every CPU)."""
+    return choice if choice != "auto" else _precision_name(resolve_precision("auto", device))
 
 
 def _score_precision(task: TeacherParams) -> str:
@@ -173,8 +174,7 @@ def _score_precision(task: TeacherParams) -> str:
     (CUDA, or a CPU with bf16 instructions) from an fp32 one."""
     if task.score_precision == "int8":
         return "int8"
-    dtype = resolve_precision(task.score_precision, task.run_device, cpu_bf16=True)
-    return next(name for name, d in PRECISIONS.items() if d == dtype)
+    return _precision_name(resolve_precision(task.score_precision, task.run_device, cpu_bf16=True))
 
 
 def _scores_fp(task: TeacherParams) -> str:
