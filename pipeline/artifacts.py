@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -36,14 +35,6 @@ def hash_files(paths: list[Path], chunk: int = 1 << 20) -> str:
             while block := f.read(chunk):
                 h.update(block)
     return h.hexdigest()
-
-
-def _test_write_delay() -> None:
-    # Fault-injection tests hold every finished temporary back before its rename, so a SIGKILL
-    # can land between "written" and "in place" in any stage.
-    delay = float(os.environ.get("DISTILL_TEST_WRITE_DELAY", "0"))
-    if delay:
-        time.sleep(delay)
 
 
 @contextlib.contextmanager
@@ -73,7 +64,6 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
         with _disk_full_is_clear(path):
             yield tmp
             _fsync(tmp)
-        _test_write_delay()
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -88,7 +78,6 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     try:
         with _disk_full_is_clear(path):
             yield tmp
-        _test_write_delay()
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             os.replace(path, old)

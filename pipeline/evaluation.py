@@ -1,8 +1,10 @@
-"""Evaluation: rerank each test query's retrieval candidates and compute nDCG@10, MRR@10 and MAP.
+"""Evaluation: rerank each query's retrieval candidates and compute nDCG@10, MRR@10 and MAP.
 
-Every ranker sees the same candidate lists: the first-stage retriever's own order (its cosine
-scores), the teacher, the untrained student and the trained student. Metrics come from
-ir-measures (pytrec_eval underneath); pairs/s is measured on this run's device.
+Every ranker sees the same candidates: the first-stage retriever's true top-k, nothing added, so
+a judged positive the retriever missed is a miss for every reranker. The retriever's own order is
+always a row: a reranker that does not beat it is worse than none. Metrics come from ir-measures
+(pytrec_eval underneath) per query, so that any two rankers can be compared with a paired test.
+Every ranker is timed the same way on the same pairs, text encoding included for bi-encoders.
 """
 
 from __future__ import annotations
@@ -15,16 +17,40 @@ import numpy as np
 import pyarrow as pa
 
 METRIC_NAMES = {"nDCG@10": "ndcg@10", "RR@10": "mrr@10", "AP": "map"}
+# Which rankers each evaluation compares, (a, b): does a beat b?
+COMPARISONS = (("teacher", "retriever"), ("student", "retriever"), ("student", "teacher"), ("student", "student_untrained"))
 
 
-def ranking_metrics(run: dict[str, dict[str, float]], qrels: dict[str, dict[str, int]]) -> dict[str, float]:
-    """nDCG@10, MRR@10 and MAP of ``run`` over the queries in ``run`` that have judgments."""
+def per_query_metrics(
+    run: dict[str, dict[str, float]], qrels: dict[str, dict[str, int]], query_ids: list[str] | None = None
+) -> dict[str, np.ndarray]:
+    """nDCG@10, MRR@10 and AP per query, in the order of ``query_ids`` (default: the judged
+    queries of ``run``). A query whose ranking holds no judged positive scores 0."""
     import ir_measures
     from ir_measures import AP, RR, nDCG
 
-    judged = {q: r for q, r in qrels.items() if q in run}
-    agg = ir_measures.calc_aggregate([nDCG @ 10, RR @ 10, AP], judged, {q: run[q] for q in judged})
-    return {METRIC_NAMES[str(m)]: float(v) for m, v in agg.items()}
+    query_ids = [q for q in (query_ids if query_ids is not None else run) if q in qrels]
+    pos = {q: i for i, q in enumerate(query_ids)}
+    out = {name: np.zeros(len(query_ids)) for name in METRIC_NAMES.values()}
+    judged = {q: qrels[q] for q in query_ids}
+    for m in ir_measures.iter_calc([nDCG @ 10, RR @ 10, AP], judged, {q: run.get(q, {}) for q in query_ids}):
+        out[METRIC_NAMES[str(m.measure)]][pos[m.query_id]] = m.value
+    return out
+
+
+def ranking_metrics(run: dict[str, dict[str, float]], qrels: dict[str, dict[str, int]]) -> dict[str, float]:
+    """nDCG@10, MRR@10 and MAP of ``run``, the mean over the queries in ``run`` that have judgments."""
+    return {name: float(v.mean()) if len(v) else 0.0 for name, v in per_query_metrics(run, qrels).items()}
+
+
+def paired_test(a: np.ndarray, b: np.ndarray) -> dict:
+    """Mean difference a - b over queries and the two-sided p-value of a paired t-test."""
+    from scipy import stats
+
+    diff = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+    # No difference at all: the t statistic is undefined, and there is nothing to detect.
+    p = 1.0 if not diff.any() else float(stats.ttest_rel(a, b).pvalue)
+    return {"diff": float(diff.mean()), "p_value": p, "queries": int(len(diff)), "test": "paired t-test"}
 
 
 def candidate_pairs(candidates: pa.Table, limit: int | None = None) -> tuple[list[str], list[str], list[float]]:
@@ -47,12 +73,11 @@ def to_run(qids: list[str], dids: list[str], scores) -> dict[str, dict[str, floa
     return run
 
 
-def timed_scores(score: Callable[[], np.ndarray], n_pairs: int) -> tuple[np.ndarray, float]:
-    """Run ``score`` and return (scores, pairs per second)."""
+def timed_scores(score: Callable[[], np.ndarray]) -> tuple[np.ndarray, float]:
+    """Run ``score`` and return (scores, seconds it took)."""
     t0 = time.perf_counter()
     out = score()
-    seconds = time.perf_counter() - t0
-    return np.asarray(out, np.float32), (n_pairs / seconds if seconds > 0 else float("inf"))
+    return np.asarray(out, np.float32), time.perf_counter() - t0
 
 
 def evaluate_rankers(
@@ -60,18 +85,35 @@ def evaluate_rankers(
     dids: list[str],
     qrels: dict[str, dict[str, int]],
     rankers: dict[str, tuple[np.ndarray, float]],
-) -> dict[str, dict[str, float]]:
-    """Metrics per ranker from its scores on the flattened candidate pairs and its pairs/s."""
-    out = {}
-    for name, (scores, pps) in rankers.items():
-        m = ranking_metrics(to_run(qids, dids, scores), qrels)
-        m["pairs_per_second"] = float(round(pps, 2))
+    comparisons=COMPARISONS,
+) -> tuple[dict[str, dict[str, float]], dict[str, dict]]:
+    """Metrics per ranker from its scores on the flattened candidate pairs and the seconds it took
+    (NaN: not timed), and a paired test of nDCG@10 for each comparison whose rankers are present.
+
+    Speed is pairs/s and milliseconds per query to rerank its candidates.
+    """
+    queries = [q for q in dict.fromkeys(qids) if q in qrels]
+    out, ndcg = {}, {}
+    for name, (scores, seconds) in rankers.items():
+        per_query = per_query_metrics(to_run(qids, dids, scores), qrels, queries)
+        m = {k: float(v.mean()) if len(v) else 0.0 for k, v in per_query.items()}
+        if seconds == seconds:  # not NaN
+            m["pairs_per_second"] = round(len(qids) / seconds, 2) if seconds > 0 else float("inf")
+            m["ms_per_query"] = round(1000 * seconds / max(len(set(qids)), 1), 2)
         out[name] = m
-    return out
+        ndcg[name] = per_query["ndcg@10"]
+    tests = {f"{a} vs {b}": paired_test(ndcg[a], ndcg[b]) for a, b in comparisons if a in ndcg and b in ndcg}
+    return out, tests
 
 
-def verdict(test: dict[str, dict[str, float]]) -> list[str]:
+def verdict(test: dict[str, dict[str, float]], significance: dict[str, dict] | None = None) -> list[str]:
     """Plain sentences on whether each reranker is worth running over the retriever."""
+    significance = significance or {}
+
+    def p_of(a: str, b: str) -> str:
+        t = significance.get(f"{a} vs {b}")
+        return f" (paired t-test over {t['queries']} queries: p = {t['p_value']:.3g})" if t else ""
+
     lines = []
     base = test["retriever"]["ndcg@10"]
     for name in ("teacher", "student"):
@@ -79,19 +121,22 @@ def verdict(test: dict[str, dict[str, float]]) -> list[str]:
             continue
         diff = test[name]["ndcg@10"] - base
         if diff > 0:
-            lines.append(f"The {name} beats the retriever's own order by {diff:+.3f} nDCG@10.")
+            lines.append(f"The {name} beats the retriever's own order by {diff:+.4f} nDCG@10{p_of(name, 'retriever')}.")
         else:
             lines.append(
-                f"The {name} does NOT beat the retriever's own order ({diff:+.3f} nDCG@10): "
+                f"The {name} does NOT beat the retriever's own order ({diff:+.4f} nDCG@10{p_of(name, 'retriever')}): "
                 f"reranking with it makes results worse than no reranker."
             )
     if "student" in test and "student_untrained" in test:
         gain = test["student"]["ndcg@10"] - test["student_untrained"]["ndcg@10"]
-        lines.append(f"Training moved the student {gain:+.3f} nDCG@10 from its untrained start.")
+        lines.append(f"Training moved the student {gain:+.4f} nDCG@10 from its untrained start{p_of('student', 'student_untrained')}.")
     if "student" in test and "teacher" in test and test["teacher"]["ndcg@10"] > 0:
         q = test["student"]["ndcg@10"] / test["teacher"]["ndcg@10"]
-        s = test["student"]["pairs_per_second"] / max(test["teacher"]["pairs_per_second"], 1e-9)
-        lines.append(f"The student keeps {q:.1%} of the teacher's nDCG@10 at {s:.1f}x its speed.")
+        line = f"The student keeps {q:.1%} of the teacher's nDCG@10{p_of('student', 'teacher')}"
+        if "ms_per_query" in test["student"] and "ms_per_query" in test["teacher"]:
+            s = test["teacher"]["ms_per_query"] / max(test["student"]["ms_per_query"], 1e-9)
+            line += f" at {s:.1f}x its speed ({test['student']['ms_per_query']:.0f} against {test['teacher']['ms_per_query']:.0f} ms per query)"
+        lines.append(line + ".")
     return lines
 
 
@@ -144,28 +189,30 @@ def evaluate_student(
 
     rankers = _cached_baselines(baseline_cache, len(pairs))
     if rankers is None:
-        # The retriever's scores come from mining; its speed is measured by re-scoring a sample.
-        sample = pairs[: min(len(pairs), 256)]
+        # The retriever's order comes from mining; it is timed re-scoring the same pairs, texts
+        # embedded, as every other ranker is.
         retriever = BiEncoderScorer(load_bi_encoder(embedder, device, max_length), device, dtype)
-        _, retriever_pps = timed_scores(lambda: retriever.score(sample), len(sample))
-        rankers = {"retriever": (np.asarray(retrieval, np.float32), retriever_pps)}
+        rankers = {"retriever": (np.asarray(retrieval, np.float32), timed_scores(lambda: retriever.score(pairs))[1])}
+        del retriever
 
         t = load_teacher(TeacherSpec.parse(teacher, teacher_weights), device, precision, teacher_max_length)
-        rankers["teacher"] = timed_scores(lambda: t.score(pairs, qids), len(pairs))
+        rankers["teacher"] = timed_scores(lambda: t.score(pairs, qids))
         del t
 
         torch.manual_seed(seed)
         untrained = CrossEncoderScorer(cut_student(student, student_layers, device, max_length, head=student_head), device, dtype)
-        rankers["student_untrained"] = timed_scores(lambda: untrained.score(pairs, desc="untrained student"), len(pairs))
+        rankers["student_untrained"] = timed_scores(lambda: untrained.score(pairs, desc="untrained student"))
         _store_baselines(baseline_cache, rankers)
     trained = CrossEncoderScorer(load_cross_encoder(str(student_dir), device, max_length), device, dtype)
-    rankers["student"] = timed_scores(lambda: trained.score(pairs, desc="student"), len(pairs))
+    rankers["student"] = timed_scores(lambda: trained.score(pairs, desc="student"))
 
-    test = evaluate_rankers(qids, dids, qrels, rankers)
-    lines = verdict(test)
+    test, significance = evaluate_rankers(qids, dids, qrels, rankers)
+    lines = verdict(test, significance)
     metrics = {
         "test": test,
+        "significance": significance,
         "test_queries": len(set(qids)),
+        "test_queries_with_positive_in_top_k": _queries_with_positive(qids, dids, qrels),
         "test_pairs": len(pairs),
         "verdict": lines,
         "params": params,
@@ -184,11 +231,17 @@ def evaluate_student(
     return metrics
 
 
+def _queries_with_positive(qids: list[str], dids: list[str], qrels: dict[str, dict[str, int]]) -> int:
+    return len({q for q, d in zip(qids, dids) if qrels.get(q, {}).get(d, 0) > 0})
+
+
 def _cached_baselines(path, n_pairs: int):
     if not path or not Path(path).exists():
         return None
     z = np.load(path)
-    out = {name: (z[name], float(z[f"{name}_pps"])) for name in ("retriever", "teacher", "student_untrained")}
+    if "retriever_seconds" not in z:  # written before rankers were timed in seconds
+        return None
+    out = {name: (z[name], float(z[f"{name}_seconds"])) for name in ("retriever", "teacher", "student_untrained")}
     return out if all(len(v[0]) == n_pairs for v in out.values()) else None
 
 
@@ -198,9 +251,9 @@ def _store_baselines(path, rankers) -> None:
     from pipeline.artifacts import atomic_file
 
     arrays = {}
-    for name, (scores, pps) in rankers.items():
+    for name, (scores, seconds) in rankers.items():
         arrays[name] = scores
-        arrays[f"{name}_pps"] = np.asarray(pps)
+        arrays[f"{name}_seconds"] = np.asarray(seconds)
     with atomic_file(path) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)

@@ -27,8 +27,16 @@ from pipeline.errors import PipelineError
 log = logging.getLogger(__name__)
 
 
-def gate_decision(challenger: float, champion: float | None, tolerance: float) -> tuple[bool, str]:
-    """Promote unless the challenger's nDCG@10 is worse than the champion's by more than ``tolerance``."""
+GATE_SPLIT = "dev"  # never the reported test split: the gate must not choose on what is reported
+
+
+def gate_decision(
+    challenger: float, champion: float | None, tolerance: float, retriever: float | None = None
+) -> tuple[bool, str]:
+    """Promote a challenger that beats the retriever's own order (when given) and is not worse
+    than the champion's nDCG@10 by more than ``tolerance``."""
+    if retriever is not None and not challenger > retriever:
+        return False, f"challenger {challenger:.4f} does not beat the retriever's own order {retriever:.4f}"
     if champion is None:
         return True, "no champion yet"
     if challenger >= champion - tolerance:
@@ -120,8 +128,8 @@ class Registry:
             "",
             f"current: `{os.readlink(self.root / 'current') if (self.root / 'current').is_symlink() else 'none'}`",
             "",
-            "| time | run | status | challenger nDCG@10 | champion nDCG@10 | decision | stage / note |",
-            "|---|---|---|---:|---:|---|---|",
+            "| time | run | status | challenger nDCG@10 (dev) | champion | retriever | decision | stage / note |",
+            "|---|---|---|---:|---:|---:|---|---|",
         ]
         for e in self.history():
             gate = e.get("gate", {})
@@ -135,7 +143,7 @@ class Registry:
                 note = gate.get("reason", "")
             lines.append(
                 f"| {e.get('time', '')} | {e.get('run', '')} | {e.get('status')} | {fmt(gate.get('challenger'))} | "
-                f"{fmt(gate.get('champion'))} | {decision} | {note} |"
+                f"{fmt(gate.get('champion'))} | {fmt(gate.get('retriever'))} | {decision} | {note} |"
             )
         with atomic_file(self.root / "report.md") as tmp:
             tmp.write_text("\n".join(lines) + "\n")
@@ -150,24 +158,33 @@ def gate_ndcg(
     max_length: int = 256,
     max_queries: int = 0,
 ) -> dict[str, float]:
-    """nDCG@10 of each model reranking the same test candidates of the gate dataset."""
+    """nDCG@10 of the retriever's own order and of each model reranking the same dev candidates
+    of the gate dataset (the retriever's true top-k)."""
     import numpy as np
     import pyarrow.parquet as pq
 
     from pipeline.data import load_normalized
     from pipeline.evaluation import candidate_pairs, ranking_metrics, to_run
+    from pipeline.mining import ds_source
     from pipeline.models import load_cross_encoder, resolve_precision
     from pipeline.scoring import CrossEncoderScorer
 
+    path = Path(mined_dir) / f"candidates-{GATE_SPLIT}.parquet"
+    if not path.exists():
+        raise PipelineError(
+            f"{ds_source(data_dir)}: no {GATE_SPLIT} judgments (qrels/{GATE_SPLIT}.tsv) to gate promotion on; the gate "
+            "never judges on the reported test split: add a dev split or pass --gate-dataset"
+        )
     ds = load_normalized(data_dir)
-    qids, dids, _ = candidate_pairs(pq.read_table(Path(mined_dir) / "candidates-test.parquet"), max_queries or None)
+    qrels = ds.relevant(GATE_SPLIT)
+    qids, dids, retrieval = candidate_pairs(pq.read_table(path), max_queries or None)
     pairs = [(ds.queries[q], ds.passage(d)) for q, d in zip(qids, dids)]
     dtype = resolve_precision(precision, device)
-    out = {}
-    for name, path in model_dirs.items():
-        scorer = CrossEncoderScorer(load_cross_encoder(str(path), device, max_length), device, dtype)
+    out = {"retriever": ranking_metrics(to_run(qids, dids, retrieval), qrels)["ndcg@10"]}
+    for name, model in model_dirs.items():
+        scorer = CrossEncoderScorer(load_cross_encoder(str(model), device, max_length), device, dtype)
         scores = np.asarray(scorer.score(pairs, desc=f"gate: {name}"))
-        out[name] = ranking_metrics(to_run(qids, dids, scores), ds.relevant("test"))["ndcg@10"]
+        out[name] = ranking_metrics(to_run(qids, dids, scores), qrels)["ndcg@10"]
     return out
 
 
@@ -184,19 +201,24 @@ def promote_or_keep(
     precision: str = "auto",
     max_length: int = 256,
     max_queries: int = 0,
+    gate_on_retriever: bool = True,
 ) -> dict:
-    """Stage entry: gate the run's student against the champion on the gate set, record the run,
-    and promote it when the gate allows."""
+    """Stage entry: gate the run's student against the retriever and the champion on the gate
+    set's dev split, record the run, and promote it when the gate allows."""
     reg = Registry(registry)
     champion = reg.champion()
     models = {"challenger": student_dir}
     if champion:
         models["champion"] = champion["registry_student"]
     scores = gate_ndcg(models, gate_data_dir, gate_mined_dir, device, precision, max_length, max_queries)
-    promoted, reason = gate_decision(scores["challenger"], scores.get("champion"), tolerance)
+    promoted, reason = gate_decision(
+        scores["challenger"], scores.get("champion"), tolerance, scores["retriever"] if gate_on_retriever else None
+    )
     gate = {
+        "split": GATE_SPLIT,
         "challenger": scores["challenger"],
         "champion": scores.get("champion"),
+        "retriever": scores["retriever"],
         "champion_run": champion["run"] if champion else None,
         "tolerance": tolerance,
         "reason": reason,

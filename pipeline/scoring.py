@@ -131,8 +131,6 @@ class CrossEncoderScorer:
         starts = [0, *range(first, len(pairs), self.chunk)] if pairs else []
         chunks = [(s, pairs[s : s + (first if s == 0 else self.chunk)]) for s in starts]
         done = 0
-        # Fault-injection tests slow scoring down so they can kill a process in the middle of a shard.
-        delay = float(os.environ.get("DISTILL_TEST_BATCH_DELAY", "0"))
         with ThreadPoolExecutor(max_workers=1) as pool, torch.inference_mode():
             pending = pool.submit(self._prepare, chunks[0][1]) if chunks else None
             for ci, (start, _) in enumerate(chunks):
@@ -147,8 +145,6 @@ class CrossEncoderScorer:
                     scores.append(relevance(self.net(feats)["scores"].float()))
                     done += len(idx)
                     bar.update(len(idx))
-                    if delay:
-                        time.sleep(delay)
                     if progress:
                         progress(done, len(pairs))
                 if scores:
@@ -477,7 +473,10 @@ def score_shard(
     }
     # Which worker scored the shard: with several workers on a shared output root, the logs of
     # that host and process are the ones to read.
-    stats = {**stats, "precision": meta["precision"], "shard": shard, "host": socket.gethostname(), "pid": os.getpid()}
+    stats = {
+        **stats, "precision": meta["precision"], "device": device, "shard": shard,
+        "batch_tokens": batch_tokens or default_batch_tokens(device), "host": socket.gethostname(), "pid": os.getpid(),
+    }
     # Statistics first, scores last: the scores file marks the shard done, so a shard that
     # counts as done always has its statistics.
     write_json(Path(out_path).with_suffix(".json"), stats)

@@ -33,13 +33,14 @@ log = logging.getLogger(__name__)
 
 
 def reranking_samples(candidates: dict[str, list[str]], relevant: dict[str, dict[str, int]], queries, passage, limit: int | None = None):
-    """Samples for CrossEncoderRerankingEvaluator: query, its positives and the candidate list."""
+    """Samples for CrossEncoderRerankingEvaluator: every judged query, its positives and the
+    retriever's candidates; evaluated with ``always_rerank_positives=False``, a positive the
+    retriever missed is a miss."""
     samples = []
     for qid, docs in candidates.items():
-        pos = [d for d in relevant.get(qid, {}) if d in docs]
-        if not pos:
+        if not relevant.get(qid):
             continue
-        samples.append({"query": queries[qid], "positive": [passage(d) for d in pos], "documents": [passage(d) for d in docs]})
+        samples.append({"query": queries[qid], "positive": [passage(d) for d in relevant[qid]], "documents": [passage(d) for d in docs]})
         if limit and len(samples) >= limit:
             break
     return samples
@@ -205,7 +206,9 @@ def train_student(
     if dev_samples and num_labels != 1:
         log.warning("no dev reranking evaluation during training: the evaluator needs a one-output model")
     elif dev_samples:
-        evaluator = CrossEncoderRerankingEvaluator(dev_samples, at_k=10, name="dev", batch_size=64, write_csv=False)
+        evaluator = CrossEncoderRerankingEvaluator(
+            dev_samples, at_k=10, name="dev", batch_size=64, write_csv=False, always_rerank_positives=False
+        )
     steps_per_epoch = max(1, -(-len(train_dataset) // batch_size))
     args = CrossEncoderTrainingArguments(
         output_dir=str(work),

@@ -24,7 +24,12 @@ class RetrainStudent(SnapshotDate, EvalParams, luigi.Task):
         default=0.0, description="promote unless nDCG@10 is worse than the champion's by more than this"
     )
     gate_dataset = luigi.Parameter(
-        default="", description="fixed dataset whose test split gates promotion; default: the snapshot itself"
+        default="", description="fixed dataset whose dev split gates promotion; default: the snapshot itself"
+    )
+    gate_on_retriever = luigi.BoolParameter(
+        default=True, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
+        description="promote only a student that beats the retriever's own order on the gate's dev split; turn off "
+        "only when production's first stage is not --embedder",
     )
     rollback = luigi.BoolParameter(default=False, description="point current back to the previous champion and stop")
 
@@ -76,7 +81,7 @@ class RetrainStudent(SnapshotDate, EvalParams, luigi.Task):
         registry.promote_or_keep(
             self.registry, self.run_name, run["student"].path, run["metrics"].path, self.input()["gate_data"].path,
             self.input()["gate_mined"].path, self.promotion_tolerance, record, resolve_device(self.device),
-            self.score_precision, self.max_length, self.max_eval_queries,
+            self.score_precision, self.max_length, self.max_eval_queries, self.gate_on_retriever,
         )
 
 

@@ -123,9 +123,24 @@ def dag_params(dataset, tiny_models: dict, out, task_cls=None, **over) -> dict:
     )
     p.update(over)
     if task_cls is not None:
-        names = set(task_cls.get_param_names())
+        # Insignificant parameters (device, score_batch_tokens, max_dev_queries) change how a run
+        # goes without changing its artifacts; luigi lists them only when asked to.
+        names = set(task_cls.get_param_names(include_significant=True))
         p = {k: v for k, v in p.items() if k in names}
     return p
+
+
+FAULTS = REPO / "tests" / "faults"
+
+
+def fault_env(env: dict | None = None, write_delay: float = 0.0, batch_delay: float = 0.0) -> dict:
+    """A subprocess environment that imports the repository, with the test-side fault injector
+    (tests/faults/sitecustomize.py) slowing renames of finished temporaries and scoring batches."""
+    env = {**(os.environ if env is None else env)}
+    env["PYTHONPATH"] = os.pathsep.join([str(FAULTS), str(REPO)])
+    env["DISTILL_FAULT_WRITE_DELAY"] = str(write_delay)
+    env["DISTILL_FAULT_BATCH_DELAY"] = str(batch_delay)
+    return env
 
 
 def luigi_command(task: str, params: dict, *flags: str) -> list[str]:

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import tasks
-from conftest import REPO, dag_params, luigi_command
+from conftest import REPO, dag_params, fault_env, luigi_command
 from pipeline.scoring import read_scores
 
 SHARDS = 4
@@ -63,9 +63,10 @@ def scheduler(tmp_path_factory):
     proc.wait()
 
 
-def _worker(env, params: dict, cwd: Path, **extra_env) -> subprocess.Popen:
+def _worker(env, params: dict, cwd: Path, batch_delay: float = 0.0) -> subprocess.Popen:
     args = luigi_command("TrainStudent", params, "--workers", "1")
-    return subprocess.Popen(args, cwd=cwd, env={**env, **extra_env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = fault_env(env, batch_delay=batch_delay)
+    return subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def _scores(out: Path):
@@ -92,7 +93,7 @@ def test_two_workers_score_every_shard_once(scheduler, reference, small_beir, ti
     out = tmp_path / "run"
     params = dag_params(small_beir, tiny_models, out, score_shards=SHARDS, score_batch_tokens=256)
     # Slow batches keep both workers busy, so they really share the shards.
-    workers = [_worker(env, params, tmp_path, DISTILL_TEST_BATCH_DELAY="0.5") for _ in range(2)]
+    workers = [_worker(env, params, tmp_path, batch_delay=0.5) for _ in range(2)]
     logs = [w.communicate(timeout=600)[0] for w in workers]
     assert all(w.returncode == 0 for w in workers), logs
 
@@ -112,7 +113,7 @@ def test_worker_killed_mid_shard_is_recovered_by_a_rerun(scheduler, reference, s
     env, _ = scheduler
     out = tmp_path / "run"
     params = dag_params(small_beir, tiny_models, out, score_shards=SHARDS, score_batch_tokens=256)
-    victim = _worker(env, params, tmp_path, DISTILL_TEST_BATCH_DELAY="1.0")
+    victim = _worker(env, params, tmp_path, batch_delay=1.0)
     for line in victim.stdout:
         if "running   ScoreShard" in line:
             break

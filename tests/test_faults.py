@@ -11,11 +11,10 @@ import subprocess
 import time
 from pathlib import Path
 
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import REPO, dag_params, luigi_command
+from conftest import dag_params, fault_env, luigi_command
 from pipeline.scoring import read_scores
 
 # Stage -> what must not exist yet when the kill landed inside that stage.
@@ -35,9 +34,8 @@ def _run(params: dict, cwd: Path, slow: bool = False) -> subprocess.Popen:
     cfg = cwd / "luigi.cfg"
     if not cfg.exists():
         cfg.write_text("[core]\nlog_level = INFO\n[retcode]\ntask_failed = 30\nunhandled_exception = 40\nmissing_data = 20\n")
-    env = {**os.environ, "PYTHONPATH": str(REPO), "LUIGI_CONFIG_PATH": str(cfg)}
-    if slow:  # every finished temporary waits 1 s before its rename; scoring batches are slowed too
-        env.update(DISTILL_TEST_WRITE_DELAY="1.0", DISTILL_TEST_BATCH_DELAY="0.05")
+    # Slow: every finished temporary waits 1 s before its rename; scoring batches are slowed too.
+    env = fault_env({**os.environ, "LUIGI_CONFIG_PATH": str(cfg)}, *((1.0, 0.05) if slow else (0.0, 0.0)))
     return subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

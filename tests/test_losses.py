@@ -17,7 +17,7 @@ from losses import LOSS_TABLE, build_loss, resolve_loss
 from pipeline.labels import build_labels
 from pipeline.models import cut_student
 from pipeline.scoring import read_scores
-from pipeline.training import _with_num_labels, train_student
+from pipeline.training import _with_num_labels, fit_head_scale, train_student
 from tests.conftest import dag_params
 
 SEED = 12
@@ -61,9 +61,9 @@ def _loss_value(model, name, inputs, labels):
         return float(loss(inputs, labels))
 
 
-@pytest.mark.parametrize("backbone", ["student", "embedder"], ids=["cross-encoder-head", "cosine-head"])
-@pytest.mark.parametrize("name", sorted(LOSS_TABLE))
-def test_loss_trains_from_pipeline_data(name, backbone, scored, tiny_models, tmp_path):
+def _loss_before_and_after(name, backbone, scored, tiny_models, tmp_path, learning_rate=2e-3):
+    """The loss on a fixed batch of pipeline rows for the starting student, exactly as
+    train_student starts it (cut, resized head, head scale fitted to the labels), and after training."""
     spec, _ = resolve_loss(name)
     # A random tiny teacher scores every pair almost alike; scaling its scores to unit spread gives
     # listwise losses a teacher distribution that is not uniform, as a trained teacher's is.
@@ -75,7 +75,6 @@ def test_loss_trains_from_pipeline_data(name, backbone, scored, tiny_models, tmp
     inputs, labels = _collate(rows)
     num_labels = stats.get("num_classes", 1)
 
-    torch.manual_seed(SEED)
     from transformers import set_seed
 
     set_seed(SEED)
@@ -83,11 +82,13 @@ def test_loss_trains_from_pipeline_data(name, backbone, scored, tiny_models, tmp
     start = cut_student(tiny_models[backbone], 2, "cpu", 64, head="cls" if num_labels != 1 else "auto")
     if num_labels != 1:
         start = _with_num_labels(start, num_labels)
+    # The fitted scale alone can lower a loss; "before" includes it, so only learning counts.
+    fit_head_scale(start, rows, spec.format)
     before = _loss_value(start, name, inputs, labels)
 
     train_student(
         rows, name, tmp_path / "student", student=tiny_models[backbone], student_layers=2,
-        loss_kwargs=OPTIONS.get(name), epochs=12, batch_size=8, learning_rate=2e-3, warmup_ratio=0.0,
+        loss_kwargs=OPTIONS.get(name), epochs=12, batch_size=8, learning_rate=learning_rate, warmup_ratio=0.0,
         max_length=64, num_labels=num_labels, seed=SEED,
     )
     from pipeline.models import load_cross_encoder
@@ -95,8 +96,24 @@ def test_loss_trains_from_pipeline_data(name, backbone, scored, tiny_models, tmp
     trained = load_cross_encoder(str(tmp_path / "student"), "cpu", 64)
     if num_labels != 1:
         trained.activation_fn = torch.nn.Identity()
-    after = _loss_value(trained, name, inputs, labels)
-    assert after < before, f"{name}: loss {before:.4f} -> {after:.4f}"
+    return before, _loss_value(trained, name, inputs, labels)
+
+
+@pytest.mark.parametrize("backbone", ["student", "embedder"], ids=["cross-encoder-head", "cosine-head"])
+@pytest.mark.parametrize("name", sorted(LOSS_TABLE))
+def test_loss_trains_from_pipeline_data(name, backbone, scored, tiny_models, tmp_path):
+    before, after = _loss_before_and_after(name, backbone, scored, tiny_models, tmp_path)
+    # A real drop, not float noise (a frozen model's is below 1e-4: see the next test).
+    assert after < before - 1e-3 * max(abs(before), 1.0), f"{name}: loss {before:.4f} -> {after:.4f}"
+
+
+@pytest.mark.parametrize("backbone", ["student", "embedder"], ids=["cross-encoder-head", "cosine-head"])
+def test_a_model_that_does_not_learn_fails_the_check(backbone, scored, tiny_models, tmp_path):
+    """The same measurement with a learning rate of 0: the start, head scale included, is what
+    the trained model is, so the loss does not move and the check above would fail."""
+    before, after = _loss_before_and_after("PackedMarginMSELoss", backbone, scored, tiny_models, tmp_path, learning_rate=0.0)
+    assert after == pytest.approx(before, rel=1e-4, abs=1e-5)
+    assert not after < before - 1e-3 * max(abs(before), 1.0)
 
 
 def test_custom_loss_class_reaches_the_model_card(small_beir, tiny_models, tmp_path):

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import luigi
 import pytest
 
 import tasks
-from pipeline.artifacts import read_json
 from tests.conftest import dag_params as _params
 
 
@@ -32,8 +30,12 @@ def test_whole_dag_publishes_student_metrics_and_report(finished_run):
     metrics = json.loads((out / "metrics.json").read_text())
     for name in ("retriever", "teacher", "student", "student_untrained"):
         m = metrics["test"][name]
-        assert set(m) >= {"ndcg@10", "mrr@10", "map", "pairs_per_second"}
-        assert 0.0 <= m["ndcg@10"] <= 1.0 and m["pairs_per_second"] > 0
+        assert set(m) >= {"ndcg@10", "mrr@10", "map", "pairs_per_second", "ms_per_query"}
+        assert 0.0 <= m["ndcg@10"] <= 1.0 and m["pairs_per_second"] > 0 and m["ms_per_query"] > 0
+    # Every ranker is timed on the same pairs: pairs/s and ms per query describe the same run.
+    queries, pairs = metrics["test_queries"], metrics["test_pairs"]
+    for m in metrics["test"].values():
+        assert 1000 * pairs / m["pairs_per_second"] / queries == pytest.approx(m["ms_per_query"], rel=0.02)
     for stage in ("PrepareData", "MineHardNegatives", "ScoreWithTeacher", "BuildLabels", "FitStudent"):
         assert stage in metrics["timings"] and "seconds" in metrics["stages"][stage]
     assert metrics["params"]["loss"] == "PackedMarginMSELoss"
@@ -148,3 +150,91 @@ def test_evaluation_requires_the_fine_tuned_teacher_even_for_losses_without_teac
     ev = tasks.EvaluateStudent(**{k: v for k, v in p.items() if k in tasks.EvaluateStudent.get_param_names()})
     assert "scores" not in ev.clone(tasks.BuildLabels).requires()
     assert isinstance(ev.requires()["teacher"], tasks.FineTuneTeacher)
+
+
+def _corpus_and_queries(folder):
+    """The dataset's texts read straight from its files, as a user's own script would."""
+    corpus, queries = {}, {}
+    for line in (folder / "corpus.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        corpus[r["_id"]] = f"{r['title']}. {r['text']}" if r.get("title") else r["text"]
+    for line in (folder / "queries.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        queries[r["_id"]] = r["text"]
+    return corpus, queries
+
+
+@pytest.fixture(scope="module")
+def distinct_passages(small_beir, tmp_path_factory):
+    """small_beir without passages whose text another passage repeats: the retriever's order over
+    exact duplicates depends on last-bit embedding noise, which no independent check can reproduce."""
+    from tests.conftest import write_beir
+
+    corpus, queries = _corpus_and_queries(small_beir)
+    raw = {}
+    for line in (small_beir / "corpus.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        raw[r["_id"]] = (r.get("title", ""), r["text"])
+    seen, keep = set(), {}
+    for d, text in corpus.items():
+        if text not in seen:
+            seen.add(text)
+            keep[d] = raw[d]
+    qrels = {}
+    for split in ("train", "dev", "test"):
+        rows = [line.split("\t") for line in (small_beir / "qrels" / f"{split}.tsv").read_text().splitlines()[1:]]
+        qrels[split] = [(q, d, int(s)) for q, d, s in rows if d in keep]
+    used = {q for rows in qrels.values() for q, _, _ in rows}
+    return write_beir(tmp_path_factory.mktemp("distinct") / "beir", {q: queries[q] for q in used}, keep, qrels)
+
+
+def test_metrics_equal_an_independent_rerank_of_the_true_top_k(distinct_passages, tiny_models, tmp_path):
+    """metrics.json against a plain script: the retriever's own top-k by exact search over
+    sentence-transformers embeddings, ir-measures over every test judgment (a positive outside the
+    top-k is a miss), and the published student reranking those candidates with CrossEncoder.predict."""
+    import ir_measures
+    import numpy as np
+    from ir_measures import nDCG
+    from sentence_transformers import CrossEncoder, SentenceTransformer
+
+    small_beir, out = distinct_passages, tmp_path / "run"
+    # A short list, so that the retriever misses some positives.
+    assert _build(tasks.TrainStudent(**_params(small_beir, tiny_models, out, rerank_top_k=5)))
+    metrics = json.loads((out / "metrics.json").read_text())
+    k = metrics["params"]["rerank_top_k"]
+    corpus, queries = _corpus_and_queries(small_beir)
+    qrels = [
+        ir_measures.Qrel(q, d, int(s))
+        for q, d, s in (line.split("\t") for line in (small_beir / "qrels" / "test.tsv").read_text().splitlines()[1:])
+    ]
+    test_ids = sorted({q.query_id for q in qrels})
+
+    embedder = SentenceTransformer(tiny_models["embedder"], device="cpu")
+    embedder.max_seq_length = metrics["params"]["max_length"]
+    doc_ids = list(corpus)
+    d = embedder.encode([corpus[x] for x in doc_ids], normalize_embeddings=True)
+    q = embedder.encode([queries[x] for x in test_ids], normalize_embeddings=True)
+    sims = q @ d.T
+    order = {qid: np.argsort(-sims[i], kind="stable")[:k] for i, qid in enumerate(test_ids)}
+    top = {qid: [doc_ids[j] for j in js] for qid, js in order.items()}
+    # The similarities themselves, so exact ties (duplicate passages) break as ir-measures breaks them.
+    retriever_run = [ir_measures.ScoredDoc(qid, doc_ids[j], float(sims[test_ids.index(qid), j])) for qid, js in order.items() for j in js]
+    retriever = ir_measures.calc_aggregate([nDCG @ 10], qrels, retriever_run)[nDCG @ 10]
+    assert metrics["test"]["retriever"]["ndcg@10"] == pytest.approx(retriever, abs=1e-4)
+
+    student = CrossEncoder(str(out / "student"), device="cpu", max_length=metrics["params"]["max_length"])
+    student_run = []
+    for qid, docs in top.items():
+        scores = student.predict([(queries[qid], corpus[doc]) for doc in docs], show_progress_bar=False)
+        student_run += [ir_measures.ScoredDoc(qid, doc, float(s)) for doc, s in zip(docs, scores)]
+    expected = ir_measures.calc_aggregate([nDCG @ 10], qrels, student_run)[nDCG @ 10]
+    assert metrics["test"]["student"]["ndcg@10"] == pytest.approx(expected, abs=0.005)
+
+    # The check has teeth: some positives sit outside the top-k (an appended positive would have
+    # lifted every ranker), and some inside (the metric is not 0 for every ranker).
+    judged = {(x.query_id, x.doc_id) for x in qrels if x.relevance > 0}
+    found = {qid for qid, docs in top.items() if any((qid, doc) in judged for doc in docs)}
+    assert 0 < len(found) < len(test_ids)
+    assert metrics["test_queries_with_positive_in_top_k"] == len(found)
+    assert set(metrics["significance"]) >= {"student vs retriever", "teacher vs retriever"}
+    assert all(0.0 <= t["p_value"] <= 1.0 for t in metrics["significance"].values())

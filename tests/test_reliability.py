@@ -95,12 +95,6 @@ def test_safetensors_win_over_a_pickle_in_the_same_folder(tmp_path):
     assert not marker.exists()
 
 
-def test_scheduler_binds_to_loopback_only():
-    make = (REPO / "Makefile").read_text()
-    line = next(x for x in make.splitlines() if "luigid" in x and "--address" in x)
-    assert "--address 127.0.0.1" in line
-
-
 def test_two_runs_at_once_on_one_output_dir(small_beir, tiny_models, tmp_path):
     out = tmp_path / "run"
     cfg = tmp_path / "luigi.cfg"

@@ -17,10 +17,13 @@ from conftest import dag_params
 from pipeline.registry import Registry, gate_decision
 from tasks import RangeDaily, RetrainStudent
 
-D1, D2, D3, D4 = (datetime.date(2026, 11, d) for d in (24, 25, 26, 27))
+D1, D2, D3, D4, D5 = (datetime.date(2026, 11, d) for d in (24, 25, 26, 27, 28))
 
 
 def _retrain(snapshots, tiny_models, root, date, **over):
+    # Random tiny students rarely beat a random tiny retriever: the promotion flow is tested with
+    # the retriever check off, and the check itself in test_student_that_does_not_beat_the_retriever_is_kept_out.
+    over = {"gate_on_retriever": False, **over}
     params = dag_params(
         str(snapshots / "{date}"), tiny_models, root / "runs", RetrainStudent, registry=str(root / "registry"), **over
     )
@@ -97,6 +100,10 @@ def test_promotion_history_and_rerun_does_nothing(retrained, tiny_models):
     assert f"| {D1.isoformat()} | finished |" in report and f"| {D2.isoformat()} | finished |" in report
 
 
+def _dev_candidates(root):
+    return pq.read_table(next((root / "runs" / D2.isoformat() / "mined").iterdir()) / "candidates-dev.parquet").to_pydict()
+
+
 def test_worse_challenger_is_not_promoted_then_rollback(retrained, tiny_models):
     root, snapshots, _ = retrained
     reg = Registry(root / "registry")
@@ -109,13 +116,13 @@ def test_worse_challenger_is_not_promoted_then_rollback(retrained, tiny_models):
     gate = root / "gate"
     shutil.copytree(snapshots / D2.isoformat(), gate)
     ds = read_dataset(gate)
-    cands = pq.read_table(next((root / "runs" / D2.isoformat() / "mined").iterdir()) / "candidates-test.parquet").to_pydict()
+    cands = _dev_candidates(root)
     ce = load_cross_encoder(str(champion), "cpu", 64)
     lines = ["query-id\tcorpus-id\tscore"]
     for q, docs in zip(cands["query_id"], cands["doc_ids"]):
         scores = ce.predict([(ds.queries[q], ds.passage(d)) for d in docs], show_progress_bar=False)
         lines.append(f"{q}\t{docs[int(np.argmax(scores))]}\t1")
-    (gate / "qrels" / "test.tsv").write_text("\n".join(lines) + "\n")
+    (gate / "qrels" / "dev.tsv").write_text("\n".join(lines) + "\n")
 
     # The challenger: one layer, trained on inverted margins.
     shutil.copytree(snapshots / D2.isoformat(), snapshots / D3.isoformat())
@@ -151,7 +158,33 @@ def test_failed_stage_leaves_current_and_is_recorded(retrained, tiny_models):
     assert not reg.run_record(D4.isoformat()).exists()
 
 
+def test_student_that_does_not_beat_the_retriever_is_kept_out(retrained, tiny_models):
+    """On a gate set where the retriever's own first choice is the judged passage, no student can
+    beat its order: with the default gate the run is recorded and not promoted, however lenient
+    the tolerance against the champion."""
+    root, snapshots, _ = retrained
+    reg = Registry(root / "registry")
+    current = reg.current()
+    gate = root / "gate-retriever-perfect"
+    shutil.copytree(snapshots / D2.isoformat(), gate)
+    cands = _dev_candidates(root)
+    lines = ["query-id\tcorpus-id\tscore"] + [f"{q}\t{docs[0]}\t1" for q, docs in zip(cands["query_id"], cands["doc_ids"])]
+    (gate / "qrels" / "dev.tsv").write_text("\n".join(lines) + "\n")
+    shutil.copytree(snapshots / D2.isoformat(), snapshots / D5.isoformat())
+    ok, _ = _retrain(snapshots, tiny_models, root, D5, gate_dataset=str(gate), promotion_tolerance=1.0, gate_on_retriever=True)
+    assert ok
+    fifth = _record(root, D5)
+    assert fifth["gate"]["split"] == "dev"
+    assert fifth["gate"]["retriever"] == pytest.approx(1.0)
+    assert not fifth["promoted"] and "retriever" in fifth["gate"]["reason"]
+    assert reg.current() == current
+
+
 def test_gate_decision():
     assert gate_decision(0.5, None, 0.0)[0]
     assert gate_decision(0.49, 0.5, 0.02)[0]
     assert not gate_decision(0.47, 0.5, 0.02)[0]
+    # The retriever's own order is a bar of its own: a tie does not pass it.
+    assert not gate_decision(0.6, None, 0.0, retriever=0.6)[0]
+    assert not gate_decision(0.6, 0.5, 1.0, retriever=0.7)[0]
+    assert gate_decision(0.61, 0.5, 0.0, retriever=0.6)[0]

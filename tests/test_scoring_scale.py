@@ -14,7 +14,7 @@ import tasks
 from pipeline.artifacts import read_json
 from pipeline.data import read_dataset
 from pipeline.scoring import read_scores
-from tests.conftest import REPO, dag_params, luigi_command, write_beir
+from tests.conftest import REPO, dag_params, fault_env, luigi_command, write_beir
 
 
 def _score_params(dataset, tiny_models, out, **over):
@@ -39,7 +39,7 @@ def test_sigkill_mid_shard_then_rerun_gives_the_uninterrupted_scores(small_beir,
     subprocess.run(_cli(reference), cwd=REPO, env=env, check=True, capture_output=True)
 
     killed = _score_params(small_beir, tiny_models, tmp_path / "killed", score_batch_tokens=256)
-    slow = {**env, "DISTILL_TEST_BATCH_DELAY": "0.25"}
+    slow = fault_env(env, batch_delay=0.25)
     proc = subprocess.Popen(_cli(killed), cwd=REPO, env=slow, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     shards = tmp_path / "killed" / "scores"
     deadline = time.time() + 90
@@ -65,6 +65,40 @@ def test_sigkill_mid_shard_then_rerun_gives_the_uninterrupted_scores(small_beir,
     assert got_rows == ref_rows
     assert got_meta == ref_meta
     assert not [p for p in shards.rglob("*") if p.name.startswith(".")], "temporary files left behind"
+    # The insignificant settings reached the task: the small batches this test is built on ran.
+    for stats in shards.glob("*/shards/shard-*.json"):
+        s = read_json(stats)
+        assert (s["batch_tokens"], s["device"]) == (256, "cpu"), stats.name
+
+
+def test_the_fault_injector_slows_only_what_the_kill_tests_need(tmp_path):
+    """tests/faults/sitecustomize.py: renames of finished temporaries wait, others do not, and
+    the scorer's per-batch function is wrapped; without its variables nothing changes."""
+    probe = (
+        "import os, time, pathlib\n"
+        "import pipeline.scoring as s\n"
+        "d = pathlib.Path(os.environ['PROBE'])\n"
+        "(d / '.x.1.tmp').write_text('a'); (d / 'y').write_text('b')\n"
+        "t0 = time.perf_counter(); os.replace(d / '.x.1.tmp', d / 'x'); tmp = time.perf_counter() - t0\n"
+        "t0 = time.perf_counter(); os.replace(d / 'y', d / 'z'); plain = time.perf_counter() - t0\n"
+        "print(s.relevance.__name__, tmp > 0.3, plain < 0.3)\n"
+    )
+    import sys
+
+    base = {**os.environ, "PROBE": str(tmp_path)}
+    slow = subprocess.run([sys.executable, "-c", probe], env=fault_env(base, write_delay=0.5, batch_delay=0.1),
+                          cwd=REPO, check=True, capture_output=True, text=True).stdout.split()
+    assert slow == ["slow_relevance", "True", "True"]
+    for name in ("x", "z"):
+        (tmp_path / name).unlink()
+    plain = subprocess.run([sys.executable, "-c", probe], env=fault_env(base), cwd=REPO, check=True,
+                           capture_output=True, text=True).stdout.split()
+    assert plain == ["relevance", "False", "True"]
+
+
+def test_dag_params_keeps_insignificant_parameters(small_beir, tiny_models, tmp_path):
+    p = dag_params(small_beir, tiny_models, tmp_path, tasks.ScoreWithTeacher, score_batch_tokens=256)
+    assert p["score_batch_tokens"] == 256 and p["device"] == "cpu"
 
 
 def test_new_queries_only_send_new_pairs_to_the_teacher(small_beir, tiny_models, tmp_path):

@@ -3,7 +3,6 @@ embedding cache reuse, metrics against sentence-transformers' evaluator, and the
 
 from __future__ import annotations
 
-import pickle
 
 import numpy as np
 import pyarrow as pa
@@ -221,4 +220,3 @@ def test_length_grouped_batches_cover_every_row_once_with_less_padding():
     assert padding(first) < 0.2 * padding(shuffled)
     sampler.set_epoch(1)
     assert list(sampler) != first
-    pickle.loads(pickle.dumps(LengthGroupedBatchSampler))  # the trainer pickles its arguments into checkpoints
