@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install run run-multilingual scheduler worker test clean bench bench-losses bench-score bench-mine bench-e2e bench-retrain bench-student
+.PHONY: install run run-multilingual scheduler worker test clean bench bench-losses bench-score bench-mine bench-e2e bench-retrain
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -66,10 +66,4 @@ bench-retrain: install
 bench-e2e: install
 	$(PY) benchmarks/bench_e2e.py --dataset $(DATASET)
 
-# The student settings study of the README ("The student's head") on the demo run's labels.
-bench-student: install
-	$(PY) benchmarks/bench_student.py --run $(OUT) --config cosine:1e-4:2 --config cosine:3e-4:2 \
-		--config cosine:1e-3:2 --config cosine:3e-4:2:2 --config cosine:3e-4:2:1:8 --config cosine:3e-4:3 \
-		--config mean:1e-4:2 --config mean:3e-4:2 --config mean:1e-3:2
-
-bench: bench-score bench-mine bench-losses bench-e2e
+bench: bench-score bench-mine bench-e2e bench-losses

@@ -36,8 +36,7 @@ timeout 150 "$PY" benchmarks/bench_score.py --model "$OUT/run/student" --device 
     --pairs 8192 --max-length 512 --results "$OUT/score"
 
 # The host CPU, on 2 threads: where it has bf16 matrix instructions (avx512_bf16, AMX), the scoring
-# benchmark in bf16 against predict in fp32 on the trained student, i.e. the CPU that the brief
-# describes and that issue 4's CPU bar assumes (the development VM has AVX2 only).
+# benchmark in bf16 against predict in fp32 on the trained student.
 if "$PY" -c "import sys; from pipeline.models import native_bf16_cpu; sys.exit(not native_bf16_cpu())"; then
     grep -m1 'model name' /proc/cpuinfo
     grep -oE 'avx512_bf16|amx_bf16|amx_tile' /proc/cpuinfo | sort -u | tr '\n' ' '; echo
