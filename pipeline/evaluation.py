@@ -86,9 +86,11 @@ def evaluate_rankers(
     qrels: dict[str, dict[str, int]],
     rankers: dict[str, tuple[np.ndarray, float]],
     comparisons=COMPARISONS,
-) -> tuple[dict[str, dict[str, float]], dict[str, dict]]:
+) -> tuple[dict[str, dict[str, float]], dict[str, dict], dict]:
     """Metrics per ranker from its scores on the flattened candidate pairs and the seconds it took
-    (NaN: not timed), and a paired test of nDCG@10 for each comparison whose rankers are present.
+    (NaN: not timed), a paired test of nDCG@10 for each comparison whose rankers are present, and
+    each ranker's nDCG@10 per query (``{"query_ids": [...], ranker: [...]}``), so that runs with
+    other seeds can be compared query by query.
 
     Speed is pairs/s and milliseconds per query to rerank its candidates.
     """
@@ -103,7 +105,7 @@ def evaluate_rankers(
         out[name] = m
         ndcg[name] = per_query["ndcg@10"]
     tests = {f"{a} vs {b}": paired_test(ndcg[a], ndcg[b]) for a, b in comparisons if a in ndcg and b in ndcg}
-    return out, tests
+    return out, tests, {"query_ids": queries, **{name: np.round(v, 6).tolist() for name, v in ndcg.items()}}
 
 
 def verdict(test: dict[str, dict[str, float]], significance: dict[str, dict] | None = None) -> list[str]:
@@ -206,11 +208,12 @@ def evaluate_student(
     trained = CrossEncoderScorer(load_cross_encoder(str(student_dir), device, max_length), device, dtype)
     rankers["student"] = timed_scores(lambda: trained.score(pairs, desc="student"))
 
-    test, significance = evaluate_rankers(qids, dids, qrels, rankers)
+    test, significance, per_query = evaluate_rankers(qids, dids, qrels, rankers)
     lines = verdict(test, significance)
     metrics = {
         "test": test,
         "significance": significance,
+        "per_query_ndcg@10": per_query,
         "test_queries": len(set(qids)),
         "test_queries_with_positive_in_top_k": _queries_with_positive(qids, dids, qrels),
         "test_pairs": len(pairs),

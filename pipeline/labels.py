@@ -11,6 +11,11 @@ query into [0, 1] (LambdaLoss reads labels as gains 2^label - 1, which negative 
 Rows with fewer than ``num_negatives`` mined negatives are dropped from n-tuple formats
 (their column count must be fixed) and counted.
 
+A query that nobody judged (a group without positives) is labelled by the teacher alone: score
+and list formats take its candidates with their teacher scores; n-tuple formats take the
+teacher's best candidate as the positive; label-only formats (``pair-binary``, ``pair-class``)
+skip it, having no label for it.
+
 Before that, ``false_negatives`` can drop, or relabel as positives, the mined negatives that the
 teacher scores within a margin of (or above) the query's lowest-scored positive: the best known
 flaw of mined negatives is that many are unjudged relevant passages.
@@ -46,6 +51,8 @@ def false_negatives(
     g = groups.to_pydict()
     found = queries_hit = 0
     for i, qid in enumerate(g["query_id"]):
+        if not g["positive_ids"][i]:  # unjudged: its positive is the teacher's choice, nothing to check
+            continue
         floor = min(teacher[(qid, p)] for p in g["positive_ids"][i]) - margin
         suspect = [j for j, d in enumerate(g["negative_ids"][i]) if teacher[(qid, d)] >= floor]
         found += len(suspect)
@@ -74,21 +81,34 @@ def build_rows(
     """Columns of the training dataset for ``fmt`` and statistics about what was built."""
     if fmt not in FORMATS:
         raise PipelineError(f"unknown data format '{fmt}' (one of {', '.join(FORMATS)})")
-    needs_teacher = fmt in ("ntuple-margin", "pair-score", "pair-soft", "list", "list-gains")
-    if needs_teacher and teacher is None:
-        raise PipelineError(f"format '{fmt}' needs teacher scores; run ScoreWithTeacher first")
     g = groups.to_pydict()
+    label_only = fmt in ("pair-binary", "pair-class")
+    unjudged_ids = {q for q, p in zip(g["query_id"], g["positive_ids"]) if not p}
+    unjudged = len(unjudged_ids)
+    needs_teacher = fmt in ("ntuple-margin", "pair-score", "pair-soft", "list", "list-gains") or (unjudged and not label_only)
+    if needs_teacher and teacher is None:
+        raise PipelineError(
+            f"format '{fmt}' needs teacher scores" + (f" for its {unjudged} unjudged queries" if unjudged else "")
+            + "; run ScoreWithTeacher first"
+        )
     n_neg = num_negatives if num_negatives is not None else max((len(x) for x in g["negative_ids"]), default=0)
     if fmt.startswith("ntuple") and n_neg < 1:
         raise PipelineError(f"format '{fmt}' needs at least one mined negative per query; got none")
     cols: dict[str, list] = {}
     short = 0
+    used = {"judged_queries": 0, "unjudged_queries": 0}
 
     def s(q: str, d: str) -> float:
         return float(teacher[(q, d)]) * label_scale
 
     for qid, pos_ids, neg_ids in zip(g["query_id"], g["positive_ids"], g["negative_ids"]):
         q = queries[qid]
+        if not pos_ids:
+            if label_only or not neg_ids:
+                continue
+            best = max(neg_ids, key=lambda d: s(qid, d))  # the teacher's choice is the positive
+            pos_ids, neg_ids = [best], [d for d in neg_ids if d != best]
+        rows_before = len(cols.get("query", []))
         if fmt.startswith("ntuple"):
             if len(neg_ids) < n_neg:
                 short += 1
@@ -124,6 +144,8 @@ def build_rows(
                 cols.setdefault("query", []).append(q)
                 cols.setdefault("passage", []).append(passage(d))
                 cols.setdefault("label", []).append(label)
+        if len(cols.get("query", [])) > rows_before:
+            used["judged_queries" if qid not in unjudged_ids else "unjudged_queries"] += 1
     rows = len(cols.get("query", []))
     if rows == 0:
         raise PipelineError(
@@ -131,7 +153,7 @@ def build_rows(
             if short
             else f"no training rows in format '{fmt}'"
         )
-    stats = {"format": fmt, "rows": rows, "queries_short_of_negatives": short, "num_negatives": n_neg}
+    stats = {"format": fmt, "rows": rows, "queries_short_of_negatives": short, "num_negatives": n_neg, **used}
     stats.update(label_summary(fmt, cols))
     if fmt == "pair-class":
         if len(set(cols["label"])) < 2:

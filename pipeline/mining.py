@@ -132,9 +132,27 @@ class EmbeddingCache:
             self.keys[k] = n_before + i
 
 
-def encode_texts(model, texts: list[str], batch_tokens: int | None = None, show_progress: bool = True) -> np.ndarray:
+# The prompt names sentence-transformers models (e5, bge, ...) define for each side of a search.
+SIDE_PROMPTS = {"query": ("query",), "document": ("document", "passage", "corpus")}
+
+
+def side_prompt_name(model, side: str, name: str = "") -> str | None:
+    """The prompt name to embed ``side`` ('query' or 'document') texts with: ``name`` when given;
+    else the model's own prompt for that side; else its default prompt (None: no prompt)."""
+    prompts = getattr(model, "prompts", None) or {}
+    if name:
+        if name not in prompts:
+            raise PipelineError(f"prompt name '{name}' is not one of the embedder's prompts ({', '.join(prompts) or 'none'})")
+        return name
+    return next((n for n in SIDE_PROMPTS[side] if n in prompts), getattr(model, "default_prompt_name", None))
+
+
+def encode_texts(
+    model, texts: list[str], batch_tokens: int | None = None, show_progress: bool = True, prompt_name: str | None = None
+) -> np.ndarray:
     """Unit-normalised float32 embeddings (inner product = cosine): ``model.encode(texts,
-    normalize_embeddings=True)``, with the model's default prompt, batched by token budget.
+    prompt_name=prompt_name, normalize_embeddings=True)`` (None: the model's default prompt),
+    batched by token budget.
 
     ``encode`` sorts by characters and takes 32 texts a batch; sorting by exact token length and
     batching up to ``batch_tokens`` padded tokens (default 4096 on a CPU, 32768 on a GPU) gives
@@ -143,10 +161,13 @@ def encode_texts(model, texts: list[str], batch_tokens: int | None = None, show_
     dim = (getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension)()
     if not texts:
         return np.zeros((0, dim), np.float32)
-    prompt = model.prompts.get(model.default_prompt_name) if model.default_prompt_name else None
+    prompt_name = prompt_name or model.default_prompt_name
+    prompt = model.prompts.get(prompt_name) if prompt_name else None
     lengths = _token_lengths(model, texts, prompt)
     if lengths is None:  # an input module without an attention mask (e.g. static embeddings)
-        return model.encode(texts, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=show_progress)
+        return model.encode(
+            texts, prompt_name=prompt_name, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=show_progress
+        )
     budget = batch_tokens or (32768 if model.device.type == "cuda" else 4096)
     out = np.empty((len(texts), dim), np.float32)
     model.eval()
@@ -343,7 +364,9 @@ def mine(
     """Groups of (query, positives, mined negatives with retrieval scores and ranks).
 
     ``random_share`` of each query's ``num_negatives`` are drawn uniformly from the corpus instead
-    (easy negatives, rank -1); the rest are hard negatives from the ranked list.
+    (easy negatives, rank -1); the rest are hard negatives from the ranked list. A query without
+    judged positives (an empty entry in ``positives``) gets one more hard candidate: the teacher's
+    best of them becomes its positive when labels are built.
     """
     if not 0.0 <= random_share <= 1.0:
         raise PipelineError(f"random_share must be within [0, 1], got {random_share}")
@@ -362,7 +385,7 @@ def mine(
         pos_scores = [float(query_vecs[qi] @ doc_vecs[doc_pos[p]]) for p in pos_ids]
         ranked = [doc_ids[j] for j in ids[qi] if j >= 0]
         neg_ids, neg_scores, neg_ranks = select_negatives(
-            ranked, scores[qi][: len(ranked)].tolist(), set(pos), n_hard, range_min, range_max, sampling, rng,
+            ranked, scores[qi][: len(ranked)].tolist(), set(pos), n_hard + (0 if pos else 1), range_min, range_max, sampling, rng,
             min(pos_scores, default=float("inf")), filters, skipped,
         )
         if n_random:
@@ -429,7 +452,10 @@ def mining_stats(groups: pa.Table, num_negatives: int, skipped: Counter) -> dict
             return {}
         return {f"p{q}": round(float(np.percentile(x, q)), 4) for q in (5, 25, 50, 75, 95)}
 
+    unjudged = sum(1 for p in groups.column("positive_ids").to_pylist() if not p)
     return {
+        "judged_queries": groups.num_rows - unjudged,
+        "unjudged_queries": unjudged,
         "negatives": int(len(ranks)),
         "random_negatives": int((ranks < 0).sum()),
         "queries_short_of_negatives": sum(1 for n in negs if len(n) < num_negatives),
@@ -462,8 +488,18 @@ def mine_hard_negatives(
     random_share: float = 0.0,
     nprobe: int = 16,
     ef_search: int = 128,
+    query_prompt_name: str = "",
+    document_prompt_name: str = "",
+    max_unjudged_queries: int = 0,
 ) -> dict:
-    """Stage entry: groups for training queries and rerank candidates for dev/test queries."""
+    """Stage entry: groups for training queries and rerank candidates for dev/test queries.
+
+    Queries and passages are embedded with the embedder's prompt for their side
+    (``side_prompt_name``), as sentence-transformers' ``mine_hard_negatives`` does with
+    ``query_prompt_name`` / ``corpus_prompt_name``.
+
+    ``max_unjudged_queries`` (-1: all) queries of the dataset that no split judges join the
+    training groups with retrieved candidates only: the teacher labels them."""
     import time
 
     from pipeline.artifacts import atomic_dir, fingerprint, write_json
@@ -481,18 +517,28 @@ def mine_hard_negatives(
         raise PipelineError(f"range_min must be within [0, range_max); got range_min={range_min}, range_max={range_max}")
     model = None
     calls = {"encode_calls": 0, "texts_embedded": 0}
+    prompt_names = {"query": query_prompt_name, "document": document_prompt_name}
 
-    def encode(texts):
-        nonlocal model
-        if model is None:
-            model = load_bi_encoder(embedder, device, max_length)
-        calls["encode_calls"] += 1
-        calls["texts_embedded"] += len(texts)
-        return encode_texts(model, texts)
+    def encoder(side: str):
+        def encode(texts):
+            nonlocal model
+            if model is None:
+                model = load_bi_encoder(embedder, device, max_length)
+            calls["encode_calls"] += 1
+            calls["texts_embedded"] += len(texts)
+            return encode_texts(model, texts, prompt_name=side_prompt_name(model, side, prompt_names[side]))
 
-    cache = EmbeddingCache(Path(cache_dir) / "embeddings" / fingerprint(model_identity(embedder), max_length))
+        return encode
+
+    # The model's identity covers its prompts, so one cache per side and prompt setting is exact;
+    # the model itself is loaded only when a text is missing.
+    caches = {
+        side: EmbeddingCache(Path(cache_dir) / "embeddings" / fingerprint(model_identity(embedder), max_length, side, name))
+        for side, name in prompt_names.items()
+    }
+    encode_query, encode_document = encoder("query"), encoder("document")
     doc_ids = list(ds.corpus)
-    doc_vecs = cache.get([ds.passage(d) for d in doc_ids], encode)
+    doc_vecs = caches["document"].get([ds.passage(d) for d in doc_ids], encode_document)
     t_index = time.perf_counter()
     index = build_index(doc_vecs, faiss_index, nprobe=nprobe, ef_search=ef_search, use_gpu=device.startswith("cuda"))
     index_seconds = time.perf_counter() - t_index
@@ -501,10 +547,15 @@ def mine_hard_negatives(
     train_ids = sorted(train, key=lambda q: hashlib.sha1(f"{seed}:{q}".encode()).hexdigest())
     if max_train_queries:
         train_ids = train_ids[:max_train_queries]
+    judged = {q for q, _, _, _ in ds.qrels}
+    unjudged = sorted((q for q in ds.queries if q not in judged), key=lambda q: hashlib.sha1(f"{seed}:{q}".encode()).hexdigest())
+    unjudged = unjudged if max_unjudged_queries < 0 else unjudged[:max_unjudged_queries]
+    train = {**train, **{q: {} for q in unjudged}}
+    train_ids = train_ids + unjudged
     stats: dict = {"train_queries": len(train_ids), "corpus": len(doc_ids), "faiss_index": faiss_index}
     with atomic_dir(out_dir) as tmp:
         if train_ids:
-            qv = cache.get([ds.queries[q] for q in train_ids], encode)
+            qv = caches["query"].get([ds.queries[q] for q in train_ids], encode_query)
             skipped: Counter = Counter()
             groups = mine(
                 qv, train_ids, doc_vecs, doc_ids, train, num_negatives, range_min, range_max, sampling, index, seed,
@@ -517,7 +568,7 @@ def mine_hard_negatives(
             if not rel:
                 continue
             qids = sorted(rel)
-            qv = cache.get([ds.queries[q] for q in qids], encode)
+            qv = caches["query"].get([ds.queries[q] for q in qids], encode_query)
             cand = rerank_candidates(qv, qids, doc_vecs, rerank_top_k, doc_ids, index)
             write_table(cand, tmp / f"candidates-{split}.parquet")
             stats[f"{split}_queries"] = len(qids)

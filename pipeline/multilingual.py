@@ -252,7 +252,7 @@ def evaluate_languages(
         }
         for name, scorer in scorers.items():
             rankers[name] = timed_scores(lambda s=scorer: s.score(pairs, desc=f"{name} [{lang}]"))
-        results, tests = evaluate_rankers(qids, dids, qrels, rankers, MULTILINGUAL_COMPARISONS) if pairs else ({}, {})
+        results, tests, _ = evaluate_rankers(qids, dids, qrels, rankers, MULTILINGUAL_COMPARISONS) if pairs else ({}, {}, {})
         per_lang[lang] = {
             "queries": len(set(qids)),
             "pairs": len(pairs),

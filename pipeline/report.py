@@ -229,7 +229,8 @@ def write_report(path: str | Path, metrics: dict, verdict: list[str], plots: dic
         ]
     if stages.get("BuildLabels"):
         s = stages["BuildLabels"]
-        parts += ["## Labels", "", f"{s.get('rows')} rows in format `{s.get('format')}`"
+        parts += ["## Labels", "", f"{s.get('rows')} rows in format `{s.get('format')}` from "
+                  f"{s.get('judged_queries', '?')} judged and {s.get('unjudged_queries', 0)} unjudged queries (labelled by the teacher alone)"
                   + (f"; label mean {s['label_mean']:.3f}, std {s['label_std']:.3f}." if "label_mean" in s else "."), ""]
         fn = s.get("false_negatives")
         if fn:

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from pipeline.artifacts import atomic_file, write_json
 from pipeline.batching import token_batches
 from pipeline.errors import PipelineError
-from pipeline.mining import encode_texts
+from pipeline.mining import encode_texts, side_prompt_name
 from pipeline.models import (
     load_bi_encoder,
     load_cross_encoder,
@@ -169,14 +169,18 @@ class BiEncoderScorer:
         self.truncated = 0
 
     def score(self, pairs: Sequence[tuple[str, str]], progress: Progress | None = None, desc: str = "teacher") -> np.ndarray:
-        texts = list(dict.fromkeys(t for p in pairs for t in p))
-        vecs = encode_texts(self.model, texts)
-        pos = {t: i for i, t in enumerate(texts)}
-        q = vecs[[pos[p[0]] for p in pairs]]
-        d = vecs[[pos[p[1]] for p in pairs]]
+        q = self._side([p[0] for p in pairs], "query")
+        d = self._side([p[1] for p in pairs], "document")
         if progress:
             progress(len(pairs), len(pairs))
         return np.einsum("ij,ij->i", q, d).astype(np.float32)
+
+    def _side(self, texts: list[str], side: str) -> np.ndarray:
+        """Each distinct text embedded once, with the model's prompt for its side."""
+        unique = list(dict.fromkeys(texts))
+        vecs = encode_texts(self.model, unique, prompt_name=side_prompt_name(self.model, side))
+        pos = {t: i for i, t in enumerate(unique)}
+        return vecs[[pos[t] for t in texts]]
 
 
 @dataclass

@@ -144,6 +144,29 @@ def fit_head_scale(model, dataset, fmt: str, rows: int = 64) -> float | None:
     return scale
 
 
+# Losses that pass the model's score through their own activation (a Sigmoid) and multiply it by
+# their own scale: made for a linear head's logits. The cosine head's score is already a cosine
+# times a logit scale (COSINE_LOGIT_SCALE for label-free formats), which a Sigmoid saturates
+# (every score near 1, no gradient), so it reaches these losses as it is.
+SQUASHING_LOSSES = ("MultipleNegativesRankingLoss", "CachedMultipleNegativesRankingLoss")
+
+
+def student_loss_kwargs(model, loss: str, loss_kwargs: dict | str | None) -> dict:
+    """The loss options ``train_student`` builds ``loss`` with for ``model``: the user's, plus an
+    identity activation and scale 1 for a squashing loss on the cosine head, unless given."""
+    from pipeline.heads import SegmentCosine
+
+    if isinstance(loss_kwargs, str):
+        try:
+            loss_kwargs = json.loads(loss_kwargs) if loss_kwargs.strip() else {}
+        except json.JSONDecodeError as e:
+            raise PipelineError(f"--loss-kwargs is not valid JSON: {e}") from None
+    options = dict(loss_kwargs or {})
+    if loss in SQUASHING_LOSSES and isinstance(model[-1], SegmentCosine) and "activation_fn" not in options:
+        options.update(activation_fn="torch.nn.Identity", scale=options.get("scale", 1.0))
+    return options
+
+
 def _cosines(model, pairs) -> np.ndarray:
     """The head's raw cosines for ``pairs`` (its scores with the scale and bias taken out)."""
     head = model[-1]
@@ -196,7 +219,7 @@ def train_student(
         data.train_datasets = [{"name": card.get("dataset", "")}]
         data.task_name = "reranking (knowledge distillation from a cross-encoder teacher)"
         data.tags = list(dict.fromkeys([*data.tags, "distillation", spec.name]))
-    loss_module = build_loss(model, loss, loss_kwargs)
+    loss_module = build_loss(model, loss, student_loss_kwargs(model, loss, loss_kwargs))
 
     work = Path(work_dir or f"{out_dir}.work")
     use_bf16 = precision == "bf16"

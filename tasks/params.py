@@ -30,6 +30,9 @@ class MineParams(DataParams):
     range_max = luigi.IntParameter(default=50, description="consider non-positives ranked below this")
     sampling = luigi.ChoiceParameter(choices=["top", "random"], default="top")
     max_train_queries = luigi.IntParameter(default=0, description="0 = all training queries")
+    max_unjudged_queries = luigi.IntParameter(
+        default=0, description="queries no split judges that also train the student, labelled by the teacher alone; -1 = all"
+    )
     rerank_top_k = luigi.IntParameter(default=20, description="candidates per dev/test query to rerank")
     absolute_margin = luigi.OptionalFloatParameter(default=None, description="drop candidates scored above positive - margin")
     relative_margin = luigi.OptionalFloatParameter(default=None, description="drop candidates above positive - |positive| * margin")
@@ -44,6 +47,12 @@ class MineParams(DataParams):
     faiss_ef_search = luigi.IntParameter(default=128, description="HNSW search depth")
     max_length = luigi.IntParameter(default=256, description="max tokens per (query, passage) for student and embedder")
     cache_dir = luigi.Parameter(default="", description="shared cache root; default <output-dir>/cache")
+    query_prompt_name = luigi.Parameter(
+        default="", description="embedder prompt for queries; default: its 'query' prompt if it has one, else its default prompt"
+    )
+    document_prompt_name = luigi.Parameter(
+        default="", description="embedder prompt for passages; default: its 'document'/'passage'/'corpus' prompt, else its default"
+    )
 
 
 class TeacherParams(MineParams):

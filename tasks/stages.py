@@ -14,6 +14,7 @@ import torch
 from losses.factory import resolve_loss
 from pipeline import data, evaluation, labels, mining, multilingual, scoring, teacher, training
 from pipeline.artifacts import fingerprint, point_link, read_json, write_json
+from pipeline.errors import PipelineError
 from pipeline.models import PRECISIONS, model_identity, resolve_device, resolve_precision, student_head
 from tasks.params import DataParams, EvalParams, LabelParams, MineParams, MultilingualParams, TeacherParams, TrainParams
 
@@ -44,6 +45,10 @@ class Stage(luigi.Task):
     @property
     def resources(self):
         return {"gpu": 1} if self.run_device.startswith("cuda") else {}
+
+    def on_failure(self, exception):
+        # What the scheduler shows and stores: the one line of an expected error, else the traceback.
+        return str(exception) if isinstance(exception, PipelineError) else super().on_failure(exception)
 
     def progress(self, done: int, total: int) -> None:
         self.set_progress_percentage(round(100 * done / max(total, 1), 1))
@@ -79,7 +84,8 @@ class MineHardNegatives(MineParams, Stage):
         return fingerprint(
             self.requires().fp, model_identity(self.embedder), self.mined_negatives, self.range_min, self.range_max,
             self.sampling, self.max_train_queries, self.rerank_top_k, self.faiss_index, self.max_length, self.seed,
-            self.filters, self.random_negatives, self.faiss_nprobe, self.faiss_ef_search,
+            self.filters, self.random_negatives, self.faiss_nprobe, self.faiss_ef_search, self.query_prompt_name,
+            self.document_prompt_name, self.max_unjudged_queries,
         )
 
     @property
@@ -98,7 +104,8 @@ class MineHardNegatives(MineParams, Stage):
             self.input().path, self.artifact(), self.embedder, self.cache_dir or self.root / "cache",
             self.mined_negatives, self.range_min, self.range_max, self.sampling, self.max_train_queries,
             self.rerank_top_k, self.faiss_index, self.run_device, self.max_length, self.seed,
-            self.filters, self.random_negatives, self.faiss_nprobe, self.faiss_ef_search,
+            self.filters, self.random_negatives, self.faiss_nprobe, self.faiss_ef_search, self.query_prompt_name,
+            self.document_prompt_name, self.max_unjudged_queries,
         )
 
 
@@ -258,7 +265,9 @@ class BuildLabels(LabelParams, Stage):
 
     def requires(self):
         req = {"data": self.clone(PrepareData), "mined": self.clone(MineHardNegatives)}
-        if self.loss_spec.needs_teacher or self.false_negatives != "keep":
+        # Unjudged queries have no label but the teacher's (except in label-only formats, which skip them).
+        unjudged = self.max_unjudged_queries != 0 and self.loss_spec.format not in ("pair-binary", "pair-class")
+        if self.loss_spec.needs_teacher or self.false_negatives != "keep" or unjudged:
             req["scores"] = self.clone(ScoreWithTeacher)
         return req
 

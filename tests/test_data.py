@@ -177,3 +177,44 @@ def test_demo_dataset_is_valid():
     ds = read_dataset(DEMO)
     assert len(ds.relevant("train")) > 1000 and len(ds.relevant("test")) > 200
     assert {"de", "fr", "it"} <= set(ds.languages)
+
+
+def test_bad_data_ends_the_luigi_run_with_one_line_and_no_traceback(beir, tmp_path):
+    """Through the command line a user runs: the DataError's line, a non-zero exit, no traceback."""
+    import os
+    import subprocess
+
+    from tests.conftest import REPO, luigi_command
+
+    with open(beir / "qrels" / "train.tsv", "a") as f:
+        f.write("q9\td1\t1\n")
+    cfg = tmp_path / "luigi.cfg"
+    cfg.write_text("[core]\nlog_level = INFO\n[retcode]\ntask_failed = 30\nunhandled_exception = 40\nmissing_data = 20\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "LUIGI_CONFIG_PATH": str(cfg)}
+    args = luigi_command("PrepareData", {"dataset": beir, "output_dir": tmp_path / "run"}, "--local-scheduler")
+    proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 30, log[-2000:]
+    assert "Traceback" not in log, log[-3000:]
+    [line] = [x for x in log.splitlines() if "train.tsv:3" in x]
+    assert "field 'query-id'" in line and "q9" in line
+
+
+def test_unexpected_errors_keep_their_traceback():
+    import logging
+
+    from tasks import OneLineErrors
+
+    def record(error):
+        try:
+            raise error
+        except Exception:
+            import sys
+
+            return logging.LogRecord("luigi-interface", logging.ERROR, __file__, 1, "failed %s", ("Task",), sys.exc_info())
+
+    expected = record(DataError("q.tsv", 3, "query-id", "unknown query id 'q9'"))
+    assert OneLineErrors().filter(expected) and expected.exc_info is None
+    assert expected.getMessage() == "failed Task: q.tsv:3: field 'query-id': unknown query id 'q9'"
+    unexpected = record(KeyError("boom"))
+    assert OneLineErrors().filter(unexpected) and unexpected.exc_info[0] is KeyError

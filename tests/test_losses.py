@@ -17,7 +17,7 @@ from losses import LOSS_TABLE, build_loss, resolve_loss
 from pipeline.labels import build_labels
 from pipeline.models import cut_student
 from pipeline.scoring import read_scores
-from pipeline.training import _with_num_labels, fit_head_scale, train_student
+from pipeline.training import _with_num_labels, fit_head_scale, student_loss_kwargs, train_student
 from tests.conftest import dag_params
 
 SEED = 12
@@ -55,7 +55,7 @@ def _collate(rows):
 
 
 def _loss_value(model, name, inputs, labels):
-    loss = build_loss(model, name, OPTIONS.get(name))
+    loss = build_loss(model, name, student_loss_kwargs(model, name, OPTIONS.get(name)))
     model.eval()  # no dropout: compare like with like
     with torch.no_grad():
         return float(loss(inputs, labels))
@@ -133,3 +133,16 @@ def test_custom_loss_must_take_model_first():
         resolve_loss("tests.custom_loss:Nope")
     with pytest.raises(PipelineError, match="nn.Module"):
         resolve_loss("json:dumps")
+
+
+def test_squashing_losses_see_the_cosine_heads_scores_as_they_are(tiny_models):
+    """MNRL's default Sigmoid on the cosine head's scaled cosines saturates, so the cosine head gets
+    an identity activation and scale 1; a [CLS] head and explicit options keep what they had."""
+    cosine = cut_student(tiny_models["embedder"], 2, "cpu", 64, head="cosine")
+    cls = cut_student(tiny_models["student"], 2, "cpu", 64, head="cls")
+    opts = student_loss_kwargs(cosine, "MultipleNegativesRankingLoss", '{"num_negatives": 2}')
+    assert opts == {"num_negatives": 2, "activation_fn": "torch.nn.Identity", "scale": 1.0}
+    assert student_loss_kwargs(cls, "MultipleNegativesRankingLoss", None) == {}
+    explicit = {"activation_fn": "torch.nn.Sigmoid", "scale": 5.0}
+    assert student_loss_kwargs(cosine, "CachedMultipleNegativesRankingLoss", explicit) == explicit
+    assert student_loss_kwargs(cosine, "MarginMSELoss", None) == {}

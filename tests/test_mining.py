@@ -205,3 +205,53 @@ def test_false_negative_filter_drops_or_relabels():
     assert wide.column("negative_ids").to_pylist() == [["n2"], []] and stats["queries_with_suspects"] == 2
     with pytest.raises(PipelineError, match="unknown false-negative action"):
         false_negatives(GROUPS, TEACHER, 0.0, "ignore")
+
+
+@pytest.fixture(scope="module")
+def prompted_embedder(tiny_models, tmp_path_factory):
+    """The tiny embedder with e5-style prompts for queries and documents."""
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(tiny_models["embedder"], device="cpu")
+    model.prompts = {"query": "query: ", "document": "passage: "}
+    path = tmp_path_factory.mktemp("prompted") / "embedder"
+    model.save(str(path))
+    return str(path)
+
+
+def test_queries_and_passages_get_their_own_prompts(prepared, prompted_embedder, tmp_path):
+    """Mining embeds queries with the embedder's 'query' prompt and passages with its 'document'
+    prompt, as sentence-transformers' encode_query / encode_document do: the test candidates are
+    the top-k of those embeddings, and differ from unprompted ones."""
+    import pyarrow.parquet as pq
+    from sentence_transformers import SentenceTransformer
+
+    from pipeline.mining import side_prompt_name
+
+    model = SentenceTransformer(prompted_embedder, device="cpu")
+    model.max_seq_length = 64
+    assert side_prompt_name(model, "query") == "query" and side_prompt_name(model, "document") == "document"
+    with pytest.raises(PipelineError, match="not one of the embedder's prompts"):
+        side_prompt_name(model, "query", "search_query")
+
+    ds = load_normalized(prepared)
+    doc_ids = list(ds.corpus)
+    passages = model.encode([ds.passage(d) for d in doc_ids], prompt_name="document", normalize_embeddings=True)
+
+    def top_k(query_prompt):
+        c = pq.read_table(tmp_path / query_prompt / "candidates-test.parquet").to_pydict()
+        return dict(zip(c["query_id"], c["doc_ids"]))
+
+    stats = mine_hard_negatives(prepared, tmp_path / "query", prompted_embedder, tmp_path / "cache", max_length=64, rerank_top_k=10)
+    assert stats["test_queries"] > 0
+    got = top_k("query")
+    queries = model.encode([ds.queries[q] for q in got], prompt_name="query", normalize_embeddings=True)
+    for i, (qid, docs) in enumerate(got.items()):
+        expected = [doc_ids[j] for j in np.argsort(-(passages @ queries[i]), kind="stable")[:10]]
+        assert set(docs) == set(expected), qid
+
+    # The prompts mattered: unprompted embeddings give other candidates for some query.
+    bare_q = model.encode([ds.queries[q] for q in got], normalize_embeddings=True)
+    bare_d = model.encode([ds.passage(d) for d in doc_ids], normalize_embeddings=True)
+    bare = [{doc_ids[j] for j in np.argsort(-(bare_d @ bare_q[i]), kind="stable")[:10]} for i in range(len(got))]
+    assert any(set(docs) != b for docs, b in zip(got.values(), bare))

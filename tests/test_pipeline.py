@@ -238,3 +238,35 @@ def test_metrics_equal_an_independent_rerank_of_the_true_top_k(distinct_passages
     assert metrics["test_queries_with_positive_in_top_k"] == len(found)
     assert set(metrics["significance"]) >= {"student vs retriever", "teacher vs retriever"}
     assert all(0.0 <= t["p_value"] <= 1.0 for t in metrics["significance"].values())
+
+
+def test_unjudged_queries_train_the_student_with_teacher_labels(small_beir, tiny_models, tmp_path):
+    """Training queries whose judgments are withheld stay in queries.jsonl: with
+    --max-unjudged-queries -1 they get retrieved candidates and teacher labels, the report counts
+    them, and a label-only loss leaves them out without asking for teacher scores."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    data = tmp_path / "partly-judged"
+    shutil.copytree(small_beir, data)
+    lines = (data / "qrels" / "train.tsv").read_text().splitlines()
+    qids = list(dict.fromkeys(x.split("\t")[0] for x in lines[1:]))
+    withheld = set(qids[-10:])
+    (data / "qrels" / "train.tsv").write_text("\n".join(x for x in lines if x.split("\t")[0] not in withheld) + "\n")
+
+    out = tmp_path / "run"
+    assert _build(tasks.TrainStudent(**_params(data, tiny_models, out, max_unjudged_queries=-1)))
+    groups = pq.read_table(next(out.glob("mined/*/groups.parquet"))).to_pydict()
+    unjudged = {q for q, p in zip(groups["query_id"], groups["positive_ids"]) if not p}
+    assert unjudged == withheld
+    assert all(len(n) == 3 + 1 for q, n in zip(groups["query_id"], groups["negative_ids"]) if q in unjudged)
+    metrics = json.loads((out / "metrics.json").read_text())
+    labels = metrics["stages"]["BuildLabels"]
+    assert (labels["judged_queries"], labels["unjudged_queries"]) == (len(qids) - 10, 10)
+    assert "from 30 judged and 10 unjudged queries" in (out / "report.md").read_text()
+
+    bce = tasks.BuildLabels(**_params(data, tiny_models, out, tasks.BuildLabels, max_unjudged_queries=-1, loss="BinaryCrossEntropyLoss"))
+    assert "scores" not in bce.requires()
+    assert _build(bce)
+    assert json.loads((bce.artifact() / "stats.json").read_text())["unjudged_queries"] == 0

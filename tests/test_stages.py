@@ -10,7 +10,7 @@ import pytest
 
 from losses import LOSS_TABLE, build_loss, resolve_loss
 from pipeline.errors import PipelineError
-from pipeline.labels import build_rows
+from pipeline.labels import build_rows, false_negatives
 from pipeline.mining import GROUPS_SCHEMA, EmbeddingCache, select_negatives
 from pipeline.scoring import write_scores, zscore_per_query
 
@@ -220,3 +220,43 @@ def test_length_grouped_batches_cover_every_row_once_with_less_padding():
     assert padding(first) < 0.2 * padding(shuffled)
     sampler.set_epoch(1)
     assert list(sampler) != first
+
+
+UNJUDGED = pa.concat_tables([GROUPS, pa.table(
+    {
+        "query_id": ["q3"], "positive_ids": [[]], "positive_scores": [[]], "negative_ids": [["u1", "u2", "u3"]],
+        "negative_scores": [[0.9, 0.8, 0.7]], "negative_ranks": [[0, 1, 2]],
+    },
+    schema=GROUPS_SCHEMA,
+)])
+UNJUDGED_TEACHER = {**TEACHER, ("q3", "u1"): 1.0, ("q3", "u2"): 4.0, ("q3", "u3"): -2.0}
+UNJUDGED_QUERIES = {**QUERIES, "q3": "query three"}
+
+
+def test_an_unjudged_query_is_labelled_by_the_teacher_alone():
+    """Its positive is the teacher's best candidate (u2, not the retriever's first), in margin and
+    n-tuple formats; score and list formats take its candidates as they are; label-only formats
+    skip it; the statistics count judged and unjudged queries."""
+    def rows(fmt):
+        return build_rows(fmt, UNJUDGED, UNJUDGED_TEACHER, UNJUDGED_QUERIES, passage, num_negatives=2)
+
+    cols, stats = rows("ntuple-margin")
+    assert cols["query"] == ["query one", "query three"]
+    assert (cols["positive"][1], cols["negative_1"][1], cols["negative_2"][1]) == ("text of u2", "text of u1", "text of u3")
+    assert cols["label"][1] == [3.0, 6.0]
+    assert (stats["judged_queries"], stats["unjudged_queries"]) == (1, 1)
+    cols, _ = rows("ntuple")
+    assert cols["positive"][-1] == "text of u2" and "label" not in cols
+    cols, stats = rows("list")
+    assert cols["docs"][-1] == ["text of u2", "text of u1", "text of u3"] and cols["labels"][-1] == [4.0, 1.0, -2.0]
+    assert stats["unjudged_queries"] == 1
+    cols, _ = rows("pair-score")
+    assert sum(q == "query three" for q in cols["query"]) == 3
+    for fmt in ("pair-binary", "pair-class"):
+        cols, stats = rows(fmt)
+        assert "query three" not in cols["query"] and stats["unjudged_queries"] == 0 and stats["judged_queries"] == 2
+    with pytest.raises(PipelineError, match="unjudged"):
+        build_rows("ntuple", UNJUDGED, None, UNJUDGED_QUERIES, passage, num_negatives=2)
+    # The false-negative check has no judged positive to compare an unjudged query's candidates with.
+    kept, fn = false_negatives(UNJUDGED, UNJUDGED_TEACHER, 0.0, "drop")
+    assert kept.column("negative_ids").to_pylist()[2] == ["u1", "u2", "u3"]
