@@ -1,28 +1,31 @@
-"""End-to-end benchmark: the project's pipeline against a plain sentence-transformers script,
-same models, same data, same budget, in one run.
+"""End-to-end benchmark: the project's pipeline against what a competent sentence-transformers user
+writes from its documentation, on the same data, teacher and budget, in one run.
 
-(a) the project: PrepareData → MineHardNegatives → ScoreWithTeacher → BuildLabels → FitStudent;
-(b) the plain script: ``mine_hard_negatives``, the teacher's scores (``CrossEncoder.predict`` for
-    a cross-encoder teacher, ``SentenceTransformer.similarity`` for a bi-encoder one),
-    ``CrossEncoderTrainer`` with ``MarginMSELoss``; and the same script with
-    ``BinaryCrossEntropyLoss`` on the mined data and no teacher.
+(a) the project: PrepareData → MineHardNegatives → ScoreWithTeacher → BuildLabels (luigi.cfg's
+    [TrainStudent] settings), then ``train_student`` with PackedMarginMSELoss and the default head;
+(b) the plain script: ``mine_hard_negatives`` → the teacher's scores (``CrossEncoder.predict``, or
+    ``SentenceTransformer.similarity_pairwise`` for a bi-encoder teacher) → ``CrossEncoderTrainer``
+    with ``MarginMSELoss`` on a standard ``CrossEncoder`` (sequence-classification head) cut from
+    the same backbone to the same depth;
+(c) label-only training: the project's student trained with BinaryCrossEntropyLoss on the judged
+    positives and mined negatives, no teacher.
 
-Both use the same trained teacher (fine-tuned once, before timing, as the demo does), the
-same embedder, student backbone and training budget. Each job runs in its own subprocess, so
-its peak memory is its own. Every model is then evaluated on the same test candidates.
+Both sides use the same fine-tuned teacher (trained once, not timed). Each side's learning rate
+is chosen on the dev split from the same grid; test is reported, never tuned on. Every student
+is trained with several seeds; a row is the mean ± std over seeds, and comparisons are paired
+t-tests over test queries (each query's nDCG@10 averaged over seeds). Candidates are the
+retriever's true top-k; every ranker is timed on the same test pairs with the same scorer.
 
     make bench-e2e                              # the demo
-    make bench-e2e DATASET=path/to/beir-folder  # any BEIR-style folder
+    make bench-e2e DATASET=path/to/beir-folder  # any BEIR-style folder (nothing tuned on it but the lr grid on its dev split)
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import platform
-import resource
-import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,295 +35,266 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-# The demo's settings (luigi.cfg [TrainStudent]); both sides get exactly these.
-BUDGET = dict(
-    max_train_queries=600, num_negatives=3, range_max=50, max_length=128, teacher_max_length=128,
-    student_layers=3, epochs=1.0, batch_size=16, learning_rate=3e-4, label_scale=1.0, rerank_top_k=20,
-    max_eval_queries=0, seed=12,
-)
+GRID = (1e-4, 3e-4, 1e-3)  # the grid the project's default learning rate was chosen from
+SEEDS = (12, 13, 14)
 
 
-def peak_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def luigi_params(args, out: Path) -> dict:
-    p = {k: v for k, v in BUDGET.items()}
-    p.update(
-        dataset=args.dataset, output_dir=str(out), embedder=args.embedder, student=args.student,
-        teacher=args.teacher, device="cpu", max_dev_queries=0,
-    )
-    return p
-
-
-def job_project(args) -> dict:
+def project_upstream(args) -> dict:
+    """The project's stages up to the labels, with luigi.cfg's [TrainStudent] settings."""
     import luigi
 
     import tasks
 
-    params = luigi_params(args, Path(args.work) / "project")
-    # include_significant=True: luigi otherwise lists only significant parameters, which silently
-    # dropped max_dev_queries=0 (and device) and gave the project's training a dev evaluation to pay for.
-    params = {k: v for k, v in params.items() if k in tasks.FitStudent.get_param_names(include_significant=True)}
-    t0 = time.perf_counter()
-    ok = luigi.build([tasks.FitStudent(**params)], local_scheduler=True, workers=1, log_level="WARNING")
-    wall = time.perf_counter() - t0
-    if not ok:
+    entry = tasks.TrainStudent(dataset=args.dataset, output_dir=str(Path(args.work) / "project"))
+    labels = entry.clone(tasks.BuildLabels)
+    if not luigi.build([labels], local_scheduler=True, workers=1, log_level="WARNING"):
         raise SystemExit("the project's pipeline failed (see the log above)")
-    fit = tasks.FitStudent(**params)
-    names = {"PrepareData": "prepare", "MineHardNegatives": "mine", "ScoreWithTeacher": "score",
-             "BuildLabels": "labels", "FitStudent": "train"}
-    stages = {}
-    for cls_name, key in names.items():
-        stages[key] = fit.clone(getattr(tasks, cls_name)).stats().get("seconds", 0.0)
-    train = fit.stats()
+    stages = {name: entry.clone(getattr(tasks, name)).stats().get("seconds", 0.0)
+              for name in ("PrepareData", "MineHardNegatives", "ScoreWithTeacher", "BuildLabels")}
+    fit = entry.clone(tasks.FitStudent)
     return {
-        "seconds": wall, "stages": stages, "peak_mib": peak_mib(), "student": str(fit.artifact()),
-        "samples_per_second": train["samples_per_second"], "rows": train["rows"],
-        "mined": str(fit.clone(tasks.MineHardNegatives).artifact()),
-        "prepared": str(fit.clone(tasks.PrepareData).artifact()),
-        "labels": str(fit.clone(tasks.BuildLabels).artifact() / "dataset"),
+        "params": {k: v for k, v in fit.param_kwargs.items() if isinstance(v, (int, float, str))},
+        "stages": stages,
+        "data": entry.clone(tasks.PrepareData).artifact(),
+        "mined": entry.clone(tasks.MineHardNegatives).artifact(),
+        "labels": labels.artifact() / "dataset",
+        "teacher": tasks.stages.resolved_teacher(entry),
     }
 
 
-def _plain_mined(ds, model):
-    """The plain script's mining: mine_hard_negatives over the same training queries."""
-    import hashlib
-
+def plain_upstream(ds, p: dict, teacher: str) -> tuple[object, dict]:
+    """The plain script's mining and teacher scores: MarginMSE rows as the documentation builds them."""
+    import torch
     from datasets import Dataset
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.cross_encoder import CrossEncoder
     from sentence_transformers.util import mine_hard_negatives
 
+    from pipeline.models import model_kind
+
+    stages = {}
+    t0 = time.perf_counter()
     train = ds.relevant("train")
-    qids = sorted(train, key=lambda q: hashlib.sha1(f"{BUDGET['seed']}:{q}".encode()).hexdigest())
-    qids = qids[: BUDGET["max_train_queries"]]
+    qids = sorted(train, key=lambda q: hashlib.sha1(f"{p['seed']}:{q}".encode()).hexdigest())[: p["max_train_queries"] or None]
     rows = [(ds.queries[q], ds.passage(d)) for q in qids for d in train[q]]
-    pairs = Dataset.from_dict({"query": [q for q, _ in rows], "positive": [p for _, p in rows]})
-    return mine_hard_negatives(
-        pairs, model, corpus=[ds.passage(d) for d in ds.corpus], num_negatives=BUDGET["num_negatives"],
-        range_max=BUDGET["range_max"], use_faiss=True, output_format="n-tuple", verbose=False,
+    embedder = SentenceTransformer(p["embedder"], device="cpu")
+    embedder.max_seq_length = p["max_length"]
+    mined = mine_hard_negatives(
+        Dataset.from_dict({"query": [q for q, _ in rows], "positive": [d for _, d in rows]}), embedder,
+        corpus=[ds.passage(d) for d in ds.corpus], num_negatives=p["num_negatives"], range_max=p["range_max"],
+        use_faiss=True, output_format="n-tuple", verbose=False,
     )
+    stages["mine"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    cols = ["positive"] + [f"negative_{i}" for i in range(1, p["num_negatives"] + 1)]
+    flat = [(r["query"], r[c]) for r in mined for c in cols]
+    if model_kind(teacher) == "bi-encoder":
+        model = SentenceTransformer(teacher, device="cpu")
+        model.max_seq_length = p["teacher_max_length"]
+        q = model.encode([a for a, _ in flat], batch_size=32, convert_to_tensor=True)
+        d = model.encode([b for _, b in flat], batch_size=32, convert_to_tensor=True)
+        scores = model.similarity_pairwise(q, d).numpy()
+    else:
+        model = CrossEncoder(teacher, device="cpu", max_length=p["teacher_max_length"])
+        scores = model.predict(flat, batch_size=32, activation_fn=torch.nn.Identity())
+    scores = np.asarray(scores, np.float64).reshape(len(mined), len(cols)) * p["label_scale"]
+    stages["score"] = time.perf_counter() - t0
+    margins = (scores[:, :1] - scores[:, 1:]).tolist()
+    data = Dataset.from_dict({"query": mined["query"], **{c: mined[c] for c in cols}, "label": margins})
+    return data, stages
 
 
-def _plain_student(args):
-    from pipeline.models import cut_student
+def bce_rows(labels_dir: Path):
+    """Label-only rows from the project's own groups: (query, positive, 1) and (query, negative, 0)."""
+    from datasets import Dataset, load_from_disk
 
-    # What the plain way gives: CrossEncoder(backbone, num_labels=1), a [CLS] head, cut to N layers.
-    return cut_student(args.student, BUDGET["student_layers"], "cpu", BUDGET["max_length"], head="cls")
+    margin = load_from_disk(str(labels_dir))
+    negs = sorted((c for c in margin.column_names if c.startswith("negative_")), key=lambda c: int(c.split("_")[1]))
+    q, d, y = [], [], []
+    for r in margin:
+        for c, label in [("positive", 1.0)] + [(c, 0.0) for c in negs]:
+            q.append(r["query"])
+            d.append(r[c])
+            y.append(label)
+    return Dataset.from_dict({"query": q, "passage": d, "label": y})
 
 
-def _plain_train(model, train_ds, loss, out: Path) -> float:
+def train_project(rows, loss: str, out: Path, p: dict, lr: float, seed: int) -> float:
+    from pipeline.training import train_student
+
+    stats = train_student(
+        rows.shuffle(seed=seed, keep_in_memory=True), loss, out, student=p["student"], student_layers=p["student_layers"],
+        student_head=p["student_head"], epochs=p["epochs"], batch_size=p["batch_size"], learning_rate=lr,
+        max_length=p["max_length"], seed=seed,
+    )
+    return stats["seconds"]
+
+
+def train_plain(rows, out: Path, p: dict, lr: float, seed: int) -> float:
+    """CrossEncoderTrainer + MarginMSELoss on a standard CrossEncoder cut to the student's depth."""
     from sentence_transformers.cross_encoder import CrossEncoderTrainer, CrossEncoderTrainingArguments
+    from sentence_transformers.cross_encoder.losses import MarginMSELoss
     from transformers import set_seed
 
-    set_seed(BUDGET["seed"])
+    from pipeline.models import cut_student
+
+    set_seed(seed)
+    model = cut_student(p["student"], p["student_layers"], "cpu", p["max_length"], head="cls")
     targs = CrossEncoderTrainingArguments(
-        output_dir=str(out / "checkpoints"), num_train_epochs=BUDGET["epochs"],
-        per_device_train_batch_size=BUDGET["batch_size"], learning_rate=BUDGET["learning_rate"], warmup_ratio=0.1,
-        use_cpu=True, save_strategy="no", report_to="none", seed=BUDGET["seed"], logging_steps=10,
+        output_dir=str(out / "checkpoints"), num_train_epochs=p["epochs"], per_device_train_batch_size=p["batch_size"],
+        learning_rate=lr, warmup_ratio=0.1, use_cpu=True, save_strategy="no", report_to="none", seed=seed, logging_steps=10,
     )
     t0 = time.perf_counter()
-    CrossEncoderTrainer(model=model, args=targs, train_dataset=train_ds, loss=loss).train()
+    CrossEncoderTrainer(model=model, args=targs, train_dataset=rows.shuffle(seed=seed), loss=MarginMSELoss(model)).train()
     seconds = time.perf_counter() - t0
     model.save_pretrained(str(out))
     return seconds
 
 
-def job_plain(args) -> dict:
-    """What a user writes with sentence-transformers alone."""
-    import torch
-    from datasets import Dataset
-    from sentence_transformers import SentenceTransformer
-    from sentence_transformers.cross_encoder import CrossEncoder
-    from sentence_transformers.cross_encoder.losses import MarginMSELoss
+class Split:
+    """One split's true top-k candidates, their texts and judgments."""
 
-    from pipeline.data import load_normalized
-    from pipeline.models import model_kind
+    def __init__(self, ds, mined: Path, split: str):
+        import pyarrow.parquet as pq
 
-    out = Path(args.work) / "plain"
-    stages = {}
-    t_all = time.perf_counter()
-    t0 = time.perf_counter()
-    ds = load_normalized(args.prepared)  # same parsing cost as the project's PrepareData, which is timed there
-    embedder = SentenceTransformer(args.embedder, device="cpu")
-    embedder.max_seq_length = BUDGET["max_length"]
-    mined = _plain_mined(ds, embedder)
-    stages["mine"] = time.perf_counter() - t0
+        from pipeline.evaluation import candidate_pairs
 
-    t0 = time.perf_counter()
-    n = BUDGET["num_negatives"]
-    cols = ["positive"] + [f"negative_{i}" for i in range(1, n + 1)]
-    flat = [(r["query"], r[c]) for r in mined for c in cols]
-    if model_kind(args.teacher) == "bi-encoder":
-        teacher = SentenceTransformer(args.teacher, device="cpu")
-        teacher.max_seq_length = BUDGET["teacher_max_length"]
-        q = teacher.encode([a for a, _ in flat], batch_size=32, convert_to_tensor=True)
-        p = teacher.encode([b for _, b in flat], batch_size=32, convert_to_tensor=True)
-        scores = teacher.similarity_pairwise(q, p).numpy()
-    else:
-        teacher = CrossEncoder(args.teacher, device="cpu", max_length=BUDGET["teacher_max_length"])
-        scores = teacher.predict(flat, batch_size=32, activation_fn=torch.nn.Identity())
-    scores = np.asarray(scores, np.float64).reshape(len(mined), n + 1) * BUDGET["label_scale"]
-    stages["score"] = time.perf_counter() - t0
+        self.qids, self.dids, self.retrieval = candidate_pairs(pq.read_table(mined / f"candidates-{split}.parquet"))
+        self.pairs = [(ds.queries[q], ds.passage(d)) for q, d in zip(self.qids, self.dids)]
+        self.qrels = ds.relevant(split)
+        self.queries = [q for q in dict.fromkeys(self.qids) if q in self.qrels]
 
-    t0 = time.perf_counter()
-    margins = (scores[:, :1] - scores[:, 1:]).tolist()
-    train_ds = Dataset.from_dict({"query": mined["query"], **{c: mined[c] for c in cols}, "label": margins}).shuffle(seed=BUDGET["seed"])
-    student = _plain_student(args)
-    stages["train"] = _plain_train(student, train_ds, MarginMSELoss(student), out / "margin-mse")
-    train_seconds = stages["train"]
-    seconds = time.perf_counter() - t_all
-    peak = peak_mib()
+    def per_query(self, scores) -> np.ndarray:
+        from pipeline.evaluation import per_query_metrics, to_run
 
-    # The no-teacher baseline: BCE on (query, positive, 1) and (query, negative_i, 0) from the same mined rows.
-    from sentence_transformers.cross_encoder.losses import BinaryCrossEntropyLoss
+        return per_query_metrics(to_run(self.qids, self.dids, scores), self.qrels, self.queries)
 
-    pairs = [(r["query"], r[c], 1.0 if c == "positive" else 0.0) for r in mined for c in cols]
-    bce_ds = Dataset.from_dict({"query": [a for a, _, _ in pairs], "passage": [b for _, b, _ in pairs],
-                                "label": [y for _, _, y in pairs]}).shuffle(seed=BUDGET["seed"])
-    bce = _plain_student(args)
-    _plain_train(bce, bce_ds, BinaryCrossEntropyLoss(bce), out / "bce")
-    return {
-        "seconds": seconds, "stages": stages, "peak_mib": peak, "student": str(out / "margin-mse"),
-        "bce_student": str(out / "bce"), "samples_per_second": len(train_ds) * BUDGET["epochs"] / train_seconds,
-        "rows": len(train_ds),
-    }
+    def score(self, model_dir: Path, max_length: int) -> tuple[np.ndarray, float]:
+        import torch
+
+        from pipeline.evaluation import timed_scores
+        from pipeline.models import load_cross_encoder
+        from pipeline.scoring import CrossEncoderScorer
+
+        scorer = CrossEncoderScorer(load_cross_encoder(str(model_dir), "cpu", max_length), "cpu", torch.float32)
+        return timed_scores(lambda: scorer.score(self.pairs, desc=model_dir.name))
 
 
-def job_evaluate(args) -> dict:
-    """Every model on the project's test candidates: the retriever's top-k of each test query."""
-    import luigi
-
-    import tasks
-    from pipeline.data import load_normalized
-    from pipeline.evaluation import candidate_pairs, evaluate_rankers, timed_scores
-    from pipeline.models import load_cross_encoder
-    from pipeline.scoring import CrossEncoderScorer
-
-    import pyarrow.parquet as pq
-    import torch
-
-    params = luigi_params(args, Path(args.work) / "project")
-    ev = tasks.EvaluateStudent(**params)
-    assert luigi.build([ev], local_scheduler=True, workers=1, log_level="WARNING")
-    metrics = json.loads(Path(ev.output().path).read_text())
-    test = metrics["test"]
-    test["student (project)"] = test.pop("student")
-
-    ds = load_normalized(args.prepared)
-    cand = pq.read_table(Path(args.mined) / "candidates-test.parquet")
-    qids, dids, _ = candidate_pairs(cand, BUDGET["max_eval_queries"])
-    pairs = [(ds.queries[q], ds.passage(d)) for q, d in zip(qids, dids)]
-    rankers = {}
-    for name, path in (("student (plain script)", args.plain_student), ("student (BCE, no teacher)", args.bce_student)):
-        scorer = CrossEncoderScorer(load_cross_encoder(path, "cpu", BUDGET["max_length"]), "cpu", torch.float32)
-        rankers[name] = timed_scores(lambda: scorer.score(pairs), len(pairs))
-    test.update(evaluate_rankers(qids, dids, ds.relevant("test"), rankers))
-    return {"test": test, "report": str(Path(ev.output().path).parent / "report.md")}
+def row(split: Split, runs: list[tuple[np.ndarray, float]]) -> dict:
+    """Mean ± std over seeds of each metric, per-query nDCG@10 averaged over seeds, and speed."""
+    per_seed = [split.per_query(scores) for scores, _ in runs]
+    out = {}
+    for metric in ("ndcg@10", "mrr@10", "map"):
+        means = [float(m[metric].mean()) for m in per_seed]
+        out[metric] = float(np.mean(means))
+        out[f"{metric}_std"] = float(np.std(means, ddof=1)) if len(means) > 1 else 0.0
+        out[f"{metric}_seeds"] = means
+    seconds = float(np.mean([s for _, s in runs]))
+    if seconds == seconds:
+        out["pairs_per_second"] = len(split.pairs) / seconds
+        out["ms_per_query"] = 1000 * seconds / len(set(split.qids))
+    out["per_query_ndcg"] = np.mean([m["ndcg@10"] for m in per_seed], axis=0).tolist()
+    return out
 
 
-def job_train_ab(args) -> dict:
-    """Training speed alone, alternating in one process: the plain trainer + MarginMSELoss against
-    the project's train_student (PackedMarginMSELoss, length-grouped batches), same rows, N rounds.
-
-    The end-to-end jobs run in separate processes, and on a shared VM one process can run 15-50%
-    slower than the next; alternating in one process cancels that drift.
-    """
-    from datasets import Dataset
-    from sentence_transformers.cross_encoder.losses import MarginMSELoss
-
-    from pipeline.training import train_student
-
-    rows = Dataset.load_from_disk(args.labels).shuffle(seed=BUDGET["seed"]).select(range(args.ab_rows))
-    out = Path(args.work) / "train-ab"
-    plain, project = [], []
-    for _ in range(args.ab_rounds):
-        student = _plain_student(args)
-        plain.append(len(rows) / _plain_train(student, rows, MarginMSELoss(student), out / "plain"))
-        stats = train_student(
-            rows, "PackedMarginMSELoss", out / "project", args.student, BUDGET["student_layers"], epochs=1.0,
-            batch_size=BUDGET["batch_size"], learning_rate=BUDGET["learning_rate"], max_length=BUDGET["max_length"],
-        )
-        shutil.rmtree(out / "project")
-        project.append(stats["samples_per_second"])
-    return {"rows": len(rows), "plain": plain, "project": project,
-            "median_ratio": float(np.median(project) / np.median(plain))}
-
-
-def run_job(job: str, args, extra: list[str]) -> dict:
-    out = Path(args.work) / f"{job}.json"
-    cmd = [sys.executable, __file__, "--job", job, "--result", str(out), "--work", args.work, "--dataset", args.dataset,
-           "--embedder", args.embedder, "--student", args.student, "--teacher", args.teacher, *extra]
-    subprocess.run(cmd, check=True, cwd=REPO)
-    return json.loads(out.read_text())
-
-
-def ensure_teacher(args) -> str:
-    """The demo's teacher (FineTuneTeacher with luigi.cfg's settings), trained once and shared."""
-    if args.teacher:
-        return args.teacher
-    import luigi
-
-    import tasks
-
-    t = tasks.TrainStudent(dataset=args.dataset, output_dir=str(Path(args.work) / "teacher")).clone(tasks.FineTuneTeacher)
-    assert luigi.build([t], local_scheduler=True, workers=1, log_level="WARNING")
-    return str(t.artifact())
+def choose_lr(name: str, train, split: Split, work: Path, p: dict) -> tuple[float, dict]:
+    """The grid's learning rate with the best dev nDCG@10 (first seed)."""
+    dev = {}
+    for lr in GRID:
+        out = work / f"{name}-dev-lr{lr:g}"
+        train(out, lr, SEEDS[0])
+        dev[f"{lr:g}"] = float(split.per_query(split.score(out, p["max_length"])[0])["ndcg@10"].mean())
+        print(f"[dev] {name} lr {lr:g}: nDCG@10 {dev[f'{lr:g}']:.4f}", flush=True)
+    best = max(GRID, key=lambda lr: dev[f"{lr:g}"])
+    return best, dev
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dataset", default="data/debian-descriptions")
-    ap.add_argument("--embedder", default="models/all-MiniLM-L6-v2")
-    ap.add_argument("--student", default="models/all-MiniLM-L6-v2")
-    ap.add_argument("--teacher", default="", help="a trained teacher; default: fine-tune the demo's once")
     ap.add_argument("--work", default="runs/bench-e2e")
     ap.add_argument("--results", default="benchmarks/results/e2e")
-    ap.add_argument("--ab-rows", type=int, default=320, help="rows per round of the training-speed A/B")
-    ap.add_argument("--ab-rounds", type=int, default=3)
-    ap.add_argument("--ab-only", action="store_true", help="rerun only the training A/B on the last run's labels")
-    ap.add_argument("--job", choices=["project", "plain", "evaluate", "train-ab"], help=argparse.SUPPRESS)
-    ap.add_argument("--labels", help=argparse.SUPPRESS)
-    ap.add_argument("--result", help=argparse.SUPPRESS)
-    ap.add_argument("--prepared", help=argparse.SUPPRESS)
-    ap.add_argument("--mined", help=argparse.SUPPRESS)
-    ap.add_argument("--plain-student", help=argparse.SUPPRESS)
-    ap.add_argument("--bce-student", help=argparse.SUPPRESS)
+    ap.add_argument("--seeds", type=int, default=len(SEEDS), help="seeds per student on test (at least 3 for a claim)")
     args = ap.parse_args()
-    if args.job:
-        jobs = {"project": job_project, "plain": job_plain, "evaluate": job_evaluate, "train-ab": job_train_ab}
-        result = jobs[args.job](args)
-        Path(args.result).write_text(json.dumps(result))
-        return
+
+    import torch
+
+    from pipeline.data import load_normalized
+    from pipeline.evaluation import paired_test, timed_scores
+    from pipeline.models import load_bi_encoder
+    from pipeline.scoring import BiEncoderScorer, TeacherSpec, load_teacher
 
     work = Path(args.work)
-    args.work = str(work)
-    out = Path(args.results)
-    ab_args = ["--ab-rows", str(args.ab_rows), "--ab-rounds", str(args.ab_rounds)]
-    if args.ab_only:
-        results = json.loads(out.with_suffix(".json").read_text())
-        from bench_student import margin_labels  # other studies may have built other formats there
+    seeds = SEEDS[: args.seeds] if args.seeds <= len(SEEDS) else tuple(range(12, 12 + args.seeds))
+    up = project_upstream(args)
+    p = up["params"]
+    ds = load_normalized(up["data"])
+    plain_rows, plain_stages = plain_upstream(ds, p, up["teacher"])
+    from datasets import load_from_disk
 
-        labels = margin_labels(work / "project") / "dataset"
-        results["train_ab"] = run_job("train-ab", args, ["--labels", str(labels), *ab_args])
-        write_results(results, out)
-        return
-    for side in ("project", "plain"):  # both start cold: no embedding or score caches
-        shutil.rmtree(work / side, ignore_errors=True)
-    work.mkdir(parents=True, exist_ok=True)
-    args.teacher = ensure_teacher(args)
-    project = run_job("project", args, [])
-    plain = run_job("plain", args, ["--prepared", project["prepared"]])
-    ev = run_job("evaluate", args, ["--prepared", project["prepared"], "--mined", project["mined"],
-                                    "--plain-student", plain["student"], "--bce-student", plain["bce_student"]])
-    results = {
-        "meta": {"machine": f"{platform.machine()}, {shutil.os.cpu_count()} cores, CPU", "dataset": args.dataset,
-                 "teacher": args.teacher, "budget": BUDGET, "command": " ".join(sys.argv)},
-        "project": {k: v for k, v in project.items() if k not in ("prepared", "mined", "labels")},
-        "plain": plain,
-        "test": ev["test"],
-        "train_ab": run_job("train-ab", args, ["--labels", project["labels"], *ab_args]),
+    sides = {
+        "project": lambda out, lr, seed: train_project(load_from_disk(str(up["labels"])), p["loss"], out, p, lr, seed),
+        "plain": lambda out, lr, seed: train_plain(plain_rows, out, p, lr, seed),
+        "label-only (BCE)": lambda out, lr, seed: train_project(bce_rows(up["labels"]), "BinaryCrossEntropyLoss", out, p, lr, seed),
     }
-    write_results(results, out)
+    dev, test = Split(ds, up["mined"], "dev"), Split(ds, up["mined"], "test")
+    chosen, dev_grid = {}, {}
+    for name, train in sides.items():
+        chosen[name], dev_grid[name] = choose_lr(name.split()[0], train, dev, work, p)
+    # The default depth, checked on dev against one layer less and one more at the chosen rate.
+    dev_depth = {str(p["student_layers"]): dev_grid["project"][f"{chosen['project']:g}"]}
+    for layers in (p["student_layers"] - 1, p["student_layers"] + 1):
+        out = work / f"project-dev-layers{layers}"
+        train_project(load_from_disk(str(up["labels"])), p["loss"], out, {**p, "student_layers": layers}, chosen["project"], SEEDS[0])
+        dev_depth[str(layers)] = float(dev.per_query(dev.score(out, p["max_length"])[0])["ndcg@10"].mean())
+    dev_retriever = float(dev.per_query(np.asarray(dev.retrieval, np.float32))["ndcg@10"].mean())
+
+    rankers = {}
+    retriever = BiEncoderScorer(load_bi_encoder(p["embedder"], "cpu", p["max_length"]), "cpu", torch.float32)
+    rankers["retriever"] = row(test, [(np.asarray(test.retrieval, np.float32), timed_scores(lambda: retriever.score(test.pairs))[1])])
+    teacher = load_teacher(TeacherSpec.parse(up["teacher"]), "cpu", "fp32", p["teacher_max_length"])
+    rankers["teacher"] = row(test, [timed_scores(lambda: teacher.score(test.pairs, test.qids))])
+    train_seconds = {}
+    for name, train in sides.items():
+        runs, seconds = [], []
+        for seed in seeds:
+            out = work / f"{name.split()[0]}-test-seed{seed}"
+            seconds.append(train(out, chosen[name], seed))
+            runs.append(test.score(out, p["max_length"]))
+            print(f"[test] {name} seed {seed}: nDCG@10 {test.per_query(runs[-1][0])['ndcg@10'].mean():.4f}", flush=True)
+        rankers[f"student ({name})"] = row(test, runs)
+        train_seconds[name] = float(np.mean(seconds))
+
+    def compare(a: str, b: str) -> dict:
+        return paired_test(np.asarray(rankers[a]["per_query_ndcg"]), np.asarray(rankers[b]["per_query_ndcg"]))
+
+    comparisons = {
+        f"{a} vs {b}": compare(a, b)
+        for a, b in (
+            ("student (project)", "student (plain)"), ("student (project)", "student (label-only (BCE))"),
+            ("student (project)", "retriever"), ("student (plain)", "retriever"), ("teacher", "retriever"),
+            ("student (project)", "teacher"),
+        )
+    }
+    stages = {"project": {"mine": up["stages"]["PrepareData"] + up["stages"]["MineHardNegatives"],
+                          "score": up["stages"]["ScoreWithTeacher"], "labels": up["stages"]["BuildLabels"],
+                          "train": train_seconds["project"]},
+              "plain": {**plain_stages, "train": train_seconds["plain"]}}
+    results = {
+        "meta": {"machine": f"{platform.machine()}, {len(__import__('os').sched_getaffinity(0))} cores, CPU",
+                 "dataset": args.dataset, "teacher": up["teacher"], "params": p, "seeds": list(seeds),
+                 "grid": list(GRID), "test_queries": len(test.queries), "dev_queries": len(dev.queries),
+                 "command": " ".join(sys.argv)},
+        "dev_grid": dev_grid,
+        "dev_depth": dev_depth,
+        "dev_retriever": dev_retriever,
+        "chosen_lr": chosen,
+        "test": rankers,
+        "comparisons": comparisons,
+        "stages": stages,
+    }
+    write_results(results, Path(args.results))
 
 
 def write_results(results: dict, out: Path) -> None:
@@ -336,48 +310,41 @@ def write_results(results: dict, out: Path) -> None:
 
 
 def table(r: dict) -> str:
-    test, p, s = r["test"], r["project"], r["plain"]
-    teacher = test["teacher"]
+    m, p = r["meta"], r["meta"]["params"]
+    seeds = len(m["seeds"])
     lines = [
-        f"`{r['meta']['dataset']}`, {r['meta']['machine']}; {r['meta']['budget']['max_train_queries']} training queries × "
-        f"{r['meta']['budget']['num_negatives']} negatives, {r['meta']['budget']['student_layers']}-layer student, "
-        f"{r['meta']['budget']['epochs']:g} epoch, lr {r['meta']['budget']['learning_rate']:g}; "
-        f"{r['meta']['budget']['max_eval_queries'] or 'all'} test queries × top-{r['meta']['budget']['rerank_top_k']}.",
+        f"`{m['dataset']}`, {m['machine']}. Teacher `{m['teacher']}`; {p['max_train_queries'] or 'all'} training queries × "
+        f"{p['num_negatives']} negatives; {p['student_layers']}-layer students cut from `{p['student']}`, {p['epochs']:g} epoch, "
+        f"batch {p['batch_size']}. Test: {m['test_queries']} queries, each reranking the retriever's true top-{p['rerank_top_k']}.",
         "",
-        "| model | nDCG@10 | MRR@10 | pairs/s | nDCG ÷ teacher | speed ÷ teacher |",
-        "|---|---:|---:|---:|---:|---:|",
+        f"Learning rate per side chosen on dev ({m['dev_queries']} queries, seed {m['seeds'][0]}) from {', '.join(f'{x:g}' for x in m['grid'])}:",
+        "",
+        "| side | " + " | ".join(f"lr {x:g}" for x in m["grid"]) + " | chosen |",
+        "|---|" + "---:|" * (len(m["grid"]) + 1),
     ]
-    for name, m in test.items():
-        lines.append(
-            f"| {name} | {m['ndcg@10']:.4f} | {m['mrr@10']:.4f} | {m['pairs_per_second']:.1f} | "
-            f"{m['ndcg@10'] / teacher['ndcg@10']:.3f} | {m['pairs_per_second'] / teacher['pairs_per_second']:.2f} |"
-        )
+    for side, grid in r["dev_grid"].items():
+        lines.append(f"| {side} | " + " | ".join(f"{grid[f'{x:g}']:.4f}" for x in m["grid"]) + f" | {r['chosen_lr'][side]:g} |")
+    depth = r.get("dev_depth", {})
     lines += [
         "",
-        "| stage (seconds) | project | plain script | plain ÷ project |",
-        "|---|---:|---:|---:|",
-    ]
-    p_stages = dict(p["stages"])
-    p_stages["mine"] = p_stages.pop("prepare", 0) + p_stages["mine"]  # the plain script parses the data inside mining
-    for k in ("mine", "score", "labels", "train"):
-        a, b = p_stages.get(k, 0.0), s["stages"].get(k, 0.0)
-        lines.append(f"| {k} | {a:.1f} | {b:.1f} | {b / a:.2f} |" if a and b else f"| {k} | {a:.1f} | {b:.1f} | |")
-    lines += [
-        f"| **total (process wall)** | {p['seconds']:.1f} | {s['seconds']:.1f} | {s['seconds'] / p['seconds']:.2f} |",
-        f"| peak memory (MiB) | {p['peak_mib']:.0f} | {s['peak_mib']:.0f} | {s['peak_mib'] / p['peak_mib']:.2f} |",
-        f"| training samples/s | {p['samples_per_second']:.2f} | {s['samples_per_second']:.2f} | "
-        f"{p['samples_per_second'] / s['samples_per_second']:.2f}× project |",
+        f"The retriever's own order on dev: {r['dev_retriever']:.4f}. Depth of the project's student on dev, at its chosen rate: "
+        + ", ".join(f"{k} layers {v:.4f}" for k, v in sorted(depth.items(), key=lambda kv: int(kv[0]))) + ".",
         "",
-        "The plain script's total covers MarginMSE only; its BCE baseline is trained afterwards, outside the timing.",
+        f"Test, students mean ± std over {seeds} seeds ({', '.join(map(str, m['seeds']))}):",
+        "",
+        "| model | nDCG@10 | MRR@10 | pairs/s | ms/query |",
+        "|---|---:|---:|---:|---:|",
     ]
-    ab = r.get("train_ab")
-    if ab:
-        lines += [
-            "",
-            f"Training speed alone, alternating in one process ({len(ab['plain'])} rounds of {ab['rows']} rows): "
-            f"plain trainer + MarginMSELoss {' / '.join(f'{x:.2f}' for x in ab['plain'])} samples/s, project "
-            f"{' / '.join(f'{x:.2f}' for x in ab['project'])}: **{ab['median_ratio']:.2f}×** by median.",
-        ]
+    for name, x in r["test"].items():
+        sd = lambda k: f" ± {x[f'{k}_std']:.4f}" if len(x[f"{k}_seeds"]) > 1 else ""  # noqa: E731
+        lines.append(f"| {name} | {x['ndcg@10']:.4f}{sd('ndcg@10')} | {x['mrr@10']:.4f}{sd('mrr@10')} | "
+                     f"{x.get('pairs_per_second', float('nan')):.1f} | {x.get('ms_per_query', float('nan')):.0f} |")
+    lines += ["", "| comparison (nDCG@10, per query, averaged over seeds) | difference | p (paired t-test) |", "|---|---:|---:|"]
+    lines += [f"| {k} | {c['diff']:+.4f} | {c['p_value']:.3g} |" for k, c in r["comparisons"].items()]
+    s = r["stages"]
+    lines += ["", "| stage (seconds) | project | plain script |", "|---|---:|---:|"]
+    lines += [f"| {k} | {s['project'].get(k, 0.0):.1f} | {s['plain'].get(k, 0.0):.1f} |" for k in ("mine", "score", "labels", "train")]
+    lines += ["", "Training seconds are the mean over the test seeds; the teacher was fine-tuned once, before, for both sides."]
     return "\n".join(lines) + "\n"
 
 
