@@ -61,7 +61,7 @@ def _loss_value(model, name, inputs, labels):
         return float(loss(inputs, labels))
 
 
-def _loss_before_and_after(name, backbone, scored, tiny_models, tmp_path, learning_rate=2e-3):
+def _loss_before_and_after(name, backbone, scored, tiny_models, tmp_path, learning_rate=1e-2):
     """The loss on a fixed batch of pipeline rows for the starting student, exactly as
     train_student starts it (cut, resized head, head scale fitted to the labels), and after training."""
     spec, _ = resolve_loss(name)
@@ -103,8 +103,14 @@ def _loss_before_and_after(name, backbone, scored, tiny_models, tmp_path, learni
 @pytest.mark.parametrize("name", sorted(LOSS_TABLE))
 def test_loss_trains_from_pipeline_data(name, backbone, scored, tiny_models, tmp_path):
     before, after = _loss_before_and_after(name, backbone, scored, tiny_models, tmp_path)
-    # A real drop, not float noise (a frozen model's is below 1e-4: see the next test).
-    assert after < before - 1e-3 * max(abs(before), 1.0), f"{name}: loss {before:.4f} -> {after:.4f}"
+    assert _learned(before, after), f"{name}: loss {before:.4f} -> {after:.4f}"
+
+
+def _learned(before: float, after: float) -> bool:
+    """A real drop: 1% of the loss at least. Float noise is far below it (a frozen model's change
+    is below 1e-5 relative: see the next test), and so is a model that barely moves (12 steps at
+    2e-3 moved these tiny students by 0.03-0.2%)."""
+    return after < before - 0.01 * abs(before)
 
 
 @pytest.mark.parametrize("backbone", ["student", "embedder"], ids=["cross-encoder-head", "cosine-head"])
@@ -112,8 +118,8 @@ def test_a_model_that_does_not_learn_fails_the_check(backbone, scored, tiny_mode
     """The same measurement with a learning rate of 0: the start, head scale included, is what
     the trained model is, so the loss does not move and the check above would fail."""
     before, after = _loss_before_and_after("PackedMarginMSELoss", backbone, scored, tiny_models, tmp_path, learning_rate=0.0)
-    assert after == pytest.approx(before, rel=1e-4, abs=1e-5)
-    assert not after < before - 1e-3 * max(abs(before), 1.0)
+    assert after == pytest.approx(before, rel=1e-5, abs=1e-7)
+    assert not _learned(before, after)
 
 
 def test_custom_loss_class_reaches_the_model_card(small_beir, tiny_models, tmp_path):
