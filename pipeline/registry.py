@@ -21,7 +21,7 @@ import os
 import shutil
 from pathlib import Path
 
-from pipeline.artifacts import atomic_dir, atomic_file, point_link, write_json
+from pipeline.artifacts import atomic_dir, atomic_file, exclusive, point_link, write_json
 from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
@@ -75,6 +75,11 @@ class Registry:
         stack = self.champions()
         return stack[-1] if stack else None
 
+    def lock(self):
+        """Held while a run is gated and recorded, or a rollback made: the champion a decision
+        reads stays the champion until the decision is written."""
+        return exclusive(self.root / ".lock")
+
     def current(self) -> Path | None:
         link = self.root / "current"
         return link.resolve() if link.exists() else None
@@ -110,9 +115,13 @@ class Registry:
     def record_failure(self, run: str, stage: str, error: str) -> None:
         self._append({"run": run, "status": "failed", "stage": stage, "error": error[:500]})
 
-    def rollback(self) -> dict:
-        """Point ``current`` back to the champion before this one."""
+    def rollback(self, retire: str = "") -> dict:
+        """Point ``current`` back to the champion before this one. With ``retire`` (a run name),
+        only when that run is the champion: a repeated rollback then changes nothing."""
         stack = self.champions()
+        if retire and (not stack or stack[-1]["run"] != retire):
+            log.info("rollback: %s is not the current champion; nothing to do", retire)
+            return {"status": "rollback", "run": stack[-1]["run"] if stack else None, "retired": None}
         if len(stack) < 2:
             raise PipelineError(f"{self.root}: no earlier champion to roll back to ({len(stack)} promoted run(s) standing)")
         retired, back = stack[-1], stack[-2]
@@ -206,6 +215,17 @@ def promote_or_keep(
     """Stage entry: gate the run's student against the retriever and the champion on the gate
     set's dev split, record the run, and promote it when the gate allows."""
     reg = Registry(registry)
+    with reg.lock():
+        return _gate_and_record(
+            reg, run, student_dir, metrics_path, gate_data_dir, gate_mined_dir, tolerance, record, device, precision,
+            max_length, max_queries, gate_on_retriever,
+        )
+
+
+def _gate_and_record(
+    reg, run, student_dir, metrics_path, gate_data_dir, gate_mined_dir, tolerance, record, device, precision, max_length,
+    max_queries, gate_on_retriever,
+) -> dict:
     champion = reg.champion()
     models = {"challenger": student_dir}
     if champion:

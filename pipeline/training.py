@@ -24,7 +24,7 @@ import torch
 from sentence_transformers.base.sampler import DefaultBatchSampler
 
 from losses.factory import build_loss, resolve_loss
-from pipeline.artifacts import atomic_dir, write_json
+from pipeline.artifacts import atomic_dir, exclusive, write_json
 from pipeline.errors import PipelineError
 from pipeline.heads import self_contained
 from pipeline.models import cut_student
@@ -358,6 +358,28 @@ def fit_student(
         seed=seed,
         **train_kwargs,
     )
+
+
+def fit_student_once(nproc_per_node: int = 1, **kwargs) -> dict:
+    """Stage entry: :func:`fit_student`, under torchrun when ``nproc_per_node`` > 1 and as many
+    GPUs are here, by one process at a time per output.
+
+    Two runs of the same stage share its output folder and its checkpoint folder
+    (``<out_dir>.work``, which a killed run resumes from); the second waits for the first and
+    then takes its finished student instead of training into a folder the first deletes.
+    """
+    out_dir = Path(kwargs["out_dir"])
+    with exclusive(out_dir.with_name(f".{out_dir.name}.lock")):
+        if (out_dir / "stats.json").exists():
+            log.info("%s: finished by another run meanwhile; kept", out_dir)
+            return json.loads((out_dir / "stats.json").read_text())
+        device = kwargs.get("device", "cpu")
+        gpus = torch.cuda.device_count() if device.startswith("cuda") else 0
+        if nproc_per_node > 1 and gpus > 1:
+            return fit_student_distributed(min(nproc_per_node, gpus), **kwargs)
+        if nproc_per_node > 1:
+            log.warning("--nproc-per-node %d: %d GPU(s) here, training in one process", nproc_per_node, gpus)
+        return fit_student(**kwargs)
 
 
 def fit_student_distributed(nproc_per_node: int, **kwargs) -> dict:

@@ -32,6 +32,10 @@ class RetrainStudent(SnapshotDate, EvalParams, luigi.Task):
         "only when production's first stage is not --embedder",
     )
     rollback = luigi.BoolParameter(default=False, description="point current back to the previous champion and stop")
+    rollback_from = luigi.Parameter(
+        default="", description="with --rollback: the champion run to retire; nothing happens when it is no longer the "
+        "champion, so a repeated rollback is harmless (empty: whichever is current)",
+    )
 
     @property
     def run_name(self) -> str:
@@ -69,7 +73,8 @@ class RetrainStudent(SnapshotDate, EvalParams, luigi.Task):
     def run(self):
         reg = registry.Registry(self.registry)
         if self.rollback:
-            reg.rollback()
+            with reg.lock():
+                reg.rollback(self.rollback_from)
             return
         run = self.input()["run"]
         record = {

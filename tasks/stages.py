@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
 import os
 from pathlib import Path
 
@@ -19,7 +18,6 @@ from pipeline.models import PRECISIONS, model_identity, resolve_device, resolve_
 from tasks.params import DataParams, EvalParams, LabelParams, MineParams, MultilingualParams, TeacherParams, TrainParams
 
 FINE_TUNED = "fine-tuned"
-logger = logging.getLogger("luigi-interface")
 
 
 class Stage(luigi.Task):
@@ -321,13 +319,7 @@ class FitStudent(TrainParams, Stage):
             learning_rate=self.learning_rate, max_length=self.max_length, device=self.run_device,
             precision=_train_precision(self.run_device, self.train_precision), trust_remote_code=self.trust_remote_code,
         )
-        gpus = torch.cuda.device_count() if self.run_device.startswith("cuda") else 0
-        if self.nproc_per_node > 1 and gpus > 1:
-            training.fit_student_distributed(min(self.nproc_per_node, gpus), **kwargs)
-        else:
-            if self.nproc_per_node > 1:
-                logger.warning("--nproc-per-node %d: %d GPU(s) here, training in one process", self.nproc_per_node, gpus)
-            training.fit_student(**kwargs)
+        training.fit_student_once(self.nproc_per_node, **kwargs)
 
 
 class EvaluateStudent(EvalParams, Stage):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, dag_params, luigi_command, make_cross_encoder
-from pipeline.artifacts import hash_files
+from pipeline.artifacts import atomic_dir, hash_files
 from pipeline.data import prepare_data
 from pipeline.errors import PipelineError
 
@@ -120,3 +120,119 @@ def test_two_runs_at_once_on_one_output_dir(small_beir, tiny_models, tmp_path):
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
     for stats in out.glob("*/*/stats.json"):
         json.loads(stats.read_text())
+
+
+WRITER = """
+import os, sys, time
+from pathlib import Path
+from pipeline.artifacts import atomic_dir
+path, start = Path(sys.argv[1]), float(sys.argv[2])
+while time.time() < start:
+    time.sleep(0.001)
+for i in range(int(sys.argv[3])):
+    with atomic_dir(path) as tmp:
+        (tmp / "part").write_text(f"{os.getpid()} {i}")
+        (tmp / "done").write_text("whole")
+"""
+
+
+def test_two_processes_finishing_the_same_output_at_once(tmp_path):
+    """Two writers replace one output folder hundreds of times at once, as two runs of the same
+    stage would: neither fails, a reader never finds the path missing, and what it reads there is
+    whole. (A reader already inside a replaced folder may see it emptied: it is removed.)"""
+    import sys
+    import time
+
+    out = tmp_path / "stage" / "fp"
+    with atomic_dir(out) as tmp:  # a finished output is already there
+        (tmp / "part").write_text("first")
+        (tmp / "done").write_text("whole")
+    start = time.time() + 1.0
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    writers = [subprocess.Popen([sys.executable, "-c", WRITER, str(out), str(start), "400"], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    missing = partial = checks = 0
+    while any(w.poll() is None for w in writers):
+        try:
+            os.lstat(out)
+        except FileNotFoundError:
+            missing += 1
+            continue
+        try:
+            partial += (out / "done").read_text() != "whole"
+            checks += 1
+        except FileNotFoundError:
+            pass
+    logs = [w.communicate()[0] for w in writers]
+    assert [w.returncode for w in writers] == [0, 0], logs
+    assert checks > 100
+    assert (missing, partial) == (0, 0)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["fp"]  # no temporaries or old folders left
+
+
+FIT = """
+import json, logging, sys
+from pipeline.training import fit_student_once
+logging.basicConfig(level=logging.INFO)
+print("STATS " + json.dumps(fit_student_once(1, **json.loads(sys.argv[1]))))
+"""
+
+
+def test_two_runs_of_one_training_stage_train_once(small_beir, tiny_models, tmp_path):
+    """Two processes start the same FitStudent at once: they share its output and checkpoint
+    folders, so the second waits and takes the first's student instead of training beside it."""
+    import sys
+
+    import luigi
+
+    import tasks
+
+    labels = tasks.BuildLabels(**dag_params(small_beir, tiny_models, tmp_path / "run", tasks.BuildLabels))
+    assert luigi.build([labels], local_scheduler=True, log_level="WARNING")
+    out = tmp_path / "run" / "students" / "same"
+    kwargs = dict(
+        data_dir=labels.clone(tasks.PrepareData).output().path, mined_dir=labels.clone(tasks.MineHardNegatives).output().path,
+        labels_dir=labels.output().path, out_dir=str(out), loss="PackedMarginMSELoss", student=tiny_models["student"],
+        student_layers=2, max_dev_queries=0, epochs=2.0, batch_size=8, max_length=64, device="cpu", precision="fp32",
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    runs = [subprocess.Popen([sys.executable, "-c", FIT, json.dumps(kwargs)], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    logs = [r.communicate(timeout=600)[0] for r in runs]
+    assert [r.returncode for r in runs] == [0, 0], logs[0][-2000:] + logs[1][-2000:]
+    stats = [json.loads(next(x for x in log.splitlines() if x.startswith("STATS "))[6:]) for log in logs]
+    assert stats[0] == stats[1]  # one training; the other run returned its statistics
+    assert sum("finished by another run meanwhile" in log for log in logs) == 1
+    assert not out.with_name("same.work").exists()
+
+
+def test_concurrent_promotions_are_gated_one_after_the_other(tmp_path, monkeypatch):
+    """Two runs finishing at once each compare themselves with the champion: the second must see
+    the first as champion, not the one before both."""
+    import threading
+    import time
+
+    from pipeline import registry
+
+    def slow_gate(models, *args, **kwargs):
+        time.sleep(0.5)
+        return {"retriever": 0.1, "challenger": 0.9, **({"champion": 0.8} if "champion" in models else {})}
+
+    monkeypatch.setattr(registry, "gate_ndcg", slow_gate)
+    metrics = tmp_path / "metrics.json"
+    metrics.write_text(json.dumps({"test": {}}))
+    students = {}
+    for run in ("a", "b"):
+        students[run] = tmp_path / f"student-{run}"
+        students[run].mkdir()
+        (students[run] / "config.json").write_text("{}")
+    threads = [threading.Thread(target=registry.promote_or_keep, args=(tmp_path / "reg", run, students[run], metrics, None, None, 0.0, {}))
+               for run in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    history = registry.Registry(tmp_path / "reg").history()
+    first, second = history
+    assert first["gate"]["champion_run"] is None and second["gate"]["champion_run"] == first["run"]
+    assert registry.Registry(tmp_path / "reg").current().name == second["run"]

@@ -139,6 +139,11 @@ def test_worse_challenger_is_not_promoted_then_rollback(retrained, tiny_models):
     assert luigi.build([RetrainStudent(rollback=True, **params)], local_scheduler=True, workers=1, log_level="WARNING")
     assert reg.current() == (root / "registry" / "students" / D1.isoformat()).resolve()
     assert reg.history()[-1]["status"] == "rollback" and reg.history()[-1]["retired"] == D2.isoformat()
+    # Retiring D2 again changes nothing: a rollback that names its champion is safe to repeat.
+    events = len(reg.history())
+    again = RetrainStudent(rollback=True, rollback_from=D2.isoformat(), **params)
+    assert luigi.build([again], local_scheduler=True, workers=1, log_level="WARNING")
+    assert reg.current() == (root / "registry" / "students" / D1.isoformat()).resolve() and len(reg.history()) == events
 
 
 def test_failed_stage_leaves_current_and_is_recorded(retrained, tiny_models):
