@@ -33,14 +33,19 @@ def resolve_loss(name: str) -> tuple[LossSpec, type]:
     return spec, getattr(importlib.import_module(spec.module), spec.name)
 
 
-def build_loss(model, name: str, kwargs: dict | str | None = None):
-    """Instantiate a loss for ``model`` with keyword options (a dict or a JSON object string)."""
+def loss_options(kwargs: dict | str | None) -> dict:
+    """Loss options from a dict or a JSON object string (``--loss-kwargs``)."""
     if isinstance(kwargs, str):
         try:
             kwargs = json.loads(kwargs) if kwargs.strip() else {}
         except json.JSONDecodeError as e:
             raise PipelineError(f"--loss-kwargs is not valid JSON: {e}") from None
-    kwargs = dict(kwargs or {})
+    return dict(kwargs or {})
+
+
+def build_loss(model, name: str, kwargs: dict | str | None = None):
+    """Instantiate a loss for ``model`` with keyword options (a dict or a JSON object string)."""
+    kwargs = loss_options(kwargs)
     _, cls = resolve_loss(name)
     for key in ("activation_fn", "mini_batch_activation_fn"):
         if isinstance(kwargs.get(key), str):

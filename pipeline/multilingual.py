@@ -230,7 +230,7 @@ def evaluate_languages(
     )
     t_seconds_per_pair = t_seconds / max(len(needed), 1)
     teacher_of = dict(zip(needed, t_scores))
-    del t
+    t = None  # free the teacher before the students load
 
     torch.manual_seed(seed)
     models = {

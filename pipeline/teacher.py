@@ -8,6 +8,7 @@ reranker from judged pairs.
 from __future__ import annotations
 
 import hashlib
+import shutil
 from pathlib import Path
 
 import pyarrow.compute as pc
@@ -131,4 +132,5 @@ def fine_tune_bi_encoder(
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(str(tmp))
         write_json(tmp / "stats.json", stats)  # inside the rename, like every stage's statistics
+    shutil.rmtree(work, ignore_errors=True)  # the trainer's output folder (it saves no checkpoints here)
     return stats

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from sentence_transformers.base.sampler import DefaultBatchSampler
 
-from losses.factory import build_loss, resolve_loss
+from losses.factory import build_loss, loss_options, resolve_loss
 from pipeline.artifacts import atomic_dir, exclusive, write_json
 from pipeline.errors import PipelineError
 from pipeline.heads import self_contained
@@ -156,12 +156,7 @@ def student_loss_kwargs(model, loss: str, loss_kwargs: dict | str | None) -> dic
     identity activation and scale 1 for a squashing loss on the cosine head, unless given."""
     from pipeline.heads import SegmentCosine
 
-    if isinstance(loss_kwargs, str):
-        try:
-            loss_kwargs = json.loads(loss_kwargs) if loss_kwargs.strip() else {}
-        except json.JSONDecodeError as e:
-            raise PipelineError(f"--loss-kwargs is not valid JSON: {e}") from None
-    options = dict(loss_kwargs or {})
+    options = loss_options(loss_kwargs)
     if loss in SQUASHING_LOSSES and isinstance(model[-1], SegmentCosine) and "activation_fn" not in options:
         options.update(activation_fn="torch.nn.Identity", scale=options.get("scale", 1.0))
     return options

@@ -100,29 +100,35 @@ def test_promotion_history_and_rerun_does_nothing(retrained, tiny_models):
     assert f"| {D1.isoformat()} | finished |" in report and f"| {D2.isoformat()} | finished |" in report
 
 
-def _dev_candidates(root):
-    return pq.read_table(next((root / "runs" / D2.isoformat() / "mined").iterdir()) / "candidates-dev.parquet").to_pydict()
+def _gate_set(root, snapshots, name, choose):
+    """A copy of the second date's snapshot whose dev judgments mark, for each dev query, the
+    candidate ``choose(query text, candidate ids)`` picks among the retriever's top-k."""
+    from pipeline.data import read_dataset
+
+    gate = root / name
+    shutil.copytree(snapshots / D2.isoformat(), gate)
+    ds = read_dataset(gate)
+    cands = pq.read_table(next((root / "runs" / D2.isoformat() / "mined").iterdir()) / "candidates-dev.parquet").to_pydict()
+    lines = ["query-id\tcorpus-id\tscore"]
+    lines += [f"{q}\t{choose(ds, q, docs)}\t1" for q, docs in zip(cands["query_id"], cands["doc_ids"])]
+    (gate / "qrels" / "dev.tsv").write_text("\n".join(lines) + "\n")
+    return gate
 
 
 def test_worse_challenger_is_not_promoted_then_rollback(retrained, tiny_models):
     root, snapshots, _ = retrained
     reg = Registry(root / "registry")
     champion = reg.current()
-    # A gate set on which the champion is perfect: each test query's judged passage is the
+    # A gate set on which the champion is perfect: each dev query's judged passage is the
     # champion's own first choice among the candidates.
-    from pipeline.data import read_dataset
     from pipeline.models import load_cross_encoder
 
-    gate = root / "gate"
-    shutil.copytree(snapshots / D2.isoformat(), gate)
-    ds = read_dataset(gate)
-    cands = _dev_candidates(root)
     ce = load_cross_encoder(str(champion), "cpu", 64)
-    lines = ["query-id\tcorpus-id\tscore"]
-    for q, docs in zip(cands["query_id"], cands["doc_ids"]):
-        scores = ce.predict([(ds.queries[q], ds.passage(d)) for d in docs], show_progress_bar=False)
-        lines.append(f"{q}\t{docs[int(np.argmax(scores))]}\t1")
-    (gate / "qrels" / "dev.tsv").write_text("\n".join(lines) + "\n")
+
+    def champions_choice(ds, q, docs):
+        return docs[int(np.argmax(ce.predict([(ds.queries[q], ds.passage(d)) for d in docs], show_progress_bar=False)))]
+
+    gate = _gate_set(root, snapshots, "gate", champions_choice)
 
     # The challenger: one layer, trained on inverted margins.
     shutil.copytree(snapshots / D2.isoformat(), snapshots / D3.isoformat())
@@ -170,11 +176,7 @@ def test_student_that_does_not_beat_the_retriever_is_kept_out(retrained, tiny_mo
     root, snapshots, _ = retrained
     reg = Registry(root / "registry")
     current = reg.current()
-    gate = root / "gate-retriever-perfect"
-    shutil.copytree(snapshots / D2.isoformat(), gate)
-    cands = _dev_candidates(root)
-    lines = ["query-id\tcorpus-id\tscore"] + [f"{q}\t{docs[0]}\t1" for q, docs in zip(cands["query_id"], cands["doc_ids"])]
-    (gate / "qrels" / "dev.tsv").write_text("\n".join(lines) + "\n")
+    gate = _gate_set(root, snapshots, "gate-retriever-perfect", lambda ds, q, docs: docs[0])
     shutil.copytree(snapshots / D2.isoformat(), snapshots / D5.isoformat())
     ok, _ = _retrain(snapshots, tiny_models, root, D5, gate_dataset=str(gate), promotion_tolerance=1.0, gate_on_retriever=True)
     assert ok
