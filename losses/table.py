@@ -59,11 +59,11 @@ LOSS_TABLE: dict[str, LossSpec] = {
         LossSpec("ADRMSELoss", "list", 1, "listwise", True),
         LossSpec("MSELoss", "pair-score", 1, "distillation", True),
         LossSpec("MarginMSELoss", "ntuple-margin", 1, "distillation", True),
-        # Beyond sentence-transformers: losses/distillation.py
-        LossSpec("ListwiseKLDivLoss", "list", 1, "distillation", True, "losses.distillation"),
-        LossSpec("PearsonCorrelationLoss", "list", 1, "distillation", True, "losses.distillation"),
-        # MarginMSELoss's math with the batch's pairs packed by length: losses/packed.py
-        LossSpec("PackedMarginMSELoss", "ntuple-margin", 1, "distillation", True, "losses.packed"),
+        # Beyond sentence-transformers, one loss per file of this package:
+        LossSpec("ListwiseKLDivLoss", "list", 1, "distillation", True, "losses.listwise_kl_div"),
+        LossSpec("PearsonCorrelationLoss", "list", 1, "distillation", True, "losses.pearson_correlation"),
+        # MarginMSELoss's math with the batch's pairs packed by length
+        LossSpec("PackedMarginMSELoss", "ntuple-margin", 1, "distillation", True, "losses.packed_margin_mse"),
     ]
 }
 

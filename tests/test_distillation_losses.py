@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from losses.distillation import ListwiseKLDivLoss, PearsonCorrelationLoss
+from losses.listwise_kl_div import ListwiseKLDivLoss
+from losses.pearson_correlation import PearsonCorrelationLoss
 
 
 class FakeStudent(nn.Module):
@@ -83,23 +84,27 @@ def test_packed_margin_mse_equals_margin_mse_in_value_and_gradients(tiny_models)
     """Same loss and gradients as sentence-transformers' MarginMSELoss, from length-sorted sub-batches."""
     from sentence_transformers.cross_encoder.losses import MarginMSELoss
 
-    from losses.packed import PackedMarginMSELoss
+    from losses.packed_margin_mse import PackedMarginMSELoss
     from pipeline.models import load_cross_encoder
 
     model = load_cross_encoder(tiny_models["student"], "cpu", 64)
     model.eval()  # no dropout: both losses must see the same network
     queries = ["short", "a longer query about xml parsing", "q"]
     inputs = [queries, ["a doc", "x " * 40, "mid length text here"], ["y " * 30, "z", "w w"], ["n", "m " * 5, "k " * 50]]
-    labels = torch.tensor([[1.0, -0.5], [2.0, 0.3], [0.0, 1.5]])
-    results = []
+    margins = torch.tensor([[1.0, -0.5], [2.0, 0.3], [0.0, 1.5]])
+    scores = torch.tensor([[3.0, 2.0, 3.5], [1.0, -1.0, 0.7], [0.2, 0.2, -1.3]])  # positive first, as MarginMSELoss reads them
     packed = PackedMarginMSELoss(model, pairs_per_forward=2)
-    for loss in (MarginMSELoss(model), packed):
-        model.zero_grad()
-        value = loss(inputs, labels)
-        value.backward()
-        grad = model.model.classifier.weight.grad.clone()
-        results.append((value.item(), grad))
-    assert results[1][0] == pytest.approx(results[0][0], rel=1e-5)
-    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-4, atol=1e-6)
+    for labels in (margins, scores, list(scores)):
+        results = []
+        for loss in (MarginMSELoss(model), packed):
+            model.zero_grad()
+            value = loss(inputs, labels)
+            value.backward()
+            grad = model.model.classifier.weight.grad.clone()
+            results.append((value.item(), grad))
+        assert results[1][0] == pytest.approx(results[0][0], rel=1e-5)
+        torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="does not match the expected"):
+        packed(inputs, torch.zeros(3, 5))
     assert PackedMarginMSELoss(model, pairs_per_forward=4).get_config_dict()["pairs_per_forward"] == 4
     assert "logits_from_pairs" not in packed.__dict__  # the per-call override is gone after forward
