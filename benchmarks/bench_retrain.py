@@ -74,6 +74,7 @@ def main() -> None:
             "promoted": record["promoted"],
             "gate": record["gate"],
             "student_ndcg@10": record["metrics"]["student"]["ndcg@10"],
+            "retriever_ndcg@10": record["metrics"]["retriever"]["ndcg@10"],
         })
         print(json.dumps(rows[-1], indent=1), flush=True)
 
@@ -85,13 +86,18 @@ def main() -> None:
         f"`make bench-retrain` on `{args.dataset}` (teacher `{args.teacher}`, settings of luigi.cfg's [RetrainStudent] "
         f"and defaults): the second date adds {new} training queries (10%).",
         "",
-        "| date | wall s | " + " | ".join(f"{s} s" for s in stage_names) + " | texts embedded | pairs scored | pairs from cache | promoted |",
-        "|---|---:|" + "---:|" * len(stage_names) + "---:|---:|---:|---|",
+        "| date | wall s | " + " | ".join(f"{s} s" for s in stage_names)
+        + " | texts embedded | pairs scored | pairs from cache | gate (dev nDCG@10): challenger / retriever / champion | promoted |",
+        "|---|---:|" + "---:|" * len(stage_names) + "---:|---:|---:|---|---|",
     ]
+
+    def gate(g: dict) -> str:
+        return " / ".join("n/a" if g.get(k) is None else f"{g[k]:.4f}" for k in ("challenger", "retriever", "champion"))
+
     for r in rows:
         lines.append(
             f"| {r['date']} | {r['wall_seconds']} | " + " | ".join(f"{r['stage_seconds'].get(s, 0):.1f}" for s in stage_names)
-            + f" | {r['texts_embedded']} | {r['pairs_scored']} | {r['pairs_from_cache']} | {r['promoted']} |"
+            + f" | {r['texts_embedded']} | {r['pairs_scored']} | {r['pairs_from_cache']} | {gate(r['gate'])} | {r['promoted']} |"
         )
     lines += ["", f"Second date's wall time: {rows[1]['wall_seconds'] / rows[0]['wall_seconds']:.2f} of the first's."]
     with atomic_file(out.with_suffix(".md")) as tmp:
