@@ -122,8 +122,14 @@ def verdict(test: dict[str, dict[str, float]], significance: dict[str, dict] | N
         if name not in test:
             continue
         diff = test[name]["ndcg@10"] - base
-        if diff > 0:
+        t = significance.get(f"{name} vs retriever")
+        if diff > 0 and (t is None or t["p_value"] < 0.05):
             lines.append(f"The {name} beats the retriever's own order by {diff:+.4f} nDCG@10{p_of(name, 'retriever')}.")
+        elif diff > 0:
+            lines.append(
+                f"The {name} is ahead of the retriever's own order by {diff:+.4f} nDCG@10, but not significantly"
+                f"{p_of(name, 'retriever')}: it may not be worth running."
+            )
         else:
             lines.append(
                 f"The {name} does NOT beat the retriever's own order ({diff:+.4f} nDCG@10{p_of(name, 'retriever')}): "

@@ -260,3 +260,14 @@ def test_an_unjudged_query_is_labelled_by_the_teacher_alone():
     # The false-negative check has no judged positive to compare an unjudged query's candidates with.
     kept, fn = false_negatives(UNJUDGED, UNJUDGED_TEACHER, 0.0, "drop")
     assert kept.column("negative_ids").to_pylist()[2] == ["u1", "u2", "u3"]
+
+
+def test_the_verdict_says_beats_only_with_a_significant_gain():
+    from pipeline.evaluation import verdict
+
+    test = {"retriever": {"ndcg@10": 0.80}, "student": {"ndcg@10": 0.82}}
+    significant = {"student vs retriever": {"diff": 0.02, "p_value": 0.01, "queries": 400}}
+    noise = {"student vs retriever": {"diff": 0.02, "p_value": 0.4, "queries": 400}}
+    assert verdict(test, significant)[0].startswith("The student beats the retriever's own order by +0.0200")
+    assert "not significantly" in verdict(test, noise)[0] and "p = 0.4" in verdict(test, noise)[0]
+    assert "does NOT beat" in verdict({**test, "student": {"ndcg@10": 0.79}}, noise)[0]
