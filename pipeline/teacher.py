@@ -39,7 +39,7 @@ def fine_tune_teacher(
     ds = load_normalized(data_dir)
     groups = pq.read_table(Path(mined_dir) / "groups.parquet")
     # The teacher learns from judgments only; unjudged queries are what it labels afterwards.
-    groups = groups.filter(pc.list_value_length(groups["positive_ids"]) > 0)
+    groups = groups.filter(pc.greater(pc.list_value_length(groups["positive_ids"]), 0))
     if max_queries and groups.num_rows > max_queries:
         keep = sorted(range(groups.num_rows), key=lambda i: hashlib.sha1(f"t{seed}:{i}".encode()).hexdigest())[:max_queries]
         groups = groups.take(sorted(keep))

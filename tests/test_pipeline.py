@@ -243,6 +243,13 @@ def test_unjudged_queries_train_the_student_with_teacher_labels(small_beir, tiny
     assert (labels["judged_queries"], labels["unjudged_queries"]) == (len(qids) - 10, 10)
     assert "from 30 judged and 10 unjudged queries" in (out / "report.md").read_text()
 
+    # A fine-tuned teacher learns from the judged queries only.
+    ft = tasks.FineTuneTeacher(**_params(data, tiny_models, out, tasks.FineTuneTeacher, max_unjudged_queries=-1,
+                                         teacher_backbone=tiny_models["teacher"], teacher_epochs=0.5))
+    assert _build(ft)
+    ft_stats = json.loads((ft.artifact() / "stats.json").read_text())
+    assert (ft_stats["judged_queries"], ft_stats["unjudged_queries"]) == (len(qids) - 10, 0)
+
     bce = tasks.BuildLabels(**_params(data, tiny_models, out, tasks.BuildLabels, max_unjudged_queries=-1, loss="BinaryCrossEntropyLoss"))
     assert "scores" not in bce.requires()
     assert _build(bce)
