@@ -246,12 +246,15 @@ def test_queries_and_passages_get_their_own_prompts(prepared, prompted_embedder,
     assert stats["test_queries"] > 0
     got = top_k("query")
     queries = model.encode([ds.queries[q] for q in got], prompt_name="query", normalize_embeddings=True)
+    pos = {d: j for j, d in enumerate(doc_ids)}
     for i, (qid, docs) in enumerate(got.items()):
-        expected = [doc_ids[j] for j in np.argsort(-(passages @ queries[i]), kind="stable")[:10]]
-        assert set(docs) == set(expected), qid
+        sims = passages @ queries[i]
+        tenth = np.sort(sims)[::-1][9]
+        # The top 10 of the prompted embeddings, up to ties and last-bit batching noise at the 10th place.
+        assert all(sims[pos[d]] >= tenth - 1e-5 for d in docs), qid
 
     # The prompts mattered: unprompted embeddings give other candidates for some query.
     bare_q = model.encode([ds.queries[q] for q in got], normalize_embeddings=True)
     bare_d = model.encode([ds.passage(d) for d in doc_ids], normalize_embeddings=True)
     bare = [{doc_ids[j] for j in np.argsort(-(bare_d @ bare_q[i]), kind="stable")[:10]} for i in range(len(got))]
-    assert any(set(docs) != b for docs, b in zip(got.values(), bare))
+    assert sum(set(docs) != b for docs, b in zip(got.values(), bare)) >= len(got) // 2

@@ -100,9 +100,11 @@ def test_promotion_history_and_rerun_does_nothing(retrained, tiny_models):
     assert f"| {D1.isoformat()} | finished |" in report and f"| {D2.isoformat()} | finished |" in report
 
 
-def _gate_set(root, snapshots, name, choose):
+def _gate_set(root, snapshots, name, scores_of):
     """A copy of the second date's snapshot whose dev judgments mark, for each dev query, the
-    candidate ``choose(query text, candidate ids)`` picks among the retriever's top-k."""
+    candidate that ``scores_of(ds, query id, candidate ids, retrieval scores)`` scores highest
+    among the retriever's top-k. Queries whose best two are within 1e-6 are left unjudged, so that
+    no tie-break decides what is "first"."""
     from pipeline.data import read_dataset
 
     gate = root / name
@@ -110,7 +112,12 @@ def _gate_set(root, snapshots, name, choose):
     ds = read_dataset(gate)
     cands = pq.read_table(next((root / "runs" / D2.isoformat() / "mined").iterdir()) / "candidates-dev.parquet").to_pydict()
     lines = ["query-id\tcorpus-id\tscore"]
-    lines += [f"{q}\t{choose(ds, q, docs)}\t1" for q, docs in zip(cands["query_id"], cands["doc_ids"])]
+    for q, docs, retrieval in zip(cands["query_id"], cands["doc_ids"], cands["scores"]):
+        scores = np.asarray(scores_of(ds, q, docs, retrieval), np.float64)
+        first, second = np.sort(scores)[::-1][:2]
+        if first - second > 1e-6:
+            lines.append(f"{q}\t{docs[int(np.argmax(scores))]}\t1")
+    assert len(lines) > 2, "too few untied dev queries for a gate set"
     (gate / "qrels" / "dev.tsv").write_text("\n".join(lines) + "\n")
     return gate
 
@@ -124,11 +131,10 @@ def test_worse_challenger_is_not_promoted_then_rollback(retrained, tiny_models):
     from pipeline.models import load_cross_encoder
 
     ce = load_cross_encoder(str(champion), "cpu", 64)
-
-    def champions_choice(ds, q, docs):
-        return docs[int(np.argmax(ce.predict([(ds.queries[q], ds.passage(d)) for d in docs], show_progress_bar=False)))]
-
-    gate = _gate_set(root, snapshots, "gate", champions_choice)
+    gate = _gate_set(
+        root, snapshots, "gate",
+        lambda ds, q, docs, _: ce.predict([(ds.queries[q], ds.passage(d)) for d in docs], show_progress_bar=False),
+    )
 
     # The challenger: one layer, trained on inverted margins.
     shutil.copytree(snapshots / D2.isoformat(), snapshots / D3.isoformat())
@@ -176,7 +182,7 @@ def test_student_that_does_not_beat_the_retriever_is_kept_out(retrained, tiny_mo
     root, snapshots, _ = retrained
     reg = Registry(root / "registry")
     current = reg.current()
-    gate = _gate_set(root, snapshots, "gate-retriever-perfect", lambda ds, q, docs: docs[0])
+    gate = _gate_set(root, snapshots, "gate-retriever-perfect", lambda ds, q, docs, retrieval: retrieval)
     shutil.copytree(snapshots / D2.isoformat(), snapshots / D5.isoformat())
     ok, _ = _retrain(snapshots, tiny_models, root, D5, gate_dataset=str(gate), promotion_tolerance=1.0, gate_on_retriever=True)
     assert ok
