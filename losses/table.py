@@ -69,7 +69,7 @@ LOSS_TABLE: dict[str, LossSpec] = {
 
 
 def markdown_table() -> str:
-    """The table as Markdown (for the README and the report)."""
+    """The table as Markdown (for the docs and the report)."""
     lines = ["| loss | inputs | labels | outputs | kind |", "|---|---|---|---|---|"]
     for s in LOSS_TABLE.values():
         outputs = "num_classes" if s.num_labels is None else str(s.num_labels)

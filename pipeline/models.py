@@ -53,7 +53,7 @@ def native_bf16_cpu() -> bool:
     """Whether this CPU has bf16 matrix instructions (AVX512-BF16 or AMX).
 
     On 2 threads of a Xeon with AMX, bf16 teacher scoring ran 2.5-3.7x the pairs/s of
-    ``CrossEncoder.predict`` in fp32, at Spearman 0.9999 against fp32 (README, "Scoring speed");
+    ``CrossEncoder.predict`` in fp32, at Spearman 0.9999 against fp32 (docs/scoring.md);
     on a CPU without them bf16 is emulated and several times slower than fp32.
     """
     return any(getattr(torch.cpu, probe, lambda: False)() for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
@@ -223,8 +223,8 @@ def cut_student(
     ``mean`` a linear layer on the mean of the token vectors (sentence-transformers' Transformer,
     Pooling and Dense modules), ``cosine`` the cosine between the query's and the passage's token
     means (``pipeline.heads.SegmentCosine``). ``auto`` takes ``cosine`` for a sentence-embedding
-    backbone: untrained, that student already ranks by the embedder's similarity, and on the demo
-    it is the only head whose student beats the retriever (README, "The student's head"). A
+    backbone: untrained, that student already ranks by the embedder's similarity, and it is far
+    ahead of the [CLS] head on the demo's dev split (docs/benchmarks.md). A
     backbone that is already a cross-encoder keeps its own head.
     """
     head = student_head(backbone, head)
