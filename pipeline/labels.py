@@ -83,8 +83,7 @@ def build_rows(
         raise PipelineError(f"unknown data format '{fmt}' (one of {', '.join(FORMATS)})")
     g = groups.to_pydict()
     label_only = fmt in ("pair-binary", "pair-class")
-    unjudged_ids = {q for q, p in zip(g["query_id"], g["positive_ids"]) if not p}
-    unjudged = len(unjudged_ids)
+    unjudged = sum(1 for p in g["positive_ids"] if not p)
     needs_teacher = fmt in ("ntuple-margin", "pair-score", "pair-soft", "list", "list-gains") or (unjudged and not label_only)
     if needs_teacher and teacher is None:
         raise PipelineError(
@@ -103,6 +102,7 @@ def build_rows(
 
     for qid, pos_ids, neg_ids in zip(g["query_id"], g["positive_ids"], g["negative_ids"]):
         q = queries[qid]
+        kind = "judged_queries" if pos_ids else "unjudged_queries"
         if not pos_ids:
             if label_only or not neg_ids:
                 continue
@@ -145,7 +145,7 @@ def build_rows(
                 cols.setdefault("passage", []).append(passage(d))
                 cols.setdefault("label", []).append(label)
         if len(cols.get("query", [])) > rows_before:
-            used["judged_queries" if qid not in unjudged_ids else "unjudged_queries"] += 1
+            used[kind] += 1
     rows = len(cols.get("query", []))
     if rows == 0:
         raise PipelineError(

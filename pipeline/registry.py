@@ -76,8 +76,8 @@ class Registry:
         return stack[-1] if stack else None
 
     def lock(self):
-        """Held while a run is gated and recorded, or a rollback made: the champion a decision
-        reads stays the champion until the decision is written."""
+        """Held while a run is gated and recorded (``promote_or_keep``) or a rollback is made: the
+        champion a decision reads stays the champion until the decision is written."""
         return exclusive(self.root / ".lock")
 
     def current(self) -> Path | None:
@@ -118,6 +118,10 @@ class Registry:
     def rollback(self, retire: str = "") -> dict:
         """Point ``current`` back to the champion before this one. With ``retire`` (a run name),
         only when that run is the champion: a repeated rollback then changes nothing."""
+        with self.lock():
+            return self._rollback(retire)
+
+    def _rollback(self, retire: str) -> dict:
         stack = self.champions()
         if retire and (not stack or stack[-1]["run"] != retire):
             log.info("rollback: %s is not the current champion; nothing to do", retire)
@@ -215,40 +219,31 @@ def promote_or_keep(
     """Stage entry: gate the run's student against the retriever and the champion on the gate
     set's dev split, record the run, and promote it when the gate allows."""
     reg = Registry(registry)
+    # Under the lock, the champion read here stays the champion until this run is recorded.
     with reg.lock():
-        return _gate_and_record(
-            reg, run, student_dir, metrics_path, gate_data_dir, gate_mined_dir, tolerance, record, device, precision,
-            max_length, max_queries, gate_on_retriever,
+        champion = reg.champion()
+        models = {"challenger": student_dir}
+        if champion:
+            models["champion"] = champion["registry_student"]
+        scores = gate_ndcg(models, gate_data_dir, gate_mined_dir, device, precision, max_length, max_queries)
+        promoted, reason = gate_decision(
+            scores["challenger"], scores.get("champion"), tolerance, scores["retriever"] if gate_on_retriever else None
         )
-
-
-def _gate_and_record(
-    reg, run, student_dir, metrics_path, gate_data_dir, gate_mined_dir, tolerance, record, device, precision, max_length,
-    max_queries, gate_on_retriever,
-) -> dict:
-    champion = reg.champion()
-    models = {"challenger": student_dir}
-    if champion:
-        models["champion"] = champion["registry_student"]
-    scores = gate_ndcg(models, gate_data_dir, gate_mined_dir, device, precision, max_length, max_queries)
-    promoted, reason = gate_decision(
-        scores["challenger"], scores.get("champion"), tolerance, scores["retriever"] if gate_on_retriever else None
-    )
-    gate = {
-        "split": GATE_SPLIT,
-        "challenger": scores["challenger"],
-        "champion": scores.get("champion"),
-        "retriever": scores["retriever"],
-        "champion_run": champion["run"] if champion else None,
-        "tolerance": tolerance,
-        "reason": reason,
-    }
-    log.info("promotion gate for %s: %s -> %s", run, reason, "promoted" if promoted else "kept the champion")
-    metrics = json.loads(Path(metrics_path).read_text())
-    event = reg.record_run(
-        run,
-        {**record, "promoted": promoted, "gate": gate, "metrics": metrics.get("test"), "stages": metrics.get("stages"),
-         "timings": metrics.get("timings"), "student": str(Path(student_dir).resolve())},
-        student_dir,
-    )
-    return event
+        gate = {
+            "split": GATE_SPLIT,
+            "challenger": scores["challenger"],
+            "champion": scores.get("champion"),
+            "retriever": scores["retriever"],
+            "champion_run": champion["run"] if champion else None,
+            "tolerance": tolerance,
+            "reason": reason,
+        }
+        log.info("promotion gate for %s: %s -> %s", run, reason, "promoted" if promoted else "kept the champion")
+        metrics = json.loads(Path(metrics_path).read_text())
+        event = reg.record_run(
+            run,
+            {**record, "promoted": promoted, "gate": gate, "metrics": metrics.get("test"), "stages": metrics.get("stages"),
+             "timings": metrics.get("timings"), "student": str(Path(student_dir).resolve())},
+            student_dir,
+        )
+        return event

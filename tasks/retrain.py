@@ -73,8 +73,7 @@ class RetrainStudent(SnapshotDate, EvalParams, luigi.Task):
     def run(self):
         reg = registry.Registry(self.registry)
         if self.rollback:
-            with reg.lock():
-                reg.rollback(self.rollback_from)
+            reg.rollback(self.rollback_from)
             return
         run = self.input()["run"]
         record = {
