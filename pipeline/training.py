@@ -254,9 +254,10 @@ def train_student(
     trainer = CrossEncoderTrainer(
         model=model, args=args, train_dataset=train_dataset, loss=loss_module, evaluator=evaluator
     )
-    resume = any(work.glob("checkpoint-*")) if work.exists() else False
+    checkpoint = last_complete_checkpoint(work)
+    resume = checkpoint is not None
     t0 = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=resume or None)
+    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     seconds = time.perf_counter() - t0
     if not trainer.is_world_process_zero():
         return {}
@@ -284,6 +285,31 @@ def train_student(
         write_json(tmp / "stats.json", stats)
     shutil.rmtree(work, ignore_errors=True)
     return stats
+
+
+def last_complete_checkpoint(work: Path) -> Path | None:
+    """The newest checkpoint in ``work`` that the trainer finished writing, or None.
+
+    The trainer writes ``checkpoint-N`` in place and its ``trainer_state.json`` last, so a run
+    killed while saving leaves a folder without a readable state, which transformers' own
+    ``get_last_checkpoint`` would pick and fail to resume from. Such folders are removed: the
+    previous complete checkpoint (kept until the new one is written) is resumed instead.
+    """
+    if not work.is_dir():
+        return None
+    steps = sorted(
+        (int(p.name.split("-", 1)[1]), p)
+        for p in work.glob("checkpoint-*")
+        if p.is_dir() and p.name.split("-", 1)[1].isdigit()
+    )
+    for _, path in reversed(steps):
+        try:
+            json.loads((path / "trainer_state.json").read_text())
+            return path
+        except (OSError, ValueError):
+            log.warning("%s was not finished before the run stopped; removing it", path)
+            shutil.rmtree(path, ignore_errors=True)
+    return None
 
 
 def _with_num_labels(model, num_labels: int):

@@ -236,3 +236,18 @@ def test_concurrent_promotions_are_gated_one_after_the_other(tmp_path, monkeypat
     first, second = history
     assert first["gate"]["champion_run"] is None and second["gate"]["champion_run"] == first["run"]
     assert registry.Registry(tmp_path / "reg").current().name == second["run"]
+
+
+def test_a_checkpoint_killed_while_saving_is_not_resumed(tmp_path):
+    from pipeline.training import last_complete_checkpoint
+
+    work = tmp_path / "student.work"
+    assert last_complete_checkpoint(work) is None
+    for step, state in [(50, '{"global_step": 50}'), (100, '{"global_st'), (150, None)]:
+        folder = work / f"checkpoint-{step}"
+        folder.mkdir(parents=True)
+        (folder / "model.safetensors").write_bytes(b"weights")
+        if state is not None:
+            (folder / "trainer_state.json").write_text(state)
+    assert last_complete_checkpoint(work) == work / "checkpoint-50"
+    assert sorted(p.name for p in work.iterdir()) == ["checkpoint-50"]
