@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install run run-multilingual scheduler worker test clean bench bench-losses bench-score bench-mine bench-e2e bench-retrain
+.PHONY: install run run-multilingual scheduler worker test clean bench bench-losses bench-score bench-mine bench-e2e bench-partial bench-retrain
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -66,4 +66,8 @@ bench-retrain: install
 bench-e2e: install
 	$(PY) benchmarks/bench_e2e.py --dataset $(DATASET)
 
-bench: bench-score bench-mine bench-e2e bench-losses
+# Judgments for 600 training queries, the teacher's labels for the rest.
+bench-partial: install
+	$(PY) benchmarks/bench_partial.py --dataset $(DATASET)
+
+bench: bench-score bench-mine bench-e2e bench-partial bench-losses

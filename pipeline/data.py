@@ -292,11 +292,16 @@ def _hash_split(qid: str) -> str:
 
 # ---- normalized Parquet -------------------------------------------------------------------
 
-def write_normalized(ds: Dataset, out_dir: str | Path, source: str | Path, started: float | None = None) -> dict:
+def write_normalized(
+    ds: Dataset, out_dir: str | Path, source: str | Path, started: float | None = None, extra: dict | None = None
+) -> dict:
     """Write the dataset as Parquet into ``out_dir`` (atomically) and return its statistics."""
+    judged = {r[0] for r in ds.qrels}
     stats = {
         "source": str(source),
+        **(extra or {}),
         "queries": len(ds.queries),
+        "unjudged_queries": sum(1 for q in ds.queries if q not in judged),
         "documents": len(ds.corpus),
         "qrels": {s: sum(1 for r in ds.qrels if r[3] == s) for s in SPLITS},
         "languages": {lang: {"queries": len(q), "documents": len(c)} for lang, (q, c) in ds.languages.items()},
@@ -362,7 +367,28 @@ def load_normalized(folder: str | Path) -> Dataset:
     return Dataset(queries, corpus, qrels, languages)
 
 
-def prepare_data(source: str | Path, out_dir: str | Path) -> dict:
-    """Stage entry: validate ``source`` and write it normalized to ``out_dir``."""
+def with_unlabeled_queries(ds: Dataset, path: str | Path) -> tuple[Dataset, int]:
+    """``ds`` plus the queries of a ``{"_id", "text"}`` JSONL file that nobody judged; returns the
+    dataset and how many queries the file added.
+
+    An id the dataset already has is refused (naming the file's line), since a silent merge would
+    either drop the file's text or relabel a judged query as unjudged."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, None, None, "file not found (--unlabeled-queries)")
+    extra = _read_queries(path)
+    clash = next((q for q in extra if q in ds.queries), None)
+    if clash is not None:
+        line = next(n for n, row in _jsonl_rows(path) if str(row.get("_id", "")).strip() == clash)
+        raise DataError(path, line, "_id", f"id '{clash}' is already a query of the dataset")
+    return Dataset({**ds.queries, **extra}, ds.corpus, ds.qrels, ds.languages), len(extra)
+
+
+def prepare_data(source: str | Path, out_dir: str | Path, unlabeled_queries: str | Path = "") -> dict:
+    """Stage entry: validate ``source`` (and the ``unlabeled_queries`` file, when given) and write
+    them normalized to ``out_dir``."""
     t0 = time.perf_counter()
-    return write_normalized(read_dataset(source), out_dir, source, started=t0)
+    ds, added = read_dataset(source), 0
+    if unlabeled_queries:
+        ds, added = with_unlabeled_queries(ds, unlabeled_queries)
+    return write_normalized(ds, out_dir, source, started=t0, extra={"unlabeled_file_queries": added})

@@ -502,7 +502,7 @@ def mine_hard_negatives(
     training groups with retrieved candidates only: the teacher labels them."""
     import time
 
-    from pipeline.artifacts import atomic_dir, fingerprint, write_json
+    from pipeline.artifacts import atomic_dir, fingerprint, read_json, write_json
     from pipeline.data import load_normalized
     from pipeline.models import load_bi_encoder, model_identity
 
@@ -512,6 +512,12 @@ def mine_hard_negatives(
         raise PipelineError(
             f"{ds_source(data_dir)}: no judged training pairs (qrels/train.tsv is missing or has no score > 0); "
             "training queries need at least one positive each"
+        )
+    from_file = read_json(Path(data_dir) / "stats.json").get("unlabeled_file_queries", 0)
+    if from_file and max_unjudged_queries == 0:
+        raise PipelineError(
+            f"{ds_source(data_dir)}: {from_file} queries from --unlabeled-queries, but --max-unjudged-queries is 0; "
+            "pass -1 to train on all unjudged queries, or a number"
         )
     if range_min < 0 or range_min >= range_max:
         raise PipelineError(f"range_min must be within [0, range_max); got range_min={range_min}, range_max={range_max}")

@@ -17,6 +17,9 @@ class DataParams:
     output_dir = luigi.Parameter(default="runs/default", description="root of all artifacts of this run")
     device = luigi.Parameter(default="auto", significant=False, description="auto, cpu, cuda, cuda:N")
     seed = luigi.IntParameter(default=12)
+    unlabeled_queries = luigi.Parameter(
+        default="", description="JSONL of queries nobody judged ({_id, text}); with --max-unjudged-queries, the teacher labels them"
+    )
     trust_remote_code = luigi.BoolParameter(default=False, significant=False)
     # Set by RetrainStudent so that a failing stage records itself in the registry's history.
     registry = luigi.Parameter(default="", significant=False, description="model registry folder (scheduled retraining)")

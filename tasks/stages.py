@@ -60,13 +60,17 @@ class PrepareData(DataParams, Stage):
 
     @functools.cached_property
     def fp(self) -> str:
-        return fingerprint("data", data.dataset_hash(self.dataset))
+        # A missing file fingerprints by its name; run() then stops on it with a one-line error.
+        extra = self.unlabeled_queries and (
+            data.dataset_hash(self.unlabeled_queries) if Path(self.unlabeled_queries).is_file() else self.unlabeled_queries
+        )
+        return fingerprint("data", data.dataset_hash(self.dataset), *([extra] if extra else []))
 
     def output(self):
         return luigi.LocalTarget(str(self.artifact()))
 
     def run(self):
-        data.prepare_data(self.dataset, self.artifact())
+        data.prepare_data(self.dataset, self.artifact(), self.unlabeled_queries)
 
 
 class MineHardNegatives(MineParams, Stage):

@@ -218,3 +218,22 @@ def test_unexpected_errors_keep_their_traceback():
     assert expected.getMessage() == "failed Task: q.tsv:3: field 'query-id': unknown query id 'q9'"
     unexpected = record(KeyError("boom"))
     assert OneLineErrors().filter(unexpected) and unexpected.exc_info[0] is KeyError
+
+
+def test_unlabeled_queries_join_the_dataset_unjudged(beir, tmp_path):
+    extra = tmp_path / "unlabeled.jsonl"
+    extra.write_text(json.dumps({"_id": "u1", "text": "tiling window manager"}) + "\n")
+    stats = prepare_data(beir, tmp_path / "norm", extra)
+    assert (stats["queries"], stats["unjudged_queries"], stats["unlabeled_file_queries"]) == (4, 1, 1)
+    ds = load_normalized(tmp_path / "norm")
+    assert ds.queries["u1"] == "tiling window manager" and all(r[0] != "u1" for r in ds.qrels)
+
+
+def test_unlabeled_query_with_a_dataset_id_is_refused(beir, tmp_path):
+    extra = tmp_path / "unlabeled.jsonl"
+    extra.write_text(json.dumps({"_id": "u1", "text": "a"}) + "\n" + json.dumps({"_id": "q2", "text": "b"}) + "\n")
+    with pytest.raises(DataError, match=f"^{extra}:2: field '_id': id 'q2' is already a query of the dataset$"):
+        prepare_data(beir, tmp_path / "norm", extra)
+    with pytest.raises(DataError, match="missing.jsonl: file not found"):
+        prepare_data(beir, tmp_path / "norm", tmp_path / "missing.jsonl")
+    assert not (tmp_path / "norm").exists()

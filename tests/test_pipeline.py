@@ -10,6 +10,9 @@ import luigi
 import pytest
 
 import tasks
+from pipeline.data import prepare_data
+from pipeline.errors import PipelineError
+from pipeline.mining import mine_hard_negatives
 from tests.conftest import dag_params as _params
 
 
@@ -218,9 +221,10 @@ def test_metrics_equal_an_independent_rerank_of_the_true_top_k(distinct_passages
 
 
 def test_unjudged_queries_train_the_student_with_teacher_labels(small_beir, tiny_models, tmp_path):
-    """Training queries whose judgments are withheld stay in queries.jsonl: with
-    --max-unjudged-queries -1 they get retrieved candidates and teacher labels, the report counts
-    them, and a label-only loss leaves them out without asking for teacher scores."""
+    """Training queries whose judgments are withheld, half of them left in queries.jsonl and half
+    moved to an --unlabeled-queries file: with --max-unjudged-queries -1 they get retrieved
+    candidates and teacher labels, the report counts them, and a label-only loss leaves them out
+    without asking for teacher scores."""
     import shutil
 
     import pyarrow.parquet as pq
@@ -231,9 +235,17 @@ def test_unjudged_queries_train_the_student_with_teacher_labels(small_beir, tiny
     qids = list(dict.fromkeys(x.split("\t")[0] for x in lines[1:]))
     withheld = set(qids[-10:])
     (data / "qrels" / "train.tsv").write_text("\n".join(x for x in lines if x.split("\t")[0] not in withheld) + "\n")
+    queries = [json.loads(x) for x in (data / "queries.jsonl").read_text().splitlines()]
+    moved = set(qids[-5:])
+    (data / "queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries if q["_id"] not in moved))
+    unlabeled = tmp_path / "unlabeled.jsonl"
+    unlabeled.write_text("".join(json.dumps(q) + "\n" for q in queries if q["_id"] in moved))
 
     out = tmp_path / "run"
-    assert _build(tasks.TrainStudent(**_params(data, tiny_models, out, max_unjudged_queries=-1)))
+    prepare_data(data, tmp_path / "norm", unlabeled)
+    with pytest.raises(PipelineError, match="5 queries from --unlabeled-queries, but --max-unjudged-queries is 0"):
+        mine_hard_negatives(tmp_path / "norm", tmp_path / "mined", tiny_models["embedder"], tmp_path / "cache")
+    assert _build(tasks.TrainStudent(**_params(data, tiny_models, out, max_unjudged_queries=-1, unlabeled_queries=str(unlabeled))))
     groups = pq.read_table(next(out.glob("mined/*/groups.parquet"))).to_pydict()
     unjudged = {q for q, p in zip(groups["query_id"], groups["positive_ids"]) if not p}
     assert unjudged == withheld
@@ -245,12 +257,14 @@ def test_unjudged_queries_train_the_student_with_teacher_labels(small_beir, tiny
 
     # A fine-tuned teacher learns from the judged queries only.
     ft = tasks.FineTuneTeacher(**_params(data, tiny_models, out, tasks.FineTuneTeacher, max_unjudged_queries=-1,
+                                         unlabeled_queries=str(unlabeled),
                                          teacher_backbone=tiny_models["teacher"], teacher_epochs=0.5))
     assert _build(ft)
     ft_stats = json.loads((ft.artifact() / "stats.json").read_text())
     assert (ft_stats["judged_queries"], ft_stats["unjudged_queries"]) == (len(qids) - 10, 0)
 
-    bce = tasks.BuildLabels(**_params(data, tiny_models, out, tasks.BuildLabels, max_unjudged_queries=-1, loss="BinaryCrossEntropyLoss"))
+    bce = tasks.BuildLabels(**_params(data, tiny_models, out, tasks.BuildLabels, max_unjudged_queries=-1,
+                                      unlabeled_queries=str(unlabeled), loss="BinaryCrossEntropyLoss"))
     assert "scores" not in bce.requires()
     assert _build(bce)
     assert json.loads((bce.artifact() / "stats.json").read_text())["unjudged_queries"] == 0
