@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+
+from pipeline.config import model, run_only
 
 METRIC_NAMES = {"nDCG@10": "ndcg@10", "RR@10": "mrr@10", "AP": "map"}
 # Which rankers each evaluation compares, (a, b): does a beat b?
@@ -148,34 +151,35 @@ def verdict(test: dict[str, dict[str, float]], significance: dict[str, dict] | N
     return lines
 
 
-def evaluate_student(
-    data_dir,
-    mined_dir,
-    student_dir,
-    out_dir,
-    teacher: str,
-    teacher_weights: str,
-    student: str,
-    student_layers: int,
-    student_head: str,
-    embedder: str,
-    params: dict,
-    stages: dict,
-    timings: dict,
-    device: str = "cpu",
-    precision: str = "auto",
-    max_length: int = 256,
-    teacher_max_length: int = 512,
-    max_eval_queries: int = 0,
-    seed: int = 12,
-    baseline_cache: str | None = None,
-) -> dict:
+@dataclass(frozen=True)
+class EvalConfig:
+    """Settings of the test evaluation (``EvaluateStudent``)."""
+
+    teacher: str = model()
+    teacher_weights: str = ""
+    embedder: str = model()
+    student: str = model()  # the backbone of the untrained student row
+    student_layers: int = 3
+    student_head: str = "auto"  # the task passes it resolved
+    precision: str = "fp32"  # resolved, for the retriever and the students
+    teacher_precision: str = "fp32"  # resolved, for the teacher (bf16 on CPUs that multiply bf16 natively)
+    max_length: int = 256
+    teacher_max_length: int = 512
+    max_eval_queries: int = 0
+    seed: int = 12
+    device: str = run_only("cpu", "the same precision scores alike on every device, up to float rounding")
+    baseline_cache: str = run_only("", "scores that do not depend on the student's training, keyed by everything they do")
+
+
+def evaluate_student(data_dir, mined_dir, student_dir, out_dir, config: EvalConfig, run: dict) -> dict:
     """Stage entry: test metrics of retriever, teacher, untrained and trained student; metrics.json,
     report.md and plots in ``out_dir``.
 
-    ``baseline_cache`` (a file path) keeps the retriever, teacher and untrained-student scores,
-    which do not depend on how the student was trained, so comparing many students pays for
-    them once.
+    ``run`` holds what the report shows beside the metrics: ``params`` (the run's settings and
+    fingerprint), ``stages`` (each upstream stage's statistics) and ``timings``.
+    ``config.baseline_cache`` (a file path) keeps the retriever, teacher and untrained-student
+    scores, which do not depend on how the student was trained, so comparing many students pays
+    for them once.
     """
     from pathlib import Path
 
@@ -191,27 +195,28 @@ def evaluate_student(
     ds = load_normalized(data_dir)
     qrels = ds.relevant("test")
     cand = pq.read_table(Path(mined_dir) / "candidates-test.parquet")
-    qids, dids, retrieval = candidate_pairs(cand, max_eval_queries or None)
+    c = config
+    qids, dids, retrieval = candidate_pairs(cand, c.max_eval_queries or None)
     pairs = [(ds.queries[q], ds.passage(d)) for q, d in zip(qids, dids)]
-    dtype = resolve_precision(precision, device)
+    dtype = resolve_precision(c.precision, c.device)
 
-    rankers = _cached_baselines(baseline_cache, len(pairs))
+    rankers = _cached_baselines(c.baseline_cache, len(pairs))
     if rankers is None:
         # The retriever's order comes from mining; it is timed re-scoring the same pairs, texts
         # embedded, as every other ranker is.
-        retriever = BiEncoderScorer(load_bi_encoder(embedder, device, max_length), device, dtype)
+        retriever = BiEncoderScorer(load_bi_encoder(c.embedder, c.device, c.max_length), c.device, dtype)
         rankers = {"retriever": (np.asarray(retrieval, np.float32), timed_scores(lambda: retriever.score(pairs))[1])}
         del retriever
 
-        t = load_teacher(TeacherSpec.parse(teacher, teacher_weights), device, precision, teacher_max_length)
+        t = load_teacher(TeacherSpec.parse(c.teacher, c.teacher_weights), c.device, c.teacher_precision, c.teacher_max_length)
         rankers["teacher"] = timed_scores(lambda: t.score(pairs, qids))
         del t
 
-        torch.manual_seed(seed)
-        untrained = CrossEncoderScorer(cut_student(student, student_layers, device, max_length, head=student_head), device, dtype)
+        torch.manual_seed(c.seed)
+        untrained = CrossEncoderScorer(cut_student(c.student, c.student_layers, c.device, c.max_length, head=c.student_head), c.device, dtype)
         rankers["student_untrained"] = timed_scores(lambda: untrained.score(pairs, desc="untrained student"))
-        _store_baselines(baseline_cache, rankers)
-    trained = CrossEncoderScorer(load_cross_encoder(str(student_dir), device, max_length), device, dtype)
+        _store_baselines(c.baseline_cache, rankers)
+    trained = CrossEncoderScorer(load_cross_encoder(str(student_dir), c.device, c.max_length), c.device, dtype)
     rankers["student"] = timed_scores(lambda: trained.score(pairs, desc="student"))
 
     test, significance, per_query = evaluate_rankers(qids, dids, qrels, rankers)
@@ -224,9 +229,9 @@ def evaluate_student(
         "test_queries_with_positive_in_top_k": _queries_with_positive(qids, dids, qrels),
         "test_pairs": len(pairs),
         "verdict": lines,
-        "params": params,
-        "stages": stages,
-        "timings": timings,
+        "params": run["params"],
+        "stages": run["stages"],
+        "timings": run["timings"],
     }
     plots = {"scatter": "teacher_vs_student.png", "quality_speed": "quality_vs_speed.png"}
     with atomic_dir(out_dir) as tmp:

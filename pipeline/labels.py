@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -79,71 +80,29 @@ def build_rows(
     label_scale: float = 1.0,
 ) -> tuple[dict[str, list], dict]:
     """Columns of the training dataset for ``fmt`` and statistics about what was built."""
-    if fmt not in FORMATS:
-        raise PipelineError(f"unknown data format '{fmt}' (one of {', '.join(FORMATS)})")
     g = groups.to_pydict()
+    n_neg = _check_rows_input(fmt, g, teacher, num_negatives)
     label_only = fmt in ("pair-binary", "pair-class")
-    unjudged = sum(1 for p in g["positive_ids"] if not p)
-    needs_teacher = fmt in ("ntuple-margin", "pair-score", "pair-soft", "list", "list-gains") or (unjudged and not label_only)
-    if needs_teacher and teacher is None:
-        raise PipelineError(
-            f"format '{fmt}' needs teacher scores" + (f" for its {unjudged} unjudged queries" if unjudged else "")
-            + "; run ScoreWithTeacher first"
-        )
-    n_neg = num_negatives if num_negatives is not None else max((len(x) for x in g["negative_ids"]), default=0)
-    if fmt.startswith("ntuple") and n_neg < 1:
-        raise PipelineError(f"format '{fmt}' needs at least one mined negative per query; got none")
+    add = {"ntuple": _ntuple_rows, "list": _list_rows, "pair": _pair_rows}[fmt.split("-")[0]]
     cols: dict[str, list] = {}
     short = 0
     used = {"judged_queries": 0, "unjudged_queries": 0}
 
-    def s(q: str, d: str) -> float:
+    def score(q: str, d: str) -> float:
         return float(teacher[(q, d)]) * label_scale
 
     for qid, pos_ids, neg_ids in zip(g["query_id"], g["positive_ids"], g["negative_ids"]):
-        q = queries[qid]
         kind = "judged_queries" if pos_ids else "unjudged_queries"
         if not pos_ids:
             if label_only or not neg_ids:
                 continue
-            best = max(neg_ids, key=lambda d: s(qid, d))  # the teacher's choice is the positive
+            best = max(neg_ids, key=lambda d: score(qid, d))  # the teacher's choice is the positive
             pos_ids, neg_ids = [best], [d for d in neg_ids if d != best]
+        if fmt.startswith("ntuple") and len(neg_ids) < n_neg:
+            short += 1
+            continue
         rows_before = len(cols.get("query", []))
-        if fmt.startswith("ntuple"):
-            if len(neg_ids) < n_neg:
-                short += 1
-                continue
-            negs = neg_ids[:n_neg]
-            for p in pos_ids:
-                cols.setdefault("query", []).append(q)
-                cols.setdefault("positive", []).append(passage(p))
-                for i, n in enumerate(negs, 1):
-                    cols.setdefault(f"negative_{i}", []).append(passage(n))
-                if fmt == "ntuple-margin":
-                    sp = s(qid, p)
-                    cols.setdefault("label", []).append([sp - s(qid, n) for n in negs])
-        elif fmt.startswith("list"):
-            docs = list(pos_ids) + list(neg_ids[:n_neg])
-            scores = [s(qid, d) for d in docs]
-            if fmt == "list-gains":
-                lo, hi = min(scores), max(scores)
-                scores = [(x - lo) / (hi - lo) if hi > lo else 1.0 for x in scores]
-            cols.setdefault("query", []).append(q)
-            cols.setdefault("docs", []).append([passage(d) for d in docs])
-            cols.setdefault("labels", []).append(scores)
-        else:
-            for d, is_pos in [(p, True) for p in pos_ids] + [(n, False) for n in neg_ids[:n_neg]]:
-                if fmt == "pair-score":
-                    label = s(qid, d)
-                elif fmt == "pair-soft":
-                    label = 1.0 / (1.0 + math.exp(-s(qid, d)))
-                elif fmt == "pair-binary":
-                    label = 1.0 if is_pos else 0.0
-                else:  # pair-class
-                    label = int((grades or {}).get(qid, {}).get(d, 1)) if is_pos else 0
-                cols.setdefault("query", []).append(q)
-                cols.setdefault("passage", []).append(passage(d))
-                cols.setdefault("label", []).append(label)
+        add(cols, fmt, qid, queries[qid], pos_ids, neg_ids[:n_neg], passage, lambda d, q=qid: score(q, d), grades)
         if len(cols.get("query", [])) > rows_before:
             used[kind] += 1
     rows = len(cols.get("query", []))
@@ -155,13 +114,69 @@ def build_rows(
         )
     stats = {"format": fmt, "rows": rows, "queries_short_of_negatives": short, "num_negatives": n_neg, **used}
     stats.update(label_summary(fmt, cols))
-    if fmt == "pair-class":
-        if len(set(cols["label"])) < 2:
-            raise PipelineError(
-                "CrossEntropyLoss needs at least two classes: judged grades in qrels/train.tsv, "
-                "or mined negatives as class 0 (use --num-negatives 1 or more)"
-            )
+    if fmt == "pair-class" and len(set(cols["label"])) < 2:
+        raise PipelineError(
+            "CrossEntropyLoss needs at least two classes: judged grades in qrels/train.tsv, "
+            "or mined negatives as class 0 (use --num-negatives 1 or more)"
+        )
     return cols, stats
+
+
+def _check_rows_input(fmt: str, g: dict, teacher, num_negatives: int | None) -> int:
+    """Stop on a format the groups cannot fill; returns the negatives per group to use."""
+    if fmt not in FORMATS:
+        raise PipelineError(f"unknown data format '{fmt}' (one of {', '.join(FORMATS)})")
+    label_only = fmt in ("pair-binary", "pair-class")
+    unjudged = sum(1 for p in g["positive_ids"] if not p)
+    needs_teacher = fmt in ("ntuple-margin", "pair-score", "pair-soft", "list", "list-gains") or (unjudged and not label_only)
+    if needs_teacher and teacher is None:
+        raise PipelineError(
+            f"format '{fmt}' needs teacher scores" + (f" for its {unjudged} unjudged queries" if unjudged else "")
+            + "; run ScoreWithTeacher first"
+        )
+    n_neg = num_negatives if num_negatives is not None else max((len(x) for x in g["negative_ids"]), default=0)
+    if fmt.startswith("ntuple") and n_neg < 1:
+        raise PipelineError(f"format '{fmt}' needs at least one mined negative per query; got none")
+    return n_neg
+
+
+def _ntuple_rows(cols, fmt, qid, q, pos_ids, negs, passage, score, grades) -> None:
+    """One (query, positive, negative_1..n) row per positive; margins for ``ntuple-margin``."""
+    for p in pos_ids:
+        cols.setdefault("query", []).append(q)
+        cols.setdefault("positive", []).append(passage(p))
+        for i, n in enumerate(negs, 1):
+            cols.setdefault(f"negative_{i}", []).append(passage(n))
+        if fmt == "ntuple-margin":
+            cols.setdefault("label", []).append([score(p) - score(n) for n in negs])
+
+
+def _list_rows(cols, fmt, qid, q, pos_ids, negs, passage, score, grades) -> None:
+    """One (query, [docs]) row per group with the teacher's scores (min-max gains for ``list-gains``)."""
+    docs = list(pos_ids) + list(negs)
+    scores = [score(d) for d in docs]
+    if fmt == "list-gains":
+        lo, hi = min(scores), max(scores)
+        scores = [(x - lo) / (hi - lo) if hi > lo else 1.0 for x in scores]
+    cols.setdefault("query", []).append(q)
+    cols.setdefault("docs", []).append([passage(d) for d in docs])
+    cols.setdefault("labels", []).append(scores)
+
+
+def _pair_rows(cols, fmt, qid, q, pos_ids, negs, passage, score, grades) -> None:
+    """One (query, passage) row per document, labelled as ``fmt`` says."""
+    for d, is_pos in [(p, True) for p in pos_ids] + [(n, False) for n in negs]:
+        if fmt == "pair-score":
+            label = score(d)
+        elif fmt == "pair-soft":
+            label = 1.0 / (1.0 + math.exp(-score(d)))
+        elif fmt == "pair-binary":
+            label = 1.0 if is_pos else 0.0
+        else:  # pair-class
+            label = int((grades or {}).get(qid, {}).get(d, 1)) if is_pos else 0
+        cols.setdefault("query", []).append(q)
+        cols.setdefault("passage", []).append(passage(d))
+        cols.setdefault("label", []).append(label)
 
 
 def label_summary(fmt: str, cols: dict[str, list]) -> dict:
@@ -191,23 +206,31 @@ def to_dataset(cols: dict[str, list]):
     return Dataset.from_dict(cols, features=Features(features))
 
 
-def build_labels(
-    data_dir,
-    mined_dir,
-    scores_path,
-    out_dir,
-    fmt: str,
-    num_negatives: int | None = None,
-    label_scale: float = 1.0,
-    false_negative_action: str = "keep",
-    false_negative_margin: float = 0.0,
-    rows: Callable | None = None,
-) -> dict:
-    """Stage entry: training rows in ``fmt`` saved as a ``datasets`` folder (atomically).
+@dataclass(frozen=True)
+class LabelConfig:
+    """Settings of label building (``BuildLabels``)."""
 
-    ``rows(groups, teacher, dataset) -> (columns, stats)`` replaces :func:`build_rows` (the
-    multilingual stage builds one set of rows per language view from the same filtered groups).
-    """
+    fmt: str = "ntuple-margin"  # a format of losses.table.FORMATS
+    num_negatives: int | None = None  # None: every mined negative
+    label_scale: float = 1.0
+    false_negatives: str = "keep"  # keep, drop or relabel
+    false_negative_margin: float = 0.0
+
+
+def build_labels(data_dir, mined_dir, scores_path, out_dir, config: LabelConfig) -> dict:
+    """Stage entry: training rows in ``config.fmt`` saved as a ``datasets`` folder (atomically)."""
+    c = config
+    return write_labels(
+        data_dir, mined_dir, scores_path, out_dir, c,
+        lambda groups, teacher, ds: build_rows(
+            c.fmt, groups, teacher, ds.queries, ds.passage, ds.relevant("train"), c.num_negatives, c.label_scale
+        ),
+    )
+
+
+def write_labels(data_dir, mined_dir, scores_path, out_dir, config: LabelConfig, rows: Callable) -> dict:
+    """The rows ``rows(groups, teacher, dataset) -> (columns, stats)`` makes from the mined groups
+    (false negatives handled first), saved as a ``datasets`` folder with their statistics."""
     import time
     from pathlib import Path
 
@@ -224,13 +247,10 @@ def build_labels(
     teacher = score_lookup(read_scores(scores_path)[0]) if scores_path else None
     filter_stats = None
     if teacher is not None:
-        groups, filter_stats = false_negatives(groups, teacher, false_negative_margin, false_negative_action)
-    elif false_negative_action != "keep":
-        raise PipelineError(f"--false-negatives {false_negative_action} needs teacher scores")
-    if rows is None:
-        cols, stats = build_rows(fmt, groups, teacher, ds.queries, ds.passage, ds.relevant("train"), num_negatives, label_scale)
-    else:
-        cols, stats = rows(groups, teacher, ds)
+        groups, filter_stats = false_negatives(groups, teacher, config.false_negative_margin, config.false_negatives)
+    elif config.false_negatives != "keep":
+        raise PipelineError(f"--false-negatives {config.false_negatives} needs teacher scores")
+    cols, stats = rows(groups, teacher, ds)
     if filter_stats:
         stats["false_negatives"] = filter_stats
     with atomic_dir(out_dir) as tmp:

@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline.batching import token_batches
+from pipeline.config import model, run_only
 from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
@@ -469,29 +470,32 @@ def mining_stats(groups: pa.Table, num_negatives: int, skipped: Counter) -> dict
     }
 
 
-def mine_hard_negatives(
-    data_dir: str | Path,
-    out_dir: str | Path,
-    embedder: str,
-    cache_dir: str | Path,
-    num_negatives: int = 7,
-    range_min: int = 0,
-    range_max: int = 50,
-    sampling: str = "top",
-    max_train_queries: int = 0,
-    rerank_top_k: int = 20,
-    faiss_index: str = "Flat",
-    device: str = "cpu",
-    max_length: int = 256,
-    seed: int = 12,
-    filters: NegativeFilter = NegativeFilter(),
-    random_share: float = 0.0,
-    nprobe: int = 16,
-    ef_search: int = 128,
-    query_prompt_name: str = "",
-    document_prompt_name: str = "",
-    max_unjudged_queries: int = 0,
-) -> dict:
+@dataclass(frozen=True)
+class MineConfig:
+    """Settings of the mining stage (``MineHardNegatives``)."""
+
+    embedder: str = model()
+    num_negatives: int = 7
+    range_min: int = 0
+    range_max: int = 50
+    sampling: str = "top"
+    max_train_queries: int = 0
+    max_unjudged_queries: int = 0
+    rerank_top_k: int = 20
+    faiss_index: str = "Flat"
+    nprobe: int = 16
+    ef_search: int = 128
+    max_length: int = 256
+    seed: int = 12
+    filters: NegativeFilter = NegativeFilter()
+    random_share: float = 0.0
+    query_prompt_name: str = ""
+    document_prompt_name: str = ""
+    device: str = run_only("cpu", "embeddings agree across devices to float rounding; the cache is keyed by model")
+    cache_dir: str = run_only("", "where embeddings are kept between runs, keyed by model and text")
+
+
+def mine_hard_negatives(data_dir: str | Path, out_dir: str | Path, config: MineConfig) -> dict:
     """Stage entry: groups for training queries and rerank candidates for dev/test queries.
 
     Queries and passages are embedded with the embedder's prompt for their side
@@ -502,87 +506,106 @@ def mine_hard_negatives(
     training groups with retrieved candidates only: the teacher labels them."""
     import time
 
-    from pipeline.artifacts import atomic_dir, fingerprint, read_json, write_json
+    from pipeline.artifacts import atomic_dir, write_json
     from pipeline.data import load_normalized
-    from pipeline.models import load_bi_encoder, model_identity
 
+    c = config
     t0 = time.perf_counter()
     ds = load_normalized(data_dir)
+    _check_mining_input(ds, data_dir, c)
+    encoders = SideEncoders(c)
+    doc_ids = list(ds.corpus)
+    doc_vecs = encoders.embed("document", [ds.passage(d) for d in doc_ids])
+    t_index = time.perf_counter()
+    index = build_index(doc_vecs, c.faiss_index, nprobe=c.nprobe, ef_search=c.ef_search, use_gpu=c.device.startswith("cuda"))
+    index_seconds = time.perf_counter() - t_index
+
+    train = training_queries(ds, c.max_train_queries, c.max_unjudged_queries, c.seed)
+    stats: dict = {"train_queries": len(train), "corpus": len(doc_ids), "faiss_index": c.faiss_index}
+    with atomic_dir(out_dir) as tmp:
+        if train:
+            qv = encoders.embed("query", [ds.queries[q] for q in train])
+            skipped: Counter = Counter()
+            groups = mine(
+                qv, list(train), doc_vecs, doc_ids, train, c.num_negatives, c.range_min, c.range_max, c.sampling, index,
+                c.seed, c.filters, c.random_share, skipped,
+            )
+            write_table(groups, tmp / "groups.parquet")
+            stats.update(mining_stats(groups, c.num_negatives, skipped))
+        for split in ("dev", "test"):
+            rel = ds.relevant(split)
+            if rel:
+                qids = sorted(rel)
+                cand = rerank_candidates(encoders.embed("query", [ds.queries[q] for q in qids]), qids, doc_vecs, c.rerank_top_k, doc_ids, index)
+                write_table(cand, tmp / f"candidates-{split}.parquet")
+                stats[f"{split}_queries"] = len(qids)
+                # The ceiling of every reranker: queries whose judged positive the retriever missed score 0.
+                found = sum(1 for q, docs in zip(qids, cand.column("doc_ids").to_pylist()) if set(docs) & set(rel[q]))
+                stats[f"{split}_queries_with_positive_in_top_k"] = found
+        stats.update(encoders.calls)
+        stats["index_seconds"] = round(index_seconds, 2)
+        stats["seconds"] = round(time.perf_counter() - t0, 2)
+        write_json(tmp / "stats.json", stats)
+    return stats
+
+
+def _check_mining_input(ds, data_dir, c: MineConfig) -> None:
+    """Stop before any embedding on settings or data mining cannot work with."""
+    from pipeline.artifacts import read_json
+
     if not ds.relevant("train"):
         raise PipelineError(
             f"{ds_source(data_dir)}: no judged training pairs (qrels/train.tsv is missing or has no score > 0); "
             "training queries need at least one positive each"
         )
     from_file = read_json(Path(data_dir) / "stats.json").get("unlabeled_file_queries", 0)
-    if from_file and max_unjudged_queries == 0:
+    if from_file and c.max_unjudged_queries == 0:
         raise PipelineError(
             f"{ds_source(data_dir)}: {from_file} queries from --unlabeled-queries, but --max-unjudged-queries is 0; "
             "pass -1 to train on all unjudged queries, or a number"
         )
-    if range_min < 0 or range_min >= range_max:
-        raise PipelineError(f"range_min must be within [0, range_max); got range_min={range_min}, range_max={range_max}")
-    model = None
-    calls = {"encode_calls": 0, "texts_embedded": 0}
-    prompt_names = {"query": query_prompt_name, "document": document_prompt_name}
+    if c.range_min < 0 or c.range_min >= c.range_max:
+        raise PipelineError(f"range_min must be within [0, range_max); got range_min={c.range_min}, range_max={c.range_max}")
 
-    def encoder(side: str):
-        def encode(texts):
-            nonlocal model
-            if model is None:
-                model = load_bi_encoder(embedder, device, max_length)
-            calls["encode_calls"] += 1
-            calls["texts_embedded"] += len(texts)
-            return encode_texts(model, texts, prompt_name=side_prompt_name(model, side, prompt_names[side]))
 
-        return encode
-
-    # The model's identity covers its prompts, so one cache per side and prompt setting is exact;
-    # the model itself is loaded only when a text is missing.
-    caches = {
-        side: EmbeddingCache(Path(cache_dir) / "embeddings" / fingerprint(model_identity(embedder), max_length, side, name))
-        for side, name in prompt_names.items()
-    }
-    encode_query, encode_document = encoder("query"), encoder("document")
-    doc_ids = list(ds.corpus)
-    doc_vecs = caches["document"].get([ds.passage(d) for d in doc_ids], encode_document)
-    t_index = time.perf_counter()
-    index = build_index(doc_vecs, faiss_index, nprobe=nprobe, ef_search=ef_search, use_gpu=device.startswith("cuda"))
-    index_seconds = time.perf_counter() - t_index
-
+def training_queries(ds, max_judged: int, max_unjudged: int, seed: int) -> dict[str, dict[str, int]]:
+    """Training queries and their positives, in a seeded order: up to ``max_judged`` judged ones
+    (0: all), then up to ``max_unjudged`` (-1: all) that no split judges, with no positives."""
+    order = lambda q: hashlib.sha1(f"{seed}:{q}".encode()).hexdigest()  # noqa: E731
     train = ds.relevant("train")
-    train_ids = sorted(train, key=lambda q: hashlib.sha1(f"{seed}:{q}".encode()).hexdigest())
-    if max_train_queries:
-        train_ids = train_ids[:max_train_queries]
+    judged_ids = sorted(train, key=order)[: max_judged or None]
     judged = {q for q, _, _, _ in ds.qrels}
-    unjudged = sorted((q for q in ds.queries if q not in judged), key=lambda q: hashlib.sha1(f"{seed}:{q}".encode()).hexdigest())
-    unjudged = unjudged if max_unjudged_queries < 0 else unjudged[:max_unjudged_queries]
-    train = {**train, **{q: {} for q in unjudged}}
-    train_ids = train_ids + unjudged
-    stats: dict = {"train_queries": len(train_ids), "corpus": len(doc_ids), "faiss_index": faiss_index}
-    with atomic_dir(out_dir) as tmp:
-        if train_ids:
-            qv = caches["query"].get([ds.queries[q] for q in train_ids], encode_query)
-            skipped: Counter = Counter()
-            groups = mine(
-                qv, train_ids, doc_vecs, doc_ids, train, num_negatives, range_min, range_max, sampling, index, seed,
-                filters, random_share, skipped,
-            )
-            write_table(groups, tmp / "groups.parquet")
-            stats.update(mining_stats(groups, num_negatives, skipped))
-        for split in ("dev", "test"):
-            rel = ds.relevant(split)
-            if not rel:
-                continue
-            qids = sorted(rel)
-            qv = caches["query"].get([ds.queries[q] for q in qids], encode_query)
-            cand = rerank_candidates(qv, qids, doc_vecs, rerank_top_k, doc_ids, index)
-            write_table(cand, tmp / f"candidates-{split}.parquet")
-            stats[f"{split}_queries"] = len(qids)
-            # The ceiling of every reranker: queries whose judged positive the retriever missed score 0.
-            found = sum(1 for q, docs in zip(qids, cand.column("doc_ids").to_pylist()) if set(docs) & set(rel[q]))
-            stats[f"{split}_queries_with_positive_in_top_k"] = found
-        stats.update(calls)
-        stats["index_seconds"] = round(index_seconds, 2)
-        stats["seconds"] = round(time.perf_counter() - t0, 2)
-        write_json(tmp / "stats.json", stats)
-    return stats
+    unjudged = sorted((q for q in ds.queries if q not in judged), key=order)
+    unjudged = unjudged if max_unjudged < 0 else unjudged[:max_unjudged]
+    return {**{q: train[q] for q in judged_ids}, **{q: {} for q in unjudged}}
+
+
+class SideEncoders:
+    """The embedder with each side's prompt, behind a per-side embedding cache.
+
+    The model's identity covers its prompts, so one cache per side and prompt setting is exact;
+    the model itself is loaded only when a text is missing."""
+
+    def __init__(self, c: MineConfig):
+        from pipeline.artifacts import fingerprint
+        from pipeline.models import model_identity
+
+        self.config, self.model = c, None
+        self.calls = {"encode_calls": 0, "texts_embedded": 0}
+        self.prompt_names = {"query": c.query_prompt_name, "document": c.document_prompt_name}
+        self.caches = {
+            side: EmbeddingCache(Path(c.cache_dir) / "embeddings" / fingerprint(model_identity(c.embedder), c.max_length, side, name))
+            for side, name in self.prompt_names.items()
+        }
+
+    def embed(self, side: str, texts: list[str]) -> np.ndarray:
+        def encode(missing):
+            from pipeline.models import load_bi_encoder
+
+            if self.model is None:
+                self.model = load_bi_encoder(self.config.embedder, self.config.device, self.config.max_length)
+            self.calls["encode_calls"] += 1
+            self.calls["texts_embedded"] += len(missing)
+            return encode_texts(self.model, missing, prompt_name=side_prompt_name(self.model, side, self.prompt_names[side]))
+
+        return self.caches[side].get(texts, encode)

@@ -11,6 +11,7 @@ missing from a language are skipped and counted, never fatal.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,8 @@ import pyarrow as pa
 
 from pipeline.data import Dataset, join_title
 from pipeline.errors import PipelineError
-from pipeline.labels import build_rows, label_summary
+from pipeline.evaluation import EvalConfig
+from pipeline.labels import LabelConfig, build_rows, label_summary, write_labels
 
 # Model rows of the per-language table, in the order they are shown.
 RANKERS = ("retriever", "teacher", "student_untrained", "student_source_only", "student")
@@ -117,34 +119,28 @@ def multilingual_rows(
     return cols, {"format": fmt, "rows": rows, "views": views, "num_negatives": num_negatives, **label_summary(fmt, cols)}
 
 
-def build_multilingual_labels(
-    data_dir,
-    mined_dir,
-    scores_path,
-    out_dir,
-    fmt: str,
-    languages: Sequence[str],
-    source: str = "en",
-    cross_lingual: bool = False,
-    num_negatives: int | None = None,
-    label_scale: float = 1.0,
-    false_negative_action: str = "keep",
-    false_negative_margin: float = 0.0,
-) -> dict:
+@dataclass(frozen=True)
+class MultilingualLabelConfig(LabelConfig):
+    """Settings of multilingual label building (``BuildMultilingualLabels``)."""
+
+    languages: tuple[str, ...] = ()
+    source: str = "en"
+    cross_lingual: bool = False
+
+
+def build_multilingual_labels(data_dir, mined_dir, scores_path, out_dir, config: MultilingualLabelConfig) -> dict:
     """Stage entry: the rows of every language view saved as one ``datasets`` folder (atomically)."""
-    from pipeline.labels import build_labels
+    c = config
 
     def rows(groups, teacher, ds):
-        for lang in languages:
-            texts_of(ds, lang, source)  # a missing language fails before any view is built
+        for lang in c.languages:
+            texts_of(ds, lang, c.source)  # a missing language fails before any view is built
         return multilingual_rows(
-            fmt, groups, teacher, ds, languages, source, cross_lingual, ds.relevant("train"), num_negatives, label_scale
+            c.fmt, groups, teacher, ds, list(c.languages), c.source, c.cross_lingual, ds.relevant("train"),
+            c.num_negatives, c.label_scale,
         )
 
-    return build_labels(
-        data_dir, mined_dir, scores_path, out_dir, fmt, num_negatives, label_scale, false_negative_action,
-        false_negative_margin, rows=rows,
-    )
+    return write_labels(data_dir, mined_dir, scores_path, out_dir, c, rows)
 
 
 def language_candidates(
@@ -179,38 +175,27 @@ def language_candidates(
     return qids, dids, scores, skipped
 
 
+@dataclass(frozen=True)
+class MultilingualEvalConfig(EvalConfig):
+    """Settings of the per-language test evaluation (``EvaluateMultilingualStudent``)."""
+
+    languages: tuple[str, ...] = ()
+    source: str = "en"
+
+
 def evaluate_languages(
-    data_dir,
-    mined_dir,
-    student_dir,
-    source_only_dir,
-    out_dir,
-    languages: Sequence[str],
-    source: str,
-    teacher: str,
-    teacher_weights: str,
-    student: str,
-    student_layers: int,
-    student_head: str,
-    params: dict,
-    stages: dict,
-    timings: dict,
-    device: str = "cpu",
-    precision: str = "auto",
-    max_length: int = 256,
-    teacher_max_length: int = 512,
-    max_eval_queries: int = 0,
-    seed: int = 12,
+    data_dir, mined_dir, student_dir, source_only_dir, out_dir, config: MultilingualEvalConfig, run: dict
 ) -> dict:
     """Stage entry: per language, the retriever's order, the teacher on the source texts, and the
     untrained, source-only and multilingual students on that language's texts; metrics.json,
-    report.md and a plot in ``out_dir``."""
+    report.md and a plot in ``out_dir``. ``run`` is what the report shows beside the metrics
+    (``params``, ``stages``, ``timings``), as in :func:`pipeline.evaluation.evaluate_student`."""
     import pyarrow.parquet as pq
     import torch
 
     from pipeline.artifacts import atomic_dir, write_json
     from pipeline.data import load_normalized
-    from pipeline.evaluation import evaluate_rankers, timed_scores
+    from pipeline.evaluation import timed_scores
     from pipeline.models import cut_student, load_cross_encoder, resolve_precision
     from pipeline.report import plot_languages, write_report
     from pipeline.scoring import CrossEncoderScorer, TeacherSpec, load_teacher
@@ -218,13 +203,15 @@ def evaluate_languages(
     ds = load_normalized(data_dir)
     qrels = ds.relevant("test")
     cand = pq.read_table(Path(mined_dir) / "candidates-test.parquet")
-    dtype = resolve_precision(precision, device)
-    langs = [source] + [lang for lang in languages if lang != source]
-    sets = {lang: language_candidates(cand, ds, lang, source, max_eval_queries) for lang in langs}
+    c = config
+    source = c.source
+    dtype = resolve_precision(c.precision, c.device)
+    langs = [source] + [lang for lang in c.languages if lang != source]
+    sets = {lang: language_candidates(cand, ds, lang, source, c.max_eval_queries) for lang in langs}
 
     # The teacher reads the source texts of every language's pairs: score each pair once.
     needed = list(dict.fromkeys((q, d) for qids, dids, _, _ in sets.values() for q, d in zip(qids, dids)))
-    t = load_teacher(TeacherSpec.parse(teacher, teacher_weights), device, precision, teacher_max_length)
+    t = load_teacher(TeacherSpec.parse(c.teacher, c.teacher_weights), c.device, c.teacher_precision, c.teacher_max_length)
     t_scores, t_seconds = timed_scores(
         lambda: t.score([(ds.queries[q], ds.passage(d)) for q, d in needed], [q for q, _ in needed])
     )
@@ -232,34 +219,18 @@ def evaluate_languages(
     teacher_of = dict(zip(needed, t_scores))
     t = None  # free the teacher before the students load
 
-    torch.manual_seed(seed)
+    torch.manual_seed(c.seed)
     models = {
-        "student_untrained": cut_student(student, student_layers, device, max_length, head=student_head),
-        "student_source_only": load_cross_encoder(str(source_only_dir), device, max_length),
-        "student": load_cross_encoder(str(student_dir), device, max_length),
+        "student_untrained": cut_student(c.student, c.student_layers, c.device, c.max_length, head=c.student_head),
+        "student_source_only": load_cross_encoder(str(source_only_dir), c.device, c.max_length),
+        "student": load_cross_encoder(str(student_dir), c.device, c.max_length),
     }
-    scorers = {name: CrossEncoderScorer(m, device, dtype) for name, m in models.items()}
+    scorers = {name: CrossEncoderScorer(m, c.device, dtype) for name, m in models.items()}
 
-    per_lang = {}
-    for lang, (qids, dids, retrieval, skipped) in sets.items():
-        queries, corpus = texts_of(ds, lang, source)
-        pairs = [(queries[q], join_title(*corpus[d])) for q, d in zip(qids, dids)]
-        # The retriever's order comes from mining and is not timed here; the teacher scored every
-        # language's pairs at once, so each language is charged its share.
-        rankers = {
-            "retriever": (np.asarray(retrieval, np.float32), float("nan")),
-            "teacher": (np.asarray([teacher_of[(q, d)] for q, d in zip(qids, dids)], np.float32), t_seconds_per_pair * len(pairs)),
-        }
-        for name, scorer in scorers.items():
-            rankers[name] = timed_scores(lambda s=scorer: s.score(pairs, desc=f"{name} [{lang}]"))
-        results, tests, _ = evaluate_rankers(qids, dids, qrels, rankers, MULTILINGUAL_COMPARISONS) if pairs else ({}, {}, {})
-        per_lang[lang] = {
-            "queries": len(set(qids)),
-            "pairs": len(pairs),
-            "skipped": skipped,
-            "rankers": results,
-            "significance": tests,
-        }
+    per_lang = {
+        lang: _language_metrics(ds, lang, source, candidates, qrels, teacher_of, t_seconds_per_pair, scorers)
+        for lang, candidates in sets.items()
+    }
 
     lines = language_verdict(per_lang, source)
     metrics = {
@@ -270,9 +241,9 @@ def evaluate_languages(
         "languages": per_lang,
         "source_language": source,
         "verdict": lines,
-        "params": params,
-        "stages": stages,
-        "timings": timings,
+        "params": run["params"],
+        "stages": run["stages"],
+        "timings": run["timings"],
     }
     plots = {"languages": "languages.png"}
     with atomic_dir(out_dir) as tmp:
@@ -280,6 +251,25 @@ def evaluate_languages(
         write_json(tmp / "metrics.json", metrics)
         write_report(tmp / "report.md", metrics, lines, plots)
     return metrics
+
+
+def _language_metrics(ds, lang, source, candidates, qrels, teacher_of, t_seconds_per_pair, scorers) -> dict:
+    """One language's rankers on its test candidates, with their metrics and paired tests."""
+    from pipeline.evaluation import evaluate_rankers, timed_scores
+
+    qids, dids, retrieval, skipped = candidates
+    queries, corpus = texts_of(ds, lang, source)
+    pairs = [(queries[q], join_title(*corpus[d])) for q, d in zip(qids, dids)]
+    # The retriever's order comes from mining and is not timed here; the teacher scored every
+    # language's pairs at once, so each language is charged its share.
+    rankers = {
+        "retriever": (np.asarray(retrieval, np.float32), float("nan")),
+        "teacher": (np.asarray([teacher_of[(q, d)] for q, d in zip(qids, dids)], np.float32), t_seconds_per_pair * len(pairs)),
+    }
+    for name, scorer in scorers.items():
+        rankers[name] = timed_scores(lambda s=scorer: s.score(pairs, desc=f"{name} [{lang}]"))
+    results, tests, _ = evaluate_rankers(qids, dids, qrels, rankers, MULTILINGUAL_COMPARISONS) if pairs else ({}, {}, {})
+    return {"queries": len(set(qids)), "pairs": len(pairs), "skipped": skipped, "rankers": results, "significance": tests}
 
 
 MULTILINGUAL_COMPARISONS = (

@@ -141,8 +141,26 @@ def _quantiles(q: dict) -> str:
 
 
 def write_report(path: str | Path, metrics: dict, verdict: list[str], plots: dict[str, str]) -> None:
-    path = Path(path)
+    """report.md: the test tables and verdict first, then one section per stage that ran."""
+    p, stages = metrics["params"], metrics.get("stages", {})
+    parts = _test_section(metrics, verdict, plots)
+    sections = [
+        ("ScoreWithTeacher", _scoring_section), ("MineHardNegatives", _mining_section),
+        ("BuildMultilingualLabels", _views_section), ("BuildLabels", _labels_section), ("FitStudent", _training_section),
+    ]
+    for stage, section in sections:
+        if stages.get(stage):
+            parts += section(stages[stage], p, plots)
+    if metrics.get("timings"):
+        parts += ["## Time per stage", "", timings_table(metrics["timings"]), ""]
+    parts += ["## Parameters", "", "```", *[f"{k} = {v}" for k, v in p.items()], "```", ""]
+    with atomic_file(Path(path)) as tmp:
+        tmp.write_text("\n".join(parts))
+
+
+def _test_section(metrics: dict, verdict: list[str], plots: dict[str, str]) -> list[str]:
     p = metrics["params"]
+    missed = metrics.get("test_queries", 0) - metrics.get("test_queries_with_positive_in_top_k", 0)
     parts = [
         "# Distillation report",
         "",
@@ -152,7 +170,7 @@ def write_report(path: str | Path, metrics: dict, verdict: list[str], plots: dic
         "## Test split: reranking the retriever's top candidates",
         "",
         f"{metrics.get('test_queries', '?')} test queries, each reranked over the retriever's top "
-        f"{p.get('rerank_top_k', '?')} and nothing else: the {metrics.get('test_queries', 0) - metrics.get('test_queries_with_positive_in_top_k', 0)} "
+        f"{p.get('rerank_top_k', '?')} and nothing else: the {missed} "
         "queries whose judged positives the retriever missed score 0 for every model. Speed is measured on "
         "the same pairs for every model, text encoding included.",
         "",
@@ -180,75 +198,78 @@ def write_report(path: str | Path, metrics: dict, verdict: list[str], plots: dic
         parts += [f"![quality against speed]({plots['quality_speed']})", ""]
     if "scatter" in plots:
         parts += ["## Teacher against student scores", "", f"![teacher vs student]({plots['scatter']})", ""]
-    stages = metrics.get("stages", {})
-    if stages.get("ScoreWithTeacher"):
-        s = stages["ScoreWithTeacher"]
+    return parts
+
+
+def _scoring_section(s: dict, p: dict, plots: dict) -> list[str]:
+    return [
+        "## Teacher scoring",
+        "",
+        f"{s.get('pairs', 0)} unique pairs in {s.get('shards', 1)} shards: {s.get('pairs_scored', 0)} scored by the "
+        f"teacher at {s.get('pairs_per_second') or 0:.1f} pairs/s ({s.get('precision', '?')}), "
+        f"{s.get('pairs_from_cache', 0)} served from the score cache, {s.get('duplicate_pairs', 0)} duplicates "
+        f"scored once; {s.get('truncated_pairs', 0)} pairs were truncated to max_length.",
+        "",
+    ]
+
+
+def _mining_section(s: dict, p: dict, plots: dict) -> list[str]:
+    filtered = ", ".join(f"{k} {v}" for k, v in s.get("filtered", {}).items()) or "none"
+    parts = [
+        "## Mining",
+        "",
+        f"{s.get('train_queries', 0)} training queries over {s.get('corpus', '?')} passages "
+        f"(FAISS `{s.get('faiss_index', '?')}`); {s.get('texts_embedded', 0)} texts embedded, the rest from the cache.",
+        "",
+        "| | value |",
+        "|---|---|",
+        f"| negatives chosen | {s.get('negatives', 0)} ({s.get('random_negatives', 0)} random) |",
+        f"| queries short of {p.get('num_negatives')} negatives | {s.get('queries_short_of_negatives', 0)} |",
+        f"| queries without any negative | {s.get('queries_without_negatives', 0)} |",
+        f"| candidates removed by filters | {filtered} |",
+        f"| negative rank quantiles | {_quantiles(s.get('negative_rank_quantiles', {}))} |",
+        f"| negative score quantiles | {_quantiles(s.get('negative_score_quantiles', {}))} |",
+        f"| positive score quantiles | {_quantiles(s.get('positive_score_quantiles', {}))} |",
+        "",
+    ]
+    if "mining" in plots:
+        parts += [f"![mined negatives]({plots['mining']})", ""]
+    return parts
+
+
+def _views_section(s: dict, p: dict, plots: dict) -> list[str]:
+    return [
+        "## Training rows per language view",
+        "",
+        "| view (query-passage) | groups | rows | skipped: query missing | skipped: positive missing | negatives missing |",
+        "|---|---:|---:|---:|---:|---:|",
+        *[
+            f"| {name} | {v['groups']} | {v['rows']} | {v['missing_query']} | {v['missing_positive']} | {v['negatives_missing']} |"
+            for name, v in s.get("views", {}).items()
+        ],
+        "",
+    ]
+
+
+def _labels_section(s: dict, p: dict, plots: dict) -> list[str]:
+    parts = ["## Labels", "", f"{s.get('rows')} rows in format `{s.get('format')}` from "
+             f"{s.get('judged_queries', '?')} judged and {s.get('unjudged_queries', 0)} unjudged queries (labelled by the teacher alone)"
+             + (f"; label mean {s['label_mean']:.3f}, std {s['label_std']:.3f}." if "label_mean" in s else "."), ""]
+    fn = s.get("false_negatives")
+    if fn:
         parts += [
-            "## Teacher scoring",
-            "",
-            f"{s.get('pairs', 0)} unique pairs in {s.get('shards', 1)} shards: {s.get('pairs_scored', 0)} scored by the "
-            f"teacher at {s.get('pairs_per_second') or 0:.1f} pairs/s ({s.get('precision', '?')}), "
-            f"{s.get('pairs_from_cache', 0)} served from the score cache, {s.get('duplicate_pairs', 0)} duplicates "
-            f"scored once; {s.get('truncated_pairs', 0)} pairs were truncated to max_length.",
+            f"Suspected false negatives (teacher score within {fn['margin']} of the positive): {fn['suspected']} "
+            f"in {fn['queries_with_suspects']} queries; action: {fn['action']}.",
             "",
         ]
-    if stages.get("MineHardNegatives"):
-        s = stages["MineHardNegatives"]
-        filtered = ", ".join(f"{k} {v}" for k, v in s.get("filtered", {}).items()) or "none"
-        parts += [
-            "## Mining",
-            "",
-            f"{s.get('train_queries', 0)} training queries over {s.get('corpus', '?')} passages "
-            f"(FAISS `{s.get('faiss_index', '?')}`); {s.get('texts_embedded', 0)} texts embedded, the rest from the cache.",
-            "",
-            "| | value |",
-            "|---|---|",
-            f"| negatives chosen | {s.get('negatives', 0)} ({s.get('random_negatives', 0)} random) |",
-            f"| queries short of {p.get('num_negatives')} negatives | {s.get('queries_short_of_negatives', 0)} |",
-            f"| queries without any negative | {s.get('queries_without_negatives', 0)} |",
-            f"| candidates removed by filters | {filtered} |",
-            f"| negative rank quantiles | {_quantiles(s.get('negative_rank_quantiles', {}))} |",
-            f"| negative score quantiles | {_quantiles(s.get('negative_score_quantiles', {}))} |",
-            f"| positive score quantiles | {_quantiles(s.get('positive_score_quantiles', {}))} |",
-            "",
-        ]
-        if "mining" in plots:
-            parts += [f"![mined negatives]({plots['mining']})", ""]
-    if stages.get("BuildMultilingualLabels"):
-        s = stages["BuildMultilingualLabels"]
-        parts += [
-            "## Training rows per language view",
-            "",
-            "| view (query-passage) | groups | rows | skipped: query missing | skipped: positive missing | negatives missing |",
-            "|---|---:|---:|---:|---:|---:|",
-            *[
-                f"| {name} | {v['groups']} | {v['rows']} | {v['missing_query']} | {v['missing_positive']} | {v['negatives_missing']} |"
-                for name, v in s.get("views", {}).items()
-            ],
-            "",
-        ]
-    if stages.get("BuildLabels"):
-        s = stages["BuildLabels"]
-        parts += ["## Labels", "", f"{s.get('rows')} rows in format `{s.get('format')}` from "
-                  f"{s.get('judged_queries', '?')} judged and {s.get('unjudged_queries', 0)} unjudged queries (labelled by the teacher alone)"
-                  + (f"; label mean {s['label_mean']:.3f}, std {s['label_std']:.3f}." if "label_mean" in s else "."), ""]
-        fn = s.get("false_negatives")
-        if fn:
-            parts += [
-                f"Suspected false negatives (teacher score within {fn['margin']} of the positive): {fn['suspected']} "
-                f"in {fn['queries_with_suspects']} queries; action: {fn['action']}.",
-                "",
-            ]
-    if stages.get("FitStudent"):
-        s = stages["FitStudent"]
-        parts += ["## Training", "", f"{s.get('steps')} steps in {s.get('seconds')} s "
-                  f"({s.get('samples_per_second')} rows/s); final train loss {s.get('train_loss', float('nan')):.4f}.", ""]
-        if s.get("dev"):
-            parts += ["Dev split (sentence-transformers' CrossEncoderRerankingEvaluator):", ""]
-            parts += [f"- {k}: {v:.4f}" for k, v in s["dev"].items()]
-            parts.append("")
-    if metrics.get("timings"):
-        parts += ["## Time per stage", "", timings_table(metrics["timings"]), ""]
-    parts += ["## Parameters", "", "```", *[f"{k} = {v}" for k, v in p.items()], "```", ""]
-    with atomic_file(path) as tmp:
-        tmp.write_text("\n".join(parts))
+    return parts
+
+
+def _training_section(s: dict, p: dict, plots: dict) -> list[str]:
+    parts = ["## Training", "", f"{s.get('steps')} steps in {s.get('seconds')} s "
+             f"({s.get('samples_per_second')} rows/s); final train loss {s.get('train_loss', float('nan')):.4f}.", ""]
+    if s.get("dev"):
+        parts += ["Dev split (sentence-transformers' CrossEncoderRerankingEvaluator):", ""]
+        parts += [f"- {k}: {v:.4f}" for k, v in s["dev"].items()]
+        parts.append("")
+    return parts

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from pipeline.artifacts import atomic_file, write_json
 from pipeline.batching import token_batches
+from pipeline.config import model, run_only
 from pipeline.errors import PipelineError
 from pipeline.mining import encode_texts, side_prompt_name
 from pipeline.models import (
@@ -442,20 +443,23 @@ def group_pairs(mined_dir: str | Path) -> tuple[list[str], list[str], int]:
     return qids, dids, total
 
 
+@dataclass(frozen=True)
+class ScoreConfig:
+    """Settings of teacher scoring (``ScoreShard``, ``ScoreWithTeacher``)."""
+
+    teacher: str = model()  # comma-separated members, each optionally bi:/ce:-prefixed
+    teacher_weights: str = ""
+    precision: str = "fp32"  # resolved: fp32, bf16, fp16 or int8
+    max_length: int = 512
+    num_shards: int = 1
+    device: str = run_only("cpu", "the same precision scores alike on every device, up to float rounding")
+    batch_tokens: int = run_only(0, "how pairs are batched; padding never reaches a score")
+    cache_dir: str = run_only("", "where scores are kept between runs, keyed by teacher, setting and pair")
+    trust_remote_code: bool = run_only(False, "permits a model's own code to load; the model is the same or does not load")
+
+
 def score_shard(
-    data_dir: str | Path,
-    mined_dir: str | Path,
-    out_path: str | Path,
-    teacher: str,
-    teacher_weights: str = "",
-    shard: int = 0,
-    num_shards: int = 1,
-    device: str = "cpu",
-    precision: str = "auto",
-    max_length: int = 512,
-    batch_tokens: int = 0,
-    cache_dir: str | Path | None = None,
-    trust_remote_code: bool = False,
+    data_dir: str | Path, mined_dir: str | Path, out_path: str | Path, config: ScoreConfig, shard: int = 0,
     progress: Progress | None = None,
 ) -> dict:
     """Stage entry: teacher scores for one shard of the mined groups' unique pairs."""
@@ -463,23 +467,26 @@ def score_shard(
 
     ds = load_normalized(data_dir)
     qids, dids, _ = group_pairs(mined_dir)
-    keep = [i for i, q in enumerate(qids) if shard_of(q, num_shards) == shard]
+    c = config
+    keep = [i for i, q in enumerate(qids) if shard_of(q, c.num_shards) == shard]
     qids, dids = [qids[i] for i in keep], [dids[i] for i in keep]
-    model = load_teacher(TeacherSpec.parse(teacher, teacher_weights), device, precision, max_length, batch_tokens, trust_remote_code)
-    scores, stats = score_pairs(model, qids, dids, ds.queries, ds.passage, progress, cache_dir)
+    teacher = load_teacher(
+        TeacherSpec.parse(c.teacher, c.teacher_weights), c.device, c.precision, c.max_length, c.batch_tokens, c.trust_remote_code
+    )
+    scores, stats = score_pairs(teacher, qids, dids, ds.queries, ds.passage, progress, c.cache_dir or None)
     meta = {
-        "teacher": model.identity,
-        "weights": model.spec.weights,
-        "normalization": model.normalization,
-        "max_length": max_length,
-        "precision": model.identity[0]["precision"],
-        "shard": [shard, num_shards],
+        "teacher": teacher.identity,
+        "weights": teacher.spec.weights,
+        "normalization": teacher.normalization,
+        "max_length": c.max_length,
+        "precision": teacher.identity[0]["precision"],
+        "shard": [shard, c.num_shards],
     }
     # Which worker scored the shard: with several workers on a shared output root, the logs of
     # that host and process are the ones to read.
     stats = {
-        **stats, "precision": meta["precision"], "device": device, "shard": shard,
-        "batch_tokens": batch_tokens or default_batch_tokens(device), "host": socket.gethostname(), "pid": os.getpid(),
+        **stats, "precision": meta["precision"], "device": c.device, "shard": shard,
+        "batch_tokens": c.batch_tokens or default_batch_tokens(c.device), "host": socket.gethostname(), "pid": os.getpid(),
     }
     # Statistics first, scores last: the scores file marks the shard done, so a shard that
     # counts as done always has its statistics.

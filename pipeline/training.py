@@ -9,6 +9,7 @@ torchrun (DDP through the trainer), one process per GPU; only rank 0 evaluates a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ from sentence_transformers.base.sampler import DefaultBatchSampler
 
 from losses.factory import build_loss, loss_options, resolve_loss
 from pipeline.artifacts import atomic_dir, exclusive, write_json
+from pipeline.config import model, run_only
 from pipeline.errors import PipelineError
 from pipeline.heads import self_contained
 from pipeline.models import cut_student
@@ -195,7 +197,7 @@ def train_student(
 ) -> dict:
     """Train and save the student to ``out_dir`` with its ``stats.json`` (``extra_stats`` and the
     training statistics, written inside the same atomic rename); returns the statistics."""
-    from sentence_transformers.cross_encoder import CrossEncoderTrainer, CrossEncoderTrainingArguments
+    from sentence_transformers.cross_encoder import CrossEncoderTrainer
     from sentence_transformers.cross_encoder.evaluation import CrossEncoderRerankingEvaluator
     from transformers import set_seed
 
@@ -208,17 +210,11 @@ def train_student(
         model = _with_num_labels(model, num_labels)
     head_scale = fit_head_scale(model, train_dataset, spec.format)
     if card:
-        data = model.model_card_data
-        data.local_files_only = True
-        data.model_name = card.get("model_name")
-        data.train_datasets = [{"name": card.get("dataset", "")}]
-        data.task_name = "reranking (knowledge distillation from a cross-encoder teacher)"
-        data.tags = list(dict.fromkeys([*data.tags, "distillation", spec.name]))
+        _describe(model, card, spec.name)
     loss_module = build_loss(model, loss, student_loss_kwargs(model, loss, loss_kwargs))
 
     work = Path(work_dir or f"{out_dir}.work")
-    use_bf16 = precision == "bf16"
-    if use_bf16 and device.startswith("cuda") and not torch.cuda.is_bf16_supported():
+    if precision == "bf16" and device.startswith("cuda") and not torch.cuda.is_bf16_supported():
         raise PipelineError("--train-precision bf16: this GPU does not support bf16")
     evaluator = None
     if dev_samples and num_labels != 1:
@@ -227,35 +223,12 @@ def train_student(
         evaluator = CrossEncoderRerankingEvaluator(
             dev_samples, at_k=10, name="dev", batch_size=64, write_csv=False, always_rerank_positives=False
         )
-    steps_per_epoch = max(1, -(-len(train_dataset) // batch_size))
-    args = CrossEncoderTrainingArguments(
-        output_dir=str(work),
-        num_train_epochs=epochs,
-        per_device_train_batch_size=batch_size,
-        learning_rate=learning_rate,
-        warmup_ratio=warmup_ratio,
-        bf16=use_bf16,
-        fp16=precision == "fp16",
-        use_cpu=not device.startswith("cuda"),
-        eval_strategy="epoch" if evaluator else "no",
-        save_strategy="steps",
-        save_steps=max(50, steps_per_epoch // 4),
-        save_total_limit=1,
-        logging_steps=max(1, steps_per_epoch // 10),
-        seed=seed,
-        report_to="none",
-        dataloader_drop_last=False,
-        disable_tqdm=False,
-        **({"batch_sampler": LengthGroupedBatchSampler} if group_by_length else {}),
-        # Under DDP: MarginMSE-style losses run one forward pass per column before one backward,
-        # the same number every step, which DDP accepts only with a static graph.
-        **({"ddp_static_graph": True} if int(os.environ.get("WORLD_SIZE", "1")) > 1 else {}),
+    args = _training_arguments(
+        work, len(train_dataset), epochs, batch_size, learning_rate, warmup_ratio, precision, device, seed,
+        evaluate=evaluator is not None, group_by_length=group_by_length,
     )
-    trainer = CrossEncoderTrainer(
-        model=model, args=args, train_dataset=train_dataset, loss=loss_module, evaluator=evaluator
-    )
+    trainer = CrossEncoderTrainer(model=model, args=args, train_dataset=train_dataset, loss=loss_module, evaluator=evaluator)
     checkpoint = last_complete_checkpoint(work)
-    resume = checkpoint is not None
     t0 = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     seconds = time.perf_counter() - t0
@@ -272,7 +245,7 @@ def train_student(
         "seconds": round(seconds, 2),
         "samples_per_second": round(samples / seconds, 2) if seconds else None,
         "train_loss": result.training_loss,
-        "resumed_from_checkpoint": resume,
+        "resumed_from_checkpoint": checkpoint is not None,
         "dev": {k: float(v) for k, v in dev_metrics.items()},
         "processes": int(os.environ.get("WORLD_SIZE", "1")),
         **({"head_initial_scale": round(head_scale, 4)} if head_scale is not None else {}),
@@ -285,6 +258,50 @@ def train_student(
         write_json(tmp / "stats.json", stats)
     shutil.rmtree(work, ignore_errors=True)
     return stats
+
+
+def _describe(model, card: dict, loss_name: str) -> None:
+    """Fill the model card: its name, training data and tags (written offline)."""
+    data = model.model_card_data
+    data.local_files_only = True
+    data.model_name = card.get("model_name")
+    data.train_datasets = [{"name": card.get("dataset", "")}]
+    data.task_name = "reranking (knowledge distillation from a cross-encoder teacher)"
+    data.tags = list(dict.fromkeys([*data.tags, "distillation", loss_name]))
+
+
+def _training_arguments(
+    work: Path, rows: int, epochs: float, batch_size: int, learning_rate: float, warmup_ratio: float, precision: str,
+    device: str, seed: int, evaluate: bool, group_by_length: bool,
+):
+    """CrossEncoderTrainingArguments: checkpoints into ``work`` about four times an epoch (at
+    least 50 steps apart), one kept, for a killed run to resume from."""
+    from sentence_transformers.cross_encoder import CrossEncoderTrainingArguments
+
+    steps_per_epoch = max(1, -(-rows // batch_size))
+    return CrossEncoderTrainingArguments(
+        output_dir=str(work),
+        num_train_epochs=epochs,
+        per_device_train_batch_size=batch_size,
+        learning_rate=learning_rate,
+        warmup_ratio=warmup_ratio,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=not device.startswith("cuda"),
+        eval_strategy="epoch" if evaluate else "no",
+        save_strategy="steps",
+        save_steps=max(50, steps_per_epoch // 4),
+        save_total_limit=1,
+        logging_steps=max(1, steps_per_epoch // 10),
+        seed=seed,
+        report_to="none",
+        dataloader_drop_last=False,
+        disable_tqdm=False,
+        **({"batch_sampler": LengthGroupedBatchSampler} if group_by_length else {}),
+        # Under DDP: MarginMSE-style losses run one forward pass per column before one backward,
+        # the same number every step, which DDP accepts only with a static graph.
+        **({"ddp_static_graph": True} if int(os.environ.get("WORLD_SIZE", "1")) > 1 else {}),
+    )
 
 
 def last_complete_checkpoint(work: Path) -> Path | None:
@@ -325,30 +342,39 @@ def _with_num_labels(model, num_labels: int):
     return model
 
 
-def fit_student(
-    data_dir: str | Path,
-    mined_dir: str | Path,
-    labels_dir: str | Path,
-    out_dir: str | Path,
-    loss: str,
-    student: str,
-    student_layers: int = 2,
-    student_head: str = "auto",
-    loss_kwargs: str = "",
-    teacher: str = "",
-    max_dev_queries: int = 200,
-    seed: int = 12,
-    **train_kwargs,
-) -> dict:
-    """Stage entry: train the student on the labels folder, judged on dev candidates."""
+@dataclasses.dataclass(frozen=True)
+class FitConfig:
+    """Settings of student training (``FitStudent``)."""
+
+    loss: str = "PackedMarginMSELoss"
+    student: str = model()
+    student_layers: int = 3
+    student_head: str = "auto"  # the task passes it resolved: cosine, mean or cls
+    loss_kwargs: str = ""
+    epochs: float = 1.0
+    batch_size: int = 16
+    learning_rate: float = 3e-4
+    max_length: int = 256
+    precision: str = "fp32"  # resolved: fp32, bf16 or fp16
+    world_size: int = 1  # training processes (one per GPU); more processes, fewer optimizer steps
+    seed: int = 12
+    teacher_name: str = ""  # what the model card says the student was distilled from
+    device: str = run_only("cpu", "the trainer's results agree across devices up to float rounding")
+    max_dev_queries: int = run_only(200, "sizes the dev check logged during training; the model is the same")
+    trust_remote_code: bool = run_only(False, "permits a model's own code to load; the model is the same or does not load")
+
+
+def fit_student(data_dir: str | Path, mined_dir: str | Path, labels_dir: str | Path, out_dir: str | Path, config: FitConfig) -> dict:
+    """Train the student on the labels folder in this process, judged on dev candidates."""
     import pyarrow.parquet as pq
     from datasets import load_from_disk
 
     from pipeline.artifacts import read_json
     from pipeline.data import load_normalized
 
+    c = config
     label_stats = read_json(Path(labels_dir) / "stats.json")
-    spec, _ = resolve_loss(loss)
+    spec, _ = resolve_loss(c.loss)
     if label_stats.get("format") != spec.format:
         raise PipelineError(
             f"{labels_dir}: labels are in format '{label_stats.get('format')}' but {spec.name} needs '{spec.format}'; "
@@ -356,63 +382,64 @@ def fit_student(
         )
     ds = load_normalized(data_dir)
     # In memory: a cache file written into the labels folder would change a finished artifact.
-    train = load_from_disk(str(Path(labels_dir) / "dataset")).shuffle(seed=seed, keep_in_memory=True)
+    train = load_from_disk(str(Path(labels_dir) / "dataset")).shuffle(seed=c.seed, keep_in_memory=True)
     dev_samples = None
     dev_path = Path(mined_dir) / "candidates-dev.parquet"
-    if dev_path.exists() and max_dev_queries:
-        c = pq.read_table(dev_path).to_pydict()
-        dev_samples = reranking_samples(dict(zip(c["query_id"], c["doc_ids"])), ds.relevant("dev"), ds.queries, ds.passage, max_dev_queries)
+    if dev_path.exists() and c.max_dev_queries:
+        cand = pq.read_table(dev_path).to_pydict()
+        dev_samples = reranking_samples(
+            dict(zip(cand["query_id"], cand["doc_ids"])), ds.relevant("dev"), ds.queries, ds.passage, c.max_dev_queries
+        )
     return train_student(
-        train,
-        loss,
-        out_dir,
-        student=student,
-        student_layers=student_layers,
-        student_head=student_head,
-        loss_kwargs=loss_kwargs,
-        dev_samples=dev_samples,
-        num_labels=label_stats.get("num_classes", 1),
+        train, c.loss, out_dir, student=c.student, student_layers=c.student_layers, student_head=c.student_head,
+        loss_kwargs=c.loss_kwargs, epochs=c.epochs, batch_size=c.batch_size, learning_rate=c.learning_rate,
+        max_length=c.max_length, device=c.device, precision=c.precision, dev_samples=dev_samples,
+        num_labels=label_stats.get("num_classes", 1), seed=c.seed, trust_remote_code=c.trust_remote_code,
         card={
-            "model_name": f"{student_layers}-layer reranker distilled from {teacher or 'judged labels'} with {loss}",
+            "model_name": f"{c.student_layers}-layer reranker distilled from {c.teacher_name or 'judged labels'} with {c.loss}",
             "dataset": str(data_dir),
         },
-        seed=seed,
-        **train_kwargs,
     )
 
 
-def fit_student_once(nproc_per_node: int = 1, **kwargs) -> dict:
-    """Stage entry: :func:`fit_student`, under torchrun when ``nproc_per_node`` > 1 and as many
-    GPUs are here, by one process at a time per output.
+def fit_student_once(data_dir: str | Path, mined_dir: str | Path, labels_dir: str | Path, out_dir: str | Path, config: FitConfig) -> dict:
+    """Stage entry: :func:`fit_student`, under torchrun when ``config.world_size`` > 1, by one
+    process at a time per output.
 
     Two runs of the same stage share its output folder and its checkpoint folder
     (``<out_dir>.work``, which a killed run resumes from); the second waits for the first and
     then takes its finished student instead of training into a folder the first deletes.
     """
-    out_dir = Path(kwargs["out_dir"])
+    out_dir = Path(out_dir)
     with exclusive(out_dir.with_name(f".{out_dir.name}.lock")):
         if (out_dir / "stats.json").exists():
             log.info("%s: finished by another run meanwhile; kept", out_dir)
             return json.loads((out_dir / "stats.json").read_text())
-        device = kwargs.get("device", "cpu")
-        gpus = torch.cuda.device_count() if device.startswith("cuda") else 0
-        if nproc_per_node > 1 and gpus > 1:
-            return fit_student_distributed(min(nproc_per_node, gpus), **kwargs)
-        if nproc_per_node > 1:
-            log.warning("--nproc-per-node %d: %d GPU(s) here, training in one process", nproc_per_node, gpus)
-        return fit_student(**kwargs)
+        if config.world_size > 1:
+            return fit_student_distributed(data_dir, mined_dir, labels_dir, out_dir, config)
+        return fit_student(data_dir, mined_dir, labels_dir, out_dir, config)
 
 
-def fit_student_distributed(nproc_per_node: int, **kwargs) -> dict:
-    """:func:`fit_student` under ``torchrun --nproc-per-node N`` in a child process.
+def world_size(nproc_per_node: int, device: str) -> int:
+    """Training processes for ``--nproc-per-node`` on ``device``: one per GPU asked for and present."""
+    gpus = torch.cuda.device_count() if device.startswith("cuda") else 0
+    size = min(nproc_per_node, gpus) if gpus > 1 else 1
+    if size < nproc_per_node:
+        log.warning("--nproc-per-node %d: %d GPU(s) here, training in %d process(es)", nproc_per_node, gpus, size)
+    return size
+
+
+def fit_student_distributed(data_dir, mined_dir, labels_dir, out_dir, config: FitConfig) -> dict:
+    """:func:`fit_student` under ``torchrun --nproc-per-node config.world_size`` in a child process.
 
     The parent never touches CUDA, so it can fork luigi workers safely; the children each take
     one device (DDP, through the trainer) and rank 0 writes the model and its statistics.
     """
     with tempfile.TemporaryDirectory(prefix="fit-student-") as tmp:
         spec, stats_path = Path(tmp) / "spec.json", Path(tmp) / "stats.json"
-        spec.write_text(json.dumps({"kwargs": kwargs, "stats_path": str(stats_path)}, default=str))
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc_per_node}",
+        dirs = {"data_dir": str(data_dir), "mined_dir": str(mined_dir), "labels_dir": str(labels_dir), "out_dir": str(out_dir)}
+        spec.write_text(json.dumps({**dirs, "config": dataclasses.asdict(config), "stats_path": str(stats_path)}))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={config.world_size}",
                "-m", "pipeline.training", str(spec)]
         log.info("training under torchrun: %s", " ".join(cmd))
         proc = subprocess.run(cmd, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
@@ -423,10 +450,10 @@ def fit_student_distributed(nproc_per_node: int, **kwargs) -> dict:
 
 def _distributed_main(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
-    kwargs = spec["kwargs"]
-    if kwargs.get("device", "").startswith("cuda"):
-        kwargs["device"] = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    stats = fit_student(**kwargs)
+    config = FitConfig(**spec["config"])
+    if config.device.startswith("cuda"):
+        config = dataclasses.replace(config, device=f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+    stats = fit_student(spec["data_dir"], spec["mined_dir"], spec["labels_dir"], spec["out_dir"], config)
     if int(os.environ.get("RANK", "0")) == 0:
         Path(spec["stats_path"]).write_text(json.dumps(stats))
 

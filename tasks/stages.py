@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -13,8 +14,9 @@ import torch
 from losses.factory import resolve_loss
 from pipeline import data, evaluation, labels, mining, multilingual, scoring, teacher, training
 from pipeline.artifacts import fingerprint, point_link, read_json, write_json
+from pipeline.config import config_fingerprint
 from pipeline.errors import PipelineError
-from pipeline.models import PRECISIONS, model_identity, resolve_device, resolve_precision, student_head
+from pipeline.models import PRECISIONS, model_identity, resolve_device, resolve_precision, strip_kind, student_head
 from tasks.params import DataParams, EvalParams, LabelParams, MineParams, MultilingualParams, TeacherParams, TrainParams
 
 FINE_TUNED = "fine-tuned"
@@ -35,6 +37,14 @@ class Stage(luigi.Task):
     def stats(self) -> dict:
         path = self.artifact() / "stats.json"
         return read_json(path) if path.exists() else {}
+
+    def identity(self, ref: str) -> str:
+        """A model's identity in fingerprints. A teacher this run fine-tunes goes by its artifact's
+        fingerprint (the folder's name), since the folder may not exist yet when it is hashed."""
+        path = Path(strip_kind(ref))
+        if path.parent == self.root / FineTuneTeacher.stage_dir:
+            return f"{FINE_TUNED}:{path.name}"
+        return model_identity(ref)
 
     @property
     def run_device(self) -> str:
@@ -82,33 +92,27 @@ class MineHardNegatives(MineParams, Stage):
         return self.clone(PrepareData)
 
     @functools.cached_property
-    def fp(self) -> str:
-        return fingerprint(
-            self.requires().fp, model_identity(self.embedder), self.mined_negatives, self.range_min, self.range_max,
-            self.sampling, self.max_train_queries, self.rerank_top_k, self.faiss_index, self.max_length, self.seed,
-            self.filters, self.random_negatives, self.faiss_nprobe, self.faiss_ef_search, self.query_prompt_name,
-            self.document_prompt_name, self.max_unjudged_queries,
+    def config(self) -> mining.MineConfig:
+        return mining.MineConfig(
+            embedder=self.embedder, num_negatives=max(self.num_negatives, self.negative_pool), range_min=self.range_min,
+            range_max=self.range_max, sampling=self.sampling, max_train_queries=self.max_train_queries,
+            max_unjudged_queries=self.max_unjudged_queries, rerank_top_k=self.rerank_top_k, faiss_index=self.faiss_index,
+            nprobe=self.faiss_nprobe, ef_search=self.faiss_ef_search, max_length=self.max_length, seed=self.seed,
+            filters=mining.NegativeFilter(self.absolute_margin, self.relative_margin, self.max_score, self.min_score),
+            random_share=self.random_negatives, query_prompt_name=self.query_prompt_name,
+            document_prompt_name=self.document_prompt_name, device=self.run_device,
+            cache_dir=str(self.cache_dir or self.root / "cache"),
         )
 
-    @property
-    def mined_negatives(self) -> int:
-        return max(self.num_negatives, self.negative_pool)
-
-    @property
-    def filters(self) -> mining.NegativeFilter:
-        return mining.NegativeFilter(self.absolute_margin, self.relative_margin, self.max_score, self.min_score)
+    @functools.cached_property
+    def fp(self) -> str:
+        return config_fingerprint(self.config, self.identity, self.requires().fp)
 
     def output(self):
         return luigi.LocalTarget(str(self.artifact()))
 
     def run(self):
-        mining.mine_hard_negatives(
-            self.input().path, self.artifact(), self.embedder, self.cache_dir or self.root / "cache",
-            self.mined_negatives, self.range_min, self.range_max, self.sampling, self.max_train_queries,
-            self.rerank_top_k, self.faiss_index, self.run_device, self.max_length, self.seed,
-            self.filters, self.random_negatives, self.faiss_nprobe, self.faiss_ef_search, self.query_prompt_name,
-            self.document_prompt_name, self.max_unjudged_queries,
-        )
+        mining.mine_hard_negatives(self.input().path, self.artifact(), self.config)
 
 
 class FineTuneTeacher(TeacherParams, Stage):
@@ -120,32 +124,25 @@ class FineTuneTeacher(TeacherParams, Stage):
         return {"data": self.clone(PrepareData), "mined": self.clone(MineHardNegatives)}
 
     @functools.cached_property
-    def fp(self) -> str:
-        return fingerprint(
-            self.requires()["mined"].fp, self.teacher_kind, model_identity(self.teacher_backbone or self.embedder),
-            self.teacher_epochs,
-            self.teacher_learning_rate, self.teacher_batch_size, self.teacher_negatives, self.teacher_max_length,
+    def config(self) -> teacher.TeacherConfig:
+        return teacher.TeacherConfig(
+            backbone=self.teacher_backbone or self.embedder, kind=self.teacher_kind, epochs=self.teacher_epochs,
+            batch_size=self.teacher_batch_size, learning_rate=self.teacher_learning_rate,
+            # A bi-encoder teacher embeds each text alone, at the embedder's length.
+            max_length=self.max_length if self.teacher_kind == "bi-encoder" else self.teacher_max_length,
+            negatives=self.teacher_negatives, precision=_train_precision(self.run_device, "auto"), seed=self.seed,
+            device=self.run_device, trust_remote_code=self.trust_remote_code,
         )
+
+    @functools.cached_property
+    def fp(self) -> str:
+        return config_fingerprint(self.config, self.identity, self.requires()["mined"].fp)
 
     def output(self):
         return luigi.LocalTarget(str(self.artifact()))
 
     def run(self):
-        if self.teacher_kind == "bi-encoder":
-            teacher.fine_tune_bi_encoder(
-                self.input()["data"].path, self.input()["mined"].path, self.artifact(),
-                self.teacher_backbone or self.embedder, self.teacher_epochs, self.teacher_batch_size,
-                self.teacher_learning_rate, self.max_length, self.run_device,
-                _train_precision(self.run_device, "auto"), self.seed, self.trust_remote_code,
-            )
-            return
-        teacher.fine_tune_teacher(
-            self.input()["data"].path, self.input()["mined"].path, self.artifact(),
-            self.teacher_backbone or self.embedder, self.teacher_epochs, self.teacher_batch_size,
-            self.teacher_learning_rate, self.teacher_max_length, self.teacher_negatives,
-            device=self.run_device, precision=_train_precision(self.run_device, "auto"), seed=self.seed,
-            trust_remote_code=self.trust_remote_code,
-        )
+        teacher.fine_tune_teacher(self.input()["data"].path, self.input()["mined"].path, self.artifact(), self.config)
 
 
 def _needs_fine_tuned(teacher_param: str) -> bool:
@@ -162,13 +159,6 @@ def resolved_teacher(task: TeacherParams) -> str:
     return ",".join(refs)
 
 
-def _teacher_identity(task: TeacherParams) -> list:
-    ids = []
-    for r in [t.strip() for t in task.teacher.split(",") if t.strip()] or [FINE_TUNED]:
-        ids.append(task.clone(FineTuneTeacher).fp if r == FINE_TUNED else model_identity(r.split(":", 1)[-1]))
-    return ids
-
-
 def _precision_name(dtype: torch.dtype) -> str:
     return next(name for name, d in PRECISIONS.items() if d == dtype)
 
@@ -179,17 +169,26 @@ def _train_precision(device: str, choice: str) -> str:
 
 
 def _score_precision(task: TeacherParams) -> str:
-    """The scoring precision's name with 'auto' resolved, so that fingerprints tell a bf16 run
+    """The teacher's scoring precision with 'auto' resolved, so that fingerprints tell a bf16 run
     (CUDA, or a CPU with bf16 instructions) from an fp32 one."""
     if task.score_precision == "int8":
         return "int8"
     return _precision_name(resolve_precision(task.score_precision, task.run_device, cpu_bf16=True))
 
 
-def _scores_fp(task: TeacherParams) -> str:
-    return fingerprint(
-        task.clone(MineHardNegatives).fp, _teacher_identity(task), task.teacher_weights, _score_precision(task),
-        task.teacher_max_length, task.score_shards,
+def _student_precision(task: TeacherParams) -> str:
+    """The precision students and the retriever are scored in: bf16 with 'auto' on CUDA only
+    (int8 quantizes the teacher alone)."""
+    choice = "fp32" if task.score_precision == "int8" else task.score_precision
+    return _precision_name(resolve_precision(choice, task.run_device))
+
+
+def _score_config(task: TeacherParams) -> scoring.ScoreConfig:
+    return scoring.ScoreConfig(
+        teacher=resolved_teacher(task), teacher_weights=task.teacher_weights, precision=_score_precision(task),
+        max_length=task.teacher_max_length, num_shards=task.score_shards, device=task.run_device,
+        batch_tokens=task.score_batch_tokens, cache_dir=str(Path(task.cache_dir or task.root / "cache") / "teacher-scores"),
+        trust_remote_code=task.trust_remote_code,
     )
 
 
@@ -210,18 +209,19 @@ class ScoreShard(TeacherParams, Stage):
         return _scoring_inputs(self)
 
     @functools.cached_property
+    def config(self) -> scoring.ScoreConfig:
+        return _score_config(self)
+
+    @functools.cached_property
     def fp(self) -> str:
-        return _scores_fp(self)
+        return config_fingerprint(self.config, self.identity, self.clone(MineHardNegatives).fp)
 
     def output(self):
         return luigi.LocalTarget(str(self.artifact() / "shards" / f"shard-{self.shard:05d}-of-{self.score_shards:05d}.arrow"))
 
     def run(self):
         scoring.score_shard(
-            self.input()["data"].path, self.input()["mined"].path, self.output().path, resolved_teacher(self),
-            self.teacher_weights, self.shard, self.score_shards, self.run_device, self.score_precision,
-            self.teacher_max_length, self.score_batch_tokens, Path(self.cache_dir or self.root / "cache") / "teacher-scores",
-            self.trust_remote_code, self.progress,
+            self.input()["data"].path, self.input()["mined"].path, self.output().path, self.config, self.shard, self.progress
         )
 
 
@@ -238,7 +238,7 @@ class ScoreWithTeacher(TeacherParams, Stage):
 
     @functools.cached_property
     def fp(self) -> str:
-        return _scores_fp(self)
+        return self.clone(ScoreShard, shard=0).fp  # the shards' folder
 
     def output(self):
         return luigi.LocalTarget(str(self.artifact() / "scores.arrow"))
@@ -274,13 +274,16 @@ class BuildLabels(LabelParams, Stage):
         return req
 
     @functools.cached_property
+    def config(self) -> labels.LabelConfig:
+        return labels.LabelConfig(
+            fmt=self.loss_spec.format, num_negatives=self.num_negatives, label_scale=self.label_scale,
+            false_negatives=self.false_negatives, false_negative_margin=self.false_negative_margin,
+        )
+
+    @functools.cached_property
     def fp(self) -> str:
         up = self.requires()
-        upstream = up["scores"].fp if "scores" in up else up["mined"].fp
-        return fingerprint(
-            upstream, self.loss_spec.format, self.num_negatives, self.label_scale, self.false_negatives,
-            self.false_negative_margin,
-        )
+        return config_fingerprint(self.config, self.identity, up["scores"].fp if "scores" in up else up["mined"].fp)
 
     def output(self):
         return luigi.LocalTarget(str(self.artifact()))
@@ -288,9 +291,7 @@ class BuildLabels(LabelParams, Stage):
     def run(self):
         scores = self.input().get("scores")
         labels.build_labels(
-            self.input()["data"].path, self.input()["mined"].path, scores.path if scores else None,
-            self.artifact(), self.loss_spec.format, self.num_negatives, self.label_scale,
-            self.false_negatives, self.false_negative_margin,
+            self.input()["data"].path, self.input()["mined"].path, scores.path if scores else None, self.artifact(), self.config
         )
 
 
@@ -303,27 +304,28 @@ class FitStudent(TrainParams, Stage):
         return {"data": self.clone(PrepareData), "mined": self.clone(MineHardNegatives), "labels": self.clone(BuildLabels)}
 
     @functools.cached_property
-    def fp(self) -> str:
-        return fingerprint(
-            self.requires()["labels"].fp, self.loss, model_identity(self.student), self.student_layers,
-            student_head(self.student, self.student_head), self.loss_kwargs, self.epochs, self.batch_size,
-            self.learning_rate, self.max_length, self.train_precision,
+    def config(self) -> training.FitConfig:
+        labels_task = self.requires()["labels"]
+        return training.FitConfig(
+            loss=self.loss, student=self.student, student_layers=self.student_layers,
+            student_head=student_head(self.student, self.student_head), loss_kwargs=self.loss_kwargs, epochs=self.epochs,
+            batch_size=self.batch_size, learning_rate=self.learning_rate, max_length=self.max_length,
+            precision=_train_precision(self.run_device, self.train_precision),
+            world_size=training.world_size(self.nproc_per_node, self.run_device), seed=self.seed,
+            teacher_name=resolved_teacher(self) if "scores" in labels_task.requires() else "",
+            device=self.run_device, max_dev_queries=self.max_dev_queries, trust_remote_code=self.trust_remote_code,
         )
+
+    @functools.cached_property
+    def fp(self) -> str:
+        return config_fingerprint(self.config, self.identity, self.requires()["labels"].fp)
 
     def output(self):
         return luigi.LocalTarget(str(self.artifact()))
 
     def run(self):
-        kwargs = dict(
-            data_dir=self.input()["data"].path, mined_dir=self.input()["mined"].path,
-            labels_dir=self.input()["labels"].path, out_dir=str(self.artifact()), loss=self.loss, student=self.student,
-            student_layers=self.student_layers, student_head=self.student_head, loss_kwargs=self.loss_kwargs,
-            teacher=resolved_teacher(self),
-            max_dev_queries=self.max_dev_queries, seed=self.seed, epochs=self.epochs, batch_size=self.batch_size,
-            learning_rate=self.learning_rate, max_length=self.max_length, device=self.run_device,
-            precision=_train_precision(self.run_device, self.train_precision), trust_remote_code=self.trust_remote_code,
-        )
-        training.fit_student_once(self.nproc_per_node, **kwargs)
+        i = self.input()
+        training.fit_student_once(i["data"].path, i["mined"].path, i["labels"].path, str(self.artifact()), self.config)
 
 
 class EvaluateStudent(EvalParams, Stage):
@@ -343,31 +345,41 @@ class EvaluateStudent(EvalParams, Stage):
         return req
 
     @functools.cached_property
+    def config(self) -> evaluation.EvalConfig:
+        base = _eval_config(self, evaluation.EvalConfig)
+        # Scores that do not depend on the student's training are shared by every student of a run.
+        key = config_fingerprint(base, self.identity, self.clone(MineHardNegatives).fp)
+        return dataclasses.replace(base, baseline_cache=str(self.root / "cache" / "eval" / f"{key}.npz"))
+
+    @functools.cached_property
     def fp(self) -> str:
-        return fingerprint(self.requires()["student"].fp, _teacher_identity(self), self.teacher_weights, self.max_eval_queries)
+        return config_fingerprint(self.config, self.identity, self.requires()["student"].fp)
 
     def output(self):
         return luigi.LocalTarget(str(self.artifact() / "metrics.json"))
 
     def run(self):
         stages = _upstream_stats(self, BuildLabels, {"FitStudent": FitStudent})
-        params = dict(self.param_kwargs, teacher_resolved=resolved_teacher(self), fingerprint=self.fp)
         evaluation.evaluate_student(
-            self.input()["data"].path, self.input()["mined"].path, self.input()["student"].path,
-            self.artifact(), resolved_teacher(self), self.teacher_weights, self.student, self.student_layers,
-            self.student_head, self.embedder, params, stages, {k: v.get("seconds", 0.0) for k, v in stages.items()},
-            self.run_device, self.score_precision, self.max_length, self.teacher_max_length,
-            self.max_eval_queries, self.seed, str(self.baseline_cache()),
+            self.input()["data"].path, self.input()["mined"].path, self.input()["student"].path, self.artifact(),
+            self.config, _run_info(self, stages),
         )
 
-    def baseline_cache(self) -> Path:
-        """Scores that do not depend on the student's training, shared by every student of a run."""
-        key = fingerprint(
-            self.requires()["mined"].fp, _teacher_identity(self), self.teacher_weights, self.max_eval_queries,
-            model_identity(self.student), self.student_layers, student_head(self.student, self.student_head), self.seed,
-            _score_precision(self), self.max_length, self.teacher_max_length,
-        )
-        return self.root / "cache" / "eval" / f"{key}.npz"
+
+def _eval_config(task: EvalParams, cls: type, **extra):
+    return cls(
+        teacher=resolved_teacher(task), teacher_weights=task.teacher_weights, embedder=task.embedder, student=task.student,
+        student_layers=task.student_layers, student_head=student_head(task.student, task.student_head),
+        precision=_student_precision(task), teacher_precision=_score_precision(task), max_length=task.max_length,
+        teacher_max_length=task.teacher_max_length, max_eval_queries=task.max_eval_queries, seed=task.seed,
+        device=task.run_device, **extra,
+    )
+
+
+def _run_info(task: Stage, stages: dict) -> dict:
+    """What a report shows beside its metrics: the run's settings, each stage's statistics, timings."""
+    params = dict(task.param_kwargs, teacher_resolved=resolved_teacher(task), fingerprint=task.fp)
+    return {"params": params, "stages": stages, "timings": {k: v.get("seconds", 0.0) for k, v in stages.items()}}
 
 
 def _upstream_stats(task: Stage, labels_task: type, students: dict[str, type]) -> dict:
@@ -429,17 +441,16 @@ class BuildMultilingualLabels(MultilingualParams, BuildLabels):
     --cross-lingual), all labelled with the source pairs' teacher scores."""
 
     @functools.cached_property
-    def fp(self) -> str:
-        return fingerprint(
-            BuildLabels.fp.func(self), "multilingual", multilingual.parse_languages(self.languages), self.source_language, self.cross_lingual
+    def config(self) -> multilingual.MultilingualLabelConfig:
+        return multilingual.MultilingualLabelConfig(
+            **dataclasses.asdict(BuildLabels.config.func(self)), languages=tuple(multilingual.parse_languages(self.languages)),
+            source=self.source_language, cross_lingual=self.cross_lingual,
         )
 
     def run(self):
         scores = self.input().get("scores")
         multilingual.build_multilingual_labels(
-            self.input()["data"].path, self.input()["mined"].path, scores.path if scores else None, self.artifact(),
-            self.loss_spec.format, multilingual.parse_languages(self.languages), self.source_language,
-            self.cross_lingual, self.num_negatives, self.label_scale, self.false_negatives, self.false_negative_margin,
+            self.input()["data"].path, self.input()["mined"].path, scores.path if scores else None, self.artifact(), self.config
         )
 
 
@@ -468,12 +479,16 @@ class EvaluateMultilingualStudent(MultilingualParams, Stage):
         return req
 
     @functools.cached_property
+    def config(self) -> multilingual.MultilingualEvalConfig:
+        return _eval_config(
+            self, multilingual.MultilingualEvalConfig, languages=tuple(multilingual.parse_languages(self.languages)),
+            source=self.source_language,
+        )
+
+    @functools.cached_property
     def fp(self) -> str:
         req = self.requires()
-        return fingerprint(
-            "multilingual", req["student"].fp, req["source_only"].fp, _teacher_identity(self), self.teacher_weights,
-            self.max_eval_queries, multilingual.parse_languages(self.languages), self.source_language,
-        )
+        return config_fingerprint(self.config, self.identity, req["student"].fp, req["source_only"].fp)
 
     def output(self):
         return luigi.LocalTarget(str(self.artifact() / "metrics.json"))
@@ -482,13 +497,10 @@ class EvaluateMultilingualStudent(MultilingualParams, Stage):
         stages = _upstream_stats(
             self, BuildMultilingualLabels, {"FitStudent": FitMultilingualStudent, "FitStudentSourceOnly": FitStudent}
         )
-        params = dict(self.param_kwargs, teacher_resolved=resolved_teacher(self), fingerprint=self.fp)
+        i = self.input()
         multilingual.evaluate_languages(
-            self.input()["data"].path, self.input()["mined"].path, self.input()["student"].path,
-            self.input()["source_only"].path, self.artifact(), multilingual.parse_languages(self.languages),
-            self.source_language, resolved_teacher(self), self.teacher_weights, self.student, self.student_layers,
-            self.student_head, params, stages, {k: v.get("seconds", 0.0) for k, v in stages.items()}, self.run_device,
-            self.score_precision, self.max_length, self.teacher_max_length, self.max_eval_queries, self.seed,
+            i["data"].path, i["mined"].path, i["student"].path, i["source_only"].path, self.artifact(), self.config,
+            _run_info(self, stages),
         )
 
 

@@ -137,15 +137,17 @@ def test_training_under_torchrun_with_two_processes(reference, tiny_models, tmp_
     """The --nproc-per-node path on CPU (gloo): two ranks, rank 0 saves a loadable student."""
     from sentence_transformers.cross_encoder import CrossEncoder
 
-    from pipeline.training import fit_student_distributed
+    from pipeline.training import FitConfig, fit_student_distributed
 
     _, _, out, params = reference
     labels = next(out.glob("labels/*/dataset")).parent
     single = json.loads(next(out.glob("students/*/stats.json")).read_text())
+    config = FitConfig(
+        loss="PackedMarginMSELoss", student=tiny_models["student"], student_layers=2, max_dev_queries=0, seed=12, epochs=1.0,
+        batch_size=params["batch_size"], max_length=64, device="cpu", precision="fp32", world_size=2,
+    )
     stats = fit_student_distributed(
-        2, data_dir=str(next(out.glob("data/*"))), mined_dir=str(next(out.glob("mined/*"))), labels_dir=str(labels),
-        out_dir=str(tmp_path / "student"), loss="PackedMarginMSELoss", student=tiny_models["student"], student_layers=2,
-        max_dev_queries=0, seed=12, epochs=1.0, batch_size=params["batch_size"], max_length=64, device="cpu", precision="fp32",
+        str(next(out.glob("data/*"))), str(next(out.glob("mined/*"))), str(labels), str(tmp_path / "student"), config
     )
     assert stats["processes"] == 2
     assert stats["rows"] == single["rows"]

@@ -14,7 +14,7 @@ from datasets import load_from_disk
 
 import tasks
 from losses import LOSS_TABLE, build_loss, resolve_loss
-from pipeline.labels import build_labels
+from pipeline.labels import LabelConfig, build_labels
 from pipeline.models import cut_student
 from pipeline.scoring import read_scores
 from pipeline.training import _with_num_labels, fit_head_scale, student_loss_kwargs, train_student
@@ -69,7 +69,7 @@ def _loss_before_and_after(name, backbone, scored, tiny_models, tmp_path, learni
     # listwise losses a teacher distribution that is not uniform, as a trained teacher's is.
     stats = build_labels(
         scored["data"], scored["mined"], scored["scores"] if spec.needs_teacher else None,
-        tmp_path / "labels", spec.format, num_negatives=3, label_scale=scored["unit_scale"],
+        tmp_path / "labels", LabelConfig(spec.format, num_negatives=3, label_scale=scored["unit_scale"]),
     )
     rows = load_from_disk(str(tmp_path / "labels" / "dataset")).select(range(8))
     inputs, labels = _collate(rows)

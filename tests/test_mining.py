@@ -15,6 +15,7 @@ from pipeline.errors import PipelineError
 from pipeline.labels import false_negatives
 from pipeline.mining import (
     EmbeddingCache,
+    MineConfig,
     NegativeFilter,
     TorchFlatIndex,
     build_index,
@@ -36,7 +37,8 @@ def prepared(small_beir, tmp_path_factory):
 
 
 def _mine(prepared, tiny_models, out, cache, **kw):
-    return mine_hard_negatives(prepared, out, tiny_models["embedder"], cache, max_length=64, rerank_top_k=10, **kw)
+    config = MineConfig(embedder=tiny_models["embedder"], cache_dir=str(cache), max_length=64, rerank_top_k=10, **kw)
+    return mine_hard_negatives(prepared, out, config)
 
 
 def test_rerun_embeds_nothing_and_added_documents_only_once(prepared, small_beir, tiny_models, tmp_path):
@@ -242,7 +244,8 @@ def test_queries_and_passages_get_their_own_prompts(prepared, prompted_embedder,
         c = pq.read_table(tmp_path / query_prompt / "candidates-test.parquet").to_pydict()
         return dict(zip(c["query_id"], c["doc_ids"]))
 
-    stats = mine_hard_negatives(prepared, tmp_path / "query", prompted_embedder, tmp_path / "cache", max_length=64, rerank_top_k=10)
+    config = MineConfig(embedder=prompted_embedder, cache_dir=str(tmp_path / "cache"), max_length=64, rerank_top_k=10)
+    stats = mine_hard_negatives(prepared, tmp_path / "query", config)
     assert stats["test_queries"] > 0
     got = top_k("query")
     queries = model.encode([ds.queries[q] for q in got], prompt_name="query", normalize_embeddings=True)

@@ -12,7 +12,7 @@ import pytest
 import tasks
 from pipeline.data import prepare_data
 from pipeline.errors import PipelineError
-from pipeline.mining import mine_hard_negatives
+from pipeline.mining import MineConfig, mine_hard_negatives
 from tests.conftest import dag_params as _params
 
 
@@ -137,14 +137,14 @@ def test_bad_dataset_fails_before_any_model_loads(tiny_models, tmp_path):
 
 def test_dataset_without_training_pairs_says_so(tiny_models, tmp_path):
     from pipeline.errors import PipelineError
-    from pipeline.mining import mine_hard_negatives
+    from pipeline.mining import MineConfig, mine_hard_negatives
     from pipeline.data import prepare_data
     from tests.conftest import write_beir
 
     ds = write_beir(tmp_path / "testonly", {"q1": "a b"}, {"d1": ("", "b c")}, {"test": [("q1", "d1", 1)]})
     prepare_data(ds, tmp_path / "norm")
     with pytest.raises(PipelineError, match="no judged training pairs"):
-        mine_hard_negatives(tmp_path / "norm", tmp_path / "mined", tiny_models["embedder"], tmp_path / "cache")
+        mine_hard_negatives(tmp_path / "norm", tmp_path / "mined", MineConfig(embedder=tiny_models["embedder"], cache_dir=str(tmp_path / "cache")))
 
 
 def test_evaluation_requires_the_fine_tuned_teacher_even_for_losses_without_teacher_scores(small_beir, tiny_models, tmp_path):
@@ -244,7 +244,7 @@ def test_unjudged_queries_train_the_student_with_teacher_labels(small_beir, tiny
     out = tmp_path / "run"
     prepare_data(data, tmp_path / "norm", unlabeled)
     with pytest.raises(PipelineError, match="5 queries from --unlabeled-queries, but --max-unjudged-queries is 0"):
-        mine_hard_negatives(tmp_path / "norm", tmp_path / "mined", tiny_models["embedder"], tmp_path / "cache")
+        mine_hard_negatives(tmp_path / "norm", tmp_path / "mined", MineConfig(embedder=tiny_models["embedder"], cache_dir=str(tmp_path / "cache")))
     assert _build(tasks.TrainStudent(**_params(data, tiny_models, out, max_unjudged_queries=-1, unlabeled_queries=str(unlabeled))))
     groups = pq.read_table(next(out.glob("mined/*/groups.parquet"))).to_pydict()
     unjudged = {q for q, p in zip(groups["query_id"], groups["positive_ids"]) if not p}

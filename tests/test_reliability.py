@@ -32,20 +32,21 @@ def test_disk_full_fails_with_one_line_and_keeps_earlier_outputs(small_beir, tin
     monkeypatch.setattr(mining.pq, "write_table", full)
     out = tmp_path / "mined" / "abc"
     with pytest.raises(PipelineError, match="no space left on the device") as e:
-        mining.mine_hard_negatives(data, out, tiny_models["embedder"], tmp_path / "cache", num_negatives=2, max_length=64)
+        config = mining.MineConfig(embedder=tiny_models["embedder"], cache_dir=str(tmp_path / "cache"), num_negatives=2, max_length=64)
+        mining.mine_hard_negatives(data, out, config)
     assert "\n" not in str(e.value) and str(out) in str(e.value)
     assert not out.exists() and not [p for p in out.parent.iterdir() if p.name.endswith(".tmp")]
     assert hash_files(list(data.iterdir())) == before
 
 
 def test_labels_that_do_not_fit_the_loss_stop_before_training(tmp_path):
-    from pipeline.training import fit_student
+    from pipeline.training import FitConfig, fit_student
 
     labels = tmp_path / "labels"
     labels.mkdir()
     (labels / "stats.json").write_text(json.dumps({"format": "pair-score", "rows": 10}))
     with pytest.raises(PipelineError, match="labels are in format 'pair-score' but MarginMSELoss needs 'ntuple-margin'"):
-        fit_student(tmp_path / "no-data", tmp_path / "no-mined", labels, tmp_path / "out", "MarginMSELoss", "no-model")
+        fit_student(tmp_path / "no-data", tmp_path / "no-mined", labels, tmp_path / "out", FitConfig("MarginMSELoss", "no-model"))
 
 
 def test_model_code_is_not_run_without_trust_remote_code(tmp_path):
@@ -172,9 +173,10 @@ def test_two_processes_finishing_the_same_output_at_once(tmp_path):
 
 FIT = """
 import json, logging, sys
-from pipeline.training import fit_student_once
+from pipeline.training import FitConfig, fit_student_once
 logging.basicConfig(level=logging.INFO)
-print("STATS " + json.dumps(fit_student_once(1, **json.loads(sys.argv[1]))))
+dirs, config = json.loads(sys.argv[1])
+print("STATS " + json.dumps(fit_student_once(*dirs, FitConfig(**config))))
 """
 
 
@@ -190,13 +192,12 @@ def test_two_runs_of_one_training_stage_train_once(small_beir, tiny_models, tmp_
     labels = tasks.BuildLabels(**dag_params(small_beir, tiny_models, tmp_path / "run", tasks.BuildLabels))
     assert luigi.build([labels], local_scheduler=True, log_level="WARNING")
     out = tmp_path / "run" / "students" / "same"
-    kwargs = dict(
-        data_dir=labels.clone(tasks.PrepareData).output().path, mined_dir=labels.clone(tasks.MineHardNegatives).output().path,
-        labels_dir=labels.output().path, out_dir=str(out), loss="PackedMarginMSELoss", student=tiny_models["student"],
-        student_layers=2, max_dev_queries=0, epochs=2.0, batch_size=8, max_length=64, device="cpu", precision="fp32",
-    )
+    dirs = [labels.clone(tasks.PrepareData).output().path, labels.clone(tasks.MineHardNegatives).output().path,
+            labels.output().path, str(out)]
+    config = dict(loss="PackedMarginMSELoss", student=tiny_models["student"], student_layers=2, max_dev_queries=0,
+                  epochs=2.0, batch_size=8, max_length=64, device="cpu", precision="fp32")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    runs = [subprocess.Popen([sys.executable, "-c", FIT, json.dumps(kwargs)], env=env, stdout=subprocess.PIPE,
+    runs = [subprocess.Popen([sys.executable, "-c", FIT, json.dumps([dirs, config])], env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True) for _ in range(2)]
     logs = [r.communicate(timeout=600)[0] for r in runs]
     assert [r.returncode for r in runs] == [0, 0], logs[0][-2000:] + logs[1][-2000:]

@@ -226,8 +226,10 @@ def test_scores_fingerprint_holds_the_resolved_precision(monkeypatch, small_beir
 
     def fp(precision, native):
         monkeypatch.setattr(pipeline.models, "native_bf16_cpu", lambda: native)
-        from tasks.stages import _scores_fp  # uncached: luigi reuses the task instance, and with it .fp
+        from pipeline.config import config_fingerprint
+        from tasks.stages import _score_config  # uncached: luigi reuses the task instance, and with it .fp
 
-        return _scores_fp(tasks.ScoreWithTeacher(**_score_params(small_beir, tiny_models, tmp_path, score_precision=precision)))
+        task = tasks.ScoreWithTeacher(**_score_params(small_beir, tiny_models, tmp_path, score_precision=precision))
+        return config_fingerprint(_score_config(task), task.identity)
 
     assert fp("auto", True) == fp("bf16", False) != fp("auto", False) == fp("fp32", True)

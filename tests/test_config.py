@@ -1,0 +1,99 @@
+"""Stage settings: every setting a stage's entry point receives is in its artifact's fingerprint.
+
+Each stage's entry point takes its input folders and one configuration object; the fingerprint
+hashes every field of that object but the run-only ones. So a setting left out of the
+fingerprint is either a run-only field (listed below, each with its reason) or an argument beside
+the configuration object, and both fail here."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+import pytest
+
+import tasks
+from conftest import dag_params
+from pipeline import evaluation, labels, mining, multilingual, scoring, teacher, training
+from pipeline.config import config_fingerprint
+
+# entry point -> (its parameters, the configuration class it takes)
+ENTRY_POINTS = {
+    mining.mine_hard_negatives: (["data_dir", "out_dir", "config"], mining.MineConfig),
+    teacher.fine_tune_teacher: (["data_dir", "mined_dir", "out_dir", "config"], teacher.TeacherConfig),
+    scoring.score_shard: (["data_dir", "mined_dir", "out_path", "config", "shard", "progress"], scoring.ScoreConfig),
+    labels.build_labels: (["data_dir", "mined_dir", "scores_path", "out_dir", "config"], labels.LabelConfig),
+    multilingual.build_multilingual_labels: (
+        ["data_dir", "mined_dir", "scores_path", "out_dir", "config"], multilingual.MultilingualLabelConfig
+    ),
+    training.fit_student_once: (["data_dir", "mined_dir", "labels_dir", "out_dir", "config"], training.FitConfig),
+    evaluation.evaluate_student: (["data_dir", "mined_dir", "student_dir", "out_dir", "config", "run"], evaluation.EvalConfig),
+    multilingual.evaluate_languages: (
+        ["data_dir", "mined_dir", "student_dir", "source_only_dir", "out_dir", "config", "run"], multilingual.MultilingualEvalConfig
+    ),
+}
+
+# The only settings that may stay out of a fingerprint: where and in what batches the work runs.
+RUN_ONLY = {"device", "cache_dir", "batch_tokens", "trust_remote_code", "max_dev_queries", "baseline_cache"}
+
+
+def _other(value):
+    """A different value of the same type."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value + 1
+    if isinstance(value, str):
+        return value + "x"
+    if isinstance(value, tuple):
+        return (*value, "x")
+    if value is None:
+        return 3
+    if dataclasses.is_dataclass(value):
+        first = dataclasses.fields(value)[0].name
+        return dataclasses.replace(value, **{first: 0.5})
+    raise TypeError(type(value))
+
+
+@pytest.mark.parametrize("entry", list(ENTRY_POINTS), ids=lambda f: f.__name__)
+def test_entry_points_take_their_settings_as_one_object(entry):
+    names, config_class = ENTRY_POINTS[entry]
+    params = inspect.signature(entry).parameters
+    assert list(params) == names
+    assert params["config"].annotation in (config_class.__name__, config_class)
+    assert config_class.__dataclass_params__.frozen
+
+
+@pytest.mark.parametrize("config_class", sorted({c for _, c in ENTRY_POINTS.values()}, key=lambda c: c.__name__), ids=lambda c: c.__name__)
+def test_every_field_but_the_run_only_ones_changes_the_fingerprint(config_class):
+    base = config_class()
+    fp = config_fingerprint(base, identity=lambda ref: f"id:{ref}")
+    for f in dataclasses.fields(config_class):
+        changed = dataclasses.replace(base, **{f.name: _other(getattr(base, f.name))})
+        other_fp = config_fingerprint(changed, identity=lambda ref: f"id:{ref}")
+        if "run_only" in f.metadata:
+            assert f.name in RUN_ONLY, f"{config_class.__name__}.{f.name} is run-only but may change the artifact"
+            assert f.metadata["run_only"], "a run-only field says why"
+            assert other_fp == fp
+        else:
+            assert other_fp != fp, f"{config_class.__name__}.{f.name} does not reach the fingerprint"
+
+
+def test_a_model_is_fingerprinted_by_its_identity_not_its_path():
+    config = mining.MineConfig(embedder="models/a")
+    same = config_fingerprint(config, identity=lambda ref: "weights-1")
+    assert config_fingerprint(dataclasses.replace(config, embedder="copied/a"), identity=lambda ref: "weights-1") == same
+    assert config_fingerprint(config, identity=lambda ref: "weights-2") != same
+
+
+def test_tasks_resolve_auto_settings_before_fingerprinting(small_beir, tiny_models, tmp_path):
+    """The configuration holds what runs (a resolved head, precision and process count), not 'auto'."""
+    params = dag_params(small_beir, tiny_models, tmp_path, tasks.FitStudent, train_precision="auto", student_head="auto", nproc_per_node=4)
+    fit = tasks.FitStudent(**params)
+    assert fit.config.precision == "fp32" and fit.config.student_head in ("cosine", "mean", "cls")
+    assert fit.config.world_size == 1  # no GPUs here: one process, whatever was asked
+    score = fit.clone(tasks.ScoreShard, shard=0).config
+    assert score.precision in ("fp32", "bf16") and score.num_shards == params.get("score_shards", 4)
+    # Every shard writes into one folder, whose fingerprint the joined scores share.
+    shards = {fit.clone(tasks.ScoreShard, shard=i).fp for i in range(2)}
+    assert shards == {fit.clone(tasks.ScoreWithTeacher).fp}
