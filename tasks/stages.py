@@ -70,11 +70,13 @@ class PrepareData(DataParams, Stage):
 
     @functools.cached_property
     def fp(self) -> str:
-        # A missing file fingerprints by its name; run() then stops on it with a one-line error.
+        # A missing file or folder fingerprints by its name: run() then stops on it with a one-line
+        # error, where a failing complete() would print luigi's traceback.
         extra = self.unlabeled_queries and (
             data.dataset_hash(self.unlabeled_queries) if Path(self.unlabeled_queries).is_file() else self.unlabeled_queries
         )
-        return fingerprint("data", data.dataset_hash(self.dataset), *([extra] if extra else []))
+        source = data.dataset_hash(self.dataset) if Path(self.dataset).exists() else self.dataset
+        return fingerprint("data", source, *([extra] if extra else []))
 
     def output(self):
         return luigi.LocalTarget(str(self.artifact()))

@@ -199,6 +199,12 @@ def test_bad_data_ends_the_luigi_run_with_one_line_and_no_traceback(beir, tmp_pa
     [line] = [x for x in log.splitlines() if "train.tsv:3" in x]
     assert "field 'query-id'" in line and "q9" in line
 
+    missing = luigi_command("TrainStudent", {"dataset": tmp_path / "no-such-folder", "output_dir": tmp_path / "run"}, "--local-scheduler")
+    proc = subprocess.run(missing, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 30 and "Traceback" not in log, log[-3000:]
+    assert any("no-such-folder: dataset not found" in x for x in log.splitlines()), log[-3000:]
+
 
 def test_unexpected_errors_keep_their_traceback():
     import logging
