@@ -8,6 +8,11 @@ os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
 
 import logging
 
+import luigi.configuration
+import luigi.interface
+import luigi.retcodes
+import luigi.scheduler
+import luigi.worker
 from luigi.tools.range import RangeDaily
 
 from pipeline.errors import PipelineError
@@ -63,3 +68,14 @@ class OneLineErrors(logging.Filter):
 # luigi's worker logs a failed task with logger.exception on this logger.
 logging.getLogger("luigi-interface").addFilter(OneLineErrors())
 
+
+def _shared_settings_are_not_unconsumed() -> None:
+    """luigi.cfg's [DEFAULT] holds the settings the entry tasks share, and luigi applies it to
+    every section, its own [core], [retcode], [worker] and [scheduler] too; ``ignore_unconsumed``
+    (luigi's own list of keys a section may hold without using) stops it warning about each."""
+    shared = {key.replace("-", "_") for key in luigi.configuration.get_config().defaults()}
+    for config in (luigi.interface.core, luigi.retcodes.retcode, luigi.worker.worker, luigi.scheduler.scheduler):
+        config.ignore_unconsumed = set(getattr(config, "ignore_unconsumed", ())) | shared
+
+
+_shared_settings_are_not_unconsumed()

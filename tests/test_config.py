@@ -97,3 +97,39 @@ def test_tasks_resolve_auto_settings_before_fingerprinting(small_beir, tiny_mode
     # Every shard writes into one folder, whose fingerprint the joined scores share.
     shards = {fit.clone(tasks.ScoreShard, shard=i).fp for i in range(2)}
     assert shards == {fit.clone(tasks.ScoreWithTeacher).fp}
+
+
+CHECK_CFG = """
+import json, warnings
+warnings.simplefilter("always")
+with warnings.catch_warnings(record=True) as caught:
+    import luigi, tasks
+    luigi.interface.core(), luigi.retcodes.retcode(), luigi.worker.worker(), luigi.scheduler.scheduler()
+    entries = {c.__name__: c() for c in (tasks.TrainStudent, tasks.TrainMultilingualStudent, tasks.RetrainStudent)}
+print(json.dumps({
+    "warnings": [str(w.message) for w in caught if w.category.__name__ == "UnconsumedParameterWarning"],
+    "entries": {n: [t.dataset, t.embedder, t.max_train_queries, t.num_negatives, t.output_dir] for n, t in entries.items()},
+}))
+"""
+
+
+@pytest.mark.parametrize("central", [False, True], ids=["local", "central"])
+def test_luigi_cfg_shares_the_demo_settings_without_warnings(central):
+    """[DEFAULT] gives every entry task the demo's settings; no section warns about them."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    if central:
+        env["LUIGI_CONFIG_PATH"] = str(REPO / "luigi-central.cfg")
+    out = subprocess.run([sys.executable, "-c", CHECK_CFG], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.splitlines()[-1])
+    assert got["warnings"] == []
+    dirs = {name: entry.pop() for name, entry in got["entries"].items()}
+    assert dirs == {"TrainStudent": "runs/demo", "TrainMultilingualStudent": "runs/demo-multilingual", "RetrainStudent": "runs/retrain"}
+    assert all(entry == ["data/debian-descriptions", "models/all-MiniLM-L6-v2", 600, 3] for entry in got["entries"].values())
