@@ -310,16 +310,40 @@ def main() -> None:
     write_results(results, Path(args.results))
 
 
-def write_results(results: dict, out: Path) -> None:
+def write_results(results: dict, out: Path, render=None, plot: bool = True) -> None:
+    """``out``.json, the ``render``ed tables as ``out``.md (printed too) and, with ``plot``, the
+    quality-against-speed plot as ``out``.png."""
     from pipeline.artifacts import atomic_file, write_json
     from pipeline.report import plot_quality_speed
 
+    text = (render or table)(results)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out.with_suffix(".json"), results)
-    plot_quality_speed(results["test"], out.with_suffix(".png"))
+    if plot:
+        plot_quality_speed(results["test"], out.with_suffix(".png"))
     with atomic_file(out.with_suffix(".md")) as tmp:
-        tmp.write_text(table(results))
-    print(table(results))
+        tmp.write_text(text)
+    print(text)
+
+
+def dev_grid_rows(r: dict, label: str = "side") -> list[str]:
+    """The dev nDCG@10 of each side at each learning rate of the grid, and the rate chosen."""
+    grid = r["meta"]["grid"]
+    lines = ["| " + label + " | " + " | ".join(f"lr {x:g}" for x in grid) + " | chosen |", "|---|" + "---:|" * (len(grid) + 1)]
+    for side, dev in r["dev_grid"].items():
+        lines.append(f"| {side} | " + " | ".join(f"{dev[f'{x:g}']:.4f}" for x in grid) + f" | {r['chosen_lr'][side]:g} |")
+    return lines
+
+
+def mean_std(x: dict, metric: str) -> str:
+    """``metric`` of one test row, with its std over seeds when there are several."""
+    return f"{x[metric]:.4f}" + (f" ± {x[f'{metric}_std']:.4f}" if len(x[f"{metric}_seeds"]) > 1 else "")
+
+
+def comparison_rows(comparisons: dict) -> list[str]:
+    return ["| comparison (nDCG@10, per query, averaged over seeds) | difference | p (paired t-test) |", "|---|---:|---:|"] + [
+        f"| {k} | {c['diff']:+.4f} | {c['p_value']:.3g} |" for k, c in comparisons.items()
+    ]
 
 
 def table(r: dict) -> str:
@@ -332,11 +356,8 @@ def table(r: dict) -> str:
         "",
         f"Learning rate per side chosen on dev ({m['dev_queries']} queries, seed {m['seeds'][0]}) from {', '.join(f'{x:g}' for x in m['grid'])}:",
         "",
-        "| side | " + " | ".join(f"lr {x:g}" for x in m["grid"]) + " | chosen |",
-        "|---|" + "---:|" * (len(m["grid"]) + 1),
+        *dev_grid_rows(r),
     ]
-    for side, grid in r["dev_grid"].items():
-        lines.append(f"| {side} | " + " | ".join(f"{grid[f'{x:g}']:.4f}" for x in m["grid"]) + f" | {r['chosen_lr'][side]:g} |")
     depth = r.get("dev_depth", {})
     lines += [
         "",
@@ -349,11 +370,9 @@ def table(r: dict) -> str:
         "|---|---:|---:|---:|---:|",
     ]
     for name, x in r["test"].items():
-        sd = lambda k: f" ± {x[f'{k}_std']:.4f}" if len(x[f"{k}_seeds"]) > 1 else ""  # noqa: E731
-        lines.append(f"| {name} | {x['ndcg@10']:.4f}{sd('ndcg@10')} | {x['mrr@10']:.4f}{sd('mrr@10')} | "
+        lines.append(f"| {name} | {mean_std(x, 'ndcg@10')} | {mean_std(x, 'mrr@10')} | "
                      f"{x.get('pairs_per_second', float('nan')):.1f} | {x.get('ms_per_query', float('nan')):.0f} |")
-    lines += ["", "| comparison (nDCG@10, per query, averaged over seeds) | difference | p (paired t-test) |", "|---|---:|---:|"]
-    lines += [f"| {k} | {c['diff']:+.4f} | {c['p_value']:.3g} |" for k, c in r["comparisons"].items()]
+    lines += ["", *comparison_rows(r["comparisons"])]
     s = r["stages"]
     lines += ["", "| stage (seconds) | project | plain script |", "|---|---:|---:|"]
     lines += [f"| {k} | {s['project'].get(k, 0.0):.1f} | {s['plain'].get(k, 0.0):.1f} |" for k in ("mine", "score", "labels", "train")]

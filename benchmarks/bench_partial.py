@@ -33,7 +33,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.bench_e2e import SEEDS, Split, dev_ndcg, row, train_project  # noqa: E402
+from benchmarks.bench_e2e import (  # noqa: E402
+    SEEDS, Split, comparison_rows, dev_grid_rows, dev_ndcg, mean_std, row, train_project, write_results,
+)
 
 GRID = (1e-4, 3e-4)
 
@@ -146,17 +148,7 @@ def main() -> None:
         "test": rankers,
         "comparisons": {f"{a} vs {b}": compare(a, b) for a, b in pairs},
     }
-    write_results(results, Path(args.results))
-
-
-def write_results(results: dict, out: Path) -> None:
-    from pipeline.artifacts import atomic_file, write_json
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(out.with_suffix(".json"), results)
-    with atomic_file(out.with_suffix(".md")) as tmp:
-        tmp.write_text(table(results))
-    print(table(results))
+    write_results(results, Path(args.results), table, plot=False)
 
 
 def table(r: dict) -> str:
@@ -170,17 +162,11 @@ def table(r: dict) -> str:
         f"{p['student_layers']}-layer students cut from `{p['student']}`, {p['epochs']:g} epoch, batch {p['batch_size']}. "
         f"Test: {m['test_queries']} queries, each reranking the retriever's true top-{p['rerank_top_k']}.",
         "",
-        "| side (dev nDCG@10, seed 12) | " + " | ".join(f"lr {x:g}" for x in m["grid"]) + " | chosen |",
-        "|---|" + "---:|" * (len(m["grid"]) + 1),
+        *dev_grid_rows(r, label="side (dev nDCG@10, seed 12)"),
     ]
-    for side, grid in r["dev_grid"].items():
-        lines.append(f"| {side} | " + " | ".join(f"{grid[f'{x:g}']:.4f}" for x in m["grid"]) + f" | {r['chosen_lr'][side]:g} |")
     lines += ["", f"Test, students mean ± std over {len(m['seeds'])} seeds:", "", "| model | nDCG@10 | MRR@10 |", "|---|---:|---:|"]
-    for name, x in r["test"].items():
-        sd = lambda k: f" ± {x[f'{k}_std']:.4f}" if len(x[f"{k}_seeds"]) > 1 else ""  # noqa: E731
-        lines.append(f"| {name} | {x['ndcg@10']:.4f}{sd('ndcg@10')} | {x['mrr@10']:.4f}{sd('mrr@10')} |")
-    lines += ["", "| comparison (nDCG@10, per query, averaged over seeds) | difference | p (paired t-test) |", "|---|---:|---:|"]
-    lines += [f"| {k} | {c['diff']:+.4f} | {c['p_value']:.3g} |" for k, c in r["comparisons"].items()]
+    lines += [f"| {name} | {mean_std(x, 'ndcg@10')} | {mean_std(x, 'mrr@10')} |" for name, x in r["test"].items()]
+    lines += ["", *comparison_rows(r["comparisons"])]
     return "\n".join(lines) + "\n"
 
 
