@@ -166,7 +166,8 @@ def _read_corpus(path: Path, known: dict | None = None) -> dict[str, tuple[str, 
     return out
 
 
-def _read_queries(path: Path, known: dict | None = None) -> dict[str, str]:
+def _read_queries(path: Path, known: dict | None = None, taken: dict | None = None) -> dict[str, str]:
+    """Queries of a JSONL file; with ``known``, every id must be one of it, with ``taken``, none may."""
     out: dict[str, str] = {}
     first_line: dict[str, int] = {}
     for lineno, row in _jsonl_rows(path):
@@ -177,6 +178,8 @@ def _read_queries(path: Path, known: dict | None = None) -> dict[str, str]:
             raise DataError(path, lineno, "_id", f"duplicate id '{qid}' (first on line {first_line[qid]})")
         if known is not None and qid not in known:
             raise DataError(path, lineno, "_id", f"id '{qid}' is not in the source-language queries")
+        if taken is not None and qid in taken:
+            raise DataError(path, lineno, "_id", f"id '{qid}' is already a query of the dataset")
         text = _field(path, lineno, row, "text").strip()
         if not text:
             raise DataError(path, lineno, "text", "empty text")
@@ -376,11 +379,7 @@ def with_unlabeled_queries(ds: Dataset, path: str | Path) -> tuple[Dataset, int]
     path = Path(path)
     if not path.is_file():
         raise DataError(path, None, None, "file not found (--unlabeled-queries)")
-    extra = _read_queries(path)
-    clash = next((q for q in extra if q in ds.queries), None)
-    if clash is not None:
-        line = next(n for n, row in _jsonl_rows(path) if str(row.get("_id", "")).strip() == clash)
-        raise DataError(path, line, "_id", f"id '{clash}' is already a query of the dataset")
+    extra = _read_queries(path, taken=ds.queries)
     return Dataset({**ds.queries, **extra}, ds.corpus, ds.qrels, ds.languages), len(extra)
 
 

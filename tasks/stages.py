@@ -72,11 +72,11 @@ class PrepareData(DataParams, Stage):
     def fp(self) -> str:
         # A missing file or folder fingerprints by its name: run() then stops on it with a one-line
         # error, where a failing complete() would print luigi's traceback.
-        extra = self.unlabeled_queries and (
-            data.dataset_hash(self.unlabeled_queries) if Path(self.unlabeled_queries).is_file() else self.unlabeled_queries
-        )
-        source = data.dataset_hash(self.dataset) if Path(self.dataset).exists() else self.dataset
-        return fingerprint("data", source, *([extra] if extra else []))
+        def content_or_name(path: str) -> str:
+            return data.dataset_hash(path) if Path(path).exists() else path
+
+        extra = [content_or_name(self.unlabeled_queries)] if self.unlabeled_queries else []
+        return fingerprint("data", content_or_name(self.dataset), *extra)
 
     def output(self):
         return luigi.LocalTarget(str(self.artifact()))
