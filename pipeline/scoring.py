@@ -47,6 +47,10 @@ SCORES_SCHEMA = pa.schema([("query_id", pa.string()), ("doc_id", pa.string()), (
 Progress = Callable[[int, int], None]
 
 
+# A folder holding an ensemble: its members' subfolders and this file, which names them.
+ENSEMBLE_FILE = "ensemble.json"
+
+
 @dataclass
 class TeacherSpec:
     """One or more teacher models and their ensemble weights."""
@@ -56,13 +60,30 @@ class TeacherSpec:
 
     @classmethod
     def parse(cls, teacher: str, weights: str = "") -> "TeacherSpec":
+        """``--teacher`` and ``--teacher-weights``; an ensemble folder (one with ``ensemble.json``)
+        stands for its members, each weighted by its own weight times the folder's."""
         refs = [t.strip() for t in teacher.split(",") if t.strip()]
         if not refs:
             raise PipelineError("--teacher is empty")
         ws = [float(w) for w in weights.split(",") if w.strip()] if weights else [1.0] * len(refs)
         if len(ws) != len(refs):
             raise PipelineError(f"--teacher-weights has {len(ws)} values for {len(refs)} teachers")
-        return cls(refs, ws)
+        members = [m for ref, w in zip(refs, ws) for m in ensemble_members(ref, w)]
+        return cls([r for r, _ in members], [w for _, w in members])
+
+
+def ensemble_members(ref: str, weight: float = 1.0) -> list[tuple[str, float]]:
+    """[(member ref with its kind prefix, weight)] of an ensemble folder; [(ref, weight)] otherwise."""
+    folder = Path(strip_kind(ref))
+    manifest = folder / ENSEMBLE_FILE
+    if not manifest.is_file():
+        return [(ref, weight)]
+    prefix = {"cross-encoder": "ce", "bi-encoder": "bi"}
+    try:
+        members = json.loads(manifest.read_text())["members"]
+        return [(f"{prefix[m['kind']]}:{folder / m['path']}", weight * float(m["weight"])) for m in members]
+    except (ValueError, KeyError, TypeError) as e:
+        raise PipelineError(f"{manifest}: not an ensemble manifest ({e!r}); expected members with path, kind and weight") from None
 
 
 def default_batch_tokens(device: str) -> int:

@@ -1,13 +1,18 @@
 """Teacher fine-tuning: train a teacher from a backbone on the judged training queries.
 
-Used when ``--teacher`` names no trained reranker. A cross-encoder teacher learns with
-BinaryCrossEntropyLoss on (query, positive, 1) and (query, mined negative, 0) rows, the standard
-recipe for training a reranker from judged pairs; a bi-encoder teacher with
-MultipleNegativesRankingLoss on (query, positive, hardest negative) triplets.
+Used when ``--teacher`` names no trained reranker. Three kinds:
+
+- ``cross-encoder``: a reranker trained with ``--teacher-loss`` (MultipleNegativesRankingLoss by
+  default: each query against its positive, its mined negatives and the batch's other passages).
+- ``bi-encoder``: MultipleNegativesRankingLoss on (query, positive, hardest negative) triplets.
+- ``ensemble``: the bi-encoder first, then a cross-encoder started from the bi-encoder's weights;
+  the teacher is their per-query z-normalised mix (``ensemble.json``), whose heavier member, the
+  cross-encoder, is a CrossEncoder folder of its own (``cross-encoder/``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import shutil
 from dataclasses import dataclass
@@ -16,10 +21,13 @@ from pathlib import Path
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from losses.factory import resolve_loss
+from pipeline.artifacts import atomic_dir, read_json, write_json
 from pipeline.config import model, run_only
 from pipeline.data import load_normalized
 from pipeline.errors import PipelineError
 from pipeline.labels import build_rows, to_dataset
+from pipeline.scoring import ENSEMBLE_FILE
 from pipeline.training import train_student
 
 
@@ -28,10 +36,15 @@ class TeacherConfig:
     """Settings of teacher fine-tuning (``FineTuneTeacher``)."""
 
     backbone: str = model()
-    kind: str = "cross-encoder"  # or "bi-encoder"
+    kind: str = "cross-encoder"  # or "bi-encoder", "ensemble"
+    loss: str = "MultipleNegativesRankingLoss"  # the cross-encoder's
+    head: str = "auto"  # the cross-encoder's, as for a student (cosine from a sentence-embedding start)
+    ensemble_weight: float = 0.5  # the cross-encoder's share of an ensemble (the bi-encoder has the rest)
     epochs: float = 1.0
-    batch_size: int = 32
-    learning_rate: float = 5e-5
+    batch_size: int = 16  # the cross-encoder's
+    learning_rate: float = 1e-4  # the cross-encoder's
+    bi_encoder_batch_size: int = 32
+    bi_encoder_learning_rate: float = 5e-5
     max_length: int = 256
     negatives: int = 3  # mined negatives per query (cross-encoder rows)
     max_queries: int = 0  # 0: every judged training query
@@ -40,28 +53,73 @@ class TeacherConfig:
     device: str = run_only("cpu", "the trainer's results agree across devices up to float rounding")
     trust_remote_code: bool = run_only(False, "permits a model's own code to load; the model is the same or does not load")
 
+    def for_kind(self) -> "TeacherConfig":
+        """This configuration with the settings its kind does not use at their defaults, so that
+        they do not enter its fingerprint (a bi-encoder teacher ignores the cross-encoder's loss)."""
+        unused = {
+            "bi-encoder": ("loss", "head", "ensemble_weight", "batch_size", "learning_rate", "negatives", "max_queries"),
+            "cross-encoder": ("ensemble_weight", "bi_encoder_batch_size", "bi_encoder_learning_rate"),
+        }.get(self.kind, ())
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        return dataclasses.replace(self, **{name: defaults[name] for name in unused})
+
+
+KINDS = ("cross-encoder", "bi-encoder", "ensemble")
+
 
 def fine_tune_teacher(data_dir: str | Path, mined_dir: str | Path, out_dir: str | Path, config: TeacherConfig) -> dict:
     """Stage entry: fine-tune a teacher of ``config.kind`` from ``config.backbone`` on the judged
     training queries; unjudged queries are what it labels afterwards."""
+    if config.kind not in KINDS:
+        raise PipelineError(f"teacher kind '{config.kind}': expected one of {', '.join(KINDS)}")
+    resolve_loss(config.loss)  # an unknown loss fails before any training
     if config.kind == "bi-encoder":
         return _bi_encoder_teacher(data_dir, mined_dir, out_dir, config)
-    if config.kind != "cross-encoder":
-        raise PipelineError(f"teacher kind '{config.kind}': expected cross-encoder or bi-encoder")
-    c = config
+    if config.kind == "cross-encoder":
+        return _cross_encoder_teacher(data_dir, mined_dir, out_dir, config, config.backbone)
+    if not 0 < config.ensemble_weight <= 1:
+        raise PipelineError(f"--teacher-ensemble-weight {config.ensemble_weight}: expected a share in (0, 1]")
+    # Each member is a finished folder of its own under <out>.parts, so a rerun after a crash
+    # keeps the bi-encoder and resumes the cross-encoder from its last checkpoint.
+    parts = Path(f"{out_dir}.parts")
+    bi, ce = parts / "bi-encoder", parts / "cross-encoder"
+    bi_stats = read_json(bi / "stats.json") if (bi / "stats.json").is_file() else _bi_encoder_teacher(data_dir, mined_dir, bi, config)
+    ce_stats = _cross_encoder_teacher(data_dir, mined_dir, ce, config, str(bi))
+    members = [
+        {"path": "cross-encoder", "kind": "cross-encoder", "weight": config.ensemble_weight},
+        {"path": "bi-encoder", "kind": "bi-encoder", "weight": round(1 - config.ensemble_weight, 6)},
+    ]
+    members = [m for m in members if m["weight"] > 0]
+    stats = {"kind": "ensemble", "members": members, "bi-encoder": bi_stats, "cross-encoder": ce_stats,
+             "seconds": round(bi_stats["seconds"] + ce_stats["seconds"], 2)}
+    with atomic_dir(out_dir) as tmp:
+        for m in members:
+            shutil.move(str(parts / m["path"]), str(tmp / m["path"]))
+        write_json(tmp / ENSEMBLE_FILE, {"normalisation": "z-score per query", "members": members})
+        write_json(tmp / "stats.json", stats)
+    shutil.rmtree(parts, ignore_errors=True)
+    return stats
+
+
+def _cross_encoder_teacher(data_dir: str | Path, mined_dir: str | Path, out_dir: str | Path, c: TeacherConfig, start: str) -> dict:
+    """A cross-encoder trained from ``start`` with ``c.loss`` on the judged queries' groups."""
     ds = load_normalized(data_dir)
     groups = pq.read_table(Path(mined_dir) / "groups.parquet")
     groups = groups.filter(pc.greater(pc.list_value_length(groups["positive_ids"]), 0))
     if c.max_queries and groups.num_rows > c.max_queries:
         keep = sorted(range(groups.num_rows), key=lambda i: hashlib.sha1(f"t{c.seed}:{i}".encode()).hexdigest())[: c.max_queries]
         groups = groups.take(sorted(keep))
-    cols, stats = build_rows("pair-binary", groups, None, ds.queries, ds.passage, num_negatives=c.negatives)
+    spec, _ = resolve_loss(c.loss)
+    if spec.needs_teacher:
+        raise PipelineError(f"--teacher-loss {c.loss}: the teacher learns from judgments; choose a loss that needs no teacher scores")
+    cols, stats = build_rows(spec.format, groups, None, ds.queries, ds.passage, num_negatives=c.negatives)
     return train_student(
         to_dataset(cols).shuffle(seed=c.seed),
-        "BinaryCrossEntropyLoss",
+        c.loss,
         out_dir,
-        student=c.backbone,
+        student=start,
         student_layers=0,
+        student_head=c.head,
         epochs=c.epochs,
         batch_size=c.batch_size,
         learning_rate=c.learning_rate,
@@ -71,7 +129,7 @@ def fine_tune_teacher(data_dir: str | Path, mined_dir: str | Path, out_dir: str 
         card={"model_name": f"Teacher reranker fine-tuned from {c.backbone}", "dataset": str(data_dir)},
         seed=c.seed,
         trust_remote_code=c.trust_remote_code,
-        extra_stats=stats,
+        extra_stats={**stats, "kind": "cross-encoder", "loss": c.loss},
     )
 
 
@@ -89,7 +147,6 @@ def _bi_encoder_teacher(data_dir: str | Path, mined_dir: str | Path, out_dir: st
     from sentence_transformers.losses import MultipleNegativesRankingLoss
     from transformers import set_seed
 
-    from pipeline.artifacts import atomic_dir, write_json
     from pipeline.models import load_bi_encoder
 
     set_seed(c.seed)
@@ -107,8 +164,8 @@ def _bi_encoder_teacher(data_dir: str | Path, mined_dir: str | Path, out_dir: st
     args = SentenceTransformerTrainingArguments(
         output_dir=str(work),
         num_train_epochs=c.epochs,
-        per_device_train_batch_size=c.batch_size,
-        learning_rate=c.learning_rate,
+        per_device_train_batch_size=c.bi_encoder_batch_size,
+        learning_rate=c.bi_encoder_learning_rate,
         warmup_ratio=0.1,
         bf16=c.precision == "bf16",
         use_cpu=not c.device.startswith("cuda"),

@@ -118,7 +118,7 @@ class MineHardNegatives(MineParams, Stage):
 
 
 class FineTuneTeacher(TeacherParams, Stage):
-    """A cross-encoder teacher fine-tuned on the judged train pairs (when --teacher names none)."""
+    """A teacher fine-tuned on the judged train pairs (when --teacher names none): --teacher-kind."""
 
     stage_dir = "teacher"
 
@@ -128,13 +128,15 @@ class FineTuneTeacher(TeacherParams, Stage):
     @functools.cached_property
     def config(self) -> teacher.TeacherConfig:
         return teacher.TeacherConfig(
-            backbone=self.teacher_backbone or self.embedder, kind=self.teacher_kind, epochs=self.teacher_epochs,
-            batch_size=self.teacher_batch_size, learning_rate=self.teacher_learning_rate,
+            backbone=self.teacher_backbone or self.embedder, kind=self.teacher_kind, loss=self.teacher_loss, head=self.teacher_head,
+            ensemble_weight=self.teacher_ensemble_weight, epochs=self.teacher_epochs, batch_size=self.teacher_batch_size,
+            learning_rate=self.teacher_learning_rate, bi_encoder_batch_size=self.teacher_bi_encoder_batch_size,
+            bi_encoder_learning_rate=self.teacher_bi_encoder_learning_rate,
             # A bi-encoder teacher embeds each text alone, at the embedder's length.
             max_length=self.max_length if self.teacher_kind == "bi-encoder" else self.teacher_max_length,
             negatives=self.teacher_negatives, precision=_train_precision(self.run_device, "auto"), seed=self.seed,
             device=self.run_device, trust_remote_code=self.trust_remote_code,
-        )
+        ).for_kind()
 
     @functools.cached_property
     def fp(self) -> str:
@@ -179,10 +181,10 @@ def _score_precision(task: TeacherParams) -> str:
 
 
 def _student_precision(task: TeacherParams) -> str:
-    """The precision students and the retriever are scored in: bf16 with 'auto' on CUDA only
-    (int8 quantizes the teacher alone)."""
+    """The precision students and the retriever are scored in: the teacher's, so that speed is
+    compared on one footing (int8 quantizes the teacher alone; the others then run in fp32)."""
     choice = "fp32" if task.score_precision == "int8" else task.score_precision
-    return _precision_name(resolve_precision(choice, task.run_device))
+    return _precision_name(resolve_precision(choice, task.run_device, cpu_bf16=True))
 
 
 def _score_config(task: TeacherParams) -> scoring.ScoreConfig:
@@ -344,7 +346,15 @@ class EvaluateStudent(EvalParams, Stage):
         if _needs_fine_tuned(self.teacher):
             # The student's loss may not need teacher scores, but the evaluation compares against the teacher.
             req["teacher"] = self.clone(FineTuneTeacher)
+        if self.label_only_loss:
+            req["label_only"] = self.label_only_student()
         return req
+
+    def label_only_student(self) -> FitStudent:
+        """The same student trained on the judgments alone (--label-only-loss), the baseline distillation must beat."""
+        if resolve_loss(self.label_only_loss)[0].needs_teacher:
+            raise PipelineError(f"--label-only-loss {self.label_only_loss}: this loss needs teacher scores; choose a label-only one")
+        return self.clone(FitStudent, loss=self.label_only_loss, learning_rate=self.label_only_learning_rate, loss_kwargs="")
 
     @functools.cached_property
     def config(self) -> evaluation.EvalConfig:
@@ -355,16 +365,20 @@ class EvaluateStudent(EvalParams, Stage):
 
     @functools.cached_property
     def fp(self) -> str:
-        return config_fingerprint(self.config, self.identity, self.requires()["student"].fp)
+        students = [self.requires()["student"].fp] + ([self.requires()["label_only"].fp] if self.label_only_loss else [])
+        return config_fingerprint(self.config, self.identity, *students)
 
     def output(self):
         return luigi.LocalTarget(str(self.artifact() / "metrics.json"))
 
     def run(self):
         stages = _upstream_stats(self, BuildLabels, {"FitStudent": FitStudent})
+        if self.label_only_loss:
+            stages["FitStudent (label-only)"] = self.label_only_student().stats()
+        i = self.input()
         evaluation.evaluate_student(
-            self.input()["data"].path, self.input()["mined"].path, self.input()["student"].path, self.artifact(),
-            self.config, _run_info(self, stages),
+            i["data"].path, i["mined"].path, i["student"].path, self.artifact(), self.config, _run_info(self, stages),
+            label_only_dir=i["label_only"].path if self.label_only_loss else None,
         )
 
 

@@ -27,7 +27,9 @@ ENTRY_POINTS = {
         ["data_dir", "mined_dir", "scores_path", "out_dir", "config"], multilingual.MultilingualLabelConfig
     ),
     training.fit_student_once: (["data_dir", "mined_dir", "labels_dir", "out_dir", "config"], training.FitConfig),
-    evaluation.evaluate_student: (["data_dir", "mined_dir", "student_dir", "out_dir", "config", "run"], evaluation.EvalConfig),
+    evaluation.evaluate_student: (
+        ["data_dir", "mined_dir", "student_dir", "out_dir", "config", "run", "label_only_dir"], evaluation.EvalConfig
+    ),
     multilingual.evaluate_languages: (
         ["data_dir", "mined_dir", "student_dir", "source_only_dir", "out_dir", "config", "run"], multilingual.MultilingualEvalConfig
     ),
@@ -108,7 +110,8 @@ with warnings.catch_warnings(record=True) as caught:
     entries = {c.__name__: c() for c in (tasks.TrainStudent, tasks.TrainMultilingualStudent, tasks.RetrainStudent)}
 print(json.dumps({
     "warnings": [str(w.message) for w in caught if w.category.__name__ == "UnconsumedParameterWarning"],
-    "entries": {n: [t.dataset, t.embedder, t.max_train_queries, t.num_negatives, t.output_dir] for n, t in entries.items()},
+    "entries": {n: [t.dataset, t.embedder, t.teacher_kind, t.student_layers, t.max_train_queries, t.output_dir]
+                for n, t in entries.items()},
 }))
 """
 
@@ -132,4 +135,21 @@ def test_luigi_cfg_shares_the_demo_settings_without_warnings(central):
     assert got["warnings"] == []
     dirs = {name: entry.pop() for name, entry in got["entries"].items()}
     assert dirs == {"TrainStudent": "runs/demo", "TrainMultilingualStudent": "runs/demo-multilingual", "RetrainStudent": "runs/retrain"}
-    assert all(entry == ["data/debian-descriptions", "models/all-MiniLM-L6-v2", 600, 3] for entry in got["entries"].values())
+    # [DEFAULT]'s settings reach every entry task; a section overrides only what it names.
+    shared = ["models/all-MiniLM-L6-v2", "ensemble", 2]
+    assert got["entries"]["TrainStudent"] == ["data/debian-partly-judged", *shared, 0]
+    assert got["entries"]["RetrainStudent"] == ["data/debian-partly-judged", *shared, 0]
+    assert got["entries"]["TrainMultilingualStudent"] == ["data/debian-descriptions", *shared, 600]
+
+
+def test_a_teacher_fingerprint_ignores_the_settings_its_kind_does_not_use():
+    identity = lambda ref: ref  # noqa: E731
+    fp = lambda **kw: config_fingerprint(teacher.TeacherConfig(backbone="m", **kw).for_kind(), identity, "up")  # noqa: E731
+    # A bi-encoder teacher does not read the cross-encoder's loss or rate; a cross-encoder does.
+    assert fp(kind="bi-encoder", loss="BinaryCrossEntropyLoss") == fp(kind="bi-encoder")
+    assert fp(kind="bi-encoder", bi_encoder_learning_rate=1e-3) != fp(kind="bi-encoder")
+    assert fp(kind="cross-encoder", loss="BinaryCrossEntropyLoss") != fp(kind="cross-encoder")
+    assert fp(kind="cross-encoder", ensemble_weight=0.3) == fp(kind="cross-encoder")
+    # An ensemble uses every setting.
+    assert fp(kind="ensemble", ensemble_weight=0.3) != fp(kind="ensemble")
+    assert fp(kind="ensemble", bi_encoder_learning_rate=1e-3) != fp(kind="ensemble")
