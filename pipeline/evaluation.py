@@ -21,7 +21,14 @@ from pipeline.config import model, run_only
 
 METRIC_NAMES = {"nDCG@10": "ndcg@10", "RR@10": "mrr@10", "AP": "map"}
 # Which rankers each evaluation compares, (a, b): does a beat b?
-COMPARISONS = (("teacher", "retriever"), ("student", "retriever"), ("student", "teacher"), ("student", "student_untrained"))
+COMPARISONS = (
+    ("teacher", "retriever"),
+    ("student", "retriever"),
+    ("student", "teacher"),
+    ("student", "student_untrained"),
+    ("student", "student_label_only"),
+    ("student_label_only", "retriever"),
+)
 
 
 def per_query_metrics(
@@ -141,6 +148,13 @@ def verdict(test: dict[str, dict[str, float]], significance: dict[str, dict] | N
     if "student" in test and "student_untrained" in test:
         gain = test["student"]["ndcg@10"] - test["student_untrained"]["ndcg@10"]
         lines.append(f"Training moved the student {gain:+.4f} nDCG@10 from its untrained start{p_of('student', 'student_untrained')}.")
+    if "student" in test and "student_label_only" in test:
+        gain = test["student"]["ndcg@10"] - test["student_label_only"]["ndcg@10"]
+        better = gain > 0 and significance.get("student vs student_label_only", {}).get("p_value", 1.0) < 0.05
+        lines.append(
+            f"Distillation {'adds' if better else 'does NOT significantly add'} {gain:+.4f} nDCG@10 over the same student trained "
+            f"on the judgments alone{p_of('student', 'student_label_only')}."
+        )
     if "student" in test and "teacher" in test and test["teacher"]["ndcg@10"] > 0:
         q = test["student"]["ndcg@10"] / test["teacher"]["ndcg@10"]
         line = f"The student keeps {q:.1%} of the teacher's nDCG@10{p_of('student', 'teacher')}"
@@ -171,8 +185,9 @@ class EvalConfig:
     baseline_cache: str = run_only("", "scores that do not depend on the student's training, keyed by everything they do")
 
 
-def evaluate_student(data_dir, mined_dir, student_dir, out_dir, config: EvalConfig, run: dict) -> dict:
-    """Stage entry: test metrics of retriever, teacher, untrained and trained student; metrics.json,
+def evaluate_student(data_dir, mined_dir, student_dir, out_dir, config: EvalConfig, run: dict, label_only_dir=None) -> dict:
+    """Stage entry: test metrics of retriever, teacher, untrained and trained student, and of a
+    student trained on the judgments alone (``label_only_dir``, when given); metrics.json,
     report.md and plots in ``out_dir``.
 
     ``run`` holds what the report shows beside the metrics: ``params`` (the run's settings and
@@ -218,6 +233,9 @@ def evaluate_student(data_dir, mined_dir, student_dir, out_dir, config: EvalConf
         _store_baselines(c.baseline_cache, rankers)
     trained = CrossEncoderScorer(load_cross_encoder(str(student_dir), c.device, c.max_length), c.device, dtype)
     rankers["student"] = timed_scores(lambda: trained.score(pairs, desc="student"))
+    if label_only_dir:
+        label_only = CrossEncoderScorer(load_cross_encoder(str(label_only_dir), c.device, c.max_length), c.device, dtype)
+        rankers["student_label_only"] = timed_scores(lambda: label_only.score(pairs, desc="label-only student"))
 
     test, significance, per_query = evaluate_rankers(qids, dids, qrels, rankers)
     lines = verdict(test, significance)

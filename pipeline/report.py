@@ -8,7 +8,7 @@ import numpy as np
 
 from pipeline.artifacts import atomic_file
 
-ROW_ORDER = ["retriever", "teacher", "student_untrained", "student_source_only", "student"]
+ROW_ORDER = ["retriever", "teacher", "student_untrained", "student_label_only", "student_source_only", "student"]
 
 
 def metrics_table(test: dict[str, dict[str, float]]) -> str:

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import luigi
 import pytest
+import torch
 
 import tasks
 from pipeline.data import prepare_data
@@ -24,14 +26,14 @@ def _build(task) -> bool:
 def finished_run(small_beir, tiny_models, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     t0 = time.perf_counter()
-    assert _build(tasks.TrainStudent(**_params(small_beir, tiny_models, out)))
+    assert _build(tasks.TrainStudent(**_params(small_beir, tiny_models, out, label_only_loss="BinaryCrossEntropyLoss")))
     return out, time.perf_counter() - t0
 
 
 def test_whole_dag_publishes_student_metrics_and_report(finished_run):
     out, _ = finished_run
     metrics = json.loads((out / "metrics.json").read_text())
-    for name in ("retriever", "teacher", "student", "student_untrained"):
+    for name in ("retriever", "teacher", "student", "student_untrained", "student_label_only"):
         m = metrics["test"][name]
         assert set(m) >= {"ndcg@10", "mrr@10", "map", "pairs_per_second", "ms_per_query"}
         assert 0.0 <= m["ndcg@10"] <= 1.0 and m["pairs_per_second"] > 0 and m["ms_per_query"] > 0
@@ -42,8 +44,13 @@ def test_whole_dag_publishes_student_metrics_and_report(finished_run):
     for stage in ("PrepareData", "MineHardNegatives", "ScoreWithTeacher", "BuildLabels", "FitStudent"):
         assert stage in metrics["timings"] and "seconds" in metrics["stages"][stage]
     assert metrics["params"]["loss"] == "PackedMarginMSELoss"
+    # The label-only baseline: the same student trained with BCE on the judged pairs alone.
+    baseline = metrics["stages"]["FitStudent (label-only)"]
+    assert baseline["loss"] == "BinaryCrossEntropyLoss" and baseline["rows"] != metrics["stages"]["FitStudent"]["rows"]
+    assert {"student vs student_label_only", "student_label_only vs retriever"} <= set(metrics["significance"])
+    assert any("judgments alone" in line for line in metrics["verdict"])
     report = (out / "report.md").read_text()
-    assert "| retriever |" in report and "| student |" in report
+    assert "| retriever |" in report and "| student |" in report and "| student_label_only |" in report
     assert (out / "teacher_vs_student.png").stat().st_size > 1000
 
 
@@ -124,6 +131,75 @@ def test_fine_tuned_teacher_path(small_beir, tiny_models, tmp_path):
 
     _, meta = read_scores(task.output().path)
     assert meta["teacher"][0]["model"] == str(teacher_dir)
+
+
+def test_label_only_baseline_needs_a_label_only_loss(small_beir, tiny_models, tmp_path):
+    from pipeline.errors import PipelineError
+
+    p = _params(small_beir, tiny_models, tmp_path, label_only_loss="MarginMSELoss")
+    ev = tasks.EvaluateStudent(**{k: v for k, v in p.items() if k in tasks.EvaluateStudent.get_param_names()})
+    with pytest.raises(PipelineError, match="needs teacher scores"):
+        ev.requires()
+
+
+def test_ensemble_teacher_is_two_fine_tuned_members_and_scores_as_their_mix(small_beir, tiny_models, tmp_path):
+    """--teacher-kind ensemble: a bi-encoder, then a cross-encoder started from it; the scores are
+    the weighted sum of each member's per-query z-scores, recomputed here from the saved members."""
+    import numpy as np
+    from sentence_transformers import SentenceTransformer
+
+    from pipeline.models import load_cross_encoder
+    from pipeline.scoring import read_scores
+
+    p = _params(small_beir, tiny_models, tmp_path, teacher="", teacher_kind="ensemble", teacher_backbone=tiny_models["embedder"],
+                teacher_epochs=0.5, teacher_ensemble_weight=0.7, score_precision="fp32", max_train_queries=12)
+    task = tasks.ScoreWithTeacher(**{k: v for k, v in p.items() if k in tasks.ScoreWithTeacher.get_param_names()})
+    assert _build(task)
+    folder = task.clone(tasks.FineTuneTeacher).artifact()
+    manifest = json.loads((folder / "ensemble.json").read_text())
+    assert [(m["path"], m["kind"], m["weight"]) for m in manifest["members"]] == [
+        ("cross-encoder", "cross-encoder", 0.7), ("bi-encoder", "bi-encoder", 0.3)]
+    stats = json.loads((folder / "stats.json").read_text())
+    assert stats["cross-encoder"]["loss"] == "MultipleNegativesRankingLoss" and stats["bi-encoder"]["kind"] == "bi-encoder"
+    assert not Path(f"{folder}.parts").exists()
+
+    table, meta = read_scores(task.output().path)
+    assert [m["kind"] for m in meta["teacher"]] == ["cross-encoder", "bi-encoder"]
+    t = table.to_pydict()
+    ds = __import__("pipeline.data", fromlist=["x"]).load_normalized(task.clone(tasks.PrepareData).artifact())
+    pairs = [(ds.queries[q], ds.passage(d)) for q, d in zip(t["query_id"], t["doc_id"])]
+    ce = load_cross_encoder(str(folder / "cross-encoder"), "cpu", 64)
+    ce_raw = ce.predict(pairs, activation_fn=torch.nn.Identity(), batch_size=8)
+    bi = SentenceTransformer(str(folder / "bi-encoder"), device="cpu")
+    bi.max_seq_length = 64
+    q = bi.encode([a for a, _ in pairs], normalize_embeddings=True, prompt_name=None)
+    d = bi.encode([b for _, b in pairs], normalize_embeddings=True, prompt_name=None)
+    bi_raw = (q * d).sum(1)
+
+    def z(x):
+        out = np.empty(len(x))
+        for qid in set(t["query_id"]):
+            i = [k for k, v in enumerate(t["query_id"]) if v == qid]
+            out[i] = (x[i] - x[i].mean()) / (x[i].std() or 1.0)
+        return out
+
+    np.testing.assert_allclose(t["score"], 0.7 * z(np.asarray(ce_raw, np.float64)) + 0.3 * z(bi_raw.astype(np.float64)), atol=2e-3)
+
+
+def test_an_ensemble_folder_stands_for_its_weighted_members(tmp_path):
+    from pipeline.errors import PipelineError
+    from pipeline.scoring import TeacherSpec
+
+    folder = tmp_path / "teacher"
+    folder.mkdir()
+    (folder / "ensemble.json").write_text(json.dumps({"members": [
+        {"path": "cross-encoder", "kind": "cross-encoder", "weight": 0.6}, {"path": "bi-encoder", "kind": "bi-encoder", "weight": 0.4}]}))
+    spec = TeacherSpec.parse(f"other/model,{folder}", "1,2")
+    assert spec.refs == ["other/model", f"ce:{folder / 'cross-encoder'}", f"bi:{folder / 'bi-encoder'}"]
+    assert spec.weights == pytest.approx([1.0, 1.2, 0.8])
+    (folder / "ensemble.json").write_text(json.dumps({"members": [{"path": "x"}]}))
+    with pytest.raises(PipelineError, match="ensemble.json: not an ensemble manifest"):
+        TeacherSpec.parse(str(folder))
 
 
 def test_bad_dataset_fails_before_any_model_loads(tiny_models, tmp_path):
