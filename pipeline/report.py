@@ -161,10 +161,12 @@ def write_report(path: str | Path, metrics: dict, verdict: list[str], plots: dic
 def _test_section(metrics: dict, verdict: list[str], plots: dict[str, str]) -> list[str]:
     p = metrics["params"]
     missed = metrics.get("test_queries", 0) - metrics.get("test_queries_with_positive_in_top_k", 0)
+    members = metrics.get("stages", {}).get("FineTuneTeacher", {}).get("members")
+    ensemble = (" (fine-tuned ensemble: " + ", ".join(f"{m['kind']} {m['weight']:g}" for m in members) + ")") if members else ""
     parts = [
         "# Distillation report",
         "",
-        f"Dataset `{p['dataset']}`; teacher `{p.get('teacher_resolved') or p['teacher']}`; student `{p['student']}` "
+        f"Dataset `{p['dataset']}`; teacher `{p.get('teacher_resolved') or p['teacher']}`{ensemble}; student `{p['student']}` "
         f"(first {p['student_layers']} layers); loss `{p['loss']}`.",
         "",
         "## Test split: reranking the retriever's top candidates",
