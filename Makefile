@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install run run-multilingual scheduler worker test clean bench bench-losses bench-score bench-mine bench-e2e bench-partial bench-retrain
+.PHONY: install run run-multilingual scheduler worker test clean bench bench-losses bench-score bench-mine bench-e2e bench-partial bench-unseen bench-teacher bench-retrain
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -66,8 +66,17 @@ bench-retrain: install
 bench-e2e: install
 	$(PY) benchmarks/bench_e2e.py --dataset $(DATASET)
 
-# Judgments for 600 training queries, the teacher's labels for the rest.
+# Judgments for 600 training queries, the teacher's labels for the rest (the demo's data).
 bench-partial: install
-	$(PY) benchmarks/bench_partial.py --dataset $(DATASET)
+	$(PY) benchmarks/bench_partial.py --dataset data/debian-partly-judged --judged 0 --output-dir $(OUT)
 
-bench: bench-score bench-mine bench-e2e bench-partial bench-losses
+# Teacher recipes and students of the best one, on dev (after make run; reuses its stages).
+bench-teacher: install
+	$(PY) benchmarks/bench_teacher.py --output-dir $(OUT)
+
+# The same comparison on manual pages the project was never tuned on, with default settings.
+bench-unseen: install
+	$(PY) benchmarks/bench_partial.py --dataset data/manpages --judged 350 --defaults --work runs/bench-unseen \
+		--results benchmarks/results/unseen
+
+bench: bench-score bench-mine bench-e2e bench-partial bench-unseen bench-losses

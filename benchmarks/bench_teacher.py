@@ -1,0 +1,155 @@
+"""Teacher recipes on dev: which fine-tuned teacher, and which student of it, the demo should use.
+
+On the demo's partly judged data (600 judged training queries), starting from the bi-encoder the
+demo's ensemble teacher fine-tunes first, this trains 6-layer cross-encoders by several recipes
+(head, loss, learning rate), scores each alone and mixed with the bi-encoder at several shares on
+the dev split's true top-20, then distils 2-layer students from the best mix and scores them on
+dev too. One seed: it chooses settings; the test figures with seeds are ``make bench-partial``'s.
+
+    make bench-teacher    # after make run (it reuses the demo's stages)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.bench_e2e import Split  # noqa: E402
+
+# name -> (head, loss, learning rate)
+RECIPES = {
+    "cosine head, MNRL, lr 1e-4": ("cosine", "MultipleNegativesRankingLoss", 1e-4),
+    "cosine head, BCE, lr 5e-5": ("cosine", "BinaryCrossEntropyLoss", 5e-5),
+    "mean head, MNRL, lr 1e-4": ("mean", "MultipleNegativesRankingLoss", 1e-4),
+}
+SHARES = (0.3, 0.5, 0.7)
+# name -> (backbone: "minilm" or "teacher", layers, head)
+STUDENTS = {
+    "all-MiniLM-L6-v2's first 2 layers, cosine head": ("minilm", 2, "cosine"),
+    "all-MiniLM-L6-v2's first 2 layers, mean head": ("minilm", 2, "mean"),
+    "the teacher's cross-encoder's first 2 layers": ("teacher", 2, "auto"),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--output-dir", default="runs/demo", help="the demo run whose stages are reused")
+    ap.add_argument("--work", default="runs/bench-teacher")
+    ap.add_argument("--results", default="benchmarks/results/teacher")
+    args = ap.parse_args()
+
+    import luigi
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+    import torch
+
+    import tasks
+    from benchmarks.bench_e2e import write_results
+    from pipeline.data import load_normalized
+    from pipeline.evaluation import timed_scores
+    from pipeline.labels import build_rows, to_dataset
+    from pipeline.models import cut_student, load_bi_encoder, load_cross_encoder
+    from pipeline.scoring import BiEncoderScorer, CrossEncoderScorer, zscore_per_query
+    from pipeline.teacher import _cross_encoder_teacher
+    from pipeline.training import train_student
+
+    entry = tasks.TrainStudent(output_dir=args.output_dir)
+    ft = entry.clone(tasks.FineTuneTeacher)
+    if not luigi.build([ft], local_scheduler=True, workers=1, log_level="WARNING"):
+        raise SystemExit("the pipeline failed (see the log above)")
+    data, mined = entry.clone(tasks.PrepareData).artifact(), entry.clone(tasks.MineHardNegatives).artifact()
+    bi_dir = ft.artifact() / "bi-encoder"
+    ds = load_normalized(data)
+    dev = Split(ds, mined, "dev")
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    length = ft.config.max_length
+    bf16 = torch.bfloat16
+
+    def ndcg(scores) -> float:
+        return float(dev.per_query(scores)["ndcg@10"].mean())
+
+    def ce_scores(folder: Path, pairs) -> tuple[np.ndarray, float]:
+        scorer = CrossEncoderScorer(load_cross_encoder(str(folder), "cpu", length), "cpu", bf16)
+        return timed_scores(lambda: scorer.score(pairs, desc=folder.name))
+
+    bi_scorer = BiEncoderScorer(load_bi_encoder(str(bi_dir), "cpu", length), "cpu", bf16)
+    bi_dev, bi_seconds = timed_scores(lambda: bi_scorer.score(dev.pairs))
+    teachers = {"retriever's order": {"ndcg@10": ndcg(np.asarray(dev.retrieval, np.float32))},
+                "bi-encoder, fine-tuned": {"ndcg@10": ndcg(bi_dev), "pairs_per_second": len(dev.pairs) / bi_seconds}}
+    untrained = work / "ce-untrained"
+    if not (untrained / "config.json").exists():
+        cut_student(str(bi_dir), 0, "cpu", length, head="cosine").save_pretrained(str(untrained))
+    s, seconds = ce_scores(untrained, dev.pairs)
+    teachers["cross-encoder, untrained"] = {"ndcg@10": ndcg(s), "pairs_per_second": len(dev.pairs) / seconds}
+    mixes, ce_dev = {}, {}
+    for name, (head, loss, lr) in RECIPES.items():
+        out = work / f"ce-{head}-{loss}-{lr:g}"
+        if not (out / "stats.json").exists():
+            config = dataclasses.replace(ft.config, kind="cross-encoder", loss=loss, learning_rate=lr, head=head)
+            _cross_encoder_teacher(data, mined, out, config, str(bi_dir))
+        ce_dev[name], _ = ce_scores(out, dev.pairs)
+        teachers[f"cross-encoder, {name}"] = {"ndcg@10": ndcg(ce_dev[name])}
+        mixes[name] = {f"{w:g}": ndcg(w * zscore_per_query(ce_dev[name], dev.qids) + (1 - w) * zscore_per_query(bi_dev, dev.qids))
+                       for w in SHARES}
+        print(f"[dev] {name}: alone {teachers[f'cross-encoder, {name}']['ndcg@10']:.4f}, mixed {mixes[name]}", flush=True)
+
+    best, share = max(((n, w) for n in mixes for w in SHARES), key=lambda nw: mixes[nw[0]][f"{nw[1]:g}"])
+    head, loss, lr = RECIPES[best]
+    best_dir = work / f"ce-{head}-{loss}-{lr:g}"
+    groups = pq.read_table(mined / "groups.parquet")
+    g = groups.to_pydict()
+    keys = [(q, d) for q, pos, neg in zip(g["query_id"], g["positive_ids"], g["negative_ids"]) for d in list(pos) + list(neg)]
+    texts = [(ds.queries[q], ds.passage(d)) for q, d in keys]
+    qids = [q for q, _ in keys]
+    mix = share * zscore_per_query(ce_scores(best_dir, texts)[0], qids) + (1 - share) * zscore_per_query(bi_scorer.score(texts), qids)
+    cols, _ = build_rows("ntuple-margin", groups, dict(zip(keys, mix.tolist())), ds.queries, ds.passage, num_negatives=3)
+    rows = to_dataset(cols)
+    judged = int(pc.sum(pc.greater(pc.list_value_length(groups["positive_ids"]), 0)).as_py())
+    students = {}
+    for name, (backbone, layers, head) in STUDENTS.items():
+        out = work / f"student-{backbone}-{layers}-{head}"
+        if not (out / "config.json").exists():
+            init = str(best_dir) if backbone == "teacher" else entry.student
+            t0 = time.perf_counter()
+            train_student(rows.shuffle(seed=12), "PackedMarginMSELoss", out, student=init, student_layers=layers, student_head=head,
+                          epochs=1, batch_size=16, learning_rate=entry.learning_rate, max_length=entry.max_length, seed=12)
+            print(f"{name}: trained in {time.perf_counter() - t0:.0f} s", flush=True)
+        s, seconds = ce_scores(out, dev.pairs)
+        students[name] = {"ndcg@10": ndcg(s), "pairs_per_second": len(dev.pairs) / seconds}
+        print(f"[dev] student {name}: {students[name]['ndcg@10']:.4f}", flush=True)
+
+    results = {"meta": {"output_dir": args.output_dir, "dev_queries": len(dev.queries), "dev_pairs": len(dev.pairs),
+                        "judged_train_queries": judged, "train_rows": len(rows), "chosen": {"recipe": best, "share": share},
+                        "command": " ".join(sys.argv)},
+               "teachers": teachers, "mixes": mixes, "students": students}
+    write_results(results, Path(args.results), table, plot=False)
+
+
+def table(r: dict) -> str:
+    m = r["meta"]
+    lines = [f"Dev split of `{m['output_dir']}`'s data: {m['dev_queries']} queries, {m['dev_pairs']} pairs (true top-20), seed 12, "
+             f"teachers trained on {m['judged_train_queries']} judged queries.", "",
+             "| teacher | dev nDCG@10 | pairs/s (bf16) |", "|---|---:|---:|"]
+    for name, x in r["teachers"].items():
+        pps = f"{x['pairs_per_second']:.0f}" if "pairs_per_second" in x else ""
+        lines.append(f"| {name} | {x['ndcg@10']:.4f} | {pps} |")
+    lines += ["", "| mixed with the bi-encoder, cross-encoder share | " + " | ".join(f"{w:g}" for w in SHARES) + " |",
+              "|---|" + "---:|" * len(SHARES)]
+    lines += [f"| {n} | " + " | ".join(f"{v[f'{w:g}']:.4f}" for w in SHARES) + " |" for n, v in r["mixes"].items()]
+    lines += ["", f"Students distilled from the chosen mix ({m['chosen']['recipe']}, share {m['chosen']['share']:g}) "
+              f"on {m['train_rows']} training queries:", "", "| student | dev nDCG@10 | pairs/s (bf16) |", "|---|---:|---:|"]
+    lines += [f"| {n} | {x['ndcg@10']:.4f} | {x['pairs_per_second']:.0f} |" for n, x in r["students"].items()]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
