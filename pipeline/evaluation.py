@@ -246,6 +246,7 @@ def evaluate_student(data_dir, mined_dir, student_dir, out_dir, config: EvalConf
         "test_queries": len(set(qids)),
         "test_queries_with_positive_in_top_k": _queries_with_positive(qids, dids, qrels),
         "test_pairs": len(pairs),
+        "precision": {"students": c.precision, "teacher": c.teacher_precision},
         "verdict": lines,
         "params": run["params"],
         "stages": run["stages"],

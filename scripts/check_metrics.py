@@ -40,6 +40,7 @@ def read_beir(folder: Path) -> tuple[dict[str, str], dict[str, str], list[tuple[
 def independent_metrics(run: Path, device: str = "cpu") -> dict:
     """nDCG@10 of the retriever's true top-k and of the run's student reranking it."""
     import ir_measures
+    import torch
     from ir_measures import nDCG
     from sentence_transformers import CrossEncoder, SentenceTransformer
 
@@ -62,6 +63,9 @@ def independent_metrics(run: Path, device: str = "cpu") -> dict:
     retriever_run = [ir_measures.ScoredDoc(q, doc_ids[j], float(sims[i, j])) for i, (q, js) in enumerate(top.items()) for j in js]
 
     student = CrossEncoder(str(run / "student"), device=device, max_length=int(p["max_length"]), trust_remote_code=True)
+    # Scored as the run scored it: in bf16 where the CPU multiplies bf16 natively, else fp32.
+    if metrics.get("precision", {}).get("students") == "bf16":
+        student.to(torch.bfloat16)
     pairs = [(queries[q], corpus[doc_ids[j]]) for q, js in top.items() for j in js]
     scores = student.predict(pairs, batch_size=64, show_progress_bar=False)
     student_run = [ir_measures.ScoredDoc(q, doc_ids[j], float(s))

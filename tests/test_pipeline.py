@@ -22,11 +22,15 @@ def _build(task) -> bool:
     return luigi.build([task], local_scheduler=True, workers=1, log_level="WARNING")
 
 
+# The whole-DAG run's settings beyond dag_params: a label-only student beside the distilled one.
+FINISHED = {"label_only_loss": "BinaryCrossEntropyLoss"}
+
+
 @pytest.fixture(scope="module")
 def finished_run(small_beir, tiny_models, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     t0 = time.perf_counter()
-    assert _build(tasks.TrainStudent(**_params(small_beir, tiny_models, out, label_only_loss="BinaryCrossEntropyLoss")))
+    assert _build(tasks.TrainStudent(**_params(small_beir, tiny_models, out, **FINISHED)))
     return out, time.perf_counter() - t0
 
 
@@ -99,7 +103,7 @@ def test_teacher_scores_carry_identity_metadata(finished_run, tiny_models):
 
 def test_unchanged_rerun_does_nothing(finished_run, small_beir, tiny_models):
     out, _ = finished_run
-    task = tasks.TrainStudent(**_params(small_beir, tiny_models, out))
+    task = tasks.TrainStudent(**_params(small_beir, tiny_models, out, **FINISHED))
     assert task.complete()
     stamp = (out / "metrics.json").resolve().stat().st_mtime_ns
     assert _build(task)
@@ -108,8 +112,8 @@ def test_unchanged_rerun_does_nothing(finished_run, small_beir, tiny_models):
 
 def test_changed_setting_gets_new_artifacts(finished_run, small_beir, tiny_models):
     out, _ = finished_run
-    base = tasks.TrainStudent(**_params(small_beir, tiny_models, out))
-    changed = tasks.TrainStudent(**_params(small_beir, tiny_models, out, num_negatives=2))
+    base = tasks.TrainStudent(**_params(small_beir, tiny_models, out, **FINISHED))
+    changed = tasks.TrainStudent(**_params(small_beir, tiny_models, out, num_negatives=2, **FINISHED))
     assert not changed.complete()
     mine = lambda t: t.clone(tasks.MineHardNegatives)
     assert mine(base).fp != mine(changed).fp
