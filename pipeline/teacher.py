@@ -72,7 +72,9 @@ def fine_tune_teacher(data_dir: str | Path, mined_dir: str | Path, out_dir: str 
     training queries; unjudged queries are what it labels afterwards."""
     if config.kind not in KINDS:
         raise PipelineError(f"teacher kind '{config.kind}': expected one of {', '.join(KINDS)}")
-    resolve_loss(config.loss)  # an unknown loss fails before any training
+    # An unknown or teacher-scored loss fails before any member trains.
+    if config.kind != "bi-encoder" and resolve_loss(config.loss)[0].needs_teacher:
+        raise PipelineError(f"--teacher-loss {config.loss}: the teacher learns from judgments; choose a loss that needs no teacher scores")
     if config.kind == "bi-encoder":
         return _bi_encoder_teacher(data_dir, mined_dir, out_dir, config)
     if config.kind == "cross-encoder":
@@ -109,10 +111,7 @@ def _cross_encoder_teacher(data_dir: str | Path, mined_dir: str | Path, out_dir:
     if c.max_queries and groups.num_rows > c.max_queries:
         keep = sorted(range(groups.num_rows), key=lambda i: hashlib.sha1(f"t{c.seed}:{i}".encode()).hexdigest())[: c.max_queries]
         groups = groups.take(sorted(keep))
-    spec, _ = resolve_loss(c.loss)
-    if spec.needs_teacher:
-        raise PipelineError(f"--teacher-loss {c.loss}: the teacher learns from judgments; choose a loss that needs no teacher scores")
-    cols, stats = build_rows(spec.format, groups, None, ds.queries, ds.passage, num_negatives=c.negatives)
+    cols, stats = build_rows(resolve_loss(c.loss)[0].format, groups, None, ds.queries, ds.passage, num_negatives=c.negatives)
     return train_student(
         to_dataset(cols).shuffle(seed=c.seed),
         c.loss,
@@ -129,7 +128,7 @@ def _cross_encoder_teacher(data_dir: str | Path, mined_dir: str | Path, out_dir:
         card={"model_name": f"Teacher reranker fine-tuned from {c.backbone}", "dataset": str(data_dir)},
         seed=c.seed,
         trust_remote_code=c.trust_remote_code,
-        extra_stats={**stats, "kind": "cross-encoder", "loss": c.loss},
+        extra_stats={**stats, "kind": "cross-encoder"},
     )
 
 

@@ -367,8 +367,8 @@ class EvaluateStudent(EvalParams, Stage):
 
     @functools.cached_property
     def fp(self) -> str:
-        students = [self.requires()["student"].fp] + ([self.requires()["label_only"].fp] if self.label_only_loss else [])
-        return config_fingerprint(self.config, self.identity, *students)
+        req = self.requires()
+        return config_fingerprint(self.config, self.identity, *(req[k].fp for k in ("student", "label_only") if k in req))
 
     def output(self):
         return luigi.LocalTarget(str(self.artifact() / "metrics.json"))
