@@ -71,18 +71,11 @@ def partly_judged(source: Path, out: Path, judged: int, seed: int) -> dict:
     return stats
 
 
-def judged_counts(dataset: Path) -> dict:
-    """How many training queries a BEIR-style folder judges, and how many of its queries no split judges."""
-    import tempfile
-
-    from pipeline.data import load_normalized, prepare_data
-
-    with tempfile.TemporaryDirectory() as d:  # read through the pipeline's own reader
-        prepare_data(dataset, Path(d) / "data")
-        ds = load_normalized(Path(d) / "data")
-        judged = {s: set(ds.relevant(s)) for s in ("train", "dev", "test")}
-        unjudged = set(ds.queries) - judged["train"] - judged["dev"] - judged["test"]
-    return {"source": str(dataset), "judged_train_queries": len(judged["train"]), "unjudged_train_queries": len(unjudged)}
+def judged_counts(ds, source: Path) -> dict:
+    """How many training queries a prepared dataset judges, and how many of its queries no split judges."""
+    judged = {s: set(ds.relevant(s)) for s in ("train", "dev", "test")}
+    unjudged = set(ds.queries) - judged["train"] - judged["dev"] - judged["test"]
+    return {"source": str(source), "judged_train_queries": len(judged["train"]), "unjudged_train_queries": len(unjudged)}
 
 
 def upstream(dataset: Path, out: Path, loss: str) -> dict:
@@ -133,12 +126,13 @@ def main() -> None:
         data_stats = partly_judged(dataset, work / "dataset", args.judged, seed=12)
         dataset = work / "dataset"
     else:
-        data_stats = judged_counts(dataset)
+        data_stats = None  # counted on the data the pipeline prepares below
     project = Path(args.output_dir or work / "project")
     distilled = upstream(dataset, project, "PackedMarginMSELoss")
     label_only = upstream(dataset, project, "BinaryCrossEntropyLoss")
     p = distilled["params"]
     ds = load_normalized(distilled["data"])
+    data_stats = data_stats or judged_counts(ds, dataset)
     dev, test = Split(ds, distilled["mined"], "dev"), Split(ds, distilled["mined"], "test")
     def trainer(labels: Path, loss: str):
         return lambda out, setting, seed: train_project(load_from_disk(str(labels)), loss, out, {**p, "epochs": setting[1]}, setting[0], seed)
