@@ -135,13 +135,18 @@ def dag_params(dataset, tiny_models: dict, out, task_cls=None, **over) -> dict:
 FAULTS = REPO / "tests" / "faults"
 
 
-def fault_env(env: dict | None = None, write_delay: float = 0.0, batch_delay: float = 0.0) -> dict:
+def fault_env(
+    env: dict | None = None, write_delay: float = 0.0, batch_delay: float = 0.0, shard_barrier: Path | None = None, parties: int = 2
+) -> dict:
     """A subprocess environment that imports the repository, with the test-side fault injector
-    (tests/faults/sitecustomize.py) slowing renames of finished temporaries and scoring batches."""
+    (tests/faults/sitecustomize.py) slowing renames of finished temporaries and scoring batches, and
+    holding each process's first scoring shard until ``parties`` processes have started one."""
     env = {**(os.environ if env is None else env)}
     env["PYTHONPATH"] = os.pathsep.join([str(FAULTS), str(REPO)])
     env["DISTILL_FAULT_WRITE_DELAY"] = str(write_delay)
     env["DISTILL_FAULT_BATCH_DELAY"] = str(batch_delay)
+    env["DISTILL_FAULT_SHARD_BARRIER"] = str(shard_barrier or "")
+    env["DISTILL_FAULT_SHARD_PARTIES"] = str(parties)
     return env
 
 

@@ -63,9 +63,9 @@ def scheduler(tmp_path_factory):
     proc.wait()
 
 
-def _worker(env, params: dict, cwd: Path, batch_delay: float = 0.0) -> subprocess.Popen:
+def _worker(env, params: dict, cwd: Path, batch_delay: float = 0.0, shard_barrier: Path | None = None) -> subprocess.Popen:
     args = luigi_command("TrainStudent", params, "--workers", "1")
-    env = fault_env(env, batch_delay=batch_delay)
+    env = fault_env(env, batch_delay=batch_delay, shard_barrier=shard_barrier)
     return subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -92,8 +92,9 @@ def test_two_workers_score_every_shard_once(scheduler, reference, small_beir, ti
     env, _ = scheduler
     out = tmp_path / "run"
     params = dag_params(small_beir, tiny_models, out, score_shards=SHARDS, score_batch_tokens=256)
-    # Slow batches keep both workers busy, so they really share the shards.
-    workers = [_worker(env, params, tmp_path, batch_delay=0.5) for _ in range(2)]
+    # Each worker's first shard waits until the other has started one, so they really share the
+    # shards however slowly the second one starts.
+    workers = [_worker(env, params, tmp_path, shard_barrier=tmp_path / "barrier") for _ in range(2)]
     logs = [w.communicate(timeout=600)[0] for w in workers]
     assert all(w.returncode == 0 for w in workers), logs
 
