@@ -153,6 +153,21 @@ def exclusive(path: str | os.PathLike) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+@contextlib.contextmanager
+def one_writer(out_dir: str | os.PathLike) -> Iterator[Any]:
+    """Hold ``out_dir``'s lock for a stage that trains into it; yields the folder's finished
+    ``stats.json`` when another run completed it while this one waited, else None.
+
+    Two runs of one training stage share its output folder and its scratch folders (checkpoints
+    that a killed run resumes from, finished ensemble members), which the first to finish
+    deletes; the second therefore waits, then takes the first's result instead of training again.
+    """
+    out_dir = Path(out_dir)
+    with exclusive(out_dir.with_name(f".{out_dir.name}.lock")):
+        done = out_dir / "stats.json"
+        yield read_json(done) if done.is_file() else None
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write JSON atomically."""
     with atomic_file(path) as tmp:

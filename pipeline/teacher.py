@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,13 +23,15 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from losses.factory import resolve_loss
-from pipeline.artifacts import atomic_dir, read_json, write_json
+from pipeline.artifacts import atomic_dir, one_writer, read_json, write_json
 from pipeline.config import model, run_only
 from pipeline.data import load_normalized
 from pipeline.errors import PipelineError
 from pipeline.labels import build_rows, to_dataset
 from pipeline.scoring import ENSEMBLE_FILE
 from pipeline.training import train_student
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -75,18 +78,26 @@ def fine_tune_teacher(data_dir: str | Path, mined_dir: str | Path, out_dir: str 
     # An unknown or teacher-scored loss fails before any member trains.
     if config.kind != "bi-encoder" and resolve_loss(config.loss)[0].needs_teacher:
         raise PipelineError(f"--teacher-loss {config.loss}: the teacher learns from judgments; choose a loss that needs no teacher scores")
-    if config.kind == "bi-encoder":
-        return _bi_encoder_teacher(data_dir, mined_dir, out_dir, config)
-    if config.kind == "cross-encoder":
-        return _cross_encoder_teacher(data_dir, mined_dir, out_dir, config, config.backbone)
-    if not 0 < config.ensemble_weight <= 1:
+    if config.kind == "ensemble" and not 0 < config.ensemble_weight <= 1:
         raise PipelineError(f"--teacher-ensemble-weight {config.ensemble_weight}: expected a share in (0, 1]")
+    with one_writer(out_dir) as finished:
+        if finished is not None:
+            log.info("%s: finished by another run meanwhile; kept", out_dir)
+            return finished
+        if config.kind == "bi-encoder":
+            return _bi_encoder_teacher(data_dir, mined_dir, out_dir, config)
+        if config.kind == "cross-encoder":
+            return _cross_encoder_teacher(data_dir, mined_dir, out_dir, config, config.backbone)
+        return _ensemble_teacher(data_dir, mined_dir, out_dir, config)
+
+
+def _ensemble_teacher(data_dir: str | Path, mined_dir: str | Path, out_dir: str | Path, config: TeacherConfig) -> dict:
     # Each member is a finished folder of its own under <out>.parts, so a rerun after a crash
-    # keeps the bi-encoder and resumes the cross-encoder from its last checkpoint.
+    # keeps the finished members and resumes the cross-encoder from its last checkpoint.
     parts = Path(f"{out_dir}.parts")
     bi, ce = parts / "bi-encoder", parts / "cross-encoder"
     bi_stats = read_json(bi / "stats.json") if (bi / "stats.json").is_file() else _bi_encoder_teacher(data_dir, mined_dir, bi, config)
-    ce_stats = _cross_encoder_teacher(data_dir, mined_dir, ce, config, str(bi))
+    ce_stats = read_json(ce / "stats.json") if (ce / "stats.json").is_file() else _cross_encoder_teacher(data_dir, mined_dir, ce, config, str(bi))
     members = [
         {"path": "cross-encoder", "kind": "cross-encoder", "weight": config.ensemble_weight},
         {"path": "bi-encoder", "kind": "bi-encoder", "weight": round(1 - config.ensemble_weight, 6)},

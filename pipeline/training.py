@@ -25,7 +25,7 @@ import torch
 from sentence_transformers.base.sampler import DefaultBatchSampler
 
 from losses.factory import build_loss, loss_options, resolve_loss
-from pipeline.artifacts import atomic_dir, exclusive, write_json
+from pipeline.artifacts import atomic_dir, one_writer, write_json
 from pipeline.config import model, run_only
 from pipeline.errors import PipelineError
 from pipeline.heads import self_contained
@@ -410,11 +410,10 @@ def fit_student_once(data_dir: str | Path, mined_dir: str | Path, labels_dir: st
     (``<out_dir>.work``, which a killed run resumes from); the second waits for the first and
     then takes its finished student instead of training into a folder the first deletes.
     """
-    out_dir = Path(out_dir)
-    with exclusive(out_dir.with_name(f".{out_dir.name}.lock")):
-        if (out_dir / "stats.json").exists():
+    with one_writer(out_dir) as finished:
+        if finished is not None:
             log.info("%s: finished by another run meanwhile; kept", out_dir)
-            return json.loads((out_dir / "stats.json").read_text())
+            return finished
         if config.world_size > 1:
             return fit_student_distributed(data_dir, mined_dir, labels_dir, out_dir, config)
         return fit_student(data_dir, mined_dir, labels_dir, out_dir, config)

@@ -179,10 +179,20 @@ dirs, config = json.loads(sys.argv[1])
 print("STATS " + json.dumps(fit_student_once(*dirs, FitConfig(**config))))
 """
 
+TEACH = """
+import json, logging, sys
+from pipeline.teacher import TeacherConfig, fine_tune_teacher
+logging.basicConfig(level=logging.INFO)
+dirs, config = json.loads(sys.argv[1])
+print("STATS " + json.dumps(fine_tune_teacher(*dirs, TeacherConfig(**config))))
+"""
 
-def test_two_runs_of_one_training_stage_train_once(small_beir, tiny_models, tmp_path):
-    """Two processes start the same FitStudent at once: they share its output and checkpoint
-    folders, so the second waits and takes the first's student instead of training beside it."""
+
+@pytest.mark.parametrize("stage", ["student", "ensemble teacher"])
+def test_two_runs_of_one_training_stage_train_once(stage, small_beir, tiny_models, tmp_path):
+    """Two processes start the same training stage at once: they share its output folder and its
+    scratch folders (checkpoints, finished ensemble members), so the second waits and takes the
+    first's model instead of training beside it."""
     import sys
 
     import luigi
@@ -191,20 +201,28 @@ def test_two_runs_of_one_training_stage_train_once(small_beir, tiny_models, tmp_
 
     labels = tasks.BuildLabels(**dag_params(small_beir, tiny_models, tmp_path / "run", tasks.BuildLabels))
     assert luigi.build([labels], local_scheduler=True, log_level="WARNING")
-    out = tmp_path / "run" / "students" / "same"
-    dirs = [labels.clone(tasks.PrepareData).output().path, labels.clone(tasks.MineHardNegatives).output().path,
-            labels.output().path, str(out)]
-    config = dict(loss="PackedMarginMSELoss", student=tiny_models["student"], student_layers=2, max_dev_queries=0,
-                  epochs=2.0, batch_size=8, max_length=64, device="cpu", precision="fp32")
+    data, mined = labels.clone(tasks.PrepareData).output().path, labels.clone(tasks.MineHardNegatives).output().path
+    out = tmp_path / "run" / "models" / "same"
+    if stage == "student":
+        script, dirs = FIT, [data, mined, labels.output().path, str(out)]
+        config = dict(loss="PackedMarginMSELoss", student=tiny_models["student"], student_layers=2, max_dev_queries=0,
+                      epochs=2.0, batch_size=8, max_length=64, device="cpu", precision="fp32")
+        scratch = [out.with_name("same.work")]
+    else:
+        script, dirs = TEACH, [data, mined, str(out)]
+        config = dict(backbone=tiny_models["embedder"], kind="ensemble", epochs=1.0, batch_size=8, bi_encoder_batch_size=8,
+                      max_length=64, device="cpu")
+        scratch = [out.with_name("same.parts"), out.with_name("same.parts") / "cross-encoder.work"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    runs = [subprocess.Popen([sys.executable, "-c", FIT, json.dumps([dirs, config])], env=env, stdout=subprocess.PIPE,
+    runs = [subprocess.Popen([sys.executable, "-c", script, json.dumps([dirs, config])], env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True) for _ in range(2)]
     logs = [r.communicate(timeout=600)[0] for r in runs]
     assert [r.returncode for r in runs] == [0, 0], logs[0][-2000:] + logs[1][-2000:]
     stats = [json.loads(next(x for x in log.splitlines() if x.startswith("STATS "))[6:]) for log in logs]
     assert stats[0] == stats[1]  # one training; the other run returned its statistics
     assert sum("finished by another run meanwhile" in log for log in logs) == 1
-    assert not out.with_name("same.work").exists()
+    assert (out / "stats.json").is_file()
+    assert not any(p.exists() for p in scratch)
 
 
 def test_concurrent_promotions_are_gated_one_after_the_other(tmp_path, monkeypatch):
