@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import shutil
+import sqlite3
 import tempfile
 import uuid
 from pathlib import Path
@@ -29,15 +30,77 @@ def fingerprint(*parts: Any, length: int = 12) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:length]
 
 
-def hash_files(paths: list[Path], chunk: int = 1 << 20) -> str:
-    """Content hash of files (names relative to their common parent are part of the hash)."""
+def hash_files(paths: list[Path]) -> str:
+    """Content hash of files (their names are part of the hash)."""
     h = hashlib.sha256()
     for p in sorted(Path(p) for p in paths):
         h.update(p.name.encode())
-        with open(p, "rb") as f:
-            while block := f.read(chunk):
-                h.update(block)
+        h.update(file_digest(p).encode())
     return h.hexdigest()
+
+
+# Where file digests are remembered between runs; the env variable moves it (tests, read-only homes).
+DIGEST_CACHE_ENV = "RERANKER_DISTILL_CACHE"
+
+
+def digest_cache_path() -> Path:
+    root = os.environ.get(DIGEST_CACHE_ENV) or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "reranker-distill"
+    return Path(root) / "file-digests.sqlite"
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes, remembered across processes while its path, size, modification
+    and change times and inode stay the same: a run hashes a multi-GB model or corpus once, not at
+    every start. The change time moves on every write, even one that restores the old modification
+    time, so rewritten content is hashed again. A cache that cannot be opened is skipped."""
+    path = Path(path).resolve()
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+    db = _digest_db()
+    if db is not None:
+        try:
+            row = db.execute("SELECT size, mtime, ctime, inode, digest FROM digests WHERE path = ?", key[:1]).fetchone()
+            if row is not None and tuple(row[:4]) == key[1:]:
+                return row[4]
+        except sqlite3.Error:
+            db = None
+    digest = _sha256_of_file(path)
+    if db is not None:
+        try:
+            with db:
+                db.execute("INSERT OR REPLACE INTO digests VALUES (?, ?, ?, ?, ?, ?)", (*key, digest))
+        except sqlite3.Error:
+            pass
+    return digest
+
+
+def _sha256_of_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+_DIGEST_DBS: dict[Path, sqlite3.Connection | None] = {}
+
+
+def _digest_db() -> sqlite3.Connection | None:
+    """This process's connection to the digest cache (None where it cannot be opened)."""
+    where = digest_cache_path()
+    if where not in _DIGEST_DBS:
+        try:
+            where.parent.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(str(where), timeout=30, check_same_thread=False)
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS digests "
+                "(path TEXT PRIMARY KEY, size INTEGER, mtime INTEGER, ctime INTEGER, inode INTEGER, digest TEXT)"
+            )
+            db.commit()
+        except (OSError, sqlite3.Error):
+            db = None
+        _DIGEST_DBS[where] = db
+    return _DIGEST_DBS[where]
 
 
 @contextlib.contextmanager

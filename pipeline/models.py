@@ -61,27 +61,39 @@ def native_bf16_cpu() -> bool:
 
 def model_identity(ref: str) -> str:
     """Identity for fingerprints: the content hash of a local folder (so a copied or moved model
-    keeps its artifacts and a model retrained in place does not), or the hub id."""
+    keeps its artifacts and a model retrained in place does not), or the hub id with the commit it
+    resolves to (so an updated hub model does not reuse the old one's artifacts)."""
     path = Path(strip_kind(ref)).resolve()
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
-        signature = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
-        return f"local@{_folder_hash(str(path), signature)}"
-    return ref
+        from pipeline.artifacts import file_digest
+
+        h = hashlib.sha256()
+        for p in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
+            h.update(str(p.relative_to(path)).encode())
+            h.update(file_digest(p).encode())
+        return f"local@{h.hexdigest()[:16]}"
+    revision = hub_revision(strip_kind(ref)) if _looks_like_hub_id(strip_kind(ref)) else None
+    return f"{ref}@{revision}" if revision else ref
 
 
 @functools.lru_cache(maxsize=64)
-def _folder_hash(folder: str, signature: tuple) -> str:
-    """sha256 over relative names and bytes; memoised per process while the files stay unchanged."""
-    from pipeline.artifacts import hash_files
+def hub_revision(repo_id: str) -> str | None:
+    """The commit a hub model id stands for now: the hub's answer when it can be asked, else the
+    commit the local hub cache holds for ``main``; None when neither knows it."""
+    from huggingface_hub import constants
 
-    root = Path(folder)
-    h = hashlib.sha256()
-    for name, _, _ in signature:
-        p = Path(name)
-        h.update(str(p.relative_to(root)).encode())
-        h.update(hash_files([p]).encode())
-    return h.hexdigest()[:16]
+    if not _offline():
+        try:
+            from huggingface_hub import HfApi
+
+            return HfApi().model_info(repo_id, timeout=10).sha
+        except Exception as e:  # no network, unknown or private repository: the cache may still know
+            log.debug("%s: the hub did not answer (%s); trying the local cache", repo_id, e)
+    refs = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}" / "refs" / "main"
+    if refs.is_file():
+        return refs.read_text().strip() or None
+    log.warning("%s: no commit known for this hub model; its artifacts are keyed by name only", repo_id)
+    return None
 
 
 def weights_hash(model: nn.Module) -> str:

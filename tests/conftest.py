@@ -18,6 +18,14 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _digest_cache(tmp_path_factory):
+    """The file-digest cache of this session's processes (subprocesses inherit it), not the user's."""
+    from pipeline.artifacts import DIGEST_CACHE_ENV
+
+    os.environ[DIGEST_CACHE_ENV] = str(tmp_path_factory.mktemp("digests"))
 DEMO = REPO / "data" / "debian-descriptions"
 
 
