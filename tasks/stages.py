@@ -12,7 +12,7 @@ import luigi
 import torch
 
 from losses.factory import resolve_loss
-from pipeline import data, evaluation, labels, mining, multilingual, scoring, teacher, training
+from pipeline import data, evaluation, export, labels, mining, multilingual, scoring, teacher, training
 from pipeline.artifacts import fingerprint, point_link, read_json, write_json
 from pipeline.config import config_fingerprint
 from pipeline.errors import PipelineError
@@ -330,6 +330,25 @@ class FitStudent(TrainParams, Stage):
     def run(self):
         i = self.input()
         training.fit_student_once(i["data"].path, i["mined"].path, i["labels"].path, str(self.artifact()), self.config)
+
+
+class ExportOnnx(TrainParams, Stage):
+    """The student as one ONNX graph, head included, checked against PyTorch (pipeline.export)."""
+
+    stage_dir = "onnx"
+
+    def requires(self):
+        return self.clone(FitStudent)
+
+    @functools.cached_property
+    def fp(self) -> str:
+        return self.requires().fp  # the export of that student, nothing else to set
+
+    def output(self):
+        return luigi.LocalTarget(str(self.artifact()))
+
+    def run(self):
+        export.export_onnx(self.input().path, self.output().path, trust_remote_code=self.trust_remote_code)
 
 
 class EvaluateStudent(EvalParams, Stage):
