@@ -40,6 +40,7 @@ from pipeline.models import (
     strip_kind,
     weights_hash,
 )
+from pipeline.score_cache import ScoreCache, pair_keys
 
 log = logging.getLogger(__name__)
 
@@ -242,17 +243,13 @@ class Teacher:
             self.cache_misses += len(pairs)
             return scorer.score(pairs, progress, desc=desc)
         cache = ScoreCache(Path(cache_dir) / member_fingerprint(ident))
-        keys = [pair_key(q, p) for q, p in pairs]
-        known = cache.lookup(keys)
-        missing = [i for i, k in enumerate(keys) if k not in known]
-        out = np.empty(len(pairs), np.float32)
-        for i, k in enumerate(keys):
-            if k in known:
-                out[i] = known[k]
-        if missing:
+        keys = pair_keys(pairs)
+        known, out = cache.lookup(keys)
+        missing = np.flatnonzero(~known)
+        if len(missing):
             fresh = scorer.score([pairs[i] for i in missing], progress, desc=desc)
             out[missing] = fresh
-            cache.add([keys[i] for i in missing], fresh)
+            cache.add(keys[missing], fresh)
         self.cache_hits += len(pairs) - len(missing)
         self.cache_misses += len(missing)
         log.info("%s: %d pairs from the cache, %d scored", desc, len(pairs) - len(missing), len(missing))
@@ -268,51 +265,6 @@ def member_fingerprint(ident: dict) -> str:
     from pipeline.artifacts import fingerprint
 
     return fingerprint(ident["kind"], ident["weights_sha256"], ident["max_length"], ident["activation"], ident["precision"])
-
-
-def pair_key(query: str, passage: str) -> str:
-    import hashlib
-
-    return hashlib.sha1(f"{query}\x1f{passage}".encode()).hexdigest()
-
-
-class ScoreCache:
-    """One model's raw scores keyed by the exact (query, passage) text, as append-only Parquet parts.
-
-    Each writer adds a new part atomically, so concurrent shards never write the same file and a
-    killed writer leaves no partial part.
-    """
-
-    SCHEMA = pa.schema([("key", pa.string()), ("score", pa.float32())])
-
-    def __init__(self, folder: str | Path):
-        self.folder = Path(folder)
-
-    def lookup(self, keys: Sequence[str]) -> dict[str, float]:
-        import pyarrow.parquet as pq
-
-        wanted = set(keys)
-        found: dict[str, float] = {}
-        if not self.folder.exists():
-            return found
-        for part in sorted(self.folder.glob("part-*.parquet")):
-            t = pq.read_table(part).to_pydict()
-            for k, v in zip(t["key"], t["score"]):
-                if k in wanted:
-                    found[k] = v
-        return found
-
-    def add(self, keys: Sequence[str], scores: Sequence[float]) -> None:
-        import uuid
-
-        import pyarrow.parquet as pq
-
-        scores = np.asarray(scores, np.float32)
-        if not np.isfinite(scores).all():
-            return  # never cache a broken score; write_scores reports it
-        self.folder.mkdir(parents=True, exist_ok=True)
-        with atomic_file(self.folder / f"part-{uuid.uuid4().hex}.parquet") as tmp:
-            pq.write_table(pa.table({"key": list(keys), "score": pa.array(scores, pa.float32())}, schema=self.SCHEMA), tmp)
 
 
 def quantize_int8(module: torch.nn.Module) -> torch.nn.Module:

@@ -1,0 +1,55 @@
+"""The teacher score cache: exact keys, scores found wherever their part lies, parts merged when
+they pile up. How a lookup's cost follows the keys looked up, not the cache, is measured by
+``make bench-scale``, not asserted here."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.score_cache import ScoreCache, pair_keys
+
+
+def _pairs(n: int, tag: str = "") -> list[tuple[str, str]]:
+    return [(f"query {i % 97}{tag}", f"passage {i}{tag}") for i in range(n)]
+
+
+def test_keys_are_exact_texts():
+    keys = pair_keys([("a", "bc"), ("ab", "c"), ("a", "bc")])
+    assert keys.shape == (3, 2) and keys.dtype == np.uint64
+    assert (keys[0] == keys[2]).all() and (keys[0] != keys[1]).any()  # the separator keeps "a|bc" from "ab|c"
+
+
+def test_lookup_finds_scores_across_parts_and_misses_the_rest(tmp_path):
+    cache = ScoreCache(tmp_path / "member")
+    first, second, unseen = _pairs(500, "a"), _pairs(300, "b"), _pairs(50, "c")
+    cache.add(pair_keys(first), np.arange(500, dtype=np.float32))
+    cache.add(pair_keys(second), -np.arange(300, dtype=np.float32))
+    ask = second[::-1] + unseen + first[::7]
+    found, scores = cache.lookup(pair_keys(ask))
+    assert found.tolist() == [True] * 300 + [False] * 50 + [True] * len(first[::7])
+    np.testing.assert_array_equal(scores[:300], -np.arange(300, dtype=np.float32)[::-1])
+    assert np.isnan(scores[300:350]).all()
+    np.testing.assert_array_equal(scores[350:], np.arange(0, 500, 7, dtype=np.float32))
+
+
+def test_parts_are_merged_when_they_pile_up_and_keep_every_score(tmp_path):
+    cache = ScoreCache(tmp_path / "member", max_parts=4)
+    batches = [_pairs(40, str(i)) for i in range(9)]
+    for i, pairs in enumerate(batches):
+        cache.add(pair_keys(pairs), np.full(len(pairs), i, np.float32))
+        assert len(cache.parts()) <= 4
+    # A pair written again (a rescored shard) keeps one row, with the newest score.
+    cache.add(pair_keys(batches[0][:5]), np.full(5, 99.0, np.float32))
+    cache.compact()
+    assert len(cache.parts()) == 1 and len(cache) == 9 * 40
+    found, scores = cache.lookup(pair_keys([p for b in batches for p in b]))
+    assert found.all()
+    expected = np.repeat(np.arange(9, dtype=np.float32), 40)
+    expected[:5] = 99.0
+    np.testing.assert_array_equal(scores, expected)
+
+
+def test_broken_scores_are_not_cached(tmp_path):
+    cache = ScoreCache(tmp_path / "member")
+    cache.add(pair_keys(_pairs(3)), np.array([1.0, np.nan, 2.0], np.float32))
+    assert cache.parts() == []
