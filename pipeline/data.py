@@ -15,6 +15,7 @@ import hashlib
 import json
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -368,6 +369,26 @@ def load_normalized(folder: str | Path) -> Dataset:
         lang = p.name.split(".")[1]
         languages[lang] = tables(f".{lang}")
     return Dataset(queries, corpus, qrels, languages)
+
+
+def pair_texts(folder: str | Path, query_ids: Sequence[str], doc_ids: Sequence[str]) -> list[tuple[str, str]]:
+    """The (query, passage) texts of these id pairs, looked up in the normalized Parquet files
+    with Arrow's hash index: only the rows asked for become Python strings, so a shard of a
+    million-passage corpus does not hold the whole corpus in dictionaries."""
+    import pyarrow.compute as pc
+
+    folder = Path(folder)
+    q = pq.read_table(folder / "queries.parquet", columns=["query_id", "text"])
+    c = pq.read_table(folder / "corpus.parquet", columns=["doc_id", "title", "text"])
+    qrow = pc.index_in(pa.array(query_ids, pa.string()), value_set=q["query_id"])
+    drow = pc.index_in(pa.array(doc_ids, pa.string()), value_set=c["doc_id"])
+    for rows, ids, name in ((qrow, query_ids, "queries"), (drow, doc_ids, "corpus")):
+        if rows.null_count:
+            missing = ids[int(pc.index(pc.is_null(rows), True).as_py())]
+            raise DataError(folder / f"{name}.parquet", None, "id", f"'{missing}' is not in the prepared data")
+    title, text = pc.fill_null(c["title"].take(drow), ""), c["text"].take(drow)
+    passages = pc.if_else(pc.equal(title, ""), text, pc.binary_join_element_wise(title, text, ". "))
+    return list(zip(q["text"].take(qrow).to_pylist(), passages.to_pylist()))
 
 
 def with_unlabeled_queries(ds: Dataset, path: str | Path) -> tuple[Dataset, int]:

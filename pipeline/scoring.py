@@ -113,6 +113,9 @@ class CrossEncoderScorer:
         self.max_length = model.max_seq_length
         self.pad_id = self.tokenizer.pad_token_id or 0
         self.truncated = 0
+        # Where the time goes: the tokenizer (on its thread), the forward passes, and the main
+        # thread waiting for the tokenizer; the rest of a stage is the pipeline's own cost.
+        self.seconds = {"tokenize": 0.0, "model": 0.0, "tokenizer_wait": 0.0}
 
     def _tokenize(self, pairs: Sequence[tuple[str, str]]) -> dict:
         enc = self.tokenizer(
@@ -157,7 +160,10 @@ class CrossEncoderScorer:
         with ThreadPoolExecutor(max_workers=1) as pool, torch.inference_mode():
             pending = pool.submit(self._prepare, chunks[0][1]) if chunks else None
             for ci, (start, _) in enumerate(chunks):
+                t0 = time.perf_counter()
                 enc, batches, collated = pending.result()
+                t1 = time.perf_counter()
+                self.seconds["tokenizer_wait"] += t1 - t0
                 if ci + 1 < len(chunks):
                     pending = pool.submit(self._prepare, chunks[ci + 1][1])
                 # Scores stay on the device until the chunk ends: one sync per chunk, not per batch,
@@ -172,11 +178,14 @@ class CrossEncoderScorer:
                         progress(done, len(pairs))
                 if scores:
                     out[start + np.concatenate(batches)] = torch.cat(scores).cpu().numpy()
+                self.seconds["model"] += time.perf_counter() - t1
         bar.close()
         return out
 
     def _prepare(self, pairs):
+        t0 = time.perf_counter()
         enc = self._tokenize(pairs)
+        self.seconds["tokenize"] += time.perf_counter() - t0
         batches = self._batches(enc)
         return enc, batches, [self._collate(enc, b) for b in batches]
 
@@ -216,6 +225,7 @@ class Teacher:
 
     cache_hits: int = 0
     cache_misses: int = 0
+    cache_seconds: float = 0.0  # looking pairs up in the score cache and adding the new ones
 
     def score(
         self,
@@ -242,14 +252,18 @@ class Teacher:
         if cache_dir is None:
             self.cache_misses += len(pairs)
             return scorer.score(pairs, progress, desc=desc)
+        t0 = time.perf_counter()
         cache = ScoreCache(Path(cache_dir) / member_fingerprint(ident))
         keys = pair_keys(pairs)
         known, out = cache.lookup(keys)
         missing = np.flatnonzero(~known)
+        self.cache_seconds += time.perf_counter() - t0
         if len(missing):
             fresh = scorer.score([pairs[i] for i in missing], progress, desc=desc)
             out[missing] = fresh
+            t0 = time.perf_counter()
             cache.add(keys[missing], fresh)
+            self.cache_seconds += time.perf_counter() - t0
         self.cache_hits += len(pairs) - len(missing)
         self.cache_misses += len(missing)
         log.info("%s: %d pairs from the cache, %d scored", desc, len(pairs) - len(missing), len(missing))
@@ -371,15 +385,13 @@ def read_scores(path: str | Path) -> tuple[pa.Table, dict]:
 
 def score_pairs(
     teacher: Teacher,
+    pairs: list[tuple[str, str]],
     query_ids: list[str],
-    doc_ids: list[str],
-    queries: dict[str, str],
-    passage: Callable[[str], str],
     progress: Progress | None = None,
     cache_dir: str | Path | None = None,
 ) -> tuple[np.ndarray, dict]:
-    """Score unique (query_id, doc_id) pairs; returns scores and timing stats."""
-    pairs = [(queries[q], passage(d)) for q, d in zip(query_ids, doc_ids)]
+    """Score unique (query, passage) pairs (``query_ids``: each pair's query, for an ensemble's
+    per-query normalisation); returns scores and timing stats."""
     t0 = time.perf_counter()
     scores = teacher.score(pairs, list(query_ids), progress, cache_dir)
     seconds = time.perf_counter() - t0
@@ -390,7 +402,10 @@ def score_pairs(
         "seconds": round(seconds, 3),
         "pairs_per_second": round(len(pairs) / seconds, 2) if seconds > 0 else math.inf,
         "truncated_pairs": sum(s.truncated for s in teacher.scorers),
+        "cache_seconds": round(teacher.cache_seconds, 3),
     }
+    for part in ("tokenize", "model", "tokenizer_wait"):
+        stats[f"{part}_seconds"] = round(sum(getattr(s, "seconds", {}).get(part, 0.0) for s in teacher.scorers), 3)
     return scores, stats
 
 
@@ -436,9 +451,9 @@ def score_shard(
     progress: Progress | None = None,
 ) -> dict:
     """Stage entry: teacher scores for one shard of the mined groups' unique pairs."""
-    from pipeline.data import load_normalized
+    from pipeline.data import pair_texts
 
-    ds = load_normalized(data_dir)
+    t_stage = time.perf_counter()
     qids, dids, _ = group_pairs(mined_dir)
     c = config
     keep = [i for i, q in enumerate(qids) if shard_of(q, c.num_shards) == shard]
@@ -446,7 +461,7 @@ def score_shard(
     teacher = load_teacher(
         TeacherSpec.parse(c.teacher, c.teacher_weights), c.device, c.precision, c.max_length, c.batch_tokens, c.trust_remote_code
     )
-    scores, stats = score_pairs(teacher, qids, dids, ds.queries, ds.passage, progress, c.cache_dir or None)
+    scores, stats = score_pairs(teacher, pair_texts(data_dir, qids, dids), qids, progress, c.cache_dir or None)
     meta = {
         "teacher": teacher.identity,
         "weights": teacher.spec.weights,
@@ -460,6 +475,8 @@ def score_shard(
     stats = {
         **stats, "precision": meta["precision"], "device": c.device, "shard": shard,
         "batch_tokens": c.batch_tokens or default_batch_tokens(c.device), "host": socket.gethostname(), "pid": os.getpid(),
+        # From reading the data to here (the model's loading included), the scores' write excepted.
+        "stage_seconds": round(time.perf_counter() - t_stage, 3),
     }
     # Statistics first, scores last: the scores file marks the shard done, so a shard that
     # counts as done always has its statistics.

@@ -251,7 +251,8 @@ class ScoreWithTeacher(TeacherParams, Stage):
         paths = [t.path for t in self.input()["shards"]]
         shard_stats = [read_json(Path(p).with_suffix(".json")) for p in paths]
         stats = {key: round(sum(s.get(key, 0) for s in shard_stats), 3)
-                 for key in ("pairs_scored", "pairs_from_cache", "seconds", "truncated_pairs")}
+                 for key in ("pairs_scored", "pairs_from_cache", "seconds", "truncated_pairs", "stage_seconds", "cache_seconds",
+                             "tokenize_seconds", "model_seconds", "tokenizer_wait_seconds")}
         stats["pairs_per_second"] = round(stats["pairs_scored"] / stats["seconds"], 2) if stats["seconds"] else None
         stats["precision"] = shard_stats[0].get("precision") if shard_stats else None
         # Written before the joined scores (which mark the stage done), then completed after.

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.data import load_normalized, prepare_data, read_dataset
+from pipeline.data import load_normalized, pair_texts, prepare_data, read_dataset
 from pipeline.errors import DataError
 from tests.conftest import write_beir
 
@@ -41,6 +41,15 @@ def test_beir_folder_round_trips_through_parquet(beir, tmp_path):
     assert ds.relevant("test") == {"q3": {"d3": 1}}
     schema = pq.read_schema(tmp_path / "norm" / "qrels.parquet")
     assert schema.field("score").type == pa.int32()
+
+
+def test_pair_texts_are_looked_up_in_arrow_as_the_dataset_gives_them(beir, tmp_path):
+    prepare_data(beir, tmp_path / "norm")
+    ds = load_normalized(tmp_path / "norm")
+    qids, dids = ["q2", "q1", "q2", "q3"], ["d2", "d3", "d1", "d2"]
+    assert pair_texts(tmp_path / "norm", qids, dids) == [(ds.queries[q], ds.passage(d)) for q, d in zip(qids, dids)]
+    with pytest.raises(DataError, match=r"corpus\.parquet: field 'id': 'd9' is not in the prepared data"):
+        pair_texts(tmp_path / "norm", ["q1", "q2"], ["d1", "d9"])
 
 
 def test_missing_corpus_file(beir):
