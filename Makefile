@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install run run-multilingual scheduler worker test clean bench bench-losses bench-score bench-mine bench-e2e bench-partial bench-unseen bench-teacher bench-retrain
+.PHONY: install run run-multilingual scheduler worker test clean bench bench-losses bench-score bench-mine bench-e2e bench-partial bench-unseen bench-teacher bench-retrain bench-scale
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -62,6 +62,10 @@ bench-mine: install
 DATASET ?= data/debian-descriptions
 bench-retrain: install
 	$(PY) benchmarks/bench_retrain.py
+
+# 1M synthetic passages, 300k queries, a 10M-pair score cache, a tiny random model: the pipeline's own cost.
+bench-scale: install
+	$(PY) benchmarks/bench_scale.py
 
 bench-e2e: install
 	$(PY) benchmarks/bench_e2e.py --dataset $(DATASET)
