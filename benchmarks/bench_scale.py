@@ -161,7 +161,16 @@ def main() -> None:
     ap.add_argument("--shard-keys", type=int, default=600_000, help="keys of the lookup comparison")
     ap.add_argument("--work", default="runs/bench-scale")
     ap.add_argument("--results", default="benchmarks/results/scale")
+    ap.add_argument("--lookup-only", action="store_true", help="only the lookup comparison, to <results>-lookup.json")
     args = ap.parse_args()
+    if args.lookup_only:
+        Path(args.work).mkdir(parents=True, exist_ok=True)
+        lookups = lookup_times(Path(args.work), args.shard_keys)
+        small, large = (lookups[k]["seconds_median"] for k in ("1000000", "10000000"))
+        out = {"shard_keys": args.shard_keys, **lookups, "ratio_10M_over_1M": round(large / small, 3)}
+        Path(f"{args.results}-lookup.json").write_text(json.dumps(out, indent=2) + "\n")
+        print(json.dumps(out, indent=2))
+        return
 
     from conftest import make_bi_encoder, make_cross_encoder
 

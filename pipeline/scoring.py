@@ -351,12 +351,6 @@ def zscore_per_query(scores: np.ndarray, query_ids: Sequence[str]) -> np.ndarray
     return out
 
 
-def unique_pairs(query_ids: Sequence[str], doc_ids: Sequence[str]) -> tuple[list[str], list[str]]:
-    """Deduplicated (query_id, doc_id) pairs in first-seen order."""
-    seen = dict.fromkeys(zip(query_ids, doc_ids))
-    return [q for q, _ in seen], [d for _, d in seen]
-
-
 def write_scores(path: str | Path, query_ids, doc_ids, scores, metadata: dict) -> None:
     """Arrow IPC file with query_id, doc_id, score and the teacher's identity in the schema metadata."""
     scores = np.asarray(scores, np.float32)
@@ -417,18 +411,27 @@ def shard_of(query_id: str, num_shards: int) -> int:
 
 
 def group_pairs(mined_dir: str | Path) -> tuple[list[str], list[str], int]:
-    """Unique (query_id, doc_id) pairs of the mined groups, and how many pairs the groups list."""
+    """Unique (query_id, doc_id) pairs of the mined groups in the groups' order (each group's
+    positives, then its negatives; a repeated pair keeps its first place), and how many pairs the
+    groups list. Built with Arrow and numpy, not a Python loop over millions of pairs."""
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    g = pq.read_table(Path(mined_dir) / "groups.parquet").to_pydict()
-    qids, dids = [], []
-    for q, pos, neg in zip(g["query_id"], g["positive_ids"], g["negative_ids"]):
-        for d in list(pos) + list(neg):
-            qids.append(q)
-            dids.append(d)
-    total = len(qids)
-    qids, dids = unique_pairs(qids, dids)
-    return qids, dids, total
+    t = pq.read_table(Path(mined_dir) / "groups.parquet", columns=["query_id", "positive_ids", "negative_ids"])
+    t = t.combine_chunks()
+    lists = [t["positive_ids"].chunk(0), t["negative_ids"].chunk(0)] if t.num_rows else []
+    if not lists:
+        return [], [], 0
+    group = np.concatenate([pc.list_parent_indices(c).to_numpy() for c in lists])
+    side = np.concatenate([np.full(len(pc.list_flatten(c)), k) for k, c in enumerate(lists)])
+    order = np.lexsort((np.arange(len(group)), side, group))
+    docs = pa.concat_arrays([pc.list_flatten(c) for c in lists]).take(pa.array(order))
+    queries = t["query_id"].chunk(0).take(pa.array(group[order]))
+    q_codes = pc.dictionary_encode(queries).indices.to_numpy().astype(np.int64)
+    d_dict = pc.dictionary_encode(docs)
+    pair = q_codes * len(d_dict.dictionary) + d_dict.indices.to_numpy()
+    first = np.sort(np.unique(pair, return_index=True)[1])
+    return queries.take(pa.array(first)).to_pylist(), docs.take(pa.array(first)).to_pylist(), len(order)
 
 
 @dataclass(frozen=True)
@@ -456,7 +459,9 @@ def score_shard(
     t_stage = time.perf_counter()
     qids, dids, _ = group_pairs(mined_dir)
     c = config
-    keep = [i for i, q in enumerate(qids) if shard_of(q, c.num_shards) == shard]
+    # One hash per query, not per pair.
+    shard_by_query = {q: shard_of(q, c.num_shards) for q in set(qids)}
+    keep = [i for i, q in enumerate(qids) if shard_by_query[q] == shard]
     qids, dids = [qids[i] for i in keep], [dids[i] for i in keep]
     teacher = load_teacher(
         TeacherSpec.parse(c.teacher, c.teacher_weights), c.device, c.precision, c.max_length, c.batch_tokens, c.trust_remote_code

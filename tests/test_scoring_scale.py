@@ -233,3 +233,26 @@ def test_scores_fingerprint_holds_the_resolved_precision(monkeypatch, small_beir
         return config_fingerprint(_score_config(task), task.identity)
 
     assert fp("auto", True) == fp("bf16", False) != fp("auto", False) == fp("fp32", True)
+
+
+@pytest.mark.parametrize("groups", [
+    [("q1", ["a", "b"], ["c", "a", "d"]), ("q2", ["c"], ["a", "c", "e"]), ("q1", ["d"], ["f", "b"]), ("q3", [], ["a"])],
+    [],
+])
+def test_group_pairs_lists_each_pair_once_in_group_order(tmp_path, groups):
+    """Each group's positives then its negatives, groups in file order, a repeated pair at its
+    first place: the order the scores file and the labels rely on."""
+    import pyarrow as pa
+
+    from pipeline.mining import GROUPS_SCHEMA, write_table
+    from pipeline.scoring import group_pairs
+
+    rows = {"query_id": [q for q, _, _ in groups], "positive_ids": [p for _, p, _ in groups],
+            "positive_scores": [[1.0] * len(p) for _, p, _ in groups], "negative_ids": [n for _, _, n in groups],
+            "negative_scores": [[0.0] * len(n) for _, _, n in groups], "negative_ranks": [list(range(len(n))) for _, _, n in groups]}
+    write_table(pa.table(rows, schema=GROUPS_SCHEMA), tmp_path / "groups.parquet")
+    listed = [(q, d) for q, pos, neg in groups for d in pos + neg]
+    expected = list(dict.fromkeys(listed))
+    qids, dids, total = group_pairs(tmp_path)
+    assert list(zip(qids, dids)) == expected
+    assert total == len(listed)
