@@ -13,6 +13,7 @@ Used when ``--teacher`` names no trained reranker. Three kinds:
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import hashlib
 import logging
 import shutil
@@ -85,10 +86,47 @@ def fine_tune_teacher(data_dir: str | Path, mined_dir: str | Path, out_dir: str 
             log.info("%s: finished by another run meanwhile; kept", out_dir)
             return finished
         if config.kind == "bi-encoder":
-            return _bi_encoder_teacher(data_dir, mined_dir, out_dir, config)
-        if config.kind == "cross-encoder":
-            return _cross_encoder_teacher(data_dir, mined_dir, out_dir, config, config.backbone)
-        return _ensemble_teacher(data_dir, mined_dir, out_dir, config)
+            stats = _bi_encoder_teacher(data_dir, mined_dir, out_dir, config)
+        elif config.kind == "cross-encoder":
+            stats = _cross_encoder_teacher(data_dir, mined_dir, out_dir, config, config.backbone)
+        else:
+            stats = _ensemble_teacher(data_dir, mined_dir, out_dir, config)
+        # Which recipe made it, for a later date deciding whether to keep it (kept_teacher).
+        write_json(Path(out_dir) / SETTINGS_FILE, {"settings": teacher_settings(config)})
+        return stats
+
+
+SETTINGS_FILE = "teacher-settings.json"
+
+
+def teacher_settings(config: TeacherConfig) -> str:
+    """The fingerprint of a teacher's recipe alone (backbone by content, every setting), without
+    the data it was trained on: equal for two dates' teachers made the same way."""
+    from pipeline.config import config_fingerprint
+    from pipeline.models import model_identity
+
+    return config_fingerprint(config, model_identity)
+
+
+def kept_teacher(runs_root: str | Path, date: datetime.date, max_age_days: int, config: TeacherConfig) -> Path | None:
+    """The newest teacher fine-tuned by an earlier dated run under ``runs_root`` (folders named
+    by ISO date) with ``config``'s recipe and at most ``max_age_days`` old, or None.
+
+    Keeping it across dates keeps the teacher's scores the same, so the score cache serves every
+    pair an earlier date scored; a teacher past the age, or made another way, is not kept."""
+    found: list[tuple[datetime.date, float, Path]] = []
+    want = teacher_settings(config)
+    for run in Path(runs_root).iterdir() if Path(runs_root).is_dir() else []:
+        try:
+            day = datetime.date.fromisoformat(run.name)
+        except ValueError:
+            continue
+        if not date - datetime.timedelta(days=max_age_days) <= day < date:
+            continue
+        for settings in run.glob(f"teacher/*/{SETTINGS_FILE}"):
+            if read_json(settings).get("settings") == want:
+                found.append((day, settings.stat().st_mtime, settings.parent))
+    return max(found)[2] if found else None
 
 
 def _ensemble_teacher(data_dir: str | Path, mined_dir: str | Path, out_dir: str | Path, config: TeacherConfig) -> dict:

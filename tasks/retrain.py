@@ -10,10 +10,10 @@ from pathlib import Path
 
 import luigi
 
-from pipeline import registry
+from pipeline import registry, teacher
 from pipeline.models import resolve_device
 from tasks.params import EvalParams, SnapshotDate
-from tasks.stages import MineHardNegatives, PrepareData, TrainStudent
+from tasks.stages import FineTuneTeacher, MineHardNegatives, PrepareData, TrainStudent
 
 
 class RetrainStudent(SnapshotDate, EvalParams, luigi.Task):
@@ -31,6 +31,11 @@ class RetrainStudent(SnapshotDate, EvalParams, luigi.Task):
         description="promote only a student that beats the retriever's own order on the gate's dev split; turn off "
         "only when production's first stage is not --embedder",
     )
+    teacher_max_age_days = luigi.IntParameter(
+        default=30, description="with a fine-tuned teacher (no --teacher): keep an earlier date's teacher made the same way "
+        "for this many days, so the score cache serves every pair it scored; 0: fine-tune a teacher on every date",
+    )
+    refresh_teacher = luigi.BoolParameter(default=False, description="fine-tune a new teacher on this date's snapshot")
     rollback = luigi.BoolParameter(default=False, description="point current back to the previous champion and stop")
     rollback_from = luigi.Parameter(
         default="", description="with --rollback: the champion run to retire; nothing happens when it is no longer the "
@@ -58,11 +63,19 @@ class RetrainStudent(SnapshotDate, EvalParams, luigi.Task):
         )
         gate = self.gate_dataset or self.snapshot()
         return {
-            "run": self.clone(TrainStudent, dataset=self.snapshot(), **shared),
+            "run": self.clone(TrainStudent, dataset=self.snapshot(), teacher=self.teacher or self.kept_teacher(shared), **shared),
             "data": self.clone(PrepareData, dataset=self.snapshot(), **shared),
             "gate_data": self.clone(PrepareData, dataset=gate, **shared),
             "gate_mined": self.clone(MineHardNegatives, dataset=gate, **shared),
         }
+
+    def kept_teacher(self, shared: dict) -> str:
+        """An earlier date's fine-tuned teacher that this date keeps ('' when it fine-tunes its own)."""
+        if self.teacher or self.refresh_teacher or self.teacher_max_age_days <= 0:
+            return ""
+        recipe = self.clone(FineTuneTeacher, dataset=self.snapshot(), **shared).config
+        found = teacher.kept_teacher(self.output_dir, self.date, self.teacher_max_age_days, recipe)
+        return str(found or "")
 
     def output(self):
         return luigi.LocalTarget(str(registry.Registry(self.registry).run_record(self.run_name)))
@@ -80,6 +93,7 @@ class RetrainStudent(SnapshotDate, EvalParams, luigi.Task):
             "date": self.run_name,
             "dataset": self.snapshot(),
             "data_fingerprint": self.requires()["data"].fp,
+            "teacher": self.requires()["run"].teacher or "fine-tuned on this date",
             "params": {k: v for k, v in self.to_str_params(only_significant=True).items()},
         }
         registry.promote_or_keep(

@@ -201,3 +201,30 @@ def test_gate_decision():
     assert not gate_decision(0.6, None, 0.0, retriever=0.6)[0]
     assert not gate_decision(0.6, 0.5, 1.0, retriever=0.7)[0]
     assert gate_decision(0.61, 0.5, 0.0, retriever=0.6)[0]
+
+
+def test_an_earlier_dates_fine_tuned_teacher_is_kept_until_it_is_too_old(small_beir, tiny_models, tmp_path):
+    """With a fine-tuned teacher, the second date keeps the first date's (same recipe, young
+    enough), so the score cache serves every old pair; past --teacher-max-age-days a date
+    fine-tunes its own."""
+    snapshots = tmp_path / "snapshots"
+    for day in (D1, D2, D3):
+        shutil.copytree(small_beir, snapshots / day.isoformat())
+    new = _drop_train_queries(snapshots / D1.isoformat(), 4)
+    fine_tuned = dict(teacher="", teacher_kind="cross-encoder", teacher_backbone=tiny_models["embedder"], teacher_epochs=0.5,
+                      promotion_tolerance=1.0)
+    assert _retrain(snapshots, tiny_models, tmp_path, D1, **fine_tuned)[0]
+    assert _retrain(snapshots, tiny_models, tmp_path, D2, **fine_tuned)[0]
+    first_teacher = next((tmp_path / "runs" / D1.isoformat() / "teacher").glob("*/teacher-settings.json")).parent
+    assert not (tmp_path / "runs" / D2.isoformat() / "teacher").exists()
+    second = _record(tmp_path, D2)
+    assert second["teacher"] == str(first_teacher)
+    groups = pq.read_table(next((tmp_path / "runs" / D2.isoformat() / "mined").iterdir()) / "groups.parquet").to_pydict()
+    pairs = {(q, d) for q, p, n in zip(groups["query_id"], groups["positive_ids"], groups["negative_ids"]) for d in p + n}
+    new_pairs = {(q, d) for q, d in pairs if q in new}
+    assert second["stages"]["ScoreWithTeacher"]["pairs_scored"] == len(new_pairs) > 0
+    assert second["stages"]["ScoreWithTeacher"]["pairs_from_cache"] == len(pairs - new_pairs)
+    # D3 is two days after D1: with a one-day limit the first teacher is too old, so D3 fine-tunes.
+    assert _retrain(snapshots, tiny_models, tmp_path, D3, teacher_max_age_days=1, **fine_tuned)[0]
+    assert _record(tmp_path, D3)["teacher"] == "fine-tuned on this date"
+    assert next((tmp_path / "runs" / D3.isoformat() / "teacher").glob("*/teacher-settings.json"))
