@@ -13,6 +13,7 @@ import errno
 import functools
 import hashlib
 import json
+import logging
 import os
 import shutil
 import sqlite3
@@ -20,6 +21,8 @@ import tempfile
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1  # bump when an artifact's layout changes, so old outputs are not reused
 
@@ -228,7 +231,11 @@ def one_writer(out_dir: str | os.PathLike) -> Iterator[Any]:
     out_dir = Path(out_dir)
     with exclusive(out_dir.with_name(f".{out_dir.name}.lock")):
         done = out_dir / "stats.json"
-        yield read_json(done) if done.is_file() else None
+        if done.is_file():
+            log.info("%s: finished by another run meanwhile; kept", out_dir)
+            yield read_json(done)
+        else:
+            yield None
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

@@ -418,14 +418,15 @@ def group_pairs(mined_dir: str | Path) -> tuple[list[str], list[str], int]:
     import pyarrow.parquet as pq
 
     t = pq.read_table(Path(mined_dir) / "groups.parquet", columns=["query_id", "positive_ids", "negative_ids"])
-    t = t.combine_chunks()
-    lists = [t["positive_ids"].chunk(0), t["negative_ids"].chunk(0)] if t.num_rows else []
-    if not lists:
+    if not t.num_rows:
         return [], [], 0
+    t = t.combine_chunks()
+    lists = [t["positive_ids"].chunk(0), t["negative_ids"].chunk(0)]
+    flat = [pc.list_flatten(c) for c in lists]
     group = np.concatenate([pc.list_parent_indices(c).to_numpy() for c in lists])
-    side = np.concatenate([np.full(len(pc.list_flatten(c)), k) for k, c in enumerate(lists)])
+    side = np.concatenate([np.full(len(f), k) for k, f in enumerate(flat)])
     order = np.lexsort((np.arange(len(group)), side, group))
-    docs = pa.concat_arrays([pc.list_flatten(c) for c in lists]).take(pa.array(order))
+    docs = pa.concat_arrays(flat).take(pa.array(order))
     queries = t["query_id"].chunk(0).take(pa.array(group[order]))
     q_codes = pc.dictionary_encode(queries).indices.to_numpy().astype(np.int64)
     d_dict = pc.dictionary_encode(docs)

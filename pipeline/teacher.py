@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import hashlib
-import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +30,6 @@ from pipeline.errors import PipelineError
 from pipeline.labels import build_rows, to_dataset
 from pipeline.scoring import ENSEMBLE_FILE
 from pipeline.training import train_student
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -83,7 +80,6 @@ def fine_tune_teacher(data_dir: str | Path, mined_dir: str | Path, out_dir: str 
         raise PipelineError(f"--teacher-ensemble-weight {config.ensemble_weight}: expected a share in (0, 1]")
     with one_writer(out_dir) as finished:
         if finished is not None:
-            log.info("%s: finished by another run meanwhile; kept", out_dir)
             return finished
         if config.kind == "bi-encoder":
             stats = _bi_encoder_teacher(data_dir, mined_dir, out_dir, config)

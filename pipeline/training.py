@@ -412,7 +412,6 @@ def fit_student_once(data_dir: str | Path, mined_dir: str | Path, labels_dir: st
     """
     with one_writer(out_dir) as finished:
         if finished is not None:
-            log.info("%s: finished by another run meanwhile; kept", out_dir)
             return finished
         if config.world_size > 1:
             return fit_student_distributed(data_dir, mined_dir, labels_dir, out_dir, config)

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import luigi
@@ -50,32 +51,37 @@ class RetrainStudent(SnapshotDate, EvalParams, luigi.Task):
         """The dataset of this date: --dataset with {date} filled in (a plain path is used as is)."""
         return self.dataset.format(date=self.run_name) if "{date}" in self.dataset else self.dataset
 
-    def requires(self):
-        if self.rollback:
-            return {}
-        # Each date gets its own artifact folder; the caches are shared, so only new texts are
-        # embedded and only new pairs reach the teacher.
-        shared = dict(
+    @functools.cached_property
+    def shared(self) -> dict:
+        """Parameters of this date's DAG: its own artifact folder, the caches shared across dates
+        (so only new texts are embedded and only new pairs reach the teacher)."""
+        return dict(
             output_dir=str(Path(self.output_dir) / self.run_name),
             cache_dir=self.cache_dir or str(Path(self.output_dir) / "cache"),
             registry=self.registry,
             run_id=self.run_name,
         )
-        gate = self.gate_dataset or self.snapshot()
-        return {
-            "run": self.clone(TrainStudent, dataset=self.snapshot(), teacher=self.teacher or self.kept_teacher(shared), **shared),
-            "data": self.clone(PrepareData, dataset=self.snapshot(), **shared),
-            "gate_data": self.clone(PrepareData, dataset=gate, **shared),
-            "gate_mined": self.clone(MineHardNegatives, dataset=gate, **shared),
-        }
 
-    def kept_teacher(self, shared: dict) -> str:
-        """An earlier date's fine-tuned teacher that this date keeps ('' when it fine-tunes its own)."""
+    @functools.cached_property
+    def run_teacher(self) -> str:
+        """--teacher, else an earlier date's fine-tuned teacher that this date keeps ('' when it
+        fine-tunes its own). Decided once: luigi asks for requires() several times."""
         if self.teacher or self.refresh_teacher or self.teacher_max_age_days <= 0:
-            return ""
-        recipe = self.clone(FineTuneTeacher, dataset=self.snapshot(), **shared).config
+            return self.teacher
+        recipe = self.clone(FineTuneTeacher, dataset=self.snapshot(), **self.shared).config
         found = teacher.kept_teacher(self.output_dir, self.date, self.teacher_max_age_days, recipe)
         return str(found or "")
+
+    def requires(self):
+        if self.rollback:
+            return {}
+        gate = self.gate_dataset or self.snapshot()
+        return {
+            "run": self.clone(TrainStudent, dataset=self.snapshot(), teacher=self.run_teacher, **self.shared),
+            "data": self.clone(PrepareData, dataset=self.snapshot(), **self.shared),
+            "gate_data": self.clone(PrepareData, dataset=gate, **self.shared),
+            "gate_mined": self.clone(MineHardNegatives, dataset=gate, **self.shared),
+        }
 
     def output(self):
         return luigi.LocalTarget(str(registry.Registry(self.registry).run_record(self.run_name)))
@@ -93,7 +99,7 @@ class RetrainStudent(SnapshotDate, EvalParams, luigi.Task):
             "date": self.run_name,
             "dataset": self.snapshot(),
             "data_fingerprint": self.requires()["data"].fp,
-            "teacher": self.requires()["run"].teacher or "fine-tuned on this date",
+            "teacher": self.run_teacher or "fine-tuned on this date",
             "params": {k: v for k, v in self.to_str_params(only_significant=True).items()},
         }
         registry.promote_or_keep(

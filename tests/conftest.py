@@ -18,6 +18,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "data" / "debian-descriptions"
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -26,7 +27,6 @@ def _digest_cache(tmp_path_factory):
     from pipeline.artifacts import DIGEST_CACHE_ENV
 
     os.environ[DIGEST_CACHE_ENV] = str(tmp_path_factory.mktemp("digests"))
-DEMO = REPO / "data" / "debian-descriptions"
 
 
 def _tokenizer_dir() -> Path:
