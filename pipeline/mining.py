@@ -272,12 +272,50 @@ class TorchFlatIndex:
 
 def search(index, queries: np.ndarray, k: int, batch: int = 4096) -> tuple[np.ndarray, np.ndarray]:
     """Top-k (scores, ids) in bounded-memory batches."""
+    if isinstance(index, SearchCache):  # looks every query up at once, searches the rest through here
+        return index.search(queries, k)
     k = min(k, index.ntotal)
     scores = np.empty((len(queries), k), np.float32)
     ids = np.empty((len(queries), k), np.int64)
     for s in range(0, len(queries), batch):
         scores[s : s + batch], ids[s : s + batch] = index.search(queries[s : s + batch], k)
     return scores, ids
+
+
+class SearchCache:
+    """An index's top-k results kept between runs, keyed by the exact bytes of each query vector.
+
+    A later date on the same corpus searches only the queries it has not searched before: the
+    vector fixes the result, and ``identity`` (embedder, corpus in order, index settings) names
+    the folder, so a changed corpus or index starts a new one. Flat search over a large corpus
+    costs far more than embedding a query; this is what keeps a date with a few new queries cheap.
+    """
+
+    def __init__(self, index, folder: str | Path, identity: str):
+        self.index, self.folder, self.identity = index, Path(folder), identity
+        self.ntotal = index.ntotal
+        self.hits = self.misses = 0
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        from pipeline.artifacts import fingerprint
+        from pipeline.keyed_store import KeyedStore, digest_keys
+
+        k = min(k, self.ntotal)
+        store = KeyedStore(
+            self.folder / fingerprint(self.identity, k),
+            pa.schema([("ids", pa.list_(pa.int64(), k)), ("scores", pa.list_(pa.float32(), k))]),
+        )
+        queries = np.ascontiguousarray(queries, np.float32)
+        keys = digest_keys(q.tobytes() for q in queries)
+        found, known = store.lookup(keys)
+        scores, ids = known["scores"], known["ids"]
+        todo = np.flatnonzero(~found)
+        if len(todo):
+            scores[todo], ids[todo] = search(self.index, queries[todo], k)
+            store.add(keys[todo], {"ids": ids[todo], "scores": scores[todo]})
+        self.hits += int(found.sum())
+        self.misses += len(todo)
+        return scores, ids
 
 
 @dataclass(frozen=True)
@@ -519,6 +557,8 @@ def mine_hard_negatives(data_dir: str | Path, out_dir: str | Path, config: MineC
     t_index = time.perf_counter()
     index = build_index(doc_vecs, c.faiss_index, nprobe=c.nprobe, ef_search=c.ef_search, use_gpu=c.device.startswith("cuda"))
     index_seconds = time.perf_counter() - t_index
+    if c.cache_dir:
+        index = SearchCache(index, Path(c.cache_dir) / "searches", search_identity(c, doc_ids, ds.passage))
 
     train = training_queries(ds, c.max_train_queries, c.max_unjudged_queries, c.seed)
     stats: dict = {"train_queries": len(train), "corpus": len(doc_ids), "faiss_index": c.faiss_index}
@@ -543,10 +583,26 @@ def mine_hard_negatives(data_dir: str | Path, out_dir: str | Path, config: MineC
                 found = sum(1 for q, docs in zip(qids, cand.column("doc_ids").to_pylist()) if set(docs) & set(rel[q]))
                 stats[f"{split}_queries_with_positive_in_top_k"] = found
         stats.update(encoders.calls)
+        if isinstance(index, SearchCache):
+            stats.update(queries_searched=index.misses, searches_from_cache=index.hits)
         stats["index_seconds"] = round(index_seconds, 2)
         stats["seconds"] = round(time.perf_counter() - t0, 2)
         write_json(tmp / "stats.json", stats)
     return stats
+
+
+def search_identity(c: MineConfig, doc_ids: list[str], passage) -> str:
+    """What fixes a search's results besides the query vector: the embedder and its document
+    side, the corpus's ids and texts in index order, and the index's settings."""
+    from pipeline.artifacts import fingerprint
+    from pipeline.models import model_identity
+
+    corpus = hashlib.blake2b(digest_size=16)
+    for d in doc_ids:
+        corpus.update(f"{d}\x1f{passage(d)}\x1e".encode())
+    return fingerprint(
+        model_identity(c.embedder), c.max_length, c.document_prompt_name, corpus.hexdigest(), c.faiss_index, c.nprobe, c.ef_search
+    )
 
 
 def _check_mining_input(ds, data_dir, c: MineConfig) -> None:

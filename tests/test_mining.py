@@ -59,6 +59,36 @@ def test_rerun_embeds_nothing_and_added_documents_only_once(prepared, small_beir
     prepare_data(grown, tmp_path / "grown-data")
     third = _mine(tmp_path / "grown-data", tiny_models, tmp_path / "m3", cache, num_negatives=3)
     assert third["encode_calls"] == 1 and third["texts_embedded"] == 5
+    # A grown corpus changes every query's neighbours: nothing is taken from earlier searches.
+    assert third["searches_from_cache"] == 0
+
+
+def test_rerun_searches_only_queries_it_has_not_searched(prepared, small_beir, tiny_models, tmp_path):
+    cache = tmp_path / "cache"
+    first = _mine(prepared, tiny_models, tmp_path / "m1", cache, num_negatives=3)
+    held_out = first["dev_queries"] + first["test_queries"]
+    assert first["queries_searched"] == first["train_queries"] + held_out and first["searches_from_cache"] == 0
+    again = _mine(prepared, tiny_models, tmp_path / "m2", cache, num_negatives=3)
+    assert again["queries_searched"] == 0
+    for name in ("groups.parquet", "candidates-dev.parquet", "candidates-test.parquet"):
+        assert pq.read_table(tmp_path / "m2" / name).equals(pq.read_table(tmp_path / "m1" / name)), name
+
+    # A later date with three more training queries over the same corpus searches those three.
+    ds = read_dataset(small_beir)
+    qrels: dict[str, list] = {}
+    for q, d, s, split in ds.qrels:
+        qrels.setdefault(split, []).append((q, d, s))
+    docs = list(ds.corpus)
+    new = {f"new-q{i}": f"{ds.corpus[docs[i]][1][:60]} extra words {i}" for i in range(3)}
+    qrels["train"] += [(q, docs[i], 1) for i, q in enumerate(new)]
+    later = write_beir(tmp_path / "later", {**ds.queries, **new}, dict(ds.corpus), qrels)
+    prepare_data(later, tmp_path / "later-data")
+    third = _mine(tmp_path / "later-data", tiny_models, tmp_path / "m3", cache, num_negatives=3)
+    assert third["train_queries"] == first["train_queries"] + 3
+    assert third["queries_searched"] == 3 and third["searches_from_cache"] == first["train_queries"] + held_out
+    fresh = _mine(tmp_path / "later-data", tiny_models, tmp_path / "m4", tmp_path / "fresh-cache", num_negatives=3)
+    assert fresh["queries_searched"] == third["train_queries"] + held_out
+    assert pq.read_table(tmp_path / "m3" / "groups.parquet").equals(pq.read_table(tmp_path / "m4" / "groups.parquet"))
 
 
 def test_mining_statistics_and_groups(prepared, tiny_models, tmp_path):

@@ -1,11 +1,13 @@
-"""The teacher score cache: exact keys, scores found wherever their part lies, parts merged when
-they pile up. How a lookup's cost follows the keys looked up, not the cache, is measured by
+"""The keyed store and the teacher score cache on it: exact keys, values found wherever their
+part lies, parts merged when they pile up. How a lookup's cost follows the keys looked up, not the cache, is measured by
 ``make bench-scale``, not asserted here."""
 
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 
+from pipeline.keyed_store import KeyedStore, digest_keys
 from pipeline.score_cache import ScoreCache, pair_keys
 
 
@@ -53,3 +55,19 @@ def test_broken_scores_are_not_cached(tmp_path):
     cache = ScoreCache(tmp_path / "member")
     cache.add(pair_keys(_pairs(3)), np.array([1.0, np.nan, 2.0], np.float32))
     assert cache.parts() == []
+
+
+def test_store_keeps_fixed_width_rows_and_marks_misses(tmp_path):
+    values = pa.schema([("ids", pa.list_(pa.int64(), 3)), ("scores", pa.list_(pa.float32(), 3))])
+    store = KeyedStore(tmp_path / "searches", values, max_parts=2)
+    keys = digest_keys(f"query {i}" for i in range(30))
+    ids = np.arange(90, dtype=np.int64).reshape(30, 3)
+    for part in np.array_split(np.arange(30), 4):  # four parts: merged along the way
+        store.add(keys[part], {"ids": ids[part], "scores": -ids[part].astype(np.float32)})
+    assert len(store.parts()) <= 2 and len(store) == 30
+    ask = np.concatenate([keys[::-1], digest_keys([b"\x00\x01", "never added"])])
+    found, got = store.lookup(ask)
+    assert found.tolist() == [True] * 30 + [False] * 2
+    np.testing.assert_array_equal(got["ids"][:30], ids[::-1])
+    np.testing.assert_array_equal(got["scores"][:30], -ids[::-1].astype(np.float32))
+    assert (got["ids"][30:] == -1).all() and np.isnan(got["scores"][30:]).all()
