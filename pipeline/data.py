@@ -352,23 +352,45 @@ def _write_tables(folder: Path, suffix: str, queries: dict, corpus: dict) -> Non
 
 def load_normalized(folder: str | Path) -> Dataset:
     """Read what :func:`write_normalized` wrote."""
-    folder = Path(folder)
+    return NormalizedTables(folder).subset()
 
-    def tables(suffix: str):
-        q = pq.read_table(folder / f"queries{suffix}.parquet").to_pydict()
-        c = pq.read_table(folder / f"corpus{suffix}.parquet").to_pydict()
-        return dict(zip(q["query_id"], q["text"])), {
-            d: (t, x) for d, t, x in zip(c["doc_id"], c["title"], c["text"])
-        }
 
-    queries, corpus = tables("")
-    r = pq.read_table(folder / "qrels.parquet").to_pydict()
-    qrels = list(zip(r["query_id"], r["doc_id"], r["score"], r["split"]))
-    languages = {}
-    for p in folder.glob("queries.*.parquet"):
-        lang = p.name.split(".")[1]
-        languages[lang] = tables(f".{lang}")
-    return Dataset(queries, corpus, qrels, languages)
+class NormalizedTables:
+    """What :func:`write_normalized` wrote, as Arrow tables; :meth:`subset` makes the in-memory
+    :class:`Dataset` of some queries and passages only, so a stage can work through a large
+    dataset batch by batch without holding the whole corpus in Python dictionaries."""
+
+    def __init__(self, folder: str | Path):
+        folder = Path(folder)
+        self.tables = {"": self._texts(folder, "")}
+        for p in sorted(folder.glob("queries.*.parquet")):
+            lang = p.name.split(".")[1]
+            self.tables[lang] = self._texts(folder, f".{lang}")
+        self.qrels = pq.read_table(folder / "qrels.parquet")
+
+    @staticmethod
+    def _texts(folder: Path, suffix: str) -> tuple[pa.Table, pa.Table]:
+        return pq.read_table(folder / f"queries{suffix}.parquet"), pq.read_table(folder / f"corpus{suffix}.parquet")
+
+    def subset(self, query_ids: Sequence[str] | pa.Array | None = None, doc_ids: Sequence[str] | pa.Array | None = None) -> Dataset:
+        """The dataset restricted to these query and document ids (None: all of them); the
+        qrels kept are those of the queries kept."""
+        import pyarrow.compute as pc
+
+        def only(table: pa.Table, column: str, ids) -> dict:
+            if ids is not None:
+                table = table.filter(pc.is_in(table[column], value_set=pa.array(ids, pa.string())))
+            return table.to_pydict()
+
+        def texts(pair: tuple[pa.Table, pa.Table]):
+            q, c = only(pair[0], "query_id", query_ids), only(pair[1], "doc_id", doc_ids)
+            return dict(zip(q["query_id"], q["text"])), {d: (t, x) for d, t, x in zip(c["doc_id"], c["title"], c["text"])}
+
+        queries, corpus = texts(self.tables[""])
+        r = only(self.qrels, "query_id", query_ids)
+        qrels = list(zip(r["query_id"], r["doc_id"], r["score"], r["split"]))
+        languages = {lang: texts(pair) for lang, pair in self.tables.items() if lang}
+        return Dataset(queries, corpus, qrels, languages)
 
 
 def pair_texts(folder: str | Path, query_ids: Sequence[str], doc_ids: Sequence[str]) -> list[tuple[str, str]]:

@@ -19,6 +19,10 @@ skip it, having no label for it.
 Before that, ``false_negatives`` can drop, or relabel as positives, the mined negatives that the
 teacher scores within a margin of (or above) the query's lowest-scored positive: the best known
 flaw of mined negatives is that many are unjudged relevant passages.
+
+The stage works through the groups in batches (``GROUPS_PER_BATCH``), each with only its own
+texts and teacher scores in memory, and streams the rows to Arrow before they become a
+``datasets`` folder: its memory follows the batch, not the number of training queries.
 """
 
 from __future__ import annotations
@@ -33,8 +37,19 @@ import pyarrow as pa
 from losses.table import FORMATS
 from pipeline.errors import PipelineError
 
+GROUPS_PER_BATCH = 25_000
 
-def score_lookup(scores: pa.Table) -> dict[tuple[str, str], float]:
+
+class NoRowsError(PipelineError):
+    """A format got no training rows from the groups it was given."""
+
+
+def score_lookup(scores: pa.Table, query_ids: pa.Array | None = None) -> dict[tuple[str, str], float]:
+    """(query_id, doc_id) -> teacher score, for the rows of ``query_ids`` only when given."""
+    if query_ids is not None:
+        import pyarrow.compute as pc
+
+        scores = scores.filter(pc.is_in(scores["query_id"], value_set=query_ids))
     d = scores.to_pydict()
     return dict(zip(zip(d["query_id"], d["doc_id"]), d["score"]))
 
@@ -107,7 +122,7 @@ def build_rows(
             used[kind] += 1
     rows = len(cols.get("query", []))
     if rows == 0:
-        raise PipelineError(
+        raise NoRowsError(
             f"no training rows in format '{fmt}': {short} queries had fewer than {n_neg} mined negatives"
             if short
             else f"no training rows in format '{fmt}'"
@@ -179,31 +194,44 @@ def _pair_rows(cols, fmt, qid, q, pos_ids, negs, passage, score, grades) -> None
         cols.setdefault("label", []).append(label)
 
 
-def label_summary(fmt: str, cols: dict[str, list]) -> dict:
+def label_summary(fmt: str, cols: dict[str, list] | pa.Table) -> dict:
     """Mean and spread of the labels, or the number of classes for ``pair-class``."""
+    names = cols.column_names if isinstance(cols, pa.Table) else cols
+    if "label" not in names:
+        return {}
+    labels = cols["label"]
+    if isinstance(labels, pa.ChunkedArray):
+        import pyarrow.compute as pc
+
+        flat = (pc.list_flatten(labels) if pa.types.is_list(labels.type) else labels).to_numpy().astype(np.float64)
+    else:
+        flat = np.asarray(labels, np.float64).ravel()
     if fmt == "pair-class":
-        return {"num_classes": int(max(cols["label"])) + 1}
-    if "label" in cols:
-        flat = np.asarray(cols["label"], np.float64).ravel()
-        return {"label_mean": float(flat.mean()), "label_std": float(flat.std())}
-    return {}
+        return {"num_classes": int(flat.max()) + 1}
+    return {"label_mean": float(flat.mean()), "label_std": float(flat.std())}
+
+
+def rows_schema(cols: dict[str, list]) -> pa.Schema:
+    """The Arrow types of training columns (labels last, as sentence-transformers expects)."""
+    fields = []
+    for name, values in cols.items():
+        if name == "docs":
+            kind = pa.list_(pa.string())
+        elif name == "labels" or (name == "label" and values and isinstance(values[0], list)):
+            kind = pa.list_(pa.float32())
+        elif name == "label":
+            kind = pa.int64() if isinstance(values[0], int) else pa.float32()
+        else:
+            kind = pa.string()
+        fields.append((name, kind))
+    return pa.schema(fields)
 
 
 def to_dataset(cols: dict[str, list]):
-    """A ``datasets.Dataset`` with explicit feature types (labels last, as sentence-transformers expects)."""
-    from datasets import Dataset, Features, Sequence, Value
+    """A ``datasets.Dataset`` of training columns with explicit types."""
+    from datasets import Dataset, Features
 
-    features = {}
-    for name, values in cols.items():
-        if name in ("docs",):
-            features[name] = Sequence(Value("string"))
-        elif name in ("labels",) or (name == "label" and values and isinstance(values[0], list)):
-            features[name] = Sequence(Value("float32"))
-        elif name == "label":
-            features[name] = Value("int64") if isinstance(values[0], int) else Value("float32")
-        else:
-            features[name] = Value("string")
-    return Dataset.from_dict(cols, features=Features(features))
+    return Dataset.from_dict(cols, features=Features.from_arrow_schema(rows_schema(cols)))
 
 
 @dataclass(frozen=True)
@@ -222,39 +250,93 @@ def build_labels(data_dir, mined_dir, scores_path, out_dir, config: LabelConfig)
     c = config
     return write_labels(
         data_dir, mined_dir, scores_path, out_dir, c,
-        lambda groups, teacher, ds: build_rows(
-            c.fmt, groups, teacher, ds.queries, ds.passage, ds.relevant("train"), c.num_negatives, c.label_scale
+        lambda groups, teacher, ds, num_negatives: build_rows(
+            c.fmt, groups, teacher, ds.queries, ds.passage, ds.relevant("train"), num_negatives, c.label_scale
         ),
     )
 
 
-def write_labels(data_dir, mined_dir, scores_path, out_dir, config: LabelConfig, rows: Callable) -> dict:
-    """The rows ``rows(groups, teacher, dataset) -> (columns, stats)`` makes from the mined groups
-    (false negatives handled first), saved as a ``datasets`` folder with their statistics."""
+def write_labels(
+    data_dir, mined_dir, scores_path, out_dir, config: LabelConfig, rows: Callable, groups_per_batch: int = GROUPS_PER_BATCH
+) -> dict:
+    """The rows ``rows(groups, teacher, dataset, num_negatives) -> (columns, stats)`` makes from
+    the mined groups (false negatives handled first), saved as a ``datasets`` folder with their
+    statistics.
+
+    ``rows`` sees a batch of groups at a time, with the dataset and the teacher's scores of
+    that batch only; ``num_negatives`` is the configured count, or else the most negatives any
+    group kept, so every batch's n-tuples have the same columns."""
     import time
     from pathlib import Path
 
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
+    from datasets import Dataset
 
     from pipeline.artifacts import atomic_dir, write_json
-
-    t0 = time.perf_counter()
-    from pipeline.data import load_normalized
+    from pipeline.data import NormalizedTables
     from pipeline.scoring import read_scores
 
-    ds = load_normalized(data_dir)
-    groups = pq.read_table(Path(mined_dir) / "groups.parquet")
-    teacher = score_lookup(read_scores(scores_path)[0]) if scores_path else None
-    filter_stats = None
-    if teacher is not None:
-        groups, filter_stats = false_negatives(groups, teacher, config.false_negative_margin, config.false_negatives)
-    elif config.false_negatives != "keep":
+    t0 = time.perf_counter()
+    texts = NormalizedTables(data_dir)
+    scores = read_scores(scores_path)[0] if scores_path else None
+    if scores is None and config.false_negatives != "keep":
         raise PipelineError(f"--false-negatives {config.false_negatives} needs teacher scores")
-    cols, stats = rows(groups, teacher, ds)
-    if filter_stats:
-        stats["false_negatives"] = filter_stats
+
+    def teacher_of(batch: pa.Table):
+        return score_lookup(scores, batch["query_id"].combine_chunks()) if scores is not None else None
+
+    batches, filter_stats = [], {}
+    for batch in pq.read_table(Path(mined_dir) / "groups.parquet").to_batches(groups_per_batch):
+        batch = pa.Table.from_batches([batch])
+        if scores is not None:
+            batch, found = false_negatives(batch, teacher_of(batch), config.false_negative_margin, config.false_negatives)
+            _add_stats(filter_stats, found)
+        batches.append(batch)
+    lengths = [pc.max(pc.list_value_length(b["negative_ids"])).as_py() for b in batches if b.num_rows]
+    num_negatives = config.num_negatives if config.num_negatives is not None else max((n or 0 for n in lengths), default=0)
+
+    stats: dict = {}
+    empty: NoRowsError | None = None
+    schema: pa.Schema | None = None
     with atomic_dir(out_dir) as tmp:
-        to_dataset(cols).save_to_disk(str(tmp / "dataset"))
+        stream, writer = tmp / "rows.arrow", None
+        for batch in batches:
+            ids = pc.unique(pa.concat_arrays([pc.list_flatten(batch[c]).combine_chunks() for c in ("positive_ids", "negative_ids")]))
+            try:
+                cols, built = rows(batch, teacher_of(batch), texts.subset(batch["query_id"].combine_chunks(), ids), num_negatives)
+            except NoRowsError as e:
+                empty = empty or e
+                continue
+            if writer is None:
+                schema = rows_schema(cols)  # the first batch's; the rest must match it
+                writer = pa.ipc.new_stream(str(stream), schema)
+            table = pa.table(cols, schema=schema)
+            writer.write_table(table)
+            _add_stats(stats, built)
+        if writer is None:
+            raise empty or NoRowsError(f"no training rows in format '{config.fmt}': no mined groups")
+        writer.close()
+        dataset = Dataset.from_file(str(stream))
+        dataset.save_to_disk(str(tmp / "dataset"))
+        stats.update(rows=dataset.num_rows, **label_summary(config.fmt, dataset.data.table))
+        if "num_negatives" in stats:
+            stats["num_negatives"] = num_negatives
+        del dataset
+        stream.unlink()
+        if filter_stats:
+            stats["false_negatives"] = filter_stats
         stats["seconds"] = round(time.perf_counter() - t0, 2)
         write_json(tmp / "stats.json", stats)
     return stats
+
+
+def _add_stats(total: dict, part: dict) -> None:
+    """Add one batch's statistics to the running ones: counts add up, the rest is the first batch's."""
+    for key, value in part.items():
+        if isinstance(value, dict):
+            _add_stats(total.setdefault(key, {}), value)
+        elif isinstance(value, int) and not isinstance(value, bool) and key in total:
+            total[key] += value
+        else:
+            total.setdefault(key, value)

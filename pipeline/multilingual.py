@@ -20,7 +20,7 @@ import pyarrow as pa
 from pipeline.data import Dataset, join_title
 from pipeline.errors import PipelineError
 from pipeline.evaluation import EvalConfig
-from pipeline.labels import LabelConfig, build_rows, label_summary, write_labels
+from pipeline.labels import LabelConfig, NoRowsError, build_rows, label_summary, write_labels
 
 # Model rows of the per-language table, in the order they are shown.
 RANKERS = ("retriever", "teacher", "student_untrained", "student_source_only", "student")
@@ -104,9 +104,7 @@ def multilingual_rows(
                 view_cols, built = build_rows(
                     fmt, kept, teacher, queries, lambda d, c=corpus: join_title(*c[d]), grades, num_negatives, label_scale
                 )
-            except PipelineError as e:
-                if "no training rows" not in str(e):
-                    raise
+            except NoRowsError:
                 view_cols, built = {}, {"rows": 0, "queries_short_of_negatives": kept.num_rows}
             stats["rows"] = built["rows"]
             stats["queries_short_of_negatives"] = built.get("queries_short_of_negatives", 0)
@@ -115,7 +113,7 @@ def multilingual_rows(
         views[view_name(q_lang, p_lang)] = stats
     rows = len(cols.get("query", []))
     if rows == 0:
-        raise PipelineError(f"no training rows in format '{fmt}' in any language ({', '.join(views)})")
+        raise NoRowsError(f"no training rows in format '{fmt}' in any language ({', '.join(views)})")
     return cols, {"format": fmt, "rows": rows, "views": views, "num_negatives": num_negatives, **label_summary(fmt, cols)}
 
 
@@ -132,12 +130,12 @@ def build_multilingual_labels(data_dir, mined_dir, scores_path, out_dir, config:
     """Stage entry: the rows of every language view saved as one ``datasets`` folder (atomically)."""
     c = config
 
-    def rows(groups, teacher, ds):
+    def rows(groups, teacher, ds, num_negatives):
         for lang in c.languages:
             texts_of(ds, lang, c.source)  # a missing language fails before any view is built
         return multilingual_rows(
             c.fmt, groups, teacher, ds, list(c.languages), c.source, c.cross_lingual, ds.relevant("train"),
-            c.num_negatives, c.label_scale,
+            num_negatives, c.label_scale,
         )
 
     return write_labels(data_dir, mined_dir, scores_path, out_dir, c, rows)

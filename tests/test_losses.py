@@ -14,7 +14,8 @@ from datasets import load_from_disk
 
 import tasks
 from losses import LOSS_TABLE, build_loss, resolve_loss
-from pipeline.labels import LabelConfig, build_labels
+from losses.table import FORMATS
+from pipeline.labels import LabelConfig, build_labels, build_rows, write_labels
 from pipeline.models import cut_student
 from pipeline.scoring import read_scores
 from pipeline.training import _with_num_labels, fit_head_scale, student_loss_kwargs, train_student
@@ -40,6 +41,33 @@ def scored(small_beir, tiny_models, tmp_path_factory):
         "out": out,
         "unit_scale": 1.0 / float(np.std(read_scores(score.output().path)[0].column("score").to_numpy())),
     }
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_labels_built_in_batches_equal_one_pass(fmt, scored, tmp_path):
+    """Batches of three groups, each with only its own texts and scores, give the rows and
+    counts that one pass over every group gives."""
+    needs_scores = fmt not in ("pair-binary", "pair-class", "ntuple")
+    # Negatives half a spread above the lowest positive count as false ones: some groups lose some.
+    margin = -0.5 / scored["unit_scale"]
+    config = LabelConfig(fmt, false_negatives="drop" if needs_scores else "keep", false_negative_margin=margin)
+
+    def rows(groups, teacher, ds, num_negatives):
+        return build_rows(fmt, groups, teacher, ds.queries, ds.passage, ds.relevant("train"), num_negatives)
+
+    built = {}
+    for name, size in (("whole", 10**6), ("batched", 3)):
+        stats = write_labels(scored["data"], scored["mined"], scored["scores"] if needs_scores else None,
+                             tmp_path / name, config, rows, groups_per_batch=size)
+        built[name] = (stats, load_from_disk(str(tmp_path / name / "dataset")))
+    (whole, whole_rows), (batched, batched_rows) = built["whole"], built["batched"]
+    assert batched_rows.num_rows == whole_rows.num_rows > 0
+    assert batched_rows.data.table.equals(whole_rows.data.table)
+    assert batched_rows.features == whole_rows.features
+    if needs_scores:
+        assert 0 < whole["false_negatives"]["suspected"] < 3 * whole["judged_queries"]
+    assert batched.pop("false_negatives", None) == whole.pop("false_negatives", None)
+    assert {k: v for k, v in batched.items() if k != "seconds"} == pytest.approx({k: v for k, v in whole.items() if k != "seconds"})
 
 
 def _collate(rows):
