@@ -182,7 +182,7 @@ class EvalConfig:
     max_eval_queries: int = 0
     seed: int = 12
     device: str = run_only("cpu", "the same precision scores alike on every device, up to float rounding")
-    baseline_cache: str = run_only("", "scores that do not depend on the student's training, keyed by everything they do")
+    baseline_cache: str = run_only("", "a folder of scores that do not depend on the student's training, keyed by everything they do")
 
 
 def evaluate_student(data_dir, mined_dir, student_dir, out_dir, config: EvalConfig, run: dict, label_only_dir=None) -> dict:
@@ -192,9 +192,10 @@ def evaluate_student(data_dir, mined_dir, student_dir, out_dir, config: EvalConf
 
     ``run`` holds what the report shows beside the metrics: ``params`` (the run's settings and
     fingerprint), ``stages`` (each upstream stage's statistics) and ``timings``.
-    ``config.baseline_cache`` (a file path) keeps the retriever, teacher and untrained-student
-    scores, which do not depend on how the student was trained, so comparing many students pays
-    for them once.
+    ``config.baseline_cache`` (a folder, named by the settings those rankers depend on) keeps the
+    retriever, teacher and untrained-student scores, which do not depend on how the student was
+    trained, in a file named by the exact test pairs: comparing many students, or a later date
+    of a scheduled retrain with the same test candidates, pays for them once.
     """
     from pathlib import Path
 
@@ -215,7 +216,9 @@ def evaluate_student(data_dir, mined_dir, student_dir, out_dir, config: EvalConf
     pairs = [(ds.queries[q], ds.passage(d)) for q, d in zip(qids, dids)]
     dtype = resolve_precision(c.precision, c.device)
 
-    rankers = _cached_baselines(c.baseline_cache, len(pairs))
+    baseline_file = Path(c.baseline_cache) / f"{pairs_digest(qids, dids, pairs, retrieval)}.npz" if c.baseline_cache else None
+    rankers = _cached_baselines(baseline_file, len(pairs))
+    from_cache = rankers is not None
     if rankers is None:
         # The retriever's order comes from mining; it is timed re-scoring the same pairs, texts
         # embedded, as every other ranker is.
@@ -230,7 +233,7 @@ def evaluate_student(data_dir, mined_dir, student_dir, out_dir, config: EvalConf
         torch.manual_seed(c.seed)
         untrained = CrossEncoderScorer(cut_student(c.student, c.student_layers, c.device, c.max_length, head=c.student_head), c.device, dtype)
         rankers["student_untrained"] = timed_scores(lambda: untrained.score(pairs, desc="untrained student"))
-        _store_baselines(c.baseline_cache, rankers)
+        _store_baselines(baseline_file, rankers)
     trained = CrossEncoderScorer(load_cross_encoder(str(student_dir), c.device, c.max_length), c.device, dtype)
     rankers["student"] = timed_scores(lambda: trained.score(pairs, desc="student"))
     if label_only_dir:
@@ -246,6 +249,7 @@ def evaluate_student(data_dir, mined_dir, student_dir, out_dir, config: EvalConf
         "test_queries": len(set(qids)),
         "test_queries_with_positive_in_top_k": _queries_with_positive(qids, dids, qrels),
         "test_pairs": len(pairs),
+        "baselines_from_cache": from_cache,
         "precision": {"students": c.precision, "teacher": c.teacher_precision},
         "verdict": lines,
         "params": run["params"],
@@ -266,6 +270,18 @@ def evaluate_student(data_dir, mined_dir, student_dir, out_dir, config: EvalConf
 
 def _queries_with_positive(qids: list[str], dids: list[str], qrels: dict[str, dict[str, int]]) -> int:
     return len({q for q, d in zip(qids, dids) if qrels.get(q, {}).get(d, 0) > 0})
+
+
+def pairs_digest(qids: list[str], dids: list[str], pairs: list[tuple[str, str]], retrieval=None) -> str:
+    """A digest of exactly these candidate pairs (ids, texts and retrieval scores, in order)."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=16)
+    for q, d, (qt, pt) in zip(qids, dids, pairs):
+        h.update(f"{q}\x1f{d}\x1f{qt}\x1f{pt}\x1e".encode())
+    if retrieval is not None:
+        h.update(np.asarray(retrieval, np.float32).tobytes())
+    return h.hexdigest()
 
 
 def _cached_baselines(path, n_pairs: int):

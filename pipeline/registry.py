@@ -170,16 +170,22 @@ def gate_ndcg(
     precision: str = "auto",
     max_length: int = 256,
     max_queries: int = 0,
+    cache_dir: str | os.PathLike | None = None,
 ) -> dict[str, float]:
     """nDCG@10 of the retriever's own order and of each model reranking the same dev candidates
-    of the gate dataset (the retriever's true top-k)."""
+    of the gate dataset (the retriever's true top-k).
+
+    With ``cache_dir``, a model's scores are kept under its content hash, the precision, the
+    length and the exact pairs: a champion gated again on the same candidates (the next date's
+    gate, when it was the challenger of this one) is not rescored."""
     import numpy as np
     import pyarrow.parquet as pq
 
     from pipeline.data import load_normalized
-    from pipeline.evaluation import candidate_pairs, ranking_metrics, to_run
+    from pipeline.artifacts import fingerprint
+    from pipeline.evaluation import candidate_pairs, pairs_digest, ranking_metrics, to_run
     from pipeline.mining import ds_source
-    from pipeline.models import load_cross_encoder, resolve_precision
+    from pipeline.models import load_cross_encoder, model_identity, resolve_precision
     from pipeline.scoring import CrossEncoderScorer
 
     path = Path(mined_dir) / f"candidates-{GATE_SPLIT}.parquet"
@@ -194,9 +200,18 @@ def gate_ndcg(
     pairs = [(ds.queries[q], ds.passage(d)) for q, d in zip(qids, dids)]
     dtype = resolve_precision(precision, device)
     out = {"retriever": ranking_metrics(to_run(qids, dids, retrieval), qrels)["ndcg@10"]}
+    digest = pairs_digest(qids, dids, pairs)
     for name, model in model_dirs.items():
-        scorer = CrossEncoderScorer(load_cross_encoder(str(model), device, max_length), device, dtype)
-        scores = np.asarray(scorer.score(pairs, desc=f"gate: {name}"))
+        kept = Path(cache_dir) / f"{fingerprint(model_identity(str(model)), device, str(dtype), max_length, digest)}.npy" if cache_dir else None
+        if kept is not None and kept.is_file():
+            scores = np.load(kept)
+        else:
+            scorer = CrossEncoderScorer(load_cross_encoder(str(model), device, max_length), device, dtype)
+            scores = np.asarray(scorer.score(pairs, desc=f"gate: {name}"), np.float32)
+            if kept is not None:
+                kept.parent.mkdir(parents=True, exist_ok=True)
+                with atomic_file(kept) as tmp, open(tmp, "wb") as f:
+                    np.save(f, scores)
         out[name] = ranking_metrics(to_run(qids, dids, scores), qrels)["ndcg@10"]
     return out
 
@@ -225,7 +240,7 @@ def promote_or_keep(
         models = {"challenger": student_dir}
         if champion:
             models["champion"] = champion["registry_student"]
-        scores = gate_ndcg(models, gate_data_dir, gate_mined_dir, device, precision, max_length, max_queries)
+        scores = gate_ndcg(models, gate_data_dir, gate_mined_dir, device, precision, max_length, max_queries, reg.root / "gate-scores")
         promoted, reason = gate_decision(
             scores["challenger"], scores.get("champion"), tolerance, scores["retriever"] if gate_on_retriever else None
         )

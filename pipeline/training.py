@@ -1,6 +1,8 @@
 """Training: fit a student CrossEncoder with CrossEncoderTrainer and a loss from the loss table.
 
-The student is cut from a pretrained backbone (its first ``student_layers`` layers). Training
+The student is cut from a pretrained backbone (its first ``student_layers`` layers), or, in
+scheduled retraining, continues from the champion on the queries it has not seen plus a replayed
+sample of those it has (``continued_rows``). Training
 checkpoints go to a work folder, so a killed run resumes from its last checkpoint; the finished
 model is saved atomically in the standard CrossEncoder format with a model card that names the
 teacher, the loss and the data. ``fit_student_distributed`` runs the same training under
@@ -194,9 +196,13 @@ def train_student(
     work_dir: str | Path | None = None,
     group_by_length: bool = True,
     extra_stats: dict | None = None,
+    warm_start: str = "",
 ) -> dict:
     """Train and save the student to ``out_dir`` with its ``stats.json`` (``extra_stats`` and the
-    training statistics, written inside the same atomic rename); returns the statistics."""
+    training statistics, written inside the same atomic rename); returns the statistics.
+
+    ``warm_start``: a trained student folder to continue from instead of cutting a new one
+    (its head keeps its trained scale); with no rows to train on it is saved unchanged."""
     from sentence_transformers.cross_encoder import CrossEncoderTrainer
     from sentence_transformers.cross_encoder.evaluation import CrossEncoderRerankingEvaluator
     from transformers import set_seed
@@ -205,10 +211,18 @@ def train_student(
     spec, _ = resolve_loss(loss)
     # A classification loss resizes the sequence-classification head, so it keeps that head.
     head = "cls" if num_labels != 1 else student_head
-    model = cut_student(student, student_layers, device, max_length, trust_remote_code, head=head)
-    if num_labels != 1:
-        model = _with_num_labels(model, num_labels)
-    head_scale = fit_head_scale(model, train_dataset, spec.format)
+    if warm_start:
+        from pipeline.models import load_cross_encoder
+
+        model = load_cross_encoder(warm_start, device, max_length, trust_remote_code=trust_remote_code)
+        head_scale = None
+        if not len(train_dataset):
+            return _save_student(model, out_dir, {**(extra_stats or {}), "loss": spec.name, "rows": 0, "steps": 0, "seconds": 0.0})
+    else:
+        model = cut_student(student, student_layers, device, max_length, trust_remote_code, head=head)
+        if num_labels != 1:
+            model = _with_num_labels(model, num_labels)
+        head_scale = fit_head_scale(model, train_dataset, spec.format)
     if card:
         _describe(model, card, spec.name)
     loss_module = build_loss(model, loss, student_loss_kwargs(model, loss, loss_kwargs))
@@ -250,14 +264,36 @@ def train_student(
         "processes": int(os.environ.get("WORLD_SIZE", "1")),
         **({"head_initial_scale": round(head_scale, 4)} if head_scale is not None else {}),
     }
+    _save_student(model, out_dir, stats)
+    shutil.rmtree(work, ignore_errors=True)
+    return stats
+
+
+def _save_student(model, out_dir, stats: dict) -> dict:
     # The statistics go inside the folder before its rename: written afterwards, they could land
     # in a folder that a concurrent run of the same stage has just replaced.
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(str(tmp))
         self_contained(tmp)
         write_json(tmp / "stats.json", stats)
-    shutil.rmtree(work, ignore_errors=True)
     return stats
+
+
+def continued_rows(train, seen_data_dir: str | Path, replay_ratio: float, seed: int):
+    """The rows a warm-started student trains on, and what they hold: every row whose query the
+    snapshot in ``seen_data_dir`` (a prepared data folder) did not have, and ``replay_ratio``
+    times as many of the other rows, drawn at random (seeded), so that what the champion learnt
+    from them is rehearsed rather than forgotten."""
+    import pyarrow.parquet as pq
+
+    if replay_ratio < 0:
+        raise PipelineError(f"--replay-ratio must be at least 0, got {replay_ratio}")
+    seen = set(pq.read_table(Path(seen_data_dir) / "queries.parquet", columns=["text"]).column("text").to_pylist())
+    is_new = np.fromiter((q not in seen for q in train["query"]), bool, len(train))
+    new, old = np.flatnonzero(is_new), np.flatnonzero(~is_new)
+    replay = np.random.default_rng(seed).choice(old, min(len(old), round(replay_ratio * len(new))), replace=False)
+    rows = np.sort(np.concatenate([new, replay]))
+    return train.select(rows), {"new_rows": int(len(new)), "replayed_rows": int(len(replay)), "rows_available": len(train)}
 
 
 def _describe(model, card: dict, loss_name: str) -> None:
@@ -360,6 +396,9 @@ class FitConfig:
     seed: int = 12
     teacher_name: str = ""  # what the model card says the student was distilled from
     device: str = run_only("cpu", "the trainer's results agree across devices up to float rounding")
+    warm_start: str = model()  # a trained student to continue from ("" : cut a new one from student)
+    seen_data: str = ""  # with warm_start: the prepared snapshot it trained on; its queries are replayed, not retrained
+    replay_ratio: float = 1.0  # with warm_start: replayed rows of seen queries per row of a new query
     max_dev_queries: int = run_only(200, "sizes the dev check logged during training; the model is the same")
     trust_remote_code: bool = run_only(False, "permits a model's own code to load; the model is the same or does not load")
 
@@ -383,6 +422,12 @@ def fit_student(data_dir: str | Path, mined_dir: str | Path, labels_dir: str | P
     ds = load_normalized(data_dir)
     # In memory: a cache file written into the labels folder would change a finished artifact.
     train = load_from_disk(str(Path(labels_dir) / "dataset")).shuffle(seed=c.seed, keep_in_memory=True)
+    continued = {}
+    if c.warm_start:
+        if not c.seen_data:
+            raise PipelineError("a warm start needs the snapshot it was trained on (seen_data) to tell new queries from seen ones")
+        train, continued = continued_rows(train, c.seen_data, c.replay_ratio, c.seed)
+        continued["warm_start"] = c.warm_start
     dev_samples = None
     dev_path = Path(mined_dir) / "candidates-dev.parquet"
     if dev_path.exists() and c.max_dev_queries:
@@ -399,6 +444,7 @@ def fit_student(data_dir: str | Path, mined_dir: str | Path, labels_dir: str | P
             "model_name": f"{c.student_layers}-layer reranker distilled from {c.teacher_name or 'judged labels'} with {c.loss}",
             "dataset": str(data_dir),
         },
+        warm_start=c.warm_start, extra_stats=continued,
     )
 
 

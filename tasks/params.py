@@ -127,6 +127,15 @@ class TrainParams(LabelParams):
     # 0.845 / 0.861 / 0.841 at 2e-5 / 1e-4 / 3e-4 / 1e-3. A cut student learns little at fine-tuning rates.
     learning_rate = luigi.FloatParameter(default=3e-4, description="peak learning rate (linear warmup over 10%, then decay)")
     train_precision = luigi.Parameter(default="auto", description="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16")
+    warm_start = luigi.Parameter(
+        default="", description="a trained student folder to continue training instead of cutting one from --student "
+        "(RetrainStudent passes the champion); needs --seen-data",
+    )
+    seen_data = luigi.Parameter(
+        default="", description="with --warm-start: the prepared data folder (<run>/data/<fingerprint>) it was trained on; "
+        "rows of queries not in it train, with --replay-ratio times as many rows of queries in it",
+    )
+    replay_ratio = luigi.FloatParameter(default=1.0, description="with --warm-start: replayed rows of seen queries per new row")
     max_dev_queries = luigi.IntParameter(default=200, significant=False)
     nproc_per_node = luigi.IntParameter(
         default=1, significant=False, description="GPUs to train on, one torchrun process each (DDP); 1 or no GPU = one process"

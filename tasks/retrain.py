@@ -17,6 +17,10 @@ from tasks.params import EvalParams, SnapshotDate
 from tasks.stages import FineTuneTeacher, MineHardNegatives, PrepareData, TrainStudent
 
 
+# Settings that make a student what it is: a champion made otherwise is not trained further.
+STUDENT_RECIPE = ("student", "student_layers", "student_head", "loss", "loss_kwargs", "max_length")
+
+
 class RetrainStudent(SnapshotDate, EvalParams, luigi.Task):
     """Retrain on one date's snapshot; promote the student to <registry>/current if it passes the gate."""
 
@@ -37,6 +41,11 @@ class RetrainStudent(SnapshotDate, EvalParams, luigi.Task):
         "for this many days, so the score cache serves every pair it scored; 0: fine-tune a teacher on every date",
     )
     refresh_teacher = luigi.BoolParameter(default=False, description="fine-tune a new teacher on this date's snapshot")
+    continue_champion = luigi.BoolParameter(
+        default=True, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
+        description="train the champion further on this date's new queries (with --replay-ratio as many rows of the queries it "
+        "has seen) when an earlier date made it with the same student recipe; false: train a new student on the whole snapshot",
+    )
     rollback = luigi.BoolParameter(default=False, description="point current back to the previous champion and stop")
     rollback_from = luigi.Parameter(
         default="", description="with --rollback: the champion run to retire; nothing happens when it is no longer the "
@@ -72,12 +81,30 @@ class RetrainStudent(SnapshotDate, EvalParams, luigi.Task):
         found = teacher.kept_teacher(self.output_dir, self.date, self.teacher_max_age_days, recipe)
         return str(found or "")
 
+    @functools.cached_property
+    def warm_start_from(self) -> dict:
+        """The champion to train further and the prepared snapshot it was trained on, when an
+        earlier date made it with this student recipe ({}: a new student). Decided once."""
+        if not self.continue_champion or self.warm_start:
+            return {}
+        champion = registry.Registry(self.registry).champion()
+        if not champion or champion.get("run", "") >= self.run_name:
+            return {}
+        mine = self.to_str_params(only_significant=True)
+        if any(champion.get("params", {}).get(k) != mine.get(k) for k in STUDENT_RECIPE):
+            return {}
+        seen = Path(self.output_dir) / champion["run"] / PrepareData.stage_dir / champion.get("data_fingerprint", "")
+        student = Path(champion.get("registry_student", ""))
+        if not (seen / "queries.parquet").is_file() or not student.is_dir():
+            return {}
+        return {"warm_start": str(student), "seen_data": str(seen)}
+
     def requires(self):
         if self.rollback:
             return {}
         gate = self.gate_dataset or self.snapshot()
         return {
-            "run": self.clone(TrainStudent, dataset=self.snapshot(), teacher=self.run_teacher, **self.shared),
+            "run": self.clone(TrainStudent, dataset=self.snapshot(), teacher=self.run_teacher, **self.shared, **self.warm_start_from),
             "data": self.clone(PrepareData, dataset=self.snapshot(), **self.shared),
             "gate_data": self.clone(PrepareData, dataset=gate, **self.shared),
             "gate_mined": self.clone(MineHardNegatives, dataset=gate, **self.shared),
@@ -100,6 +127,7 @@ class RetrainStudent(SnapshotDate, EvalParams, luigi.Task):
             "dataset": self.snapshot(),
             "data_fingerprint": self.requires()["data"].fp,
             "teacher": self.run_teacher or "fine-tuned on this date",
+            "student_started_from": self.warm_start_from.get("warm_start") or self.warm_start or self.student,
             "params": {k: v for k, v in self.to_str_params(only_significant=True).items()},
         }
         registry.promote_or_keep(

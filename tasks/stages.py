@@ -318,6 +318,8 @@ class FitStudent(TrainParams, Stage):
             precision=_train_precision(self.run_device, self.train_precision),
             world_size=training.world_size(self.nproc_per_node, self.run_device), seed=self.seed,
             teacher_name=resolved_teacher(self) if "scores" in labels_task.requires() else "",
+            warm_start=self.warm_start, seen_data=self.seen_data if self.warm_start else "",
+            replay_ratio=self.replay_ratio if self.warm_start else 1.0,
             device=self.run_device, max_dev_queries=self.max_dev_queries, trust_remote_code=self.trust_remote_code,
         )
 
@@ -375,15 +377,17 @@ class EvaluateStudent(EvalParams, Stage):
         if resolve_loss(self.label_only_loss)[0].needs_teacher:
             raise PipelineError(f"--label-only-loss {self.label_only_loss}: this loss needs teacher scores; choose a label-only one")
         return self.clone(
-            FitStudent, loss=self.label_only_loss, learning_rate=self.label_only_learning_rate, epochs=self.label_only_epochs, loss_kwargs=""
+            FitStudent, loss=self.label_only_loss, learning_rate=self.label_only_learning_rate, epochs=self.label_only_epochs, loss_kwargs="",
+            warm_start="", seen_data="",
         )
 
     @functools.cached_property
     def config(self) -> evaluation.EvalConfig:
         base = _eval_config(self, evaluation.EvalConfig)
-        # Scores that do not depend on the student's training are shared by every student of a run.
-        key = config_fingerprint(base, self.identity, self.clone(MineHardNegatives).fp)
-        return dataclasses.replace(base, baseline_cache=str(self.root / "cache" / "eval" / f"{key}.npz"))
+        # Scores that do not depend on the student's training are shared by every student that
+        # reranks the same test pairs (the file inside is named by them), across dates too.
+        key = config_fingerprint(base, self.identity)
+        return dataclasses.replace(base, baseline_cache=str(Path(self.cache_dir or self.root / "cache") / "eval" / key))
 
     @functools.cached_property
     def fp(self) -> str:

@@ -79,6 +79,61 @@ def test_second_date_scores_only_new_pairs(retrained):
     assert set(second["timings"]) >= {"MineHardNegatives", "ScoreWithTeacher", "FitStudent"}
 
 
+def test_second_date_trains_the_champion_further_on_its_new_queries(retrained, tiny_models):
+    from datasets import load_from_disk
+
+    root, snapshots, new = retrained
+    first, second = _record(root, D1), _record(root, D2)
+    champion = root / "registry" / "students" / D1.isoformat()
+    fit = second["stages"]["FitStudent"]
+    assert "warm_start" not in first["stages"]["FitStudent"] and first["student_started_from"] == tiny_models["student"]
+    assert fit["warm_start"] == second["student_started_from"] == str(champion)
+    # Every row of a new query trains, and as many rows of seen queries are replayed.
+    labels = next((root / "runs" / D2.isoformat() / "labels").iterdir()) / "dataset"
+    from pipeline.data import load_normalized
+
+    ds = load_normalized(next((root / "runs" / D2.isoformat() / "data").iterdir()))
+    new_texts = {ds.queries[q] for q in new}
+    rows = load_from_disk(str(labels))
+    expected = sum(q in new_texts for q in rows["query"])
+    assert 0 < expected < len(rows)
+    assert fit["new_rows"] == expected and fit["replayed_rows"] == expected and fit["rows"] == 2 * expected
+    assert fit["rows_available"] == len(rows)
+
+    # A later date continues whichever champion stands; without --continue-champion, or with
+    # another student recipe, it trains a new student on its whole snapshot.
+    params = dag_params(str(snapshots / "{date}"), tiny_models, root / "runs", RetrainStudent, registry=str(root / "registry"))
+    later = datetime.date(2026, 12, 1)
+    assert RetrainStudent(date=later, **params).requires()["run"].warm_start == str(root / "registry" / "students" / D2.isoformat())
+    assert RetrainStudent(date=later, continue_champion=False, **params).requires()["run"].warm_start == ""
+    other = {**params, "student_layers": params.get("student_layers", 2) + 1}
+    assert RetrainStudent(date=later, **other).requires()["run"].warm_start == ""
+
+
+def test_unchanged_rankers_are_not_rescored_on_a_later_date(retrained, monkeypatch, tmp_path):
+    """The second date's test candidates are the first's: its retriever, teacher and untrained
+    rows come from the first date's evaluation. A champion gated again on the same candidates
+    is read back, not rescored."""
+    import pipeline.scoring
+    from pipeline.registry import gate_ndcg
+
+    root, _, _ = retrained
+
+    def evaluation(date):
+        return json.loads(next((root / "runs" / date.isoformat() / "eval").glob("*/metrics.json")).read_text())
+
+    assert not evaluation(D1)["baselines_from_cache"] and evaluation(D2)["baselines_from_cache"]
+    assert evaluation(D2)["test"]["teacher"] == evaluation(D1)["test"]["teacher"]
+
+    data, mined = (next((root / "runs" / D2.isoformat() / stage).iterdir()) for stage in ("data", "mined"))
+    champion = {"champion": root / "registry" / "students" / D1.isoformat()}
+    first = gate_ndcg(champion, data, mined, max_length=64, cache_dir=tmp_path / "gate-scores")
+    monkeypatch.setattr(pipeline.scoring, "CrossEncoderScorer", lambda *a, **k: pytest.fail("rescored"))
+    assert gate_ndcg(champion, data, mined, max_length=64, cache_dir=tmp_path / "gate-scores") == first
+    with pytest.raises(pytest.fail.Exception):  # another length scores other token windows
+        gate_ndcg(champion, data, mined, max_length=32, cache_dir=tmp_path / "gate-scores")
+
+
 def test_promotion_history_and_rerun_does_nothing(retrained, tiny_models):
     root, snapshots, _ = retrained
     reg = Registry(root / "registry")
