@@ -55,7 +55,8 @@ def snapshot(source: Path, dest: Path, drop_share: float) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dataset", default="data/debian-descriptions")
-    ap.add_argument("--teacher", default="models/all-MiniLM-L6-v2", help="a fixed, trained teacher")
+    ap.add_argument("--teacher", default="", help="a fixed, trained teacher; default: the first date fine-tunes one (luigi.cfg's recipe) "
+                    "and the second keeps it")
     ap.add_argument("--work", default="runs/bench-retrain")
     ap.add_argument("--results", default="benchmarks/results/retrain")
     args = ap.parse_args()
@@ -83,21 +84,25 @@ def main() -> None:
             "pairs_scored": stages["ScoreWithTeacher"]["pairs_scored"],
             "pairs_from_cache": stages["ScoreWithTeacher"]["pairs_from_cache"],
             "promoted": record["promoted"],
+            "teacher": record["teacher"],
+            "continued": "warm_start" in stages["FitStudent"],
+            "student_rows": stages["FitStudent"]["rows"],
             "gate": record["gate"],
             "student_ndcg@10": record["metrics"]["student"]["ndcg@10"],
             "retriever_ndcg@10": record["metrics"]["retriever"]["ndcg@10"],
         })
         print(json.dumps(rows[-1], indent=1), flush=True)
 
-    quality = continued_against_scratch(work, args.teacher)
+    quality = continued_against_scratch(work)
     results = {"dataset": args.dataset, "teacher": args.teacher, "new_training_queries": new, "dates": rows,
                "date_2_cost_share": round(rows[1]["wall_seconds"] / rows[0]["wall_seconds"], 3), "students": quality}
     out = Path(args.results)
     write_json(out.with_suffix(".json"), results)
     stage_names = list(rows[0]["stage_seconds"])
     lines = [
-        f"`make bench-retrain` on `{args.dataset}` (teacher `{args.teacher}`, settings of luigi.cfg's [RetrainStudent] "
-        f"and defaults): the second date adds {new} training queries (10%).",
+        f"`make bench-retrain` on `{args.dataset}` (teacher: {args.teacher or 'fine-tuned by the first date, kept by the second'}; "
+        f"settings of luigi.cfg's [RetrainStudent] and defaults): the second date adds {new} training queries (10%) and "
+        f"{'continues the champion' if rows[1]['continued'] else 'trains a new student'}.",
         "",
         "| date | wall s | " + " | ".join(f"{s} s" for s in stage_names)
         + " | texts embedded | pairs scored | pairs from cache | gate (dev nDCG@10): challenger / retriever / champion | promoted |",
@@ -132,16 +137,17 @@ def main() -> None:
     print("\n".join(lines))
 
 
-def continued_against_scratch(work: Path, teacher: str) -> dict:
-    """The second snapshot's student, continued from the first date's champion or trained from
-    scratch, per seed, with everything else at RetrainStudent's settings; every test query."""
-    first = json.loads(Registry(work / "registry").run_record(DATES[0].isoformat()).read_text())
+def continued_against_scratch(work: Path) -> dict:
+    """The second snapshot's student, continued from the first date's student or trained from
+    scratch, per seed, with the second date's teacher and everything else at RetrainStudent's
+    settings; every test query."""
+    first, second = (json.loads(Registry(work / "registry").run_record(d.isoformat()).read_text()) for d in DATES)
     warm = {
-        "warm_start": str(work / "registry" / "students" / DATES[0].isoformat()),
+        "warm_start": first.get("registry_student") or first["student"],
         "seen_data": str(work / "runs" / DATES[0].isoformat() / "data" / first["data_fingerprint"]),
     }
     common = dict(dataset=str(work / "snapshots" / DATES[1].isoformat()), output_dir=str(work / "students"),
-                  cache_dir=str(work / "runs" / "cache"), teacher=teacher, max_eval_queries=0, label_only_loss="")
+                  cache_dir=str(work / "runs" / "cache"), teacher=second["teacher"], max_eval_queries=0, label_only_loss="")
     out: dict = {}
     per_query: dict[str, list] = {}
     for name, extra in (("continued", warm), ("scratch", {})):
