@@ -248,7 +248,9 @@ def train_student(
     seconds = time.perf_counter() - t0
     if not trainer.is_world_process_zero():
         return {}
-    dev_metrics = evaluator(model) if evaluator else {}
+    dev_metrics = _final_dev_metrics(trainer.state.log_history, result.global_step) if evaluator else {}
+    if evaluator and not dev_metrics:
+        dev_metrics = evaluator(model)
     samples = len(train_dataset) * epochs
     stats = {
         **(extra_stats or {}),
@@ -267,6 +269,17 @@ def train_student(
     _save_student(model, out_dir, stats)
     shutil.rmtree(work, ignore_errors=True)
     return stats
+
+
+def _final_dev_metrics(log_history: list[dict], final_step: int) -> dict:
+    """The dev evaluator's metrics the trainer logged at the last step, if it evaluated there
+    (training ends on an epoch boundary): the finished model needs no second pass over dev."""
+    for entry in reversed(log_history):
+        if any(k.startswith("eval_dev_") for k in entry):
+            if entry.get("step") != final_step:
+                return {}
+            return {k.removeprefix("eval_"): v for k, v in entry.items() if k.startswith("eval_dev_")}
+    return {}
 
 
 def _save_student(model, out_dir, stats: dict) -> dict:

@@ -180,3 +180,26 @@ def test_squashing_losses_see_the_cosine_heads_scores_as_they_are(tiny_models):
     explicit = {"activation_fn": "torch.nn.Sigmoid", "scale": 5.0}
     assert student_loss_kwargs(cosine, "CachedMultipleNegativesRankingLoss", explicit) == explicit
     assert student_loss_kwargs(cosine, "MarginMSELoss", None) == {}
+
+
+def test_dev_metrics_are_those_of_the_saved_student(scored, tiny_models, tmp_path):
+    """The dev check in the student's statistics is the trainer's last-step evaluation, reused
+    rather than run twice: it equals a fresh evaluation of the saved student."""
+    import pyarrow.parquet as pq
+    from sentence_transformers.cross_encoder.evaluation import CrossEncoderRerankingEvaluator
+
+    from pipeline.data import load_normalized
+    from pipeline.models import load_cross_encoder
+    from pipeline.training import reranking_samples
+
+    build_labels(scored["data"], scored["mined"], scored["scores"], tmp_path / "labels", LabelConfig("ntuple-margin", num_negatives=3))
+    rows = load_from_disk(str(tmp_path / "labels" / "dataset"))
+    ds = load_normalized(scored["data"])
+    cand = pq.read_table(f"{scored['mined']}/candidates-dev.parquet").to_pydict()
+    samples = reranking_samples(dict(zip(cand["query_id"], cand["doc_ids"])), ds.relevant("dev"), ds.queries, ds.passage)
+    stats = train_student(rows, "PackedMarginMSELoss", tmp_path / "student", student=tiny_models["student"], student_layers=2,
+                          epochs=1, batch_size=8, max_length=64, dev_samples=samples, seed=SEED)
+    evaluator = CrossEncoderRerankingEvaluator(samples, at_k=10, name="dev", batch_size=64, write_csv=False, always_rerank_positives=False)
+    again = evaluator(load_cross_encoder(str(tmp_path / "student"), "cpu", 64))
+    assert stats["dev"] and set(stats["dev"]) == set(again)
+    assert stats["dev"] == pytest.approx({k: float(v) for k, v in again.items()}, abs=1e-6)
