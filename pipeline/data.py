@@ -377,9 +377,11 @@ class NormalizedTables:
         qrels kept are those of the queries kept."""
         import pyarrow.compute as pc
 
-        def only(table: pa.Table, column: str, ids) -> dict:
+        query_ids, doc_ids = (None if ids is None else pa.array(ids, pa.string()) for ids in (query_ids, doc_ids))
+
+        def only(table: pa.Table, column: str, ids: pa.Array | None) -> dict:
             if ids is not None:
-                table = table.filter(pc.is_in(table[column], value_set=pa.array(ids, pa.string())))
+                table = table.filter(pc.is_in(table[column], value_set=ids))
             return table.to_pydict()
 
         def texts(pair: tuple[pa.Table, pa.Table]):

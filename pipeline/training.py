@@ -31,7 +31,7 @@ from pipeline.artifacts import atomic_dir, one_writer, write_json
 from pipeline.config import model, run_only
 from pipeline.errors import PipelineError
 from pipeline.heads import self_contained
-from pipeline.models import cut_student
+from pipeline.models import cut_student, load_cross_encoder
 
 log = logging.getLogger(__name__)
 
@@ -212,8 +212,6 @@ def train_student(
     # A classification loss resizes the sequence-classification head, so it keeps that head.
     head = "cls" if num_labels != 1 else student_head
     if warm_start:
-        from pipeline.models import load_cross_encoder
-
         model = load_cross_encoder(warm_start, device, max_length, trust_remote_code=trust_remote_code)
         head_scale = None
         if not len(train_dataset):
