@@ -235,9 +235,12 @@ def train_student(
         evaluator = CrossEncoderRerankingEvaluator(
             dev_samples, at_k=10, name="dev", batch_size=64, write_csv=False, always_rerank_positives=False
         )
+    # Mixed precision runs the trainer's evaluations under autocast; the dev check scores the
+    # weights as saved, so in bf16/fp16 it runs once after training, on the model without autocast.
+    evaluate_in_trainer = evaluator is not None and precision == "fp32"
     args = _training_arguments(
         work, len(train_dataset), epochs, batch_size, learning_rate, warmup_ratio, precision, device, seed,
-        evaluate=evaluator is not None, group_by_length=group_by_length,
+        evaluate=evaluate_in_trainer, group_by_length=group_by_length,
     )
     trainer = CrossEncoderTrainer(model=model, args=args, train_dataset=train_dataset, loss=loss_module, evaluator=evaluator)
     checkpoint = last_complete_checkpoint(work)
@@ -246,9 +249,9 @@ def train_student(
     seconds = time.perf_counter() - t0
     if not trainer.is_world_process_zero():
         return {}
-    dev_metrics = _final_dev_metrics(trainer.state.log_history, result.global_step) if evaluator else {}
+    dev_metrics = _final_dev_metrics(trainer.state.log_history, result.global_step) if evaluate_in_trainer else {}
     if evaluator and not dev_metrics:
-        dev_metrics = evaluator(model)
+        dev_metrics = evaluator(trainer.accelerator.unwrap_model(model, keep_fp32_wrapper=False))
     samples = len(train_dataset) * epochs
     stats = {
         **(extra_stats or {}),

@@ -126,7 +126,7 @@ class TrainParams(LabelParams):
     # Chosen on the demo's dev split (make bench-e2e; 3 layers, cosine head, one seed): nDCG@10 0.665 /
     # 0.845 / 0.861 / 0.841 at 2e-5 / 1e-4 / 3e-4 / 1e-3. A cut student learns little at fine-tuning rates.
     learning_rate = luigi.FloatParameter(default=3e-4, description="peak learning rate (linear warmup over 10%, then decay)")
-    train_precision = luigi.Parameter(default="auto", description="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16")
+    train_precision = luigi.Parameter(default="auto", description="auto (bf16 on CUDA and on CPUs with AMX or AVX512-BF16, else fp32), fp32, bf16, fp16")
     warm_start = luigi.Parameter(
         default="", description="a trained student folder to continue training instead of cutting one from --student "
         "(RetrainStudent passes the champion); needs --seen-data",

@@ -88,11 +88,17 @@ def test_a_model_is_fingerprinted_by_its_identity_not_its_path():
     assert config_fingerprint(config, identity=lambda ref: "weights-2") != same
 
 
-def test_tasks_resolve_auto_settings_before_fingerprinting(small_beir, tiny_models, tmp_path):
-    """The configuration holds what runs (a resolved head, precision and process count), not 'auto'."""
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_tasks_resolve_auto_settings_before_fingerprinting(monkeypatch, small_beir, tiny_models, tmp_path, native_bf16):
+    """The configuration holds what runs (a resolved head, precision and process count), not 'auto';
+    training's auto precision is bf16 on a CPU with bf16 matrix instructions, fp32 on one without."""
+    import pipeline.models
+
+    monkeypatch.setattr(pipeline.models, "native_bf16_cpu", lambda: native_bf16)
     params = dag_params(small_beir, tiny_models, tmp_path, tasks.FitStudent, train_precision="auto", student_head="auto", nproc_per_node=4)
     fit = tasks.FitStudent(**params)
-    assert fit.config.precision == "fp32" and fit.config.student_head in ("cosine", "mean", "cls")
+    assert fit.config.precision == ("bf16" if native_bf16 else "fp32") and fit.config.student_head in ("cosine", "mean", "cls")
+    assert fit.clone(tasks.FineTuneTeacher).config.precision == fit.config.precision
     assert fit.config.world_size == 1  # no GPUs here: one process, whatever was asked
     score = fit.clone(tasks.ScoreShard, shard=0).config
     assert score.precision in ("fp32", "bf16") and score.num_shards == params.get("score_shards", 4)

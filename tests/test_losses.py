@@ -182,9 +182,11 @@ def test_squashing_losses_see_the_cosine_heads_scores_as_they_are(tiny_models):
     assert student_loss_kwargs(cosine, "MarginMSELoss", None) == {}
 
 
-def test_dev_metrics_are_those_of_the_saved_student(scored, tiny_models, tmp_path):
-    """The dev check in the student's statistics is the trainer's last-step evaluation, reused
-    rather than run twice: it equals a fresh evaluation of the saved student."""
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_dev_metrics_are_those_of_the_saved_student(scored, tiny_models, tmp_path, precision):
+    """The dev check in the student's statistics (in fp32 the trainer's last-step evaluation,
+    reused rather than run twice; in bf16 one evaluation without the trainer's autocast) equals a
+    fresh evaluation of the saved student."""
     import pyarrow.parquet as pq
     from sentence_transformers.cross_encoder.evaluation import CrossEncoderRerankingEvaluator
 
@@ -198,7 +200,7 @@ def test_dev_metrics_are_those_of_the_saved_student(scored, tiny_models, tmp_pat
     cand = pq.read_table(f"{scored['mined']}/candidates-dev.parquet").to_pydict()
     samples = reranking_samples(dict(zip(cand["query_id"], cand["doc_ids"])), ds.relevant("dev"), ds.queries, ds.passage)
     stats = train_student(rows, "PackedMarginMSELoss", tmp_path / "student", student=tiny_models["student"], student_layers=2,
-                          epochs=1, batch_size=8, max_length=64, dev_samples=samples, seed=SEED)
+                          epochs=1, batch_size=8, max_length=64, dev_samples=samples, seed=SEED, precision=precision)
     evaluator = CrossEncoderRerankingEvaluator(samples, at_k=10, name="dev", batch_size=64, write_csv=False, always_rerank_positives=False)
     again = evaluator(load_cross_encoder(str(tmp_path / "student"), "cpu", 64))
     assert stats["dev"] and set(stats["dev"]) == set(again)

@@ -203,7 +203,8 @@ def test_token_batches_cover_every_input_once_within_the_budget():
 
 
 def test_auto_scoring_precision_follows_the_cpu(monkeypatch, tiny_models):
-    """auto scores in bf16 on a CPU with bf16 matrix instructions, fp32 on one without; training keeps fp32."""
+    """auto scores in bf16 on a CPU with bf16 matrix instructions, fp32 on one without; without
+    ``cpu_bf16`` the rule is CUDA's alone."""
     import torch
 
     import pipeline.models
