@@ -55,7 +55,8 @@ def project_upstream(args) -> dict:
               for name in ("PrepareData", "MineHardNegatives", "ScoreWithTeacher", "BuildLabels")}
     fit = entry.clone(tasks.FitStudent)
     return {
-        "params": {k: v for k, v in fit.param_kwargs.items() if isinstance(v, (int, float, str))},
+        # The students train in the precision the pipeline's FitStudent resolves (bf16 on CPUs with bf16 instructions).
+        "params": {**{k: v for k, v in fit.param_kwargs.items() if isinstance(v, (int, float, str))}, "precision": fit.config.precision},
         "stages": stages,
         "data": entry.clone(tasks.PrepareData).artifact(),
         "mined": entry.clone(tasks.MineHardNegatives).artifact(),
@@ -128,7 +129,7 @@ def train_project(rows, loss: str, out: Path, p: dict, lr: float, seed: int) -> 
     stats = train_student(
         rows.shuffle(seed=seed, keep_in_memory=True), loss, out, student=p["student"], student_layers=p["student_layers"],
         student_head=p["student_head"], epochs=p["epochs"], batch_size=p["batch_size"], learning_rate=lr,
-        max_length=p["max_length"], seed=seed,
+        max_length=p["max_length"], precision=p["precision"], seed=seed,
     )
     return stats["seconds"]
 
