@@ -41,6 +41,12 @@ GRID = (2e-5, 1e-4, 3e-4, 1e-3)
 SEEDS = (12, 13, 14)
 
 
+def student_params(fit) -> dict:
+    """FitStudent's plain parameters, and the precision it resolves (bf16 on CPUs with bf16
+    instructions), in which the benchmarks train their students as the pipeline would."""
+    return {**{k: v for k, v in fit.param_kwargs.items() if isinstance(v, (int, float, str))}, "precision": fit.config.precision}
+
+
 def project_upstream(args) -> dict:
     """The project's stages up to the labels, with luigi.cfg's [TrainStudent] settings."""
     import luigi
@@ -55,8 +61,7 @@ def project_upstream(args) -> dict:
               for name in ("PrepareData", "MineHardNegatives", "ScoreWithTeacher", "BuildLabels")}
     fit = entry.clone(tasks.FitStudent)
     return {
-        # The students train in the precision the pipeline's FitStudent resolves (bf16 on CPUs with bf16 instructions).
-        "params": {**{k: v for k, v in fit.param_kwargs.items() if isinstance(v, (int, float, str))}, "precision": fit.config.precision},
+        "params": student_params(fit),
         "stages": stages,
         "data": entry.clone(tasks.PrepareData).artifact(),
         "mined": entry.clone(tasks.MineHardNegatives).artifact(),

@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.bench_e2e import (  # noqa: E402
-    SEEDS, Split, comparison_rows, dev_ndcg, mean_std, row, train_project, write_results,
+    SEEDS, Split, comparison_rows, dev_ndcg, mean_std, row, student_params, train_project, write_results,
 )
 
 # Each side's dev grid of (learning rate, epochs). The label-only side also tries 3 epochs: it sees
@@ -91,8 +91,7 @@ def upstream(dataset: Path, out: Path, loss: str) -> dict:
         raise SystemExit("the pipeline failed (see the log above)")
     fit = entry.clone(tasks.FitStudent)
     return {
-        # The students train in the precision the pipeline's FitStudent resolves (bf16 on CPUs with bf16 instructions).
-        "params": {**{k: v for k, v in fit.param_kwargs.items() if isinstance(v, (int, float, str))}, "precision": fit.config.precision},
+        "params": student_params(fit),
         "label_only_setting": (entry.label_only_learning_rate, entry.label_only_epochs),
         "data": entry.clone(tasks.PrepareData).artifact(),
         "mined": entry.clone(tasks.MineHardNegatives).artifact(),
@@ -199,7 +198,7 @@ def table(r: dict) -> str:
         f"Teacher `{m['teacher']}` (fine-tuned on the judged queries, kind {p.get('teacher_kind', '?')}). The distilled student trains on "
         f"{d.get('judged_queries', '?')} judged + {d.get('unjudged_queries', '?')} unjudged queries ({d.get('rows', '?')} rows); "
         f"the label-only student on {b.get('judged_queries', '?')} judged queries ({b.get('rows', '?')} rows). "
-        f"{p['student_layers']}-layer students cut from `{p['student']}` (head {p['student_head']}), {p['epochs']:g} epoch, batch {p['batch_size']}, trained in {p.get('precision', 'fp32')}. "
+        f"{p['student_layers']}-layer students cut from `{p['student']}` (head {p['student_head']}), {p['epochs']:g} epoch, batch {p['batch_size']}, trained in {p['precision']}. "
         f"Test: {m['test_queries']} queries, each reranking the retriever's true top-{p['rerank_top_k']}. "
         "Speed: every row scores the same test pairs in fp32 on this machine's CPU, one after another in one process.",
         "",
