@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from pipeline.keyed_store import KeyedStore, digest_keys
+from pipeline.keyed_store import SLICE, KeyedStore, digest_keys, sorted_search
 from pipeline.score_cache import ScoreCache, pair_keys
 
 
@@ -71,3 +71,13 @@ def test_store_keeps_fixed_width_rows_and_marks_misses(tmp_path):
     np.testing.assert_array_equal(got["ids"][:30], ids[::-1])
     np.testing.assert_array_equal(got["scores"][:30], -ids[::-1].astype(np.float32))
     assert (got["ids"][30:] == -1).all() and np.isnan(got["scores"][30:]).all()
+
+
+def test_sliced_search_finds_what_a_plain_search_finds():
+    rng = np.random.default_rng(3)
+    # Few distinct values: runs of equal keys span slice boundaries, where a slicing error would show.
+    haystack = np.sort(rng.integers(10, 60, size=5 * SLICE + 123, dtype=np.uint64) * 1000)
+    needles = np.sort(np.concatenate([haystack[:: 97], rng.integers(0, 70_000, size=4000, dtype=np.uint64)]))
+    np.testing.assert_array_equal(sorted_search(haystack, needles), np.searchsorted(haystack, needles))
+    unique = np.sort(rng.integers(0, 2**63, size=3 * SLICE, dtype=np.uint64))
+    np.testing.assert_array_equal(sorted_search(unique, unique), np.arange(len(unique)))
