@@ -33,15 +33,14 @@ def resolve_device(device: str = "auto") -> str:
     return device
 
 
-def resolve_precision(precision: str, device: str, cpu_bf16: bool = False) -> torch.dtype:
-    """'auto' is bf16 on CUDA (where the GPU supports it) and fp32 elsewhere; with ``cpu_bf16``
-    (teacher scoring) also bf16 on a CPU that multiplies bf16 natively (``native_bf16_cpu``)."""
+def resolve_precision(precision: str, device: str) -> torch.dtype:
+    """'auto' is bf16 on a GPU that supports it and on a CPU that multiplies bf16 natively
+    (``native_bf16_cpu``), fp32 elsewhere: one rule for scoring, training, evaluation and the
+    retraining gate, so that no stage reads 'auto' differently from another."""
     if precision in ("", "auto", None):
-        if device.startswith("cuda") and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        if cpu_bf16 and not device.startswith("cuda") and native_bf16_cpu():
-            return torch.bfloat16
-        return torch.float32
+        if device.startswith("cuda"):
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+        return torch.bfloat16 if native_bf16_cpu() else torch.float32
     if precision not in PRECISIONS:
         raise PipelineError(f"unknown precision '{precision}' (choose fp32, bf16, fp16, auto; int8 for CPU scoring)")
     if precision == "fp16" and not device.startswith("cuda"):

@@ -299,7 +299,7 @@ def load_teacher(
     quantize = precision == "int8"
     if quantize and not device.startswith("cpu"):
         raise PipelineError("--score-precision int8 (dynamic quantization) runs on CPU only; use bf16 or fp16 on CUDA")
-    dtype = resolve_precision("fp32" if quantize else precision, device, cpu_bf16=True)
+    dtype = resolve_precision("fp32" if quantize else precision, device)
     scorers, identity = [], []
     for ref in spec.refs:
         kind = model_kind(ref)

@@ -170,7 +170,7 @@ def _precision_name(dtype: torch.dtype) -> str:
 def _train_precision(device: str, choice: str) -> str:
     """The trainer's precision name; 'auto' is bf16 on CUDA and on CPUs that multiply bf16 natively
     (the demo's student trained 1.45x as fast in bf16 on 2 such cores, to the same loss), else fp32."""
-    return choice if choice != "auto" else _precision_name(resolve_precision("auto", device, cpu_bf16=True))
+    return choice if choice != "auto" else _precision_name(resolve_precision("auto", device))
 
 
 def _score_precision(task: TeacherParams) -> str:
@@ -178,14 +178,14 @@ def _score_precision(task: TeacherParams) -> str:
     (CUDA, or a CPU with bf16 instructions) from an fp32 one."""
     if task.score_precision == "int8":
         return "int8"
-    return _precision_name(resolve_precision(task.score_precision, task.run_device, cpu_bf16=True))
+    return _precision_name(resolve_precision(task.score_precision, task.run_device))
 
 
 def _student_precision(task: TeacherParams) -> str:
     """The precision students and the retriever are scored in: the teacher's, so that speed is
     compared on one footing (int8 quantizes the teacher alone; the others then run in fp32)."""
     choice = "fp32" if task.score_precision == "int8" else task.score_precision
-    return _precision_name(resolve_precision(choice, task.run_device, cpu_bf16=True))
+    return _precision_name(resolve_precision(choice, task.run_device))
 
 
 def _score_config(task: TeacherParams) -> scoring.ScoreConfig:

@@ -182,18 +182,23 @@ def test_worse_challenger_is_not_promoted_then_rollback(retrained, tiny_models):
     reg = Registry(root / "registry")
     champion = reg.current()
     # A gate set on which the champion is perfect: each dev query's judged passage is the
-    # champion's own first choice among the candidates.
-    from pipeline.models import load_cross_encoder
+    # champion's own first choice among the candidates, scored as the gate scores: in fp32, since
+    # a tiny random model's scores tie in bf16.
+    import torch
 
-    ce = load_cross_encoder(str(champion), "cpu", 64)
+    from pipeline.models import load_cross_encoder
+    from pipeline.scoring import CrossEncoderScorer
+
+    ce = CrossEncoderScorer(load_cross_encoder(str(champion), "cpu", 64), "cpu", torch.float32)
     gate = _gate_set(
-        root, snapshots, "gate",
-        lambda ds, q, docs, _: ce.predict([(ds.queries[q], ds.passage(d)) for d in docs], show_progress_bar=False),
+        root, snapshots, "gate", lambda ds, q, docs, _: ce.score([(ds.queries[q], ds.passage(d)) for d in docs]),
     )
 
     # The challenger: one layer, trained on inverted margins.
     shutil.copytree(snapshots / D2.isoformat(), snapshots / D3.isoformat())
-    ok, _ = _retrain(snapshots, tiny_models, root, D3, gate_dataset=str(gate), student_layers=1, label_scale=-20.0)
+    ok, _ = _retrain(
+        snapshots, tiny_models, root, D3, gate_dataset=str(gate), student_layers=1, label_scale=-20.0, score_precision="fp32"
+    )
     assert ok
     third = _record(root, D3)
     assert third["gate"]["champion"] == pytest.approx(1.0)

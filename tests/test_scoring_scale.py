@@ -203,8 +203,8 @@ def test_token_batches_cover_every_input_once_within_the_budget():
 
 
 def test_auto_scoring_precision_follows_the_cpu(monkeypatch, tiny_models):
-    """auto scores in bf16 on a CPU with bf16 matrix instructions, fp32 on one without; without
-    ``cpu_bf16`` the rule is CUDA's alone."""
+    """auto scores in bf16 on a CPU with bf16 matrix instructions, fp32 on one without; every
+    caller of 'auto' (the retraining gate too) reads it the same way."""
     import torch
 
     import pipeline.models
@@ -218,7 +218,7 @@ def test_auto_scoring_precision_follows_the_cpu(monkeypatch, tiny_models):
         assert teacher.identity[0]["precision"] == str(dtype).replace("torch.", "")
         assert next(teacher.scorers[0].net.parameters()).dtype == dtype
         assert teacher.scorers[0].batch_tokens == 2048
-        assert resolve_precision("auto", "cpu") == torch.float32
+        assert resolve_precision("auto", "cpu") == dtype
 
 
 def test_scores_fingerprint_holds_the_resolved_precision(monkeypatch, small_beir, tiny_models, tmp_path):
