@@ -394,6 +394,26 @@ class NormalizedTables:
         languages = {lang: texts(pair) for lang, pair in self.tables.items() if lang}
         return Dataset(queries, corpus, qrels, languages)
 
+    def of_groups(self, groups: pa.Table) -> Dataset:
+        """The dataset restricted to the queries of these mined groups and their passages."""
+        import pyarrow.compute as pc
+
+        docs = [pc.list_flatten(groups[c]).combine_chunks() for c in ("positive_ids", "negative_ids")]
+        return self.subset(groups["query_id"].combine_chunks(), pc.unique(pa.concat_arrays(docs)))
+
+
+def judgments(folder: str | Path, split: str) -> dict[str, dict[str, int]]:
+    """query_id -> {doc_id: score} of one split's positive judgments in the prepared data, read
+    without its texts."""
+    import pyarrow.compute as pc
+
+    t = pq.read_table(Path(folder) / "qrels.parquet", filters=[("split", "=", split)])
+    t = t.filter(pc.greater(t["score"], 0)).to_pydict()
+    out: dict[str, dict[str, int]] = {}
+    for q, d, s in zip(t["query_id"], t["doc_id"], t["score"]):
+        out.setdefault(q, {})[d] = s
+    return out
+
 
 def pair_texts(folder: str | Path, query_ids: Sequence[str], doc_ids: Sequence[str]) -> list[tuple[str, str]]:
     """The (query, passage) texts of these id pairs, looked up in the normalized Parquet files

@@ -203,17 +203,16 @@ def evaluate_student(data_dir, mined_dir, student_dir, out_dir, config: EvalConf
     import torch
 
     from pipeline.artifacts import atomic_dir, write_json
-    from pipeline.data import load_normalized
+    from pipeline.data import judgments, pair_texts
     from pipeline.models import cut_student, load_bi_encoder, load_cross_encoder, resolve_precision
     from pipeline.report import plot_mining, plot_quality_speed, plot_scores, write_report
     from pipeline.scoring import BiEncoderScorer, CrossEncoderScorer, TeacherSpec, load_teacher
 
-    ds = load_normalized(data_dir)
-    qrels = ds.relevant("test")
+    qrels = judgments(data_dir, "test")
     cand = pq.read_table(Path(mined_dir) / "candidates-test.parquet")
     c = config
     qids, dids, retrieval = candidate_pairs(cand, c.max_eval_queries or None)
-    pairs = [(ds.queries[q], ds.passage(d)) for q, d in zip(qids, dids)]
+    pairs = pair_texts(data_dir, qids, dids)
     dtype = resolve_precision(c.precision, c.device)
 
     baseline_file = Path(c.baseline_cache) / f"{pairs_digest(qids, dids, pairs, retrieval)}.npz" if c.baseline_cache else None

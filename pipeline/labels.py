@@ -302,9 +302,8 @@ def write_labels(
     with atomic_dir(out_dir) as tmp:
         stream, writer = tmp / "rows.arrow", None
         for batch in batches:
-            ids = pc.unique(pa.concat_arrays([pc.list_flatten(batch[c]).combine_chunks() for c in ("positive_ids", "negative_ids")]))
             try:
-                cols, built = rows(batch, teacher_of(batch), texts.subset(batch["query_id"].combine_chunks(), ids), num_negatives)
+                cols, built = rows(batch, teacher_of(batch), texts.of_groups(batch), num_negatives)
             except NoRowsError as e:
                 empty = empty or e
                 continue

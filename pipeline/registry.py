@@ -181,7 +181,7 @@ def gate_ndcg(
     import numpy as np
     import pyarrow.parquet as pq
 
-    from pipeline.data import load_normalized
+    from pipeline.data import judgments, pair_texts
     from pipeline.artifacts import fingerprint
     from pipeline.evaluation import candidate_pairs, pairs_digest, ranking_metrics, to_run
     from pipeline.mining import ds_source
@@ -194,10 +194,9 @@ def gate_ndcg(
             f"{ds_source(data_dir)}: no {GATE_SPLIT} judgments (qrels/{GATE_SPLIT}.tsv) to gate promotion on; the gate "
             "never judges on the reported test split: add a dev split or pass --gate-dataset"
         )
-    ds = load_normalized(data_dir)
-    qrels = ds.relevant(GATE_SPLIT)
+    qrels = judgments(data_dir, GATE_SPLIT)
     qids, dids, retrieval = candidate_pairs(pq.read_table(path), max_queries or None)
-    pairs = [(ds.queries[q], ds.passage(d)) for q, d in zip(qids, dids)]
+    pairs = pair_texts(data_dir, qids, dids)
     dtype = resolve_precision(precision, device)
     out = {"retriever": ranking_metrics(to_run(qids, dids, retrieval), qrels)["ndcg@10"]}
     digest = pairs_digest(qids, dids, pairs)

@@ -271,7 +271,12 @@ def _training_section(s: dict, p: dict, plots: dict) -> list[str]:
     parts = ["## Training", "", f"{s.get('steps')} steps in {s.get('seconds')} s "
              f"({s.get('samples_per_second')} rows/s); final train loss {s.get('train_loss', float('nan')):.4f}.", ""]
     if s.get("dev"):
-        parts += ["Dev split (sentence-transformers' CrossEncoderRerankingEvaluator):", ""]
+        n = s.get("dev_queries")
+        parts += [
+            f"Dev split{f', {n} queries' if n else ''} (sentence-transformers' CrossEncoderRerankingEvaluator; "
+            "a check that training went somewhere, not a verdict: the test tables are):",
+            "",
+        ]
         parts += [f"- {k}: {v:.4f}" for k, v in s["dev"].items()]
         parts.append("")
     return parts

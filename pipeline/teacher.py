@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from losses.factory import resolve_loss
 from pipeline.artifacts import atomic_dir, one_writer, read_json, write_json
 from pipeline.config import model, run_only
-from pipeline.data import load_normalized
+from pipeline.data import NormalizedTables
 from pipeline.errors import PipelineError
 from pipeline.labels import build_rows, to_dataset
 from pipeline.scoring import ENSEMBLE_FILE
@@ -150,12 +150,12 @@ def _ensemble_teacher(data_dir: str | Path, mined_dir: str | Path, out_dir: str 
 
 def _cross_encoder_teacher(data_dir: str | Path, mined_dir: str | Path, out_dir: str | Path, c: TeacherConfig, start: str) -> dict:
     """A cross-encoder trained from ``start`` with ``c.loss`` on the judged queries' groups."""
-    ds = load_normalized(data_dir)
     groups = pq.read_table(Path(mined_dir) / "groups.parquet")
     groups = groups.filter(pc.greater(pc.list_value_length(groups["positive_ids"]), 0))
     if c.max_queries and groups.num_rows > c.max_queries:
         keep = sorted(range(groups.num_rows), key=lambda i: hashlib.sha1(f"t{c.seed}:{i}".encode()).hexdigest())[: c.max_queries]
         groups = groups.take(sorted(keep))
+    ds = NormalizedTables(data_dir).of_groups(groups)
     cols, stats = build_rows(resolve_loss(c.loss)[0].format, groups, None, ds.queries, ds.passage, num_negatives=c.negatives)
     return train_student(
         to_dataset(cols).shuffle(seed=c.seed),
@@ -194,8 +194,9 @@ def _bi_encoder_teacher(data_dir: str | Path, mined_dir: str | Path, out_dir: st
     from pipeline.models import load_bi_encoder
 
     set_seed(c.seed)
-    ds = load_normalized(data_dir)
-    g = pq.read_table(Path(mined_dir) / "groups.parquet").to_pydict()
+    groups = pq.read_table(Path(mined_dir) / "groups.parquet")
+    ds = NormalizedTables(data_dir).of_groups(groups)
+    g = groups.to_pydict()
     rows = {"anchor": [], "positive": [], "negative": []}
     for q, pos, neg in zip(g["query_id"], g["positive_ids"], g["negative_ids"]):
         for p in pos:

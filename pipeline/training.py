@@ -50,6 +50,22 @@ def reranking_samples(candidates: dict[str, list[str]], relevant: dict[str, dict
     return samples
 
 
+def dev_check_samples(data_dir: str | Path, candidates_path: str | Path, limit: int) -> list[dict]:
+    """:func:`reranking_samples` of the first ``limit`` judged dev queries, with only their own
+    texts read from the prepared data."""
+    import pyarrow.parquet as pq
+
+    from pipeline.data import NormalizedTables, judgments
+
+    relevant = judgments(data_dir, "dev")
+    cand = pq.read_table(candidates_path).to_pydict()
+    candidates = {q: docs for q, docs in zip(cand["query_id"], cand["doc_ids"]) if relevant.get(q)}
+    candidates = dict(list(candidates.items())[:limit])
+    docs = dict.fromkeys(d for q, ds in candidates.items() for d in (*ds, *relevant[q]))
+    texts = NormalizedTables(data_dir).subset(list(candidates), list(docs))
+    return reranking_samples(candidates, relevant, texts.queries, texts.passage)
+
+
 class LengthGroupedBatchSampler(DefaultBatchSampler):
     """A sentence-transformers batch sampler that puts rows of similar text length together.
 
@@ -264,6 +280,7 @@ def train_student(
         "train_loss": result.training_loss,
         "resumed_from_checkpoint": checkpoint is not None,
         "dev": {k: float(v) for k, v in dev_metrics.items()},
+        "dev_queries": len(dev_samples or []),
         "processes": int(os.environ.get("WORLD_SIZE", "1")),
         **({"head_initial_scale": round(head_scale, 4)} if head_scale is not None else {}),
     }
@@ -423,7 +440,6 @@ def fit_student(data_dir: str | Path, mined_dir: str | Path, labels_dir: str | P
     from datasets import load_from_disk
 
     from pipeline.artifacts import read_json
-    from pipeline.data import load_normalized
 
     c = config
     label_stats = read_json(Path(labels_dir) / "stats.json")
@@ -433,7 +449,6 @@ def fit_student(data_dir: str | Path, mined_dir: str | Path, labels_dir: str | P
             f"{labels_dir}: labels are in format '{label_stats.get('format')}' but {spec.name} needs '{spec.format}'; "
             "rebuild them with BuildLabels for this loss"
         )
-    ds = load_normalized(data_dir)
     # In memory: a cache file written into the labels folder would change a finished artifact.
     train = load_from_disk(str(Path(labels_dir) / "dataset")).shuffle(seed=c.seed, keep_in_memory=True)
     continued = {}
@@ -445,10 +460,7 @@ def fit_student(data_dir: str | Path, mined_dir: str | Path, labels_dir: str | P
     dev_samples = None
     dev_path = Path(mined_dir) / "candidates-dev.parquet"
     if dev_path.exists() and c.max_dev_queries:
-        cand = pq.read_table(dev_path).to_pydict()
-        dev_samples = reranking_samples(
-            dict(zip(cand["query_id"], cand["doc_ids"])), ds.relevant("dev"), ds.queries, ds.passage, c.max_dev_queries
-        )
+        dev_samples = dev_check_samples(data_dir, dev_path, c.max_dev_queries)
     return train_student(
         train, c.loss, out_dir, student=c.student, student_layers=c.student_layers, student_head=c.student_head,
         loss_kwargs=c.loss_kwargs, epochs=c.epochs, batch_size=c.batch_size, learning_rate=c.learning_rate,

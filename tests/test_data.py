@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.data import load_normalized, pair_texts, prepare_data, read_dataset
+from pipeline.data import NormalizedTables, judgments, load_normalized, pair_texts, prepare_data, read_dataset
 from pipeline.errors import DataError
 from tests.conftest import write_beir
 
@@ -50,6 +50,17 @@ def test_pair_texts_are_looked_up_in_arrow_as_the_dataset_gives_them(beir, tmp_p
     assert pair_texts(tmp_path / "norm", qids, dids) == [(ds.queries[q], ds.passage(d)) for q, d in zip(qids, dids)]
     with pytest.raises(DataError, match=r"corpus\.parquet: field 'id': 'd9' is not in the prepared data"):
         pair_texts(tmp_path / "norm", ["q1", "q2"], ["d1", "d9"])
+
+
+def test_judgments_and_group_texts_are_those_of_the_whole_dataset(beir, tmp_path):
+    prepare_data(beir, tmp_path / "norm")
+    ds = load_normalized(tmp_path / "norm")
+    for split in ("train", "dev", "test"):
+        assert judgments(tmp_path / "norm", split) == ds.relevant(split)
+    groups = pa.table({"query_id": ["q2"], "positive_ids": [["d2"]], "negative_ids": [["d1", "d2"]]})
+    part = NormalizedTables(tmp_path / "norm").of_groups(groups)
+    assert part.queries == {"q2": ds.queries["q2"]} and set(part.corpus) == {"d1", "d2"}
+    assert part.passage("d2") == ds.passage("d2")
 
 
 def test_missing_corpus_file(beir):

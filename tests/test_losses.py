@@ -182,6 +182,20 @@ def test_squashing_losses_see_the_cosine_heads_scores_as_they_are(tiny_models):
     assert student_loss_kwargs(cosine, "MarginMSELoss", None) == {}
 
 
+def test_dev_check_reads_the_same_samples_as_the_whole_dataset_gives(scored):
+    """The dev check reads only its queries' texts; its samples are those the whole dataset gives."""
+    import pyarrow.parquet as pq
+
+    from pipeline.data import load_normalized
+    from pipeline.training import dev_check_samples, reranking_samples
+
+    ds = load_normalized(scored["data"])
+    path = f"{scored['mined']}/candidates-dev.parquet"
+    cand = pq.read_table(path).to_pydict()
+    whole = reranking_samples(dict(zip(cand["query_id"], cand["doc_ids"])), ds.relevant("dev"), ds.queries, ds.passage, 3)
+    assert len(whole) == 3 and dev_check_samples(scored["data"], path, 3) == whole
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_dev_metrics_are_those_of_the_saved_student(scored, tiny_models, tmp_path, precision):
     """The dev check in the student's statistics (in fp32 the trainer's last-step evaluation,
