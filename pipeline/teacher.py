@@ -78,21 +78,20 @@ def fine_tune_teacher(data_dir: str | Path, mined_dir: str | Path, out_dir: str 
         raise PipelineError(f"--teacher-loss {config.loss}: the teacher learns from judgments; choose a loss that needs no teacher scores")
     if config.kind == "ensemble" and not 0 < config.ensemble_weight <= 1:
         raise PipelineError(f"--teacher-ensemble-weight {config.ensemble_weight}: expected a share in (0, 1]")
+    # Which recipe made it, for a later date deciding whether to keep it (kept_teacher): in the
+    # statistics, written inside the folder before its rename like every stage's.
+    recipe = {"settings": teacher_settings(config)}
     with one_writer(out_dir) as finished:
         if finished is not None:
             return finished
         if config.kind == "bi-encoder":
-            stats = _bi_encoder_teacher(data_dir, mined_dir, out_dir, config)
-        elif config.kind == "cross-encoder":
-            stats = _cross_encoder_teacher(data_dir, mined_dir, out_dir, config, config.backbone)
-        else:
-            stats = _ensemble_teacher(data_dir, mined_dir, out_dir, config)
-        # Which recipe made it, for a later date deciding whether to keep it (kept_teacher).
-        write_json(Path(out_dir) / SETTINGS_FILE, {"settings": teacher_settings(config)})
-        return stats
+            return _bi_encoder_teacher(data_dir, mined_dir, out_dir, config, recipe)
+        if config.kind == "cross-encoder":
+            return _cross_encoder_teacher(data_dir, mined_dir, out_dir, config, config.backbone, recipe)
+        return _ensemble_teacher(data_dir, mined_dir, out_dir, config, recipe)
 
 
-SETTINGS_FILE = "teacher-settings.json"
+LEGACY_SETTINGS_FILE = "teacher-settings.json"  # where teachers of earlier versions hold their recipe
 
 
 def teacher_settings(config: TeacherConfig) -> str:
@@ -119,13 +118,13 @@ def kept_teacher(runs_root: str | Path, date: datetime.date, max_age_days: int, 
             continue
         if not date - datetime.timedelta(days=max_age_days) <= day < date:
             continue
-        for settings in run.glob(f"teacher/*/{SETTINGS_FILE}"):
+        for settings in [*run.glob("teacher/*/stats.json"), *run.glob(f"teacher/*/{LEGACY_SETTINGS_FILE}")]:
             if read_json(settings).get("settings") == want:
                 found.append((day, settings.stat().st_mtime, settings.parent))
     return max(found)[2] if found else None
 
 
-def _ensemble_teacher(data_dir: str | Path, mined_dir: str | Path, out_dir: str | Path, config: TeacherConfig) -> dict:
+def _ensemble_teacher(data_dir: str | Path, mined_dir: str | Path, out_dir: str | Path, config: TeacherConfig, recipe: dict) -> dict:
     # Each member is a finished folder of its own under <out>.parts, so a rerun after a crash
     # keeps the finished members and resumes the cross-encoder from its last checkpoint.
     parts = Path(f"{out_dir}.parts")
@@ -137,7 +136,7 @@ def _ensemble_teacher(data_dir: str | Path, mined_dir: str | Path, out_dir: str 
         {"path": "bi-encoder", "kind": "bi-encoder", "weight": round(1 - config.ensemble_weight, 6)},
     ]
     members = [m for m in members if m["weight"] > 0]
-    stats = {"kind": "ensemble", "members": members, "bi-encoder": bi_stats, "cross-encoder": ce_stats,
+    stats = {**recipe, "kind": "ensemble", "members": members, "bi-encoder": bi_stats, "cross-encoder": ce_stats,
              "seconds": round(bi_stats["seconds"] + ce_stats["seconds"], 2)}
     with atomic_dir(out_dir) as tmp:
         for m in members:
@@ -148,7 +147,9 @@ def _ensemble_teacher(data_dir: str | Path, mined_dir: str | Path, out_dir: str 
     return stats
 
 
-def _cross_encoder_teacher(data_dir: str | Path, mined_dir: str | Path, out_dir: str | Path, c: TeacherConfig, start: str) -> dict:
+def _cross_encoder_teacher(
+    data_dir: str | Path, mined_dir: str | Path, out_dir: str | Path, c: TeacherConfig, start: str, recipe: dict | None = None
+) -> dict:
     """A cross-encoder trained from ``start`` with ``c.loss`` on the judged queries' groups."""
     groups = pq.read_table(Path(mined_dir) / "groups.parquet")
     groups = groups.filter(pc.greater(pc.list_value_length(groups["positive_ids"]), 0))
@@ -173,11 +174,11 @@ def _cross_encoder_teacher(data_dir: str | Path, mined_dir: str | Path, out_dir:
         card={"model_name": f"Teacher reranker fine-tuned from {c.backbone}", "dataset": str(data_dir)},
         seed=c.seed,
         trust_remote_code=c.trust_remote_code,
-        extra_stats={**stats, "kind": "cross-encoder"},
+        extra_stats={**(recipe or {}), **stats, "kind": "cross-encoder"},
     )
 
 
-def _bi_encoder_teacher(data_dir: str | Path, mined_dir: str | Path, out_dir: str | Path, c: TeacherConfig) -> dict:
+def _bi_encoder_teacher(data_dir: str | Path, mined_dir: str | Path, out_dir: str | Path, c: TeacherConfig, recipe: dict | None = None) -> dict:
     """A bi-encoder teacher fine-tuned with MultipleNegativesRankingLoss on (query, positive,
     hardest mined negative) triplets; other rows of a batch are in-batch negatives.
 
@@ -227,7 +228,7 @@ def _bi_encoder_teacher(data_dir: str | Path, mined_dir: str | Path, out_dir: st
     t0 = time.perf_counter()
     result = trainer.train()
     seconds = time.perf_counter() - t0
-    stats = {"kind": "bi-encoder", "rows": len(rows["anchor"]), "steps": result.global_step,
+    stats = {**(recipe or {}), "kind": "bi-encoder", "rows": len(rows["anchor"]), "steps": result.global_step,
              "seconds": round(seconds, 2), "train_loss": result.training_loss}
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(str(tmp))

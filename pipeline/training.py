@@ -436,7 +436,6 @@ class FitConfig:
 
 def fit_student(data_dir: str | Path, mined_dir: str | Path, labels_dir: str | Path, out_dir: str | Path, config: FitConfig) -> dict:
     """Train the student on the labels folder in this process, judged on dev candidates."""
-    import pyarrow.parquet as pq
     from datasets import load_from_disk
 
     from pipeline.artifacts import read_json

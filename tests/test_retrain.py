@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import dag_params
+from pipeline.artifacts import read_json
 from pipeline.registry import Registry, gate_decision
 from tasks import RangeDaily, RetrainStudent
 
@@ -275,7 +276,8 @@ def test_an_earlier_dates_fine_tuned_teacher_is_kept_until_it_is_too_old(small_b
                       promotion_tolerance=1.0)
     assert _retrain(snapshots, tiny_models, tmp_path, D1, **fine_tuned)[0]
     assert _retrain(snapshots, tiny_models, tmp_path, D2, **fine_tuned)[0]
-    first_teacher = next((tmp_path / "runs" / D1.isoformat() / "teacher").glob("*/teacher-settings.json")).parent
+    first_teacher = next((tmp_path / "runs" / D1.isoformat() / "teacher").glob("*/stats.json")).parent
+    assert "settings" in read_json(first_teacher / "stats.json")  # the recipe, written inside the folder's rename
     assert not (tmp_path / "runs" / D2.isoformat() / "teacher").exists()
     second = _record(tmp_path, D2)
     assert second["teacher"] == str(first_teacher)
@@ -287,4 +289,4 @@ def test_an_earlier_dates_fine_tuned_teacher_is_kept_until_it_is_too_old(small_b
     # D3 is two days after D1: with a one-day limit the first teacher is too old, so D3 fine-tunes.
     assert _retrain(snapshots, tiny_models, tmp_path, D3, teacher_max_age_days=1, **fine_tuned)[0]
     assert _record(tmp_path, D3)["teacher"] == "fine-tuned on this date"
-    assert next((tmp_path / "runs" / D3.isoformat() / "teacher").glob("*/teacher-settings.json"))
+    assert read_json(next((tmp_path / "runs" / D3.isoformat() / "teacher").glob("*/stats.json")))["settings"]
