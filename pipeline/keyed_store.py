@@ -142,7 +142,7 @@ def sorted_search(haystack: np.ndarray, needles: np.ndarray) -> np.ndarray:
     if len(haystack) <= 2 * SLICE:
         return np.searchsorted(haystack, needles)
     starts = np.arange(0, len(haystack), SLICE)
-    # Needles up to a slice's last boundary (inclusive) have their first position >= in that slice.
+    # A needle's answer lies in the first slice whose end boundary is >= the needle.
     cuts = np.concatenate([[0], np.searchsorted(needles, haystack[starts[1:]], side="right"), [len(needles)]])
     out = np.empty(len(needles), np.int64)
     for b in np.flatnonzero(cuts[1:] > cuts[:-1]):

@@ -61,7 +61,7 @@ def dev_check_samples(data_dir: str | Path, candidates_path: str | Path, limit: 
     cand = pq.read_table(candidates_path).to_pydict()
     candidates = {q: docs for q, docs in zip(cand["query_id"], cand["doc_ids"]) if relevant.get(q)}
     candidates = dict(list(candidates.items())[:limit])
-    docs = dict.fromkeys(d for q, ds in candidates.items() for d in (*ds, *relevant[q]))
+    docs = dict.fromkeys(d for q, shown in candidates.items() for d in (*shown, *relevant[q]))
     texts = NormalizedTables(data_dir).subset(list(candidates), list(docs))
     return reranking_samples(candidates, relevant, texts.queries, texts.passage)
 
