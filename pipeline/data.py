@@ -430,9 +430,16 @@ def pair_texts(folder: str | Path, query_ids: Sequence[str], doc_ids: Sequence[s
         if rows.null_count:
             missing = ids[int(pc.index(pc.is_null(rows), True).as_py())]
             raise DataError(folder / f"{name}.parquet", None, "id", f"'{missing}' is not in the prepared data")
-    title, text = pc.fill_null(c["title"].take(drow), ""), c["text"].take(drow)
-    passages = pc.if_else(pc.equal(title, ""), text, pc.binary_join_element_wise(title, text, ". "))
+    passages = passage_texts(c["title"].take(drow), c["text"].take(drow))
     return list(zip(q["text"].take(qrow).to_pylist(), passages.to_pylist()))
+
+
+def passage_texts(title: pa.Array, text: pa.Array) -> pa.Array:
+    """Each passage as :func:`join_title` gives it ('title. text', or the text alone), in Arrow."""
+    import pyarrow.compute as pc
+
+    title = pc.fill_null(title, "")
+    return pc.if_else(pc.equal(title, ""), text, pc.binary_join_element_wise(title, text, ". "))
 
 
 def with_unlabeled_queries(ds: Dataset, path: str | Path) -> tuple[Dataset, int]:

@@ -68,17 +68,23 @@ class EmbeddingCache:
         return hashlib.sha1(text.encode()).hexdigest()
 
     def get(self, texts: list[str], encode) -> np.ndarray:
-        """Embeddings for ``texts``; ``encode(list_of_texts) -> ndarray`` runs only on the missing ones.
+        """Embeddings for ``texts``; ``encode(list_of_texts) -> ndarray`` runs only on the missing ones."""
+        return self.rows(self.add(texts, encode))
 
-        When the texts sit in the cache in the same order (a rerun on the same corpus), the result is
-        a read-only memory map rather than a copy, so a large corpus never has to fit in memory twice.
-        """
+    def add(self, texts: list[str], encode) -> list[str]:
+        """Embed the ``texts`` the cache lacks with ``encode``; the keys of all of them."""
         keys = [self.key(t) for t in texts]
         missing = list(dict.fromkeys(k for k in keys if k not in self.keys))
         if missing:
             first = {k: t for k, t in zip(keys, texts)}
             vectors = np.asarray(encode([first[k] for k in missing]), dtype=np.float32)
             self._append(missing, vectors)
+        return keys
+
+    def rows(self, keys: list[str]) -> np.ndarray:
+        """The embeddings of these keys, all in the cache. When they sit in the cache in the same
+        order (a rerun on the same corpus), a read-only memory map rather than a copy, so a large
+        corpus never has to fit in memory twice."""
         matrix = self._matrix()
         rows = np.fromiter((self.keys[k] for k in keys), np.int64, len(keys))
         if len(rows) and rows[-1] - rows[0] == len(rows) - 1 and bool(np.all(np.diff(rows) == 1)):
@@ -545,20 +551,20 @@ def mine_hard_negatives(data_dir: str | Path, out_dir: str | Path, config: MineC
     import time
 
     from pipeline.artifacts import atomic_dir, write_json
-    from pipeline.data import load_normalized
+    from pipeline.data import NormalizedTables
 
     c = config
     t0 = time.perf_counter()
-    ds = load_normalized(data_dir)
+    tables = NormalizedTables(data_dir)
+    ds = tables.subset(doc_ids=[])  # queries and judgments; the passages stay in Arrow
     _check_mining_input(ds, data_dir, c)
     encoders = SideEncoders(c)
-    doc_ids = list(ds.corpus)
-    doc_vecs = encoders.embed("document", [ds.passage(d) for d in doc_ids])
+    doc_ids, doc_vecs, corpus_digest = embed_corpus(tables.tables[""][1], encoders)
     t_index = time.perf_counter()
     index = build_index(doc_vecs, c.faiss_index, nprobe=c.nprobe, ef_search=c.ef_search, use_gpu=c.device.startswith("cuda"))
     index_seconds = time.perf_counter() - t_index
     if c.cache_dir:
-        index = SearchCache(index, Path(c.cache_dir) / "searches", search_identity(c, doc_ids, ds.passage))
+        index = SearchCache(index, Path(c.cache_dir) / "searches", search_identity(c, corpus_digest))
 
     train = training_queries(ds, c.max_train_queries, c.max_unjudged_queries, c.seed)
     stats: dict = {"train_queries": len(train), "corpus": len(doc_ids), "faiss_index": c.faiss_index}
@@ -591,17 +597,36 @@ def mine_hard_negatives(data_dir: str | Path, out_dir: str | Path, config: MineC
     return stats
 
 
-def search_identity(c: MineConfig, doc_ids: list[str], passage) -> str:
+CORPUS_CHUNK = 100_000  # passages that are Python strings at once while the corpus is embedded
+
+
+def embed_corpus(corpus: pa.Table, encoders: SideEncoders, chunk: int = CORPUS_CHUNK) -> tuple[list[str], np.ndarray, str]:
+    """The corpus's ids, their document vectors, and a digest of its ids and texts in index
+    order, read from Arrow a chunk at a time: only one chunk's passages are ever Python strings."""
+    from pipeline.data import passage_texts
+
+    digest = hashlib.blake2b(digest_size=16)
+    doc_ids: list[str] = []
+    keys: list[str] = []
+    for batch in corpus.to_batches(max_chunksize=chunk):
+        ids = batch.column("doc_id").to_pylist()
+        texts = passage_texts(batch.column("title"), batch.column("text")).to_pylist()
+        keys += encoders.add("document", texts)
+        for d, p in zip(ids, texts):
+            digest.update(f"{d}\x1f{p}\x1e".encode())
+        doc_ids += ids
+    return doc_ids, encoders.caches["document"].rows(keys), digest.hexdigest()
+
+
+def search_identity(c: MineConfig, corpus_digest: str) -> str:
     """What fixes a search's results besides the query vector: the embedder and its document
-    side, the corpus's ids and texts in index order, and the index's settings."""
+    side, the corpus's ids and texts in index order (``embed_corpus``'s digest), and the index's
+    settings."""
     from pipeline.artifacts import fingerprint
     from pipeline.models import model_identity
 
-    corpus = hashlib.blake2b(digest_size=16)
-    for d in doc_ids:
-        corpus.update(f"{d}\x1f{passage(d)}\x1e".encode())
     return fingerprint(
-        model_identity(c.embedder), c.max_length, c.document_prompt_name, corpus.hexdigest(), c.faiss_index, c.nprobe, c.ef_search
+        model_identity(c.embedder), c.max_length, c.document_prompt_name, corpus_digest, c.faiss_index, c.nprobe, c.ef_search
     )
 
 
@@ -655,6 +680,12 @@ class SideEncoders:
         }
 
     def embed(self, side: str, texts: list[str]) -> np.ndarray:
+        """The embeddings of ``texts`` on ``side``."""
+        return self.caches[side].rows(self.add(side, texts))
+
+    def add(self, side: str, texts: list[str]) -> list[str]:
+        """Embed what the side's cache lacks of ``texts``; their cache keys."""
+
         def encode(missing):
             from pipeline.models import load_bi_encoder
 
@@ -664,4 +695,4 @@ class SideEncoders:
             self.calls["texts_embedded"] += len(missing)
             return encode_texts(self.model, missing, prompt_name=side_prompt_name(self.model, side, self.prompt_names[side]))
 
-        return self.caches[side].get(texts, encode)
+        return self.caches[side].add(texts, encode)

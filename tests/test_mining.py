@@ -18,7 +18,9 @@ from pipeline.mining import (
     MineConfig,
     NegativeFilter,
     TorchFlatIndex,
+    SideEncoders,
     build_index,
+    embed_corpus,
     encode_texts,
     mine,
     mine_hard_negatives,
@@ -115,6 +117,28 @@ def test_cache_serves_a_memory_map_for_the_same_corpus(tmp_path):
     np.testing.assert_array_equal(first, again)
     shuffled = EmbeddingCache(tmp_path).get(texts[::-1], encode)
     np.testing.assert_array_equal(shuffled, first[::-1])
+
+
+def test_corpus_is_embedded_chunk_by_chunk_as_in_one_piece(tmp_path, tiny_models):
+    """Mining reads the corpus from Arrow a chunk at a time: the ids, vectors and corpus digest
+    (the search cache's key) are those of one piece, and of the passages as the dataset gives them."""
+    import hashlib
+
+    import pyarrow as pa
+
+    from pipeline.data import join_title
+
+    titles = ["", "Viewer", None, "Editor", "", "Shell", "", "Mail"]
+    texts = [f"package description number {i} with words" for i in range(8)]
+    corpus = pa.table({"doc_id": [f"d{i}" for i in range(8)], "title": titles, "text": texts})
+    whole = embed_corpus(corpus, SideEncoders(MineConfig(embedder=tiny_models["embedder"], cache_dir=str(tmp_path / "a"))))
+    chunked = embed_corpus(corpus, SideEncoders(MineConfig(embedder=tiny_models["embedder"], cache_dir=str(tmp_path / "b"))), chunk=3)
+    assert whole[0] == chunked[0] == [f"d{i}" for i in range(8)]
+    np.testing.assert_allclose(whole[1], chunked[1], atol=1e-5)
+    digest = hashlib.blake2b(digest_size=16)
+    for i in range(8):
+        digest.update(f"d{i}\x1f{join_title(titles[i] or '', texts[i])}\x1e".encode())
+    assert whole[2] == chunked[2] == digest.hexdigest()
 
 
 def test_ivf_and_hnsw_indexes_find_the_exact_neighbours(tmp_path):
