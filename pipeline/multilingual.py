@@ -192,15 +192,18 @@ def evaluate_languages(
     import torch
 
     from pipeline.artifacts import atomic_dir, write_json
-    from pipeline.data import load_normalized
+    from pipeline.data import NormalizedTables, judgments
     from pipeline.evaluation import timed_scores
     from pipeline.models import cut_student, load_cross_encoder, resolve_precision
     from pipeline.report import plot_languages, write_report
     from pipeline.scoring import CrossEncoderScorer, TeacherSpec, load_teacher
 
-    ds = load_normalized(data_dir)
-    qrels = ds.relevant("test")
+    qrels = judgments(data_dir, "test")
     cand = pq.read_table(Path(mined_dir) / "candidates-test.parquet")
+    # Only the texts, in every language, of the test queries, their candidates and judged passages.
+    shown = cand.to_pydict()
+    docs = dict.fromkeys(d for q, listed in zip(shown["query_id"], shown["doc_ids"]) for d in (*listed, *qrels.get(q, {})))
+    ds = NormalizedTables(data_dir).subset(shown["query_id"], list(docs))
     c = config
     source = c.source
     dtype = resolve_precision(c.precision, c.device)
