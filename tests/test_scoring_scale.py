@@ -257,3 +257,21 @@ def test_group_pairs_lists_each_pair_once_in_group_order(tmp_path, groups):
     qids, dids, total = group_pairs(tmp_path)
     assert list(zip(qids, dids)) == expected
     assert total == len(listed)
+
+
+def test_tokenizer_parallelism_holds_for_the_block_only(monkeypatch):
+    """The GPU scorer's tokenizer uses every core inside the block; the variable is as it was after."""
+    import os
+
+    from pipeline.scoring import tokenizer_parallelism
+
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    with tokenizer_parallelism(True):
+        assert os.environ["TOKENIZERS_PARALLELISM"] == "true"
+    assert os.environ["TOKENIZERS_PARALLELISM"] == "false"
+    monkeypatch.delenv("TOKENIZERS_PARALLELISM")
+    with tokenizer_parallelism(True):
+        assert os.environ["TOKENIZERS_PARALLELISM"] == "true"
+    assert "TOKENIZERS_PARALLELISM" not in os.environ
+    with tokenizer_parallelism(False):  # a CPU scorer leaves the setting to the user
+        assert "TOKENIZERS_PARALLELISM" not in os.environ
