@@ -48,11 +48,16 @@ class Dataset:
 
     def relevant(self, split: str) -> dict[str, dict[str, int]]:
         """query_id -> {doc_id: score} for one split (scores > 0 only)."""
-        out: dict[str, dict[str, int]] = {}
-        for q, d, s, sp in self.qrels:
-            if sp == split and s > 0:
-                out.setdefault(q, {})[d] = s
-        return out
+        return positive_judgments((q, d, s) for q, d, s, sp in self.qrels if sp == split)
+
+
+def positive_judgments(rows) -> dict[str, dict[str, int]]:
+    """query_id -> {doc_id: score} of the (query_id, doc_id, score) rows with a score above 0."""
+    out: dict[str, dict[str, int]] = {}
+    for q, d, s in rows:
+        if s > 0:
+            out.setdefault(q, {})[d] = s
+    return out
 
 
 def join_title(title: str, text: str) -> str:
@@ -405,14 +410,8 @@ class NormalizedTables:
 def judgments(folder: str | Path, split: str) -> dict[str, dict[str, int]]:
     """query_id -> {doc_id: score} of one split's positive judgments in the prepared data, read
     without its texts."""
-    import pyarrow.compute as pc
-
-    t = pq.read_table(Path(folder) / "qrels.parquet", filters=[("split", "=", split)])
-    t = t.filter(pc.greater(t["score"], 0)).to_pydict()
-    out: dict[str, dict[str, int]] = {}
-    for q, d, s in zip(t["query_id"], t["doc_id"], t["score"]):
-        out.setdefault(q, {})[d] = s
-    return out
+    t = pq.read_table(Path(folder) / "qrels.parquet", columns=["query_id", "doc_id", "score"], filters=[("split", "=", split)])
+    return positive_judgments(zip(*(t[c].to_pylist() for c in t.column_names)))
 
 
 def pair_texts(folder: str | Path, query_ids: Sequence[str], doc_ids: Sequence[str]) -> list[tuple[str, str]]:

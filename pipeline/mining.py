@@ -681,18 +681,17 @@ class SideEncoders:
 
     def embed(self, side: str, texts: list[str]) -> np.ndarray:
         """The embeddings of ``texts`` on ``side``."""
-        return self.caches[side].rows(self.add(side, texts))
+        return self.caches[side].get(texts, lambda missing: self._encode(side, missing))
 
     def add(self, side: str, texts: list[str]) -> list[str]:
         """Embed what the side's cache lacks of ``texts``; their cache keys."""
+        return self.caches[side].add(texts, lambda missing: self._encode(side, missing))
 
-        def encode(missing):
-            from pipeline.models import load_bi_encoder
+    def _encode(self, side: str, texts: list[str]) -> np.ndarray:
+        from pipeline.models import load_bi_encoder
 
-            if self.model is None:
-                self.model = load_bi_encoder(self.config.embedder, self.config.device, self.config.max_length)
-            self.calls["encode_calls"] += 1
-            self.calls["texts_embedded"] += len(missing)
-            return encode_texts(self.model, missing, prompt_name=side_prompt_name(self.model, side, self.prompt_names[side]))
-
-        return self.caches[side].add(texts, encode)
+        if self.model is None:
+            self.model = load_bi_encoder(self.config.embedder, self.config.device, self.config.max_length)
+        self.calls["encode_calls"] += 1
+        self.calls["texts_embedded"] += len(texts)
+        return encode_texts(self.model, texts, prompt_name=side_prompt_name(self.model, side, self.prompt_names[side]))

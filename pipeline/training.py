@@ -36,7 +36,7 @@ from pipeline.models import cut_student, load_cross_encoder
 log = logging.getLogger(__name__)
 
 
-def reranking_samples(candidates: dict[str, list[str]], relevant: dict[str, dict[str, int]], queries, passage, limit: int | None = None):
+def reranking_samples(candidates: dict[str, list[str]], relevant: dict[str, dict[str, int]], queries, passage):
     """Samples for CrossEncoderRerankingEvaluator: every judged query, its positives and the
     retriever's candidates; evaluated with ``always_rerank_positives=False``, a positive the
     retriever missed is a miss."""
@@ -45,8 +45,6 @@ def reranking_samples(candidates: dict[str, list[str]], relevant: dict[str, dict
         if not relevant.get(qid):
             continue
         samples.append({"query": queries[qid], "positive": [passage(d) for d in relevant[qid]], "documents": [passage(d) for d in docs]})
-        if limit and len(samples) >= limit:
-            break
     return samples
 
 
