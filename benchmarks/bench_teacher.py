@@ -47,15 +47,16 @@ def main() -> None:
     args = ap.parse_args()
 
     import luigi
+    import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
     import torch
 
     import tasks
     from benchmarks.bench_e2e import write_results
-    from pipeline.data import load_normalized
+    from pipeline.data import Texts, load_normalized
     from pipeline.evaluation import timed_scores
-    from pipeline.labels import build_rows, to_dataset
+    from pipeline.labels import PairValues, build_rows, to_dataset
     from pipeline.models import cut_student, load_bi_encoder, load_cross_encoder
     from pipeline.scoring import BiEncoderScorer, CrossEncoderScorer, zscore_per_query
     from pipeline.teacher import _cross_encoder_teacher
@@ -111,8 +112,8 @@ def main() -> None:
     texts = [(ds.queries[q], ds.passage(d)) for q, d in keys]
     qids = [q for q, _ in keys]
     mix = share * zscore_per_query(ce_scores(best_dir, texts)[0], qids) + (1 - share) * zscore_per_query(bi_scorer.score(texts), qids)
-    cols, _ = build_rows("ntuple-margin", groups, dict(zip(keys, mix.tolist())), ds.queries, ds.passage, num_negatives=3)
-    rows = to_dataset(cols)
+    teacher = PairValues(pa.table({"query_id": qids, "doc_id": [d for _, d in keys], "score": mix}))
+    rows = to_dataset(build_rows("ntuple-margin", groups, teacher, Texts.of(ds.queries, ds.corpus), num_negatives=3)[0])
     judged = int(pc.sum(pc.greater(pc.list_value_length(groups["positive_ids"]), 0)).as_py())
     students = {}
     for name, (backbone, layers, head) in STUDENTS.items():

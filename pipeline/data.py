@@ -338,21 +338,56 @@ def write_normalized(
 
 
 def _write_tables(folder: Path, suffix: str, queries: dict, corpus: dict) -> None:
-    pq.write_table(
-        pa.table({"query_id": list(queries), "text": list(queries.values())}, schema=QUERIES_SCHEMA),
-        folder / f"queries{suffix}.parquet",
-    )
-    pq.write_table(
-        pa.table(
-            {
-                "doc_id": list(corpus),
-                "title": [t for t, _ in corpus.values()],
-                "text": [x for _, x in corpus.values()],
-            },
-            schema=CORPUS_SCHEMA,
-        ),
-        folder / f"corpus{suffix}.parquet",
-    )
+    texts = Texts.of(queries, corpus)
+    pq.write_table(texts.queries, folder / f"queries{suffix}.parquet")
+    pq.write_table(texts.corpus, folder / f"corpus{suffix}.parquet")
+
+
+@dataclass(frozen=True)
+class Texts:
+    """One language's queries (``QUERIES_SCHEMA``) and passages (``CORPUS_SCHEMA``) as Arrow
+    tables, looked up by id with Arrow's hash index: only the rows asked for are copied, and
+    nothing becomes a Python string."""
+
+    queries: pa.Table
+    corpus: pa.Table
+    folder: Path | None = None  # where the tables were read from, to name it in errors
+
+    @classmethod
+    def of(cls, queries: dict[str, str], corpus: dict[str, tuple[str, str]]) -> Texts:
+        """The texts of an in-memory :class:`Dataset`'s dictionaries."""
+        return cls(
+            pa.table({"query_id": list(queries), "text": list(queries.values())}, schema=QUERIES_SCHEMA),
+            pa.table(
+                {"doc_id": list(corpus), "title": [t for t, _ in corpus.values()], "text": [x for _, x in corpus.values()]},
+                schema=CORPUS_SCHEMA,
+            ),
+        )
+
+    def query(self, ids: Sequence[str] | pa.Array) -> pa.Array:
+        """The text of each query id."""
+        table, rows = self._lookup(self.queries, "query_id", ids, "queries")
+        return table["text"].take(rows)
+
+    def passage(self, ids: Sequence[str] | pa.Array) -> pa.Array:
+        """Each passage as :func:`join_title` gives it."""
+        table, rows = self._lookup(self.corpus, "doc_id", ids, "corpus")
+        return passage_texts(table["title"].take(rows), table["text"].take(rows))
+
+    def _lookup(self, table: pa.Table, column: str, ids, name: str) -> tuple[pa.Table, pa.Array]:
+        """The table (or the part of it holding these ids) and each id's row in it."""
+        import pyarrow.compute as pc
+
+        ids = ids if isinstance(ids, (pa.Array, pa.ChunkedArray)) else pa.array(ids, pa.string())
+        wanted = pc.unique(ids)
+        if table.num_rows > 4 * len(wanted):  # hashing the few ids wanted beats hashing a whole corpus
+            table = table.filter(pc.is_in(table[column], value_set=wanted))
+        rows = pc.index_in(ids, value_set=table[column])
+        if rows.null_count:
+            missing = ids[int(pc.index(pc.is_null(rows), True).as_py())]
+            where = self.folder / f"{name}.parquet" if self.folder else name
+            raise DataError(where, None, column, f"'{missing}' is not in the prepared data")
+        return table, rows
 
 
 def load_normalized(folder: str | Path) -> Dataset:
@@ -366,7 +401,7 @@ class NormalizedTables:
     dataset batch by batch without holding the whole corpus in Python dictionaries."""
 
     def __init__(self, folder: str | Path):
-        folder = Path(folder)
+        self.folder = folder = Path(folder)
         self.tables = {"": self._texts(folder, "")}
         for p in sorted(folder.glob("queries.*.parquet")):
             lang = p.name.split(".")[1]
@@ -376,6 +411,10 @@ class NormalizedTables:
     @staticmethod
     def _texts(folder: Path, suffix: str) -> tuple[pa.Table, pa.Table]:
         return pq.read_table(folder / f"queries{suffix}.parquet"), pq.read_table(folder / f"corpus{suffix}.parquet")
+
+    def texts(self, lang: str = "") -> Texts:
+        """The texts of one language ('' for the dataset's own), for lookups by id."""
+        return Texts(*self.tables[lang], self.folder)
 
     def subset(self, query_ids: Sequence[str] | pa.Array | None = None, doc_ids: Sequence[str] | pa.Array | None = None) -> Dataset:
         """The dataset restricted to these query and document ids (None: all of them); the
@@ -418,19 +457,9 @@ def pair_texts(folder: str | Path, query_ids: Sequence[str], doc_ids: Sequence[s
     """The (query, passage) texts of these id pairs, looked up in the normalized Parquet files
     with Arrow's hash index: only the rows asked for become Python strings, so a shard of a
     million-passage corpus does not hold the whole corpus in dictionaries."""
-    import pyarrow.compute as pc
-
     folder = Path(folder)
-    q = pq.read_table(folder / "queries.parquet", columns=["query_id", "text"])
-    c = pq.read_table(folder / "corpus.parquet", columns=["doc_id", "title", "text"])
-    qrow = pc.index_in(pa.array(query_ids, pa.string()), value_set=q["query_id"])
-    drow = pc.index_in(pa.array(doc_ids, pa.string()), value_set=c["doc_id"])
-    for rows, ids, name in ((qrow, query_ids, "queries"), (drow, doc_ids, "corpus")):
-        if rows.null_count:
-            missing = ids[int(pc.index(pc.is_null(rows), True).as_py())]
-            raise DataError(folder / f"{name}.parquet", None, "id", f"'{missing}' is not in the prepared data")
-    passages = passage_texts(c["title"].take(drow), c["text"].take(drow))
-    return list(zip(q["text"].take(qrow).to_pylist(), passages.to_pylist()))
+    texts = Texts(pq.read_table(folder / "queries.parquet"), pq.read_table(folder / "corpus.parquet"), folder)
+    return list(zip(texts.query(query_ids).to_pylist(), texts.passage(doc_ids).to_pylist()))
 
 
 def passage_texts(title: pa.Array, text: pa.Array) -> pa.Array:

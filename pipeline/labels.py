@@ -21,20 +21,23 @@ teacher scores within a margin of (or above) the query's lowest-scored positive:
 flaw of mined negatives is that many are unjudged relevant passages.
 
 The stage works through the groups in batches (``GROUPS_PER_BATCH``), each with only its own
-texts and teacher scores in memory, and streams the rows to Arrow before they become a
-``datasets`` folder: its memory follows the batch, not the number of training queries.
+teacher scores in memory, builds each batch's rows with Arrow and NumPy operations over the whole
+batch (texts are looked up by id and never become Python strings), and streams them to Arrow,
+from which the ``datasets`` folder is written: its memory follows the batch, not the number of
+training queries.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from losses.table import FORMATS
+from pipeline.data import Texts
 from pipeline.errors import PipelineError
 
 GROUPS_PER_BATCH = 25_000
@@ -44,19 +47,58 @@ class NoRowsError(PipelineError):
     """A format got no training rows from the groups it was given."""
 
 
-def score_lookup(scores: pa.Table, query_ids: pa.Array | None = None) -> dict[tuple[str, str], float]:
-    """(query_id, doc_id) -> teacher score, for the rows of ``query_ids`` only when given."""
-    if query_ids is not None:
-        import pyarrow.compute as pc
+class PairValues:
+    """Values keyed by (query_id, doc_id), looked up in Arrow: the teacher's scores, or judged grades."""
 
-        scores = scores.filter(pc.is_in(scores["query_id"], value_set=query_ids))
-    d = scores.to_pydict()
-    return dict(zip(zip(d["query_id"], d["doc_id"]), d["score"]))
+    def __init__(self, table: pa.Table, column: str = "score", what: str = "teacher score"):
+        self.keys = _pair_keys(table["query_id"], table["doc_id"])
+        self.values = table[column].to_numpy().astype(np.float64)
+        self.what = what
+
+    @classmethod
+    def of_queries(cls, table: pa.Table, query_ids: pa.Array, column: str = "score", what: str = "teacher score") -> PairValues:
+        """The rows of these queries only."""
+        return cls(table.filter(pc.is_in(table["query_id"], value_set=query_ids)), column, what)
+
+    def get(self, query_ids: pa.Array, doc_ids: pa.Array, default: float | None = None) -> np.ndarray:
+        """float64 values of these pairs; a pair without one stops the stage, unless ``default`` is given."""
+        rows = pc.index_in(_pair_keys(query_ids, doc_ids), value_set=self.keys)
+        if rows.null_count and default is None:
+            i = int(pc.index(pc.is_null(rows), True).as_py())
+            raise PipelineError(
+                f"no {self.what} for query '{query_ids[i]}', passage '{doc_ids[i]}': the scores do not cover "
+                "the mined groups (were they computed for another mining run?)"
+            )
+        found = pc.fill_null(rows, -1).to_numpy(zero_copy_only=False)
+        out = np.full(len(found), np.nan if default is None else default)
+        out[found >= 0] = self.values[found[found >= 0]]
+        return out
 
 
-def false_negatives(
-    groups: pa.Table, teacher: dict[tuple[str, str], float], margin: float = 0.0, action: str = "drop"
-) -> tuple[pa.Table, dict]:
+def _pair_keys(query_ids, doc_ids) -> pa.Array:
+    keys = pc.binary_join_element_wise(query_ids, doc_ids, "\x1f")
+    return keys.combine_chunks() if isinstance(keys, pa.ChunkedArray) else keys
+
+
+def train_grades(qrels: pa.Table) -> PairValues:
+    """The positive judgments of the training split, by (query_id, doc_id)."""
+    return PairValues(qrels.filter(pc.and_(pc.equal(qrels["split"], "train"), pc.greater(qrels["score"], 0))), what="grade")
+
+
+def _flat(groups: pa.Table, column: str) -> tuple[np.ndarray, np.ndarray, pa.Array]:
+    """A list column as (group of each element, length of each list, the elements)."""
+    col = groups[column]
+    lengths = pc.fill_null(pc.list_value_length(col), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+    values = pc.list_flatten(col)
+    return np.repeat(np.arange(len(lengths)), lengths), lengths, values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
+
+
+def _rank_in_group(group: np.ndarray) -> np.ndarray:
+    """Each element's position within its group, for elements sorted by group."""
+    return np.arange(len(group)) - np.searchsorted(group, group)
+
+
+def false_negatives(groups: pa.Table, teacher: PairValues, margin: float = 0.0, action: str = "drop") -> tuple[pa.Table, dict]:
     """Groups with suspected false negatives dropped or moved to the positives, and their counts.
 
     A negative is suspect when its teacher score >= (lowest positive teacher score) - ``margin``.
@@ -64,174 +106,234 @@ def false_negatives(
     """
     if action not in ("keep", "drop", "relabel"):
         raise PipelineError(f"unknown false-negative action '{action}' (choose keep, drop or relabel)")
-    g = groups.to_pydict()
-    found = queries_hit = 0
-    for i, qid in enumerate(g["query_id"]):
-        if not g["positive_ids"][i]:  # unjudged: its positive is the teacher's choice, nothing to check
-            continue
-        floor = min(teacher[(qid, p)] for p in g["positive_ids"][i]) - margin
-        suspect = [j for j, d in enumerate(g["negative_ids"][i]) if teacher[(qid, d)] >= floor]
-        found += len(suspect)
-        queries_hit += bool(suspect)
-        if not suspect or action == "keep":
-            continue
-        if action == "relabel":
-            g["positive_ids"][i] = g["positive_ids"][i] + [g["negative_ids"][i][j] for j in suspect]
-            g["positive_scores"][i] = g["positive_scores"][i] + [g["negative_scores"][i][j] for j in suspect]
-        for col in ("negative_ids", "negative_scores", "negative_ranks"):
-            g[col][i] = [x for j, x in enumerate(g[col][i]) if j not in suspect]
-    stats = {"action": action, "margin": margin, "suspected": found, "queries_with_suspects": queries_hit}
-    return pa.table(g, schema=groups.schema), stats
+    qids = groups["query_id"]
+    pos_group, n_pos, pos_ids = _flat(groups, "positive_ids")
+    neg_group, _, neg_ids = _flat(groups, "negative_ids")
+    floor = np.full(len(n_pos), np.inf)  # an unjudged query's positive is the teacher's choice: nothing to check
+    np.minimum.at(floor, pos_group, teacher.get(qids.take(pos_group), pos_ids))
+    suspect = teacher.get(qids.take(neg_group), neg_ids) >= floor[neg_group] - margin
+    stats = {
+        "action": action, "margin": margin, "suspected": int(suspect.sum()),
+        "queries_with_suspects": int(len(np.unique(neg_group[suspect]))),
+    }
+    if not suspect.any() or action == "keep":
+        return groups, stats
+    columns = {name: groups[name] for name in groups.column_names}
+    keep = np.flatnonzero(~suspect)
+    for name in ("negative_ids", "negative_scores", "negative_ranks"):
+        if name in columns:
+            columns[name] = _regroup(neg_group[keep], _flat(groups, name)[2].take(keep), len(n_pos))
+    if action == "relabel":  # each group's positives, then its suspects in their mined order
+        moved = np.flatnonzero(suspect)
+        for name, neg_name in (("positive_ids", "negative_ids"), ("positive_scores", "negative_scores")):
+            if name in columns:
+                values = pa.concat_arrays([_flat(groups, name)[2], _flat(groups, neg_name)[2].take(moved)])
+                by_group = np.concatenate([pos_group, neg_group[moved]])
+                order = np.argsort(by_group, kind="stable")
+                columns[name] = _regroup(by_group[order], values.take(order), len(n_pos))
+    return pa.table(columns, schema=groups.schema), stats
+
+
+def _regroup(group: np.ndarray, values: pa.Array, num_groups: int) -> pa.ListArray:
+    """A list array of ``num_groups`` lists from elements sorted by group."""
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(group, minlength=num_groups))]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), values)
 
 
 def build_rows(
     fmt: str,
     groups: pa.Table,
-    teacher: dict[tuple[str, str], float] | None,
-    queries: dict[str, str],
-    passage: Callable[[str], str],
-    grades: dict[str, dict[str, int]] | None = None,
+    teacher: PairValues | None,
+    texts: Texts,
+    grades: PairValues | None = None,
     num_negatives: int | None = None,
     label_scale: float = 1.0,
-) -> tuple[dict[str, list], dict]:
-    """Columns of the training dataset for ``fmt`` and statistics about what was built."""
-    g = groups.to_pydict()
-    n_neg = _check_rows_input(fmt, g, teacher, num_negatives)
+) -> tuple[pa.Table, dict]:
+    """The training rows of ``fmt`` from these groups (a table of ``rows_schema``), and statistics
+    about what was built. Every step is an Arrow or NumPy operation over the whole batch."""
+    qids = groups["query_id"].combine_chunks()
+    pos_group, n_pos, pos_ids = _flat(groups, "positive_ids")
+    neg_group, n_neg_mined, neg_ids = _flat(groups, "negative_ids")
+    n_neg = _check_rows_input(fmt, n_pos, n_neg_mined, teacher, num_negatives)
     label_only = fmt in ("pair-binary", "pair-class")
-    add = {"ntuple": _ntuple_rows, "list": _list_rows, "pair": _pair_rows}[fmt.split("-")[0]]
-    cols: dict[str, list] = {}
+    unjudged = n_pos == 0
+    included = ~unjudged | ((not label_only) & (n_neg_mined > 0))
+    scored = teacher is not None and not label_only
+    pos_score = teacher.get(qids.take(pos_group), pos_ids) * label_scale if scored else np.zeros(len(pos_ids))
+    neg_score = teacher.get(qids.take(neg_group), neg_ids) * label_scale if scored else np.zeros(len(neg_ids))
+
+    # An unjudged query's positive is the teacher's best candidate (the first of equals).
+    chosen = included[neg_group] & unjudged[neg_group]
+    best = np.full(len(n_pos), -np.inf)
+    np.maximum.at(best, neg_group[chosen], neg_score[chosen])
+    tops = np.flatnonzero(chosen & (neg_score == best[neg_group]))
+    tops = tops[np.unique(neg_group[tops], return_index=True)[1]]
+    # Positives: (group, document, score), by group.
+    p_group = np.concatenate([pos_group, neg_group[tops]])
+    order = np.argsort(p_group, kind="stable")
+    p_group, p_doc = p_group[order], pa.concat_arrays([pos_ids, neg_ids.take(tops)]).take(order)
+    p_score = np.concatenate([pos_score, neg_score[tops]])[order]
+    # Negatives: the rest of an included group's candidates, in mined order, the first n_neg.
+    rest = np.ones(len(neg_ids), bool)
+    rest[tops] = False
+    rest &= included[neg_group]
+    kept = np.flatnonzero(rest)
+    n_rest = np.bincount(neg_group[kept], minlength=len(n_pos))
+    kept = kept[_rank_in_group(neg_group[kept]) < n_neg]
+    n_group, n_doc, n_score = neg_group[kept], neg_ids.take(kept), neg_score[kept]
+
     short = 0
-    used = {"judged_queries": 0, "unjudged_queries": 0}
-
-    def score(q: str, d: str) -> float:
-        return float(teacher[(q, d)]) * label_scale
-
-    for qid, pos_ids, neg_ids in zip(g["query_id"], g["positive_ids"], g["negative_ids"]):
-        kind = "judged_queries" if pos_ids else "unjudged_queries"
-        if not pos_ids:
-            if label_only or not neg_ids:
-                continue
-            best = max(neg_ids, key=lambda d: score(qid, d))  # the teacher's choice is the positive
-            pos_ids, neg_ids = [best], [d for d in neg_ids if d != best]
-        if fmt.startswith("ntuple") and len(neg_ids) < n_neg:
-            short += 1
-            continue
-        rows_before = len(cols.get("query", []))
-        add(cols, fmt, qid, queries[qid], pos_ids, neg_ids[:n_neg], passage, lambda d, q=qid: score(q, d), grades)
-        if len(cols.get("query", [])) > rows_before:
-            used[kind] += 1
-    rows = len(cols.get("query", []))
-    if rows == 0:
+    if fmt.startswith("ntuple"):
+        valid = included & (n_rest >= n_neg)
+        short = int((included & ~valid).sum())
+        table, rows_of = _ntuple_rows(fmt, qids, texts, valid, n_neg, (p_group, p_doc, p_score), (n_group, n_doc, n_score))
+    else:
+        table, rows_of = _candidate_rows(fmt, qids, texts, grades, len(n_pos), (p_group, p_doc, p_score), (n_group, n_doc, n_score))
+    if table.num_rows == 0:
         raise NoRowsError(
             f"no training rows in format '{fmt}': {short} queries had fewer than {n_neg} mined negatives"
             if short
             else f"no training rows in format '{fmt}'"
         )
-    stats = {"format": fmt, "rows": rows, "queries_short_of_negatives": short, "num_negatives": n_neg, **used}
-    stats.update(label_summary(fmt, cols))
-    if fmt == "pair-class" and len(set(cols["label"])) < 2:
+    stats = {
+        "format": fmt, "rows": table.num_rows, "queries_short_of_negatives": short, "num_negatives": n_neg,
+        "judged_queries": int((rows_of & ~unjudged).sum()), "unjudged_queries": int((rows_of & unjudged).sum()),
+    }
+    stats.update(label_summary(fmt, table))
+    if fmt == "pair-class" and len(np.unique(table["label"].to_numpy())) < 2:
         raise PipelineError(
             "CrossEntropyLoss needs at least two classes: judged grades in qrels/train.tsv, "
             "or mined negatives as class 0 (use --num-negatives 1 or more)"
         )
-    return cols, stats
+    return table, stats
 
 
-def _check_rows_input(fmt: str, g: dict, teacher, num_negatives: int | None) -> int:
+def _check_rows_input(fmt: str, n_pos: np.ndarray, n_neg: np.ndarray, teacher, num_negatives: int | None) -> int:
     """Stop on a format the groups cannot fill; returns the negatives per group to use."""
     if fmt not in FORMATS:
         raise PipelineError(f"unknown data format '{fmt}' (one of {', '.join(FORMATS)})")
     label_only = fmt in ("pair-binary", "pair-class")
-    unjudged = sum(1 for p in g["positive_ids"] if not p)
+    unjudged = int((n_pos == 0).sum())
     needs_teacher = fmt in ("ntuple-margin", "pair-score", "pair-soft", "list", "list-gains") or (unjudged and not label_only)
     if needs_teacher and teacher is None:
         raise PipelineError(
             f"format '{fmt}' needs teacher scores" + (f" for its {unjudged} unjudged queries" if unjudged else "")
             + "; run ScoreWithTeacher first"
         )
-    n_neg = num_negatives if num_negatives is not None else max((len(x) for x in g["negative_ids"]), default=0)
-    if fmt.startswith("ntuple") and n_neg < 1:
+    n = num_negatives if num_negatives is not None else int(n_neg.max(initial=0))
+    if fmt.startswith("ntuple") and n < 1:
         raise PipelineError(f"format '{fmt}' needs at least one mined negative per query; got none")
-    return n_neg
+    return n
 
 
-def _ntuple_rows(cols, fmt, qid, q, pos_ids, negs, passage, score, grades) -> None:
-    """One (query, positive, negative_1..n) row per positive; margins for ``ntuple-margin``."""
-    for p in pos_ids:
-        cols.setdefault("query", []).append(q)
-        cols.setdefault("positive", []).append(passage(p))
-        for i, n in enumerate(negs, 1):
-            cols.setdefault(f"negative_{i}", []).append(passage(n))
-        if fmt == "ntuple-margin":
-            cols.setdefault("label", []).append([score(p) - score(n) for n in negs])
+def _ntuple_rows(fmt, qids, texts, valid, n_neg, positives, negatives) -> tuple[pa.Table, np.ndarray]:
+    """One (query, positive, negative_1..n) row per positive of a group with n negatives; margins
+    s(positive) - s(negative_i) for ``ntuple-margin``."""
+    p_group, p_doc, p_score = positives
+    n_group, n_doc, n_score = negatives
+    rows = np.flatnonzero(valid[p_group])
+    group = p_group[rows]
+    negs = np.flatnonzero(valid[n_group])  # n_neg per valid group, by group
+    # Row r's negatives start at its group's place among the valid groups, n_neg apiece.
+    first = (np.cumsum(valid) - 1)[group] * n_neg
+    passages = texts.passage(pa.concat_arrays([p_doc.take(rows), n_doc.take(negs)]))  # one lookup for both
+    columns = {"query": texts.query(qids.take(group)), "positive": passages.slice(0, len(rows))}
+    for i in range(n_neg):
+        columns[f"negative_{i + 1}"] = passages.take(len(rows) + first + i)
+    if fmt == "ntuple-margin":
+        margins = p_score[rows, None] - n_score[negs].reshape(-1, n_neg)[first // n_neg]
+        columns["label"] = _lists(np.full(len(rows), n_neg), margins.ravel())
+    rows_of = np.zeros(len(valid), bool)
+    rows_of[group] = True
+    return _table(fmt, columns, n_neg), rows_of
 
 
-def _list_rows(cols, fmt, qid, q, pos_ids, negs, passage, score, grades) -> None:
-    """One (query, [docs]) row per group with the teacher's scores (min-max gains for ``list-gains``)."""
-    docs = list(pos_ids) + list(negs)
-    scores = [score(d) for d in docs]
-    if fmt == "list-gains":
-        lo, hi = min(scores), max(scores)
-        scores = [(x - lo) / (hi - lo) if hi > lo else 1.0 for x in scores]
-    cols.setdefault("query", []).append(q)
-    cols.setdefault("docs", []).append([passage(d) for d in docs])
-    cols.setdefault("labels", []).append(scores)
+def _candidate_rows(fmt, qids, texts, grades, num_groups, positives, negatives) -> tuple[pa.Table, np.ndarray]:
+    """A group's positives then negatives: one (query, [docs]) row per group with their scores for
+    the list formats (min-max gains for ``list-gains``), one (query, passage) row per document for
+    the pair formats, labelled as ``fmt`` says."""
+    p_group, p_doc, p_score = positives
+    n_group, n_doc, n_score = negatives
+    group = np.concatenate([p_group, n_group])
+    order = np.argsort(group, kind="stable")
+    group, doc = group[order], pa.concat_arrays([p_doc, n_doc]).take(order)
+    score = np.concatenate([p_score, n_score])[order]
+    is_pos = np.concatenate([np.ones(len(p_group), bool), np.zeros(len(n_group), bool)])[order]
+    rows_of = np.bincount(group, minlength=num_groups) > 0
+    if fmt.startswith("list"):
+        if fmt == "list-gains":
+            starts = np.searchsorted(group, np.flatnonzero(rows_of))
+            lo, hi = np.minimum.reduceat(score, starts)[_index_of(group)], np.maximum.reduceat(score, starts)[_index_of(group)]
+            score = np.where(hi > lo, (score - lo) / np.where(hi > lo, hi - lo, 1.0), 1.0)
+        sizes = np.bincount(group)[np.flatnonzero(rows_of)]
+        columns = {
+            "query": texts.query(qids.take(np.flatnonzero(rows_of))),
+            "docs": _lists(sizes, texts.passage(doc)),
+            "labels": _lists(sizes, score),
+        }
+        return _table(fmt, columns), rows_of
+    if fmt == "pair-score":
+        label = score
+    elif fmt == "pair-soft":
+        label = 1.0 / (1.0 + np.exp(-score))
+    elif fmt == "pair-binary":
+        label = is_pos.astype(np.float64)
+    else:  # pair-class: a judged positive's grade (1 when its qrels give none), 0 for a negative
+        grade = grades.get(qids.take(group), doc, default=1) if grades is not None else np.ones(len(group))
+        label = np.where(is_pos, grade, 0).astype(np.int64)
+    columns = {"query": texts.query(qids.take(group)), "passage": texts.passage(doc), "label": label}
+    return _table(fmt, columns), rows_of
 
 
-def _pair_rows(cols, fmt, qid, q, pos_ids, negs, passage, score, grades) -> None:
-    """One (query, passage) row per document, labelled as ``fmt`` says."""
-    for d, is_pos in [(p, True) for p in pos_ids] + [(n, False) for n in negs]:
-        if fmt == "pair-score":
-            label = score(d)
-        elif fmt == "pair-soft":
-            label = 1.0 / (1.0 + math.exp(-score(d)))
-        elif fmt == "pair-binary":
-            label = 1.0 if is_pos else 0.0
-        else:  # pair-class
-            label = int((grades or {}).get(qid, {}).get(d, 1)) if is_pos else 0
-        cols.setdefault("query", []).append(q)
-        cols.setdefault("passage", []).append(passage(d))
-        cols.setdefault("label", []).append(label)
+def _index_of(group: np.ndarray) -> np.ndarray:
+    """For elements sorted by group: the index of each one's group among the groups present."""
+    return np.concatenate([[0], np.cumsum(group[1:] != group[:-1])]) if len(group) else group
 
 
-def label_summary(fmt: str, cols: dict[str, list] | pa.Table) -> dict:
+def _lists(sizes: np.ndarray, values) -> pa.ListArray:
+    offsets = pa.array(np.concatenate([[0], np.cumsum(sizes)]), pa.int32())
+    if isinstance(values, np.ndarray):
+        values = pa.array(values.astype(np.float32), pa.float32())
+    elif isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    return pa.ListArray.from_arrays(offsets, values)
+
+
+def _table(fmt: str, columns: dict, num_negatives: int = 0) -> pa.Table:
+    schema = rows_schema(fmt, num_negatives)
+    arrays = [c.combine_chunks() if isinstance(c, pa.ChunkedArray) else c for c in columns.values()]
+    return pa.Table.from_arrays(
+        [pa.array(a.astype(f.type.to_pandas_dtype()), f.type) if isinstance(a, np.ndarray) else a for a, f in zip(arrays, schema)],
+        schema=schema,
+    )
+
+
+def rows_schema(fmt: str, num_negatives: int = 0) -> pa.Schema:
+    """The Arrow types of ``fmt``'s training columns (labels last, as sentence-transformers expects)."""
+    if fmt.startswith("ntuple"):
+        fields = [("query", pa.string()), ("positive", pa.string())] + [(f"negative_{i + 1}", pa.string()) for i in range(num_negatives)]
+        return pa.schema(fields + ([("label", pa.list_(pa.float32()))] if fmt == "ntuple-margin" else []))
+    if fmt.startswith("list"):
+        return pa.schema([("query", pa.string()), ("docs", pa.list_(pa.string())), ("labels", pa.list_(pa.float32()))])
+    return pa.schema([("query", pa.string()), ("passage", pa.string()), ("label", pa.int64() if fmt == "pair-class" else pa.float32())])
+
+
+def label_summary(fmt: str, rows: pa.Table) -> dict:
     """Mean and spread of the labels, or the number of classes for ``pair-class``."""
-    names = cols.column_names if isinstance(cols, pa.Table) else cols
-    if "label" not in names:
+    if "label" not in rows.column_names:
         return {}
-    labels = cols["label"]
-    if isinstance(labels, pa.ChunkedArray):
-        import pyarrow.compute as pc
-
-        flat = (pc.list_flatten(labels) if pa.types.is_list(labels.type) else labels).to_numpy().astype(np.float64)
-    else:
-        flat = np.asarray(labels, np.float64).ravel()
+    labels = rows["label"]
+    flat = (pc.list_flatten(labels) if pa.types.is_list(labels.type) else labels).to_numpy().astype(np.float64)
     if fmt == "pair-class":
         return {"num_classes": int(flat.max()) + 1}
     return {"label_mean": float(flat.mean()), "label_std": float(flat.std())}
 
 
-def rows_schema(cols: dict[str, list]) -> pa.Schema:
-    """The Arrow types of training columns (labels last, as sentence-transformers expects)."""
-    fields = []
-    for name, values in cols.items():
-        if name == "docs":
-            kind = pa.list_(pa.string())
-        elif name == "labels" or (name == "label" and values and isinstance(values[0], list)):
-            kind = pa.list_(pa.float32())
-        elif name == "label":
-            kind = pa.int64() if isinstance(values[0], int) else pa.float32()
-        else:
-            kind = pa.string()
-        fields.append((name, kind))
-    return pa.schema(fields)
+def to_dataset(rows: pa.Table):
+    """A ``datasets.Dataset`` of training rows, with their Arrow types."""
+    from datasets import Dataset
 
-
-def to_dataset(cols: dict[str, list]):
-    """A ``datasets.Dataset`` of training columns with explicit types."""
-    from datasets import Dataset, Features
-
-    return Dataset.from_dict(cols, features=Features.from_arrow_schema(rows_schema(cols)))
+    return Dataset(rows)
 
 
 @dataclass(frozen=True)
@@ -248,28 +350,27 @@ class LabelConfig:
 def build_labels(data_dir, mined_dir, scores_path, out_dir, config: LabelConfig) -> dict:
     """Stage entry: training rows in ``config.fmt`` saved as a ``datasets`` folder (atomically)."""
     c = config
-    return write_labels(
-        data_dir, mined_dir, scores_path, out_dir, c,
-        lambda groups, teacher, ds, num_negatives: build_rows(
-            c.fmt, groups, teacher, ds.queries, ds.passage, ds.relevant("train"), num_negatives, c.label_scale
-        ),
-    )
+
+    def rows(groups, teacher, tables, num_negatives):
+        return build_rows(c.fmt, groups, teacher, tables.texts(), train_grades(tables.qrels), num_negatives, c.label_scale)
+
+    return write_labels(data_dir, mined_dir, scores_path, out_dir, c, rows)
 
 
 def write_labels(
     data_dir, mined_dir, scores_path, out_dir, config: LabelConfig, rows: Callable, groups_per_batch: int = GROUPS_PER_BATCH
 ) -> dict:
-    """The rows ``rows(groups, teacher, dataset, num_negatives) -> (columns, stats)`` makes from
+    """The rows ``rows(groups, teacher, tables, num_negatives) -> (table, stats)`` makes from
     the mined groups (false negatives handled first), saved as a ``datasets`` folder with their
     statistics.
 
-    ``rows`` sees a batch of groups at a time, with the dataset and the teacher's scores of
-    that batch only; ``num_negatives`` is the configured count, or else the most negatives any
-    group kept, so every batch's n-tuples have the same columns."""
+    ``rows`` sees a batch of groups at a time, with the teacher's scores of that batch only
+    (:class:`PairValues`) and the prepared data's Arrow tables
+    (:class:`~pipeline.data.NormalizedTables`); ``num_negatives`` is the configured count, or
+    else the most negatives any group kept, so every batch's n-tuples have the same columns."""
     import time
     from pathlib import Path
 
-    import pyarrow.compute as pc
     import pyarrow.parquet as pq
     from datasets import Dataset
 
@@ -278,13 +379,13 @@ def write_labels(
     from pipeline.scoring import read_scores
 
     t0 = time.perf_counter()
-    texts = NormalizedTables(data_dir)
+    tables = NormalizedTables(data_dir)
     scores = read_scores(scores_path)[0] if scores_path else None
     if scores is None and config.false_negatives != "keep":
         raise PipelineError(f"--false-negatives {config.false_negatives} needs teacher scores")
 
-    def teacher_of(batch: pa.Table):
-        return score_lookup(scores, batch["query_id"].combine_chunks()) if scores is not None else None
+    def teacher_of(batch: pa.Table) -> PairValues | None:
+        return PairValues.of_queries(scores, batch["query_id"].combine_chunks()) if scores is not None else None
 
     batches, filter_stats = [], {}
     for batch in pq.read_table(Path(mined_dir) / "groups.parquet").to_batches(groups_per_batch):
@@ -298,19 +399,16 @@ def write_labels(
 
     stats: dict = {}
     empty: NoRowsError | None = None
-    schema: pa.Schema | None = None
     with atomic_dir(out_dir) as tmp:
         stream, writer = tmp / "rows.arrow", None
         for batch in batches:
             try:
-                cols, built = rows(batch, teacher_of(batch), texts.of_groups(batch), num_negatives)
+                table, built = rows(batch, teacher_of(batch), tables, num_negatives)
             except NoRowsError as e:
                 empty = empty or e
                 continue
             if writer is None:
-                schema = rows_schema(cols)  # the first batch's; the rest must match it
-                writer = pa.ipc.new_stream(str(stream), schema)
-            table = pa.table(cols, schema=schema)
+                writer = pa.ipc.new_stream(str(stream), table.schema)  # the first batch's; the rest must match it
             writer.write_table(table)
             _add_stats(stats, built)
         if writer is None:

@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from pipeline.data import Dataset, join_title
+from pipeline.data import Dataset, Texts, join_title
 from pipeline.errors import PipelineError
 from pipeline.evaluation import EvalConfig
-from pipeline.labels import LabelConfig, NoRowsError, build_rows, label_summary, write_labels
+from pipeline.labels import LabelConfig, NoRowsError, PairValues, build_rows, label_summary, train_grades, write_labels
 
 # Model rows of the per-language table, in the order they are shown.
 RANKERS = ("retriever", "teacher", "student_untrained", "student_source_only", "student")
@@ -82,17 +82,17 @@ def restrict_groups(groups: pa.Table, queries: dict, corpus: dict) -> tuple[pa.T
 def multilingual_rows(
     fmt: str,
     groups: pa.Table,
-    teacher: dict[tuple[str, str], float] | None,
+    teacher: PairValues | None,
     ds: Dataset,
     languages: Sequence[str],
     source: str = "en",
     cross_lingual: bool = False,
-    grades: dict[str, dict[str, int]] | None = None,
+    grades: PairValues | None = None,
     num_negatives: int | None = None,
     label_scale: float = 1.0,
-) -> tuple[dict[str, list], dict]:
-    """Training columns for every view, each row labelled with its source pair's teacher scores."""
-    cols: dict[str, list] = {}
+) -> tuple[pa.Table, dict]:
+    """Training rows of every view, each labelled with its source pair's teacher scores."""
+    tables = []
     views = {}
     for q_lang, p_lang in training_views(languages, source, cross_lingual):
         queries = texts_of(ds, q_lang, source)[0]
@@ -101,20 +101,17 @@ def multilingual_rows(
         stats = {"groups": kept.num_rows, **skipped, "rows": 0}
         if kept.num_rows:
             try:
-                view_cols, built = build_rows(
-                    fmt, kept, teacher, queries, lambda d, c=corpus: join_title(*c[d]), grades, num_negatives, label_scale
-                )
+                view_rows, built = build_rows(fmt, kept, teacher, Texts.of(queries, corpus), grades, num_negatives, label_scale)
+                tables.append(view_rows)
             except NoRowsError:
-                view_cols, built = {}, {"rows": 0, "queries_short_of_negatives": kept.num_rows}
+                built = {"rows": 0, "queries_short_of_negatives": kept.num_rows}
             stats["rows"] = built["rows"]
             stats["queries_short_of_negatives"] = built.get("queries_short_of_negatives", 0)
-            for name, values in view_cols.items():
-                cols.setdefault(name, []).extend(values)
         views[view_name(q_lang, p_lang)] = stats
-    rows = len(cols.get("query", []))
-    if rows == 0:
+    if not tables:
         raise NoRowsError(f"no training rows in format '{fmt}' in any language ({', '.join(views)})")
-    return cols, {"format": fmt, "rows": rows, "views": views, "num_negatives": num_negatives, **label_summary(fmt, cols)}
+    rows = pa.concat_tables(tables)
+    return rows, {"format": fmt, "rows": rows.num_rows, "views": views, "num_negatives": num_negatives, **label_summary(fmt, rows)}
 
 
 @dataclass(frozen=True)
@@ -130,11 +127,12 @@ def build_multilingual_labels(data_dir, mined_dir, scores_path, out_dir, config:
     """Stage entry: the rows of every language view saved as one ``datasets`` folder (atomically)."""
     c = config
 
-    def rows(groups, teacher, ds, num_negatives):
+    def rows(groups, teacher, tables, num_negatives):
+        ds = tables.of_groups(groups)
         for lang in c.languages:
             texts_of(ds, lang, c.source)  # a missing language fails before any view is built
         return multilingual_rows(
-            c.fmt, groups, teacher, ds, list(c.languages), c.source, c.cross_lingual, ds.relevant("train"),
+            c.fmt, groups, teacher, ds, list(c.languages), c.source, c.cross_lingual, train_grades(tables.qrels),
             num_negatives, c.label_scale,
         )
 

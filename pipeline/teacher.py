@@ -156,10 +156,9 @@ def _cross_encoder_teacher(
     if c.max_queries and groups.num_rows > c.max_queries:
         keep = sorted(range(groups.num_rows), key=lambda i: hashlib.sha1(f"t{c.seed}:{i}".encode()).hexdigest())[: c.max_queries]
         groups = groups.take(sorted(keep))
-    ds = NormalizedTables(data_dir).of_groups(groups)
-    cols, stats = build_rows(resolve_loss(c.loss)[0].format, groups, None, ds.queries, ds.passage, num_negatives=c.negatives)
+    rows, stats = build_rows(resolve_loss(c.loss)[0].format, groups, None, NormalizedTables(data_dir).texts(), num_negatives=c.negatives)
     return train_student(
-        to_dataset(cols).shuffle(seed=c.seed),
+        to_dataset(rows).shuffle(seed=c.seed),
         c.loss,
         out_dir,
         student=start,

@@ -48,7 +48,7 @@ def test_pair_texts_are_looked_up_in_arrow_as_the_dataset_gives_them(beir, tmp_p
     ds = load_normalized(tmp_path / "norm")
     qids, dids = ["q2", "q1", "q2", "q3"], ["d2", "d3", "d1", "d2"]
     assert pair_texts(tmp_path / "norm", qids, dids) == [(ds.queries[q], ds.passage(d)) for q, d in zip(qids, dids)]
-    with pytest.raises(DataError, match=r"corpus\.parquet: field 'id': 'd9' is not in the prepared data"):
+    with pytest.raises(DataError, match=r"corpus\.parquet: field 'doc_id': 'd9' is not in the prepared data"):
         pair_texts(tmp_path / "norm", ["q1", "q2"], ["d1", "d9"])
 
 

@@ -13,6 +13,7 @@ import pytest
 from conftest import dag_params
 from pipeline.data import join_title, read_dataset
 from pipeline.multilingual import multilingual_rows, restrict_groups, training_views
+from tests.test_stages import pair_values
 from tasks import TrainMultilingualStudent
 
 
@@ -50,7 +51,8 @@ def test_views_carry_the_source_labels_and_skip_missing_ids(parallel_beir):
         "negative_ids": [others[i : i + 6] for i in range(len(qids))],
     })
     teacher = {(q, d): float(len(q) % 7 + i) for q in qids for i, d in enumerate(list(ds.corpus))}
-    cols, stats = multilingual_rows("ntuple-margin", groups, teacher, ds, ["xx", "yy"], "en", cross_lingual=True, num_negatives=2)
+    rows, stats = multilingual_rows("ntuple-margin", groups, pair_values(teacher), ds, ["xx", "yy"], "en", cross_lingual=True, num_negatives=2)
+    cols = rows.to_pydict()
 
     assert [v for v in stats["views"]] == ["en", "xx", "yy", "xx-en", "en-xx", "yy-en", "en-yy"]
     assert stats["views"]["en"]["rows"] == stats["views"]["xx"]["rows"] == sum(len(train[q]) for q in qids)

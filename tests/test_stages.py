@@ -10,7 +10,8 @@ import pytest
 
 from losses import LOSS_TABLE, build_loss, resolve_loss
 from pipeline.errors import PipelineError
-from pipeline.labels import build_rows, false_negatives
+from pipeline.data import Texts
+from pipeline.labels import NoRowsError, PairValues, build_rows, false_negatives
 from pipeline.mining import GROUPS_SCHEMA, EmbeddingCache, select_negatives
 from pipeline.scoring import write_scores, zscore_per_query
 
@@ -25,16 +26,30 @@ GROUPS = pa.table(
     },
     schema=GROUPS_SCHEMA,
 )
-TEACHER = {("q1", "p1"): 5.0, ("q1", "n1"): 2.0, ("q1", "n2"): -1.5, ("q2", "p2"): 3.0, ("q2", "n3"): 3.5}
+TEACHER_SCORES = {("q1", "p1"): 5.0, ("q1", "n1"): 2.0, ("q1", "n2"): -1.5, ("q2", "p2"): 3.0, ("q2", "n3"): 3.5}
 QUERIES = {"q1": "query one", "q2": "query two"}
+
+
+def pair_values(scores: dict[tuple[str, str], float]) -> PairValues:
+    return PairValues(pa.table({"query_id": [q for q, _ in scores], "doc_id": [d for _, d in scores], "score": list(scores.values())}))
+
+
+TEACHER = pair_values(TEACHER_SCORES)
 
 
 def passage(d):
     return f"text of {d}"
 
 
+def build(fmt, groups, teacher, queries, **kwargs):
+    """``build_rows`` with every passage of the groups given as 'text of <id>', its rows as Python columns."""
+    docs = {d: ("", passage(d)) for col in ("positive_ids", "negative_ids") for ids in groups[col].to_pylist() for d in ids}
+    rows, stats = build_rows(fmt, groups, teacher, Texts.of(queries, docs), **kwargs)
+    return rows.to_pydict(), stats
+
+
 def test_margin_labels_are_positive_minus_each_negative():
-    cols, stats = build_rows("ntuple-margin", GROUPS, TEACHER, QUERIES, passage, num_negatives=2)
+    cols, stats = build("ntuple-margin", GROUPS, TEACHER, QUERIES, num_negatives=2)
     assert cols["query"] == ["query one"]  # q2 has one negative: dropped and counted
     assert cols["negative_2"] == ["text of n2"]
     assert cols["label"] == [[3.0, 6.5]]
@@ -42,30 +57,30 @@ def test_margin_labels_are_positive_minus_each_negative():
 
 
 def test_margin_labels_scale():
-    cols, _ = build_rows("ntuple-margin", GROUPS, TEACHER, QUERIES, passage, num_negatives=1, label_scale=2.0)
+    cols, _ = build("ntuple-margin", GROUPS, TEACHER, QUERIES, num_negatives=1, label_scale=2.0)
     assert cols["label"] == [[6.0], [-1.0]]
 
 
 def test_pair_formats():
-    cols, _ = build_rows("pair-score", GROUPS, TEACHER, QUERIES, passage, num_negatives=2)
+    cols, _ = build("pair-score", GROUPS, TEACHER, QUERIES, num_negatives=2)
     assert list(zip(cols["passage"], cols["label"])) == [
         ("text of p1", 5.0), ("text of n1", 2.0), ("text of n2", -1.5), ("text of p2", 3.0), ("text of n3", 3.5)
     ]
-    cols, _ = build_rows("pair-binary", GROUPS, None, QUERIES, passage, num_negatives=2)
+    cols, _ = build("pair-binary", GROUPS, None, QUERIES, num_negatives=2)
     assert cols["label"] == [1.0, 0.0, 0.0, 1.0, 0.0]
-    cols, _ = build_rows("pair-soft", GROUPS, TEACHER, QUERIES, passage, num_negatives=1)
+    cols, _ = build("pair-soft", GROUPS, TEACHER, QUERIES, num_negatives=1)
     assert cols["label"][0] == pytest.approx(1 / (1 + np.exp(-5.0)))
 
 
 def test_list_format():
-    cols, _ = build_rows("list", GROUPS, TEACHER, QUERIES, passage, num_negatives=2)
+    cols, _ = build("list", GROUPS, TEACHER, QUERIES, num_negatives=2)
     assert cols["docs"][0] == ["text of p1", "text of n1", "text of n2"]
     assert cols["labels"] == [[5.0, 2.0, -1.5], [3.0, 3.5]]
 
 
 def test_teacher_format_without_scores_is_refused():
     with pytest.raises(PipelineError, match="needs teacher scores"):
-        build_rows("ntuple-margin", GROUPS, None, QUERIES, passage)
+        build("ntuple-margin", GROUPS, None, QUERIES)
 
 
 def test_select_negatives_excludes_positives_and_respects_range():
@@ -191,13 +206,13 @@ def test_ensemble_teacher_is_weighted_sum_of_per_query_zscores(tiny_models):
 
 
 def test_list_gains_are_minmax_per_query():
-    cols, _ = build_rows("list-gains", GROUPS, TEACHER, QUERIES, passage, num_negatives=2)
+    cols, _ = build("list-gains", GROUPS, TEACHER, QUERIES, num_negatives=2)
     assert cols["labels"] == [[1.0, pytest.approx(3.5 / 6.5), 0.0], [0.0, 1.0]]
 
 
 def test_cross_entropy_without_two_classes_is_refused():
     with pytest.raises(PipelineError, match="two classes"):
-        build_rows("pair-class", GROUPS, None, QUERIES, passage, num_negatives=0)
+        build("pair-class", GROUPS, None, QUERIES, num_negatives=0)
 
 
 def test_length_grouped_batches_cover_every_row_once_with_less_padding():
@@ -229,7 +244,7 @@ UNJUDGED = pa.concat_tables([GROUPS, pa.table(
     },
     schema=GROUPS_SCHEMA,
 )])
-UNJUDGED_TEACHER = {**TEACHER, ("q3", "u1"): 1.0, ("q3", "u2"): 4.0, ("q3", "u3"): -2.0}
+UNJUDGED_TEACHER = pair_values({**TEACHER_SCORES, ("q3", "u1"): 1.0, ("q3", "u2"): 4.0, ("q3", "u3"): -2.0})
 UNJUDGED_QUERIES = {**QUERIES, "q3": "query three"}
 
 
@@ -238,7 +253,7 @@ def test_an_unjudged_query_is_labelled_by_the_teacher_alone():
     n-tuple formats; score and list formats take its candidates as they are; label-only formats
     skip it; the statistics count judged and unjudged queries."""
     def rows(fmt):
-        return build_rows(fmt, UNJUDGED, UNJUDGED_TEACHER, UNJUDGED_QUERIES, passage, num_negatives=2)
+        return build(fmt, UNJUDGED, UNJUDGED_TEACHER, UNJUDGED_QUERIES, num_negatives=2)
 
     cols, stats = rows("ntuple-margin")
     assert cols["query"] == ["query one", "query three"]
@@ -256,10 +271,112 @@ def test_an_unjudged_query_is_labelled_by_the_teacher_alone():
         cols, stats = rows(fmt)
         assert "query three" not in cols["query"] and stats["unjudged_queries"] == 0 and stats["judged_queries"] == 2
     with pytest.raises(PipelineError, match="unjudged"):
-        build_rows("ntuple", UNJUDGED, None, UNJUDGED_QUERIES, passage, num_negatives=2)
+        build("ntuple", UNJUDGED, None, UNJUDGED_QUERIES, num_negatives=2)
     # The false-negative check has no judged positive to compare an unjudged query's candidates with.
     kept, fn = false_negatives(UNJUDGED, UNJUDGED_TEACHER, 0.0, "drop")
     assert kept.column("negative_ids").to_pylist()[2] == ["u1", "u2", "u3"]
+
+
+def _reference_rows(fmt, groups, teacher, queries, grades, n_neg, scale):
+    """The formats read row by row, one group at a time, as the module docstring defines them."""
+    cols, used = {}, {"judged_queries": 0, "unjudged_queries": 0}
+    for qid, pos, negs in zip(*(groups[c].to_pylist() for c in ("query_id", "positive_ids", "negative_ids"))):
+        kind = "judged_queries" if pos else "unjudged_queries"
+        score = {d: teacher[(qid, d)] * scale for d in pos + negs} if teacher else {}
+        if not pos:
+            if fmt in ("pair-binary", "pair-class") or not negs:
+                continue
+            best = max(negs, key=score.get)
+            pos, negs = [best], [d for d in negs if d != best]
+        if fmt.startswith("ntuple") and len(negs) < n_neg:
+            continue
+        negs = negs[:n_neg]
+        used[kind] += 1
+        if fmt.startswith("ntuple"):
+            for p in pos:
+                row = {"query": queries[qid], "positive": passage(p), **{f"negative_{i + 1}": passage(n) for i, n in enumerate(negs)}}
+                if fmt == "ntuple-margin":
+                    row["label"] = [score[p] - score[n] for n in negs]
+                for k, v in row.items():
+                    cols.setdefault(k, []).append(v)
+        elif fmt.startswith("list"):
+            labels = [score[d] for d in pos + negs]
+            if fmt == "list-gains":
+                lo, hi = min(labels), max(labels)
+                labels = [(x - lo) / (hi - lo) if hi > lo else 1.0 for x in labels]
+            for k, v in (("query", queries[qid]), ("docs", [passage(d) for d in pos + negs]), ("labels", labels)):
+                cols.setdefault(k, []).append(v)
+        else:
+            for d in pos + negs:
+                label = {
+                    "pair-score": lambda: score[d],
+                    "pair-soft": lambda: 1 / (1 + np.exp(-score[d])),
+                    "pair-binary": lambda: float(d in pos),
+                    "pair-class": lambda: grades.get((qid, d), 1) if d in pos else 0,
+                }[fmt]()
+                for k, v in (("query", queries[qid]), ("passage", passage(d)), ("label", label)):
+                    cols.setdefault(k, []).append(v)
+    return cols, used
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_rows_equal_a_row_by_row_reading_of_the_formats(seed):
+    """Random groups (judged, unjudged, short of negatives, tied teacher scores, graded
+    positives): every format's rows and counts equal the straightforward per-group reading."""
+    from losses.table import FORMATS
+
+    rng = np.random.default_rng(seed)
+    docs = [f"d{i}" for i in range(40)]
+    groups, teacher, grades = {"query_id": [], "positive_ids": [], "negative_ids": []}, {}, {}
+    for q in range(30):
+        qid, picked = f"q{q}", [str(d) for d in rng.choice(docs, size=rng.integers(1, 9), replace=False)]
+        n_pos = int(rng.integers(0, 3)) if len(picked) > 1 else 0
+        groups["query_id"].append(qid)
+        groups["positive_ids"].append(picked[:n_pos])
+        groups["negative_ids"].append(picked[n_pos:])
+        for d in picked:
+            teacher[(qid, d)] = float(rng.integers(-3, 4))  # small integers: ties are common
+        for d in picked[:n_pos]:
+            if rng.random() < 0.5:
+                grades[(qid, d)] = int(rng.integers(1, 4))
+    groups = pa.table(groups)
+    queries = {q: f"query {q}" for q in groups["query_id"].to_pylist()}
+    grade_values = PairValues(pa.table({"query_id": [q for q, _ in grades], "doc_id": [d for _, d in grades], "score": list(grades.values())}))
+    for fmt in FORMATS:
+        for n_neg in (1, 3, None):
+            most = max(len(x) for x in groups["negative_ids"].to_pylist())
+            want, used = _reference_rows(fmt, groups, teacher, queries, grades, n_neg or most, 0.5)
+            if not want:
+                with pytest.raises(NoRowsError):
+                    build(fmt, groups, pair_values(teacher), queries, grades=grade_values, num_negatives=n_neg)
+                continue
+            cols, stats = build(fmt, groups, pair_values(teacher), queries, grades=grade_values, num_negatives=n_neg, label_scale=0.5)
+            assert cols.keys() == want.keys(), (fmt, n_neg)
+            for k in want:
+                assert cols[k] == ([pytest.approx(v) for v in want[k]] if "label" in k else want[k]), (fmt, n_neg, k)
+            assert (stats["judged_queries"], stats["unjudged_queries"]) == (used["judged_queries"], used["unjudged_queries"])
+
+
+def test_false_negatives_move_or_drop_exactly_the_suspects():
+    """Each group's suspects are the negatives scored at least its lowest positive minus the
+    margin; drop removes them from every negative column, relabel appends them to the positives."""
+    groups = UNJUDGED
+    teacher = {**TEACHER_SCORES, ("q3", "u1"): 1.0, ("q3", "u2"): 4.0, ("q3", "u3"): -2.0}
+    for margin in (0.0, 3.5):
+        dropped, stats = false_negatives(groups, pair_values(teacher), margin, "drop")
+        relabelled, _ = false_negatives(groups, pair_values(teacher), margin, "relabel")
+        g, d, r = groups.to_pydict(), dropped.to_pydict(), relabelled.to_pydict()
+        suspected = 0
+        for i, q in enumerate(g["query_id"]):
+            floor = min((teacher[(q, p)] for p in g["positive_ids"][i]), default=np.inf) - margin
+            sus = [j for j, n in enumerate(g["negative_ids"][i]) if teacher[(q, n)] >= floor]
+            suspected += len(sus)
+            for col in ("negative_ids", "negative_scores", "negative_ranks"):
+                assert d[col][i] == r[col][i] == [x for j, x in enumerate(g[col][i]) if j not in sus]
+            assert r["positive_ids"][i] == g["positive_ids"][i] + [g["negative_ids"][i][j] for j in sus]
+            assert r["positive_scores"][i] == pytest.approx(g["positive_scores"][i] + [g["negative_scores"][i][j] for j in sus])
+            assert d["positive_ids"][i] == g["positive_ids"][i]
+        assert stats["suspected"] == suspected > 0
 
 
 def test_the_verdict_says_beats_only_with_a_significant_gain():
