@@ -74,9 +74,11 @@ class KeyedStore:
                 continue
             part_hi, part_lo = _column(table, "key_hi"), _column(table, "key_lo")
             want = np.flatnonzero(todo)
-            pos = np.minimum(sorted_search(part_hi, hi[want]), len(part_hi) - 1)
+            pos, same_hi = sorted_find(part_hi, hi[want])
+            # Only keys whose high word is there need their low word read (a missing key's, never).
             # A miss on the (vanishingly rare) equal high words of two keys only costs a recompute.
-            hit = (part_hi[pos] == hi[want]) & (part_lo[pos] == lo[want])
+            hit = np.flatnonzero(same_hi)
+            hit = hit[part_lo[pos[hit]] == lo[want[hit]]]
             rows = order[want[hit]]
             for name, values in out.items():
                 values[rows] = _column(table, name)[pos[hit]]
@@ -132,23 +134,32 @@ class KeyedStore:
 SLICE = 1 << 14  # keys of one search slice: 128 KiB of high words, within a core's L2 cache
 
 
-def sorted_search(haystack: np.ndarray, needles: np.ndarray) -> np.ndarray:
-    """``np.searchsorted(haystack, needles)`` for sorted needles, one slice of the haystack at a time.
+def sorted_find(haystack: np.ndarray, needles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For sorted needles: ``np.searchsorted(haystack, needles)``, and whether the haystack holds
+    each needle there, one slice of the haystack at a time.
 
     A plain search over a store of millions restarts every needle's bisection from the whole
     array, and each of its first steps misses the CPU's cache; bisecting only the slice a needle
-    falls in keeps those steps in the cache.
+    falls in keeps those steps in the cache, and so does comparing the key found while its
+    slice is still there.
     """
-    if len(haystack) <= 2 * SLICE:
-        return np.searchsorted(haystack, needles)
-    starts = np.arange(0, len(haystack), SLICE)
-    # A needle's answer lies in the first slice whose end boundary is >= the needle.
+    n = len(haystack)
+    if n <= 2 * SLICE:
+        pos = np.searchsorted(haystack, needles)
+        return pos, (haystack[np.minimum(pos, n - 1)] == needles) if n else np.zeros(len(needles), bool)
+    starts = np.arange(0, n, SLICE)
+    # A needle's answer lies in the first slice whose end boundary is >= the needle: at most the
+    # next slice's first key, so each slice is searched with that key after it.
     cuts = np.concatenate([[0], np.searchsorted(needles, haystack[starts[1:]], side="right"), [len(needles)]])
-    out = np.empty(len(needles), np.int64)
+    pos = np.empty(len(needles), np.int64)
+    same = np.empty(len(needles), bool)
     for b in np.flatnonzero(cuts[1:] > cuts[:-1]):
         lo, hi = cuts[b], cuts[b + 1]
-        out[lo:hi] = starts[b] + np.searchsorted(haystack[starts[b] : starts[b] + SLICE], needles[lo:hi])
-    return out
+        piece = haystack[starts[b] : starts[b] + SLICE + 1]
+        found = np.searchsorted(piece, needles[lo:hi])
+        same[lo:hi] = piece[np.minimum(found, len(piece) - 1)] == needles[lo:hi]
+        pos[lo:hi] = starts[b] + found
+    return pos, same
 
 
 def _empty(kind: pa.DataType, n: int) -> np.ndarray:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from pipeline.keyed_store import SLICE, KeyedStore, digest_keys, sorted_search
+from pipeline.keyed_store import SLICE, KeyedStore, digest_keys, sorted_find
 from pipeline.score_cache import ScoreCache, pair_keys
 
 
@@ -78,6 +78,11 @@ def test_sliced_search_finds_what_a_plain_search_finds():
     # Few distinct values: runs of equal keys span slice boundaries, where a slicing error would show.
     haystack = np.sort(rng.integers(10, 60, size=5 * SLICE + 123, dtype=np.uint64) * 1000)
     needles = np.sort(np.concatenate([haystack[:: 97], rng.integers(0, 70_000, size=4000, dtype=np.uint64)]))
-    np.testing.assert_array_equal(sorted_search(haystack, needles), np.searchsorted(haystack, needles))
+    for hay in (haystack, haystack[:SLICE]):  # sliced, and in one piece
+        pos, same = sorted_find(hay, needles)
+        np.testing.assert_array_equal(pos, np.searchsorted(hay, needles))
+        np.testing.assert_array_equal(same, np.isin(needles, hay))
     unique = np.sort(rng.integers(0, 2**63, size=3 * SLICE, dtype=np.uint64))
-    np.testing.assert_array_equal(sorted_search(unique, unique), np.arange(len(unique)))
+    pos, same = sorted_find(unique, unique)
+    np.testing.assert_array_equal(pos, np.arange(len(unique)))
+    assert same.all()
