@@ -19,6 +19,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
@@ -151,8 +152,7 @@ def _cross_encoder_teacher(
     data_dir: str | Path, mined_dir: str | Path, out_dir: str | Path, c: TeacherConfig, start: str, recipe: dict | None = None
 ) -> dict:
     """A cross-encoder trained from ``start`` with ``c.loss`` on the judged queries' groups."""
-    groups = pq.read_table(Path(mined_dir) / "groups.parquet")
-    groups = groups.filter(pc.greater(pc.list_value_length(groups["positive_ids"]), 0))
+    groups = _judged_groups(mined_dir)
     if c.max_queries and groups.num_rows > c.max_queries:
         keep = sorted(range(groups.num_rows), key=lambda i: hashlib.sha1(f"t{c.seed}:{i}".encode()).hexdigest())[: c.max_queries]
         groups = groups.take(sorted(keep))
@@ -177,6 +177,12 @@ def _cross_encoder_teacher(
     )
 
 
+def _judged_groups(mined_dir: str | Path) -> pa.Table:
+    """The mined groups of judged training queries: what a teacher learns from."""
+    groups = pq.read_table(Path(mined_dir) / "groups.parquet")
+    return groups.filter(pc.greater(pc.list_value_length(groups["positive_ids"]), 0))
+
+
 def _bi_encoder_teacher(data_dir: str | Path, mined_dir: str | Path, out_dir: str | Path, c: TeacherConfig, recipe: dict | None = None) -> dict:
     """A bi-encoder teacher fine-tuned with MultipleNegativesRankingLoss on (query, positive,
     hardest mined negative) triplets; other rows of a batch are in-batch negatives.
@@ -186,7 +192,6 @@ def _bi_encoder_teacher(data_dir: str | Path, mined_dir: str | Path, out_dir: st
     """
     import time
 
-    from datasets import Dataset
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
     from sentence_transformers.losses import MultipleNegativesRankingLoss
     from transformers import set_seed
@@ -194,16 +199,9 @@ def _bi_encoder_teacher(data_dir: str | Path, mined_dir: str | Path, out_dir: st
     from pipeline.models import load_bi_encoder
 
     set_seed(c.seed)
-    groups = pq.read_table(Path(mined_dir) / "groups.parquet")
-    ds = NormalizedTables(data_dir).of_groups(groups)
-    g = groups.to_pydict()
-    rows = {"anchor": [], "positive": [], "negative": []}
-    for q, pos, neg in zip(g["query_id"], g["positive_ids"], g["negative_ids"]):
-        for p in pos:
-            if neg:
-                rows["anchor"].append(ds.queries[q])
-                rows["positive"].append(ds.passage(p))
-                rows["negative"].append(ds.passage(neg[0]))
+    # A (query, positive, first mined negative) row per judged positive, under sentence-transformers' names.
+    rows = build_rows("ntuple", _judged_groups(mined_dir), None, NormalizedTables(data_dir).texts(), num_negatives=1)[0]
+    rows = rows.rename_columns(["anchor", "positive", "negative"])
     model = load_bi_encoder(c.backbone, c.device, c.max_length, c.trust_remote_code)
     work = Path(f"{out_dir}.work")
     args = SentenceTransformerTrainingArguments(
@@ -221,13 +219,13 @@ def _bi_encoder_teacher(data_dir: str | Path, mined_dir: str | Path, out_dir: st
         batch_sampler="no_duplicates",
     )
     trainer = SentenceTransformerTrainer(
-        model=model, args=args, train_dataset=Dataset.from_dict(rows).shuffle(seed=c.seed),
+        model=model, args=args, train_dataset=to_dataset(rows).shuffle(seed=c.seed),
         loss=MultipleNegativesRankingLoss(model),
     )
     t0 = time.perf_counter()
     result = trainer.train()
     seconds = time.perf_counter() - t0
-    stats = {**(recipe or {}), "kind": "bi-encoder", "rows": len(rows["anchor"]), "steps": result.global_step,
+    stats = {**(recipe or {}), "kind": "bi-encoder", "rows": rows.num_rows, "steps": result.global_step,
              "seconds": round(seconds, 2), "train_loss": result.training_loss}
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(str(tmp))

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import luigi
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -165,6 +166,9 @@ def test_ensemble_teacher_is_two_fine_tuned_members_and_scores_as_their_mix(smal
         ("cross-encoder", "cross-encoder", 0.7), ("bi-encoder", "bi-encoder", 0.3)]
     stats = json.loads((folder / "stats.json").read_text())
     assert stats["cross-encoder"]["loss"] == "MultipleNegativesRankingLoss" and stats["bi-encoder"]["kind"] == "bi-encoder"
+    # The bi-encoder learns from one (query, positive, first negative) triplet per judged positive.
+    groups = pq.read_table(task.clone(tasks.MineHardNegatives).artifact() / "groups.parquet").to_pydict()
+    assert stats["bi-encoder"]["rows"] == sum(len(p) for p, n in zip(groups["positive_ids"], groups["negative_ids"]) if n) > 0
     assert not Path(f"{folder}.parts").exists()
 
     table, meta = read_scores(task.output().path)
