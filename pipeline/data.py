@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -374,20 +375,40 @@ class Texts:
         table, rows = self._lookup(self.corpus, "doc_id", ids, "corpus")
         return passage_texts(table["title"].take(rows), table["text"].take(rows))
 
+    def holds_queries(self, ids: pa.Array) -> np.ndarray:
+        """Whether each query id has a text here."""
+        return self._holds(self.queries, "query_id", ids)
+
+    def holds_passages(self, ids: pa.Array) -> np.ndarray:
+        """Whether each passage id has a text here."""
+        return self._holds(self.corpus, "doc_id", ids)
+
+    def _holds(self, table: pa.Table, column: str, ids: pa.Array) -> np.ndarray:
+        import pyarrow.compute as pc
+
+        return pc.is_in(ids, value_set=_narrowed(table, column, ids)[column]).to_numpy(zero_copy_only=False)
+
     def _lookup(self, table: pa.Table, column: str, ids, name: str) -> tuple[pa.Table, pa.Array]:
         """The table (or the part of it holding these ids) and each id's row in it."""
         import pyarrow.compute as pc
 
         ids = ids if isinstance(ids, (pa.Array, pa.ChunkedArray)) else pa.array(ids, pa.string())
-        wanted = pc.unique(ids)
-        if table.num_rows > 4 * len(wanted):  # hashing the few ids wanted beats hashing a whole corpus
-            table = table.filter(pc.is_in(table[column], value_set=wanted))
+        table = _narrowed(table, column, ids)
         rows = pc.index_in(ids, value_set=table[column])
         if rows.null_count:
             missing = ids[int(pc.index(pc.is_null(rows), True).as_py())]
             where = self.folder / f"{name}.parquet" if self.folder else name
             raise DataError(where, None, column, f"'{missing}' is not in the prepared data")
         return table, rows
+
+
+def _narrowed(table: pa.Table, column: str, ids) -> pa.Table:
+    """The rows of ``table`` whose ``column`` is among ``ids`` when they are few: hashing the few
+    ids wanted beats hashing a whole corpus's."""
+    import pyarrow.compute as pc
+
+    wanted = pc.unique(ids)
+    return table.filter(pc.is_in(table[column], value_set=wanted)) if table.num_rows > 4 * len(wanted) else table
 
 
 def load_normalized(folder: str | Path) -> Dataset:
@@ -437,13 +458,6 @@ class NormalizedTables:
         qrels = list(zip(r["query_id"], r["doc_id"], r["score"], r["split"]))
         languages = {lang: texts(pair) for lang, pair in self.tables.items() if lang}
         return Dataset(queries, corpus, qrels, languages)
-
-    def of_groups(self, groups: pa.Table) -> Dataset:
-        """The dataset restricted to the queries of these mined groups and their passages."""
-        import pyarrow.compute as pc
-
-        docs = [pc.list_flatten(groups[c]).combine_chunks() for c in ("positive_ids", "negative_ids")]
-        return self.subset(groups["query_id"].combine_chunks(), pc.unique(pa.concat_arrays(docs)))
 
 
 def judgments(folder: str | Path, split: str) -> dict[str, dict[str, int]]:

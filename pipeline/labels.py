@@ -85,8 +85,8 @@ def train_grades(qrels: pa.Table) -> PairValues:
     return PairValues(qrels.filter(pc.and_(pc.equal(qrels["split"], "train"), pc.greater(qrels["score"], 0))), what="grade")
 
 
-def _flat(groups: pa.Table, column: str) -> tuple[np.ndarray, np.ndarray, pa.Array]:
-    """A list column as (group of each element, length of each list, the elements)."""
+def list_elements(groups: pa.Table, column: str) -> tuple[np.ndarray, np.ndarray, pa.Array]:
+    """A list column as (the row of each element, the length of each list, the elements)."""
     col = groups[column]
     lengths = pc.fill_null(pc.list_value_length(col), 0).to_numpy(zero_copy_only=False).astype(np.int64)
     values = pc.list_flatten(col)
@@ -107,8 +107,8 @@ def false_negatives(groups: pa.Table, teacher: PairValues, margin: float = 0.0, 
     if action not in ("keep", "drop", "relabel"):
         raise PipelineError(f"unknown false-negative action '{action}' (choose keep, drop or relabel)")
     qids = groups["query_id"]
-    pos_group, n_pos, pos_ids = _flat(groups, "positive_ids")
-    neg_group, _, neg_ids = _flat(groups, "negative_ids")
+    pos_group, n_pos, pos_ids = list_elements(groups, "positive_ids")
+    neg_group, _, neg_ids = list_elements(groups, "negative_ids")
     floor = np.full(len(n_pos), np.inf)  # an unjudged query's positive is the teacher's choice: nothing to check
     np.minimum.at(floor, pos_group, teacher.get(qids.take(pos_group), pos_ids))
     suspect = teacher.get(qids.take(neg_group), neg_ids) >= floor[neg_group] - margin
@@ -122,20 +122,21 @@ def false_negatives(groups: pa.Table, teacher: PairValues, margin: float = 0.0, 
     keep = np.flatnonzero(~suspect)
     for name in ("negative_ids", "negative_scores", "negative_ranks"):
         if name in columns:
-            columns[name] = _regroup(neg_group[keep], _flat(groups, name)[2].take(keep), len(n_pos))
+            columns[name] = grouped_lists(neg_group[keep], list_elements(groups, name)[2].take(keep), len(n_pos))
     if action == "relabel":  # each group's positives, then its suspects in their mined order
         moved = np.flatnonzero(suspect)
         for name, neg_name in (("positive_ids", "negative_ids"), ("positive_scores", "negative_scores")):
             if name in columns:
-                values = pa.concat_arrays([_flat(groups, name)[2], _flat(groups, neg_name)[2].take(moved)])
+                values = pa.concat_arrays([list_elements(groups, name)[2], list_elements(groups, neg_name)[2].take(moved)])
                 by_group = np.concatenate([pos_group, neg_group[moved]])
                 order = np.argsort(by_group, kind="stable")
-                columns[name] = _regroup(by_group[order], values.take(order), len(n_pos))
+                columns[name] = grouped_lists(by_group[order], values.take(order), len(n_pos))
     return pa.table(columns, schema=groups.schema), stats
 
 
-def _regroup(group: np.ndarray, values: pa.Array, num_groups: int) -> pa.ListArray:
-    """A list array of ``num_groups`` lists from elements sorted by group."""
+def grouped_lists(group: np.ndarray, values: pa.Array, num_groups: int) -> pa.ListArray:
+    """A list array of ``num_groups`` lists from elements sorted by their list's row
+    (:func:`list_elements` undone)."""
     offsets = np.concatenate([[0], np.cumsum(np.bincount(group, minlength=num_groups))]).astype(np.int32)
     return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), values)
 
@@ -152,8 +153,8 @@ def build_rows(
     """The training rows of ``fmt`` from these groups (a table of ``rows_schema``), and statistics
     about what was built. Every step is an Arrow or NumPy operation over the whole batch."""
     qids = groups["query_id"].combine_chunks()
-    pos_group, n_pos, pos_ids = _flat(groups, "positive_ids")
-    neg_group, n_neg_mined, neg_ids = _flat(groups, "negative_ids")
+    pos_group, n_pos, pos_ids = list_elements(groups, "positive_ids")
+    neg_group, n_neg_mined, neg_ids = list_elements(groups, "negative_ids")
     n_neg = _check_rows_input(fmt, n_pos, n_neg_mined, teacher, num_negatives)
     label_only = fmt in ("pair-binary", "pair-class")
     unjudged = n_pos == 0

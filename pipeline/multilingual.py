@@ -10,17 +10,19 @@ missing from a language are skipped and counted, never fatal.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
-from pipeline.data import Dataset, Texts, join_title
+from pipeline.data import Dataset, NormalizedTables, Texts, join_title
 from pipeline.errors import PipelineError
 from pipeline.evaluation import EvalConfig
-from pipeline.labels import LabelConfig, NoRowsError, PairValues, build_rows, label_summary, train_grades, write_labels
+from pipeline.labels import (
+    LabelConfig, NoRowsError, PairValues, build_rows, grouped_lists, label_summary, list_elements, train_grades, write_labels,
+)
 
 # Model rows of the per-language table, in the order they are shown.
 RANKERS = ("retriever", "teacher", "student_untrained", "student_source_only", "student")
@@ -57,33 +59,48 @@ def view_name(query_lang: str, passage_lang: str) -> str:
     return query_lang if query_lang == passage_lang else f"{query_lang}-{passage_lang}"
 
 
-def restrict_groups(groups: pa.Table, queries: dict, corpus: dict) -> tuple[pa.Table, dict]:
-    """The groups a language can express: its query and every positive translated; negatives
-    without a translation are left out (in order), so later ones take their place."""
-    g = groups.to_pydict()
-    out = {"query_id": [], "positive_ids": [], "negative_ids": []}
-    skipped = {"missing_query": 0, "missing_positive": 0, "negatives_missing": 0}
-    for qid, pos, negs in zip(g["query_id"], g["positive_ids"], g["negative_ids"]):
-        if qid not in queries:
-            skipped["missing_query"] += 1
-            continue
-        if any(p not in corpus for p in pos):
-            skipped["missing_positive"] += 1
-            continue
-        kept = [n for n in negs if n in corpus]
-        skipped["negatives_missing"] += len(negs) - len(kept)
-        out["query_id"].append(qid)
-        out["positive_ids"].append(list(pos))
-        out["negative_ids"].append(kept)
+def restrict_groups(groups: pa.Table, texts: Texts) -> tuple[pa.Table, dict]:
+    """The groups a language view can express: its query and every positive translated;
+    negatives without a translation are left out (in order), so later ones take their place."""
+    has_query = texts.holds_queries(groups["query_id"])
+    pos_group, _, pos_ids = list_elements(groups, "positive_ids")
+    neg_group, _, neg_ids = list_elements(groups, "negative_ids")
+    lacks_positive = np.bincount(pos_group[~texts.holds_passages(pos_ids)], minlength=groups.num_rows) > 0
+    keep = has_query & ~lacks_positive
+    has_negative = texts.holds_passages(neg_ids)
+    skipped = {
+        "missing_query": int((~has_query).sum()),
+        "missing_positive": int((has_query & lacks_positive).sum()),
+        "negatives_missing": int((keep[neg_group] & ~has_negative).sum()),
+    }
+    rows, kept_negs = np.flatnonzero(keep), np.flatnonzero(keep[neg_group] & has_negative)
+    new_row = np.cumsum(keep) - 1  # a kept group's row among the kept ones
     schema = pa.schema([("query_id", pa.string()), ("positive_ids", pa.list_(pa.string())), ("negative_ids", pa.list_(pa.string()))])
-    return pa.table(out, schema=schema), skipped
+    columns = [
+        groups["query_id"].take(rows),
+        groups["positive_ids"].take(rows),
+        grouped_lists(new_row[neg_group[kept_negs]], neg_ids.take(kept_negs), len(rows)),
+    ]
+    return pa.table(columns, schema=schema), skipped
+
+
+def language_texts(tables: NormalizedTables, lang: str, source: str) -> Texts:
+    """One language's texts; the source language is the dataset's own files."""
+    if lang == source:
+        return tables.texts()
+    if lang not in tables.tables:
+        have = ", ".join(sorted(x for x in tables.tables if x)) or "none"
+        raise PipelineError(
+            f"language '{lang}' has no corpus.{lang}.jsonl / queries.{lang}.jsonl in the dataset (parallel languages: {have})"
+        )
+    return tables.texts(lang)
 
 
 def multilingual_rows(
     fmt: str,
     groups: pa.Table,
     teacher: PairValues | None,
-    ds: Dataset,
+    texts: Mapping[str, Texts],
     languages: Sequence[str],
     source: str = "en",
     cross_lingual: bool = False,
@@ -91,17 +108,17 @@ def multilingual_rows(
     num_negatives: int | None = None,
     label_scale: float = 1.0,
 ) -> tuple[pa.Table, dict]:
-    """Training rows of every view, each labelled with its source pair's teacher scores."""
+    """Training rows of every view, each labelled with its source pair's teacher scores;
+    ``texts`` holds each language's texts, the source's included."""
     tables = []
     views = {}
     for q_lang, p_lang in training_views(languages, source, cross_lingual):
-        queries = texts_of(ds, q_lang, source)[0]
-        corpus = texts_of(ds, p_lang, source)[1]
-        kept, skipped = restrict_groups(groups, queries, corpus)
+        view = Texts(texts[q_lang].queries, texts[p_lang].corpus, texts[p_lang].folder)
+        kept, skipped = restrict_groups(groups, view)
         stats = {"groups": kept.num_rows, **skipped, "rows": 0}
         if kept.num_rows:
             try:
-                view_rows, built = build_rows(fmt, kept, teacher, Texts.of(queries, corpus), grades, num_negatives, label_scale)
+                view_rows, built = build_rows(fmt, kept, teacher, view, grades, num_negatives, label_scale)
                 tables.append(view_rows)
             except NoRowsError:
                 built = {"rows": 0, "queries_short_of_negatives": kept.num_rows}
@@ -128,11 +145,10 @@ def build_multilingual_labels(data_dir, mined_dir, scores_path, out_dir, config:
     c = config
 
     def rows(groups, teacher, tables, num_negatives):
-        ds = tables.of_groups(groups)
-        for lang in c.languages:
-            texts_of(ds, lang, c.source)  # a missing language fails before any view is built
+        # A missing language fails before any view is built.
+        texts = {lang: language_texts(tables, lang, c.source) for lang in (c.source, *c.languages)}
         return multilingual_rows(
-            c.fmt, groups, teacher, ds, list(c.languages), c.source, c.cross_lingual, train_grades(tables.qrels),
+            c.fmt, groups, teacher, texts, list(c.languages), c.source, c.cross_lingual, train_grades(tables.qrels),
             num_negatives, c.label_scale,
         )
 

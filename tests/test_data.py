@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.data import NormalizedTables, judgments, load_normalized, pair_texts, prepare_data, read_dataset
+from pipeline.data import NormalizedTables, Texts, join_title, judgments, load_normalized, pair_texts, prepare_data, read_dataset
 from pipeline.errors import DataError
 from tests.conftest import write_beir
 
@@ -52,15 +52,28 @@ def test_pair_texts_are_looked_up_in_arrow_as_the_dataset_gives_them(beir, tmp_p
         pair_texts(tmp_path / "norm", ["q1", "q2"], ["d1", "d9"])
 
 
-def test_judgments_and_group_texts_are_those_of_the_whole_dataset(beir, tmp_path):
+def test_judgments_and_texts_are_those_of_the_whole_dataset(beir, tmp_path):
     prepare_data(beir, tmp_path / "norm")
     ds = load_normalized(tmp_path / "norm")
     for split in ("train", "dev", "test"):
         assert judgments(tmp_path / "norm", split) == ds.relevant(split)
-    groups = pa.table({"query_id": ["q2"], "positive_ids": [["d2"]], "negative_ids": [["d1", "d2"]]})
-    part = NormalizedTables(tmp_path / "norm").of_groups(groups)
-    assert part.queries == {"q2": ds.queries["q2"]} and set(part.corpus) == {"d1", "d2"}
-    assert part.passage("d2") == ds.passage("d2")
+    texts = NormalizedTables(tmp_path / "norm").texts()
+    assert texts.query(["q2", "q1"]).to_pylist() == [ds.queries["q2"], ds.queries["q1"]]
+    assert texts.passage(["d2", "d1", "d2"]).to_pylist() == [ds.passage(d) for d in ("d2", "d1", "d2")]
+
+
+def test_texts_are_found_by_id_among_few_or_many():
+    """A few ids are looked up in the part of a large table that holds them, many in the whole
+    table: the same texts either way, and the same answer to which ids are there."""
+    corpus = {f"d{i}": (f"t{i}" if i % 2 else "", f"text {i}") for i in range(40)}
+    texts = Texts.of({"q1": "one", "q2": "two"}, corpus)
+    for ids in (["d7", "d3", "d7"], [f"d{i}" for i in range(39, -1, -1)]):
+        assert texts.passage(ids).to_pylist() == [join_title(*corpus[d]) for d in ids]
+    asked = pa.array(["d1", "x", "d39", "d40"])
+    assert texts.holds_passages(asked).tolist() == [True, False, True, False]
+    assert texts.holds_queries(pa.array(["q2", "q3"])).tolist() == [True, False]
+    with pytest.raises(DataError, match=r"corpus: field 'doc_id': 'x' is not in the prepared data"):
+        texts.passage(["d1", "x"])
 
 
 def test_missing_corpus_file(beir):

@@ -11,8 +11,8 @@ import pyarrow as pa
 import pytest
 
 from conftest import dag_params
-from pipeline.data import join_title, read_dataset
-from pipeline.multilingual import multilingual_rows, restrict_groups, training_views
+from pipeline.data import Texts, join_title, read_dataset
+from pipeline.multilingual import multilingual_rows, restrict_groups, texts_of, training_views
 from tests.test_stages import pair_values
 from tasks import TrainMultilingualStudent
 
@@ -51,7 +51,8 @@ def test_views_carry_the_source_labels_and_skip_missing_ids(parallel_beir):
         "negative_ids": [others[i : i + 6] for i in range(len(qids))],
     })
     teacher = {(q, d): float(len(q) % 7 + i) for q in qids for i, d in enumerate(list(ds.corpus))}
-    rows, stats = multilingual_rows("ntuple-margin", groups, pair_values(teacher), ds, ["xx", "yy"], "en", cross_lingual=True, num_negatives=2)
+    texts = {lang: Texts.of(*texts_of(ds, lang, "en")) for lang in ("en", "xx", "yy")}
+    rows, stats = multilingual_rows("ntuple-margin", groups, pair_values(teacher), texts, ["xx", "yy"], "en", cross_lingual=True, num_negatives=2)
     cols = rows.to_pydict()
 
     assert [v for v in stats["views"]] == ["en", "xx", "yy", "xx-en", "en-xx", "yy-en", "en-yy"]
@@ -73,11 +74,19 @@ def test_views_carry_the_source_labels_and_skip_missing_ids(parallel_beir):
 
     # yy keeps negatives in order, leaving out the untranslated ones.
     yq, yc = ds.languages["yy"]
-    kept, skipped = restrict_groups(groups, yq, yc)
+    kept, skipped = restrict_groups(groups, texts["yy"])
     for q, negs in zip(kept["query_id"].to_pylist(), kept["negative_ids"].to_pylist()):
         source_negs = groups["negative_ids"].to_pylist()[qids.index(q)]
         assert negs == [n for n in source_negs if n in yc]
     assert skipped["negatives_missing"] > 0
+    # Counted as the docstring says: a missing query first, then a missing positive, then the
+    # untranslated negatives of the groups kept.
+    g = groups.to_pydict()
+    no_query = [q not in yq for q in g["query_id"]]
+    no_positive = [not nq and any(p not in yc for p in pos) for nq, pos in zip(no_query, g["positive_ids"])]
+    dropped_negs = sum(n not in yc for nq, np_, negs in zip(no_query, no_positive, g["negative_ids"]) if not (nq or np_) for n in negs)
+    assert skipped == {"missing_query": sum(no_query), "missing_positive": sum(no_positive), "negatives_missing": dropped_negs}
+    assert kept["query_id"].to_pylist() == [q for q, nq, np_ in zip(g["query_id"], no_query, no_positive) if not (nq or np_)]
     assert training_views(["xx"], "en", False) == [("en", "en"), ("xx", "xx")]
 
 
