@@ -118,6 +118,18 @@ def evaluate_rankers(
     return out, tests, {"query_ids": queries, **{name: np.round(v, 6).tolist() for name, v in ndcg.items()}}
 
 
+ALPHA = 0.05  # a difference counts when a paired t-test gives p below this
+
+
+def outcome(t: dict | None) -> str:
+    """'yes' when a paired test shows A above B, 'NO' when it shows A below, else 'not shown'."""
+    if t is None:
+        return "n/a"
+    if t["p_value"] >= ALPHA:
+        return "not shown"
+    return "yes" if t["diff"] > 0 else "NO"
+
+
 def verdict(test: dict[str, dict[str, float]], significance: dict[str, dict] | None = None) -> list[str]:
     """Plain sentences on whether each reranker is worth running over the retriever."""
     significance = significance or {}
@@ -133,7 +145,7 @@ def verdict(test: dict[str, dict[str, float]], significance: dict[str, dict] | N
             continue
         diff = test[name]["ndcg@10"] - base
         t = significance.get(f"{name} vs retriever")
-        if diff > 0 and (t is None or t["p_value"] < 0.05):
+        if diff > 0 and (t is None or t["p_value"] < ALPHA):
             lines.append(f"The {name} beats the retriever's own order by {diff:+.4f} nDCG@10{p_of(name, 'retriever')}.")
         elif diff > 0:
             lines.append(

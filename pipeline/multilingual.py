@@ -19,7 +19,7 @@ import pyarrow as pa
 
 from pipeline.data import Dataset, NormalizedTables, Texts, join_title
 from pipeline.errors import PipelineError
-from pipeline.evaluation import EvalConfig
+from pipeline.evaluation import EvalConfig, outcome
 from pipeline.labels import (
     LabelConfig, NoRowsError, PairValues, build_rows, grouped_lists, label_summary, list_elements, train_grades, write_labels,
 )
@@ -293,22 +293,29 @@ MULTILINGUAL_COMPARISONS = (
 
 
 def language_verdict(per_lang: dict, source: str) -> list[str]:
-    """One sentence per language: does the multilingual student beat the students it must beat?"""
+    """One sentence per language: does the multilingual student beat the students it must beat,
+    and the retriever's own order? A difference counts only with p < 0.05 (paired t-test)."""
+    said = {"yes": "beats", "NO": "is below", "not shown": "is not shown to differ from"}
     lines = []
     for lang, entry in per_lang.items():
-        r = entry["rankers"]
+        r, tests = entry["rankers"], entry.get("significance", {})
         if not r:
             lines.append(f"{lang}: no test query has a translated judged passage; not evaluated.")
             continue
         m, so, un, ret = (r[k]["ndcg@10"] for k in ("student", "student_source_only", "student_untrained", "retriever"))
-        beats = m > so and m > un
+
+        def against(other: str, what: str) -> str:
+            t = tests.get(f"student vs {other}")
+            return f"{said.get(outcome(t), 'is not tested against')} {what}" + (f" (p = {t['p_value']:.3g})" if t else "")
+
+        order = against("retriever", "the retriever's order")
+        students = "" if lang == source else (
+            f" It {against('student_source_only', 'the source-only student')} and {against('student_untrained', 'the untrained one')}."
+        )
         lines.append(
             f"{lang}{' (source)' if lang == source else ''}: the multilingual student scores {m:.4f} nDCG@10 against "
-            f"{so:.4f} for the source-only student and {un:.4f} untrained"
-            + ("." if lang == source else (" (beats both)." if beats else " (does NOT beat both)."))
-            + f" Against the retriever's order ({ret:.4f}): {m - ret:+.4f}"
-            + (f", p = {t['p_value']:.3g}" if (t := entry.get("significance", {}).get("student vs retriever")) else "")
-            + ("" if m > ret else "; it does NOT beat the retriever")
-            + "."
+            f"{so:.4f} for the source-only student, {un:.4f} untrained and {ret:.4f} for the retriever's order "
+            f"({m - ret:+.4f}).{students} It {order}"
+            + ("" if outcome(tests.get("student vs retriever")) == "yes" else ": it does NOT beat the retriever") + "."
         )
     return lines

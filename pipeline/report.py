@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.artifacts import atomic_file
+from pipeline.evaluation import outcome
 
 ROW_ORDER = ["retriever", "teacher", "student_untrained", "student_label_only", "student_source_only", "student"]
 
@@ -37,7 +38,7 @@ def languages_table(languages: dict[str, dict], metric: str = "ndcg@10") -> str:
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     def beats(e: dict) -> str:
         t = e.get("significance", {}).get("student vs retriever")
-        return f"{'yes' if t['diff'] > 0 else 'NO'} ({t['diff']:+.4f}, p = {t['p_value']:.2g})" if t else "n/a"
+        return f"{outcome(t)} ({t['diff']:+.4f}, p = {t['p_value']:.2g})" if t else "n/a"
 
     lines.append("| student beats the retriever? | " + " | ".join(beats(e) for e in languages.values()) + " |")
     lines.append("| test queries / pairs | " + " | ".join(f"{e['queries']} / {e['pairs']}" for e in languages.values()) + " |")

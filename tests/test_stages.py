@@ -388,3 +388,24 @@ def test_the_verdict_says_beats_only_with_a_significant_gain():
     assert verdict(test, significant)[0].startswith("The student beats the retriever's own order by +0.0200")
     assert "not significantly" in verdict(test, noise)[0] and "p = 0.4" in verdict(test, noise)[0]
     assert "does NOT beat" in verdict({**test, "student": {"ndcg@10": 0.79}}, noise)[0]
+
+
+def test_the_language_table_and_verdict_say_beats_only_with_a_significant_gain():
+    """A student ahead of the retriever without a significant paired test is 'not shown', in the
+    per-language table and sentence alike; a significant loss is 'NO'."""
+    from pipeline.multilingual import language_verdict
+    from pipeline.report import languages_table
+
+    def entry(diff, p):
+        rankers = {"retriever": 0.80, "student": 0.80 + diff, "student_source_only": 0.78, "student_untrained": 0.5}
+        tests = {f"student vs {o}": {"diff": 0.80 + diff - rankers[o], "p_value": p, "queries": 100}
+                 for o in ("retriever", "student_source_only", "student_untrained")}
+        return {"rankers": {k: {"ndcg@10": v} for k, v in rankers.items()}, "significance": tests, "queries": 100, "pairs": 2000}
+
+    langs = {"en": entry(0.02, 0.01), "de": entry(0.02, 0.3), "fr": entry(-0.03, 0.01)}
+    row = languages_table(langs).splitlines()[-2]
+    assert row.split(" | ")[1:4] == ["yes (+0.0200, p = 0.01)", "not shown (+0.0200, p = 0.3)", "NO (-0.0300, p = 0.01) |"]
+    en, de, fr = language_verdict(langs, "en")
+    assert "beats the retriever's order" in en and "does NOT beat" not in en
+    assert "is not shown to differ from the source-only student" in de and "does NOT beat the retriever" in de
+    assert "is below the retriever's order" in fr and "does NOT beat the retriever" in fr
