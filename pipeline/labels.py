@@ -119,15 +119,16 @@ def false_negatives(groups: pa.Table, teacher: PairValues, margin: float = 0.0, 
     if not suspect.any() or action == "keep":
         return groups, stats
     columns = {name: groups[name] for name in groups.column_names}
+    flat = {name: list_elements(groups, name)[2] for name in columns if name != "query_id"}
     keep = np.flatnonzero(~suspect)
     for name in ("negative_ids", "negative_scores", "negative_ranks"):
         if name in columns:
-            columns[name] = grouped_lists(neg_group[keep], list_elements(groups, name)[2].take(keep), len(n_pos))
+            columns[name] = grouped_lists(neg_group[keep], flat[name].take(keep), len(n_pos))
     if action == "relabel":  # each group's positives, then its suspects in their mined order
         moved = np.flatnonzero(suspect)
         for name, neg_name in (("positive_ids", "negative_ids"), ("positive_scores", "negative_scores")):
             if name in columns:
-                values = pa.concat_arrays([list_elements(groups, name)[2], list_elements(groups, neg_name)[2].take(moved)])
+                values = pa.concat_arrays([flat[name], flat[neg_name].take(moved)])
                 by_group = np.concatenate([pos_group, neg_group[moved]])
                 order = np.argsort(by_group, kind="stable")
                 columns[name] = grouped_lists(by_group[order], values.take(order), len(n_pos))
@@ -137,8 +138,7 @@ def false_negatives(groups: pa.Table, teacher: PairValues, margin: float = 0.0, 
 def grouped_lists(group: np.ndarray, values: pa.Array, num_groups: int) -> pa.ListArray:
     """A list array of ``num_groups`` lists from elements sorted by their list's row
     (:func:`list_elements` undone)."""
-    offsets = np.concatenate([[0], np.cumsum(np.bincount(group, minlength=num_groups))]).astype(np.int32)
-    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), values)
+    return _lists(np.bincount(group, minlength=num_groups), values)
 
 
 def build_rows(
@@ -260,15 +260,17 @@ def _candidate_rows(fmt, qids, texts, grades, num_groups, positives, negatives) 
     group, doc = group[order], pa.concat_arrays([p_doc, n_doc]).take(order)
     score = np.concatenate([p_score, n_score])[order]
     is_pos = np.concatenate([np.ones(len(p_group), bool), np.zeros(len(n_group), bool)])[order]
-    rows_of = np.bincount(group, minlength=num_groups) > 0
+    sizes = np.bincount(group, minlength=num_groups)
+    rows_of = sizes > 0
     if fmt.startswith("list"):
+        present = np.flatnonzero(rows_of)
         if fmt == "list-gains":
-            starts = np.searchsorted(group, np.flatnonzero(rows_of))
-            lo, hi = np.minimum.reduceat(score, starts)[_index_of(group)], np.maximum.reduceat(score, starts)[_index_of(group)]
+            starts, of = np.searchsorted(group, present), np.searchsorted(present, group)
+            lo, hi = np.minimum.reduceat(score, starts)[of], np.maximum.reduceat(score, starts)[of]
             score = np.where(hi > lo, (score - lo) / np.where(hi > lo, hi - lo, 1.0), 1.0)
-        sizes = np.bincount(group)[np.flatnonzero(rows_of)]
+        sizes = sizes[present]
         columns = {
-            "query": texts.query(qids.take(np.flatnonzero(rows_of))),
+            "query": texts.query(qids.take(present)),
             "docs": _lists(sizes, texts.passage(doc)),
             "labels": _lists(sizes, score),
         }
@@ -286,12 +288,8 @@ def _candidate_rows(fmt, qids, texts, grades, num_groups, positives, negatives) 
     return _table(fmt, columns), rows_of
 
 
-def _index_of(group: np.ndarray) -> np.ndarray:
-    """For elements sorted by group: the index of each one's group among the groups present."""
-    return np.concatenate([[0], np.cumsum(group[1:] != group[:-1])]) if len(group) else group
-
-
 def _lists(sizes: np.ndarray, values) -> pa.ListArray:
+    """A list array of lists of these sizes, in order, from their elements (float32 from NumPy)."""
     offsets = pa.array(np.concatenate([[0], np.cumsum(sizes)]), pa.int32())
     if isinstance(values, np.ndarray):
         values = pa.array(values.astype(np.float32), pa.float32())
@@ -352,8 +350,8 @@ def build_labels(data_dir, mined_dir, scores_path, out_dir, config: LabelConfig)
     """Stage entry: training rows in ``config.fmt`` saved as a ``datasets`` folder (atomically)."""
     c = config
 
-    def rows(groups, teacher, tables, num_negatives):
-        return build_rows(c.fmt, groups, teacher, tables.texts(), train_grades(tables.qrels), num_negatives, c.label_scale)
+    def rows(groups, teacher, tables, grades, num_negatives):
+        return build_rows(c.fmt, groups, teacher, tables.texts(), grades, num_negatives, c.label_scale)
 
     return write_labels(data_dir, mined_dir, scores_path, out_dir, c, rows)
 
@@ -361,13 +359,13 @@ def build_labels(data_dir, mined_dir, scores_path, out_dir, config: LabelConfig)
 def write_labels(
     data_dir, mined_dir, scores_path, out_dir, config: LabelConfig, rows: Callable, groups_per_batch: int = GROUPS_PER_BATCH
 ) -> dict:
-    """The rows ``rows(groups, teacher, tables, num_negatives) -> (table, stats)`` makes from
+    """The rows ``rows(groups, teacher, tables, grades, num_negatives) -> (table, stats)`` makes from
     the mined groups (false negatives handled first), saved as a ``datasets`` folder with their
     statistics.
 
     ``rows`` sees a batch of groups at a time, with the teacher's scores of that batch only
-    (:class:`PairValues`) and the prepared data's Arrow tables
-    (:class:`~pipeline.data.NormalizedTables`); ``num_negatives`` is the configured count, or
+    (:class:`PairValues`), the prepared data's Arrow tables
+    (:class:`~pipeline.data.NormalizedTables`) and the training judgments' grades; ``num_negatives`` is the configured count, or
     else the most negatives any group kept, so every batch's n-tuples have the same columns."""
     import time
     from pathlib import Path
@@ -381,6 +379,7 @@ def write_labels(
 
     t0 = time.perf_counter()
     tables = NormalizedTables(data_dir)
+    grades = train_grades(tables.qrels)
     scores = read_scores(scores_path)[0] if scores_path else None
     if scores is None and config.false_negatives != "keep":
         raise PipelineError(f"--false-negatives {config.false_negatives} needs teacher scores")
@@ -404,7 +403,7 @@ def write_labels(
         stream, writer = tmp / "rows.arrow", None
         for batch in batches:
             try:
-                table, built = rows(batch, teacher_of(batch), tables, num_negatives)
+                table, built = rows(batch, teacher_of(batch), tables, grades, num_negatives)
             except NoRowsError as e:
                 empty = empty or e
                 continue

@@ -21,7 +21,7 @@ from pipeline.data import Dataset, NormalizedTables, Texts, join_title
 from pipeline.errors import PipelineError
 from pipeline.evaluation import EvalConfig, outcome
 from pipeline.labels import (
-    LabelConfig, NoRowsError, PairValues, build_rows, grouped_lists, label_summary, list_elements, train_grades, write_labels,
+    LabelConfig, NoRowsError, PairValues, build_rows, grouped_lists, label_summary, list_elements, write_labels,
 )
 
 # Model rows of the per-language table, in the order they are shown.
@@ -38,11 +38,15 @@ def texts_of(ds: Dataset, lang: str, source: str) -> tuple[dict[str, str], dict[
     if lang == source:
         return ds.queries, ds.corpus
     if lang not in ds.languages:
-        have = ", ".join(sorted(ds.languages)) or "none"
-        raise PipelineError(
-            f"language '{lang}' has no corpus.{lang}.jsonl / queries.{lang}.jsonl in the dataset (parallel languages: {have})"
-        )
+        raise _no_language(lang, ds.languages)
     return ds.languages[lang]
+
+
+def _no_language(lang: str, have) -> PipelineError:
+    return PipelineError(
+        f"language '{lang}' has no corpus.{lang}.jsonl / queries.{lang}.jsonl in the dataset "
+        f"(parallel languages: {', '.join(sorted(have)) or 'none'})"
+    )
 
 
 def training_views(languages: Sequence[str], source: str, cross_lingual: bool) -> list[tuple[str, str]]:
@@ -89,10 +93,7 @@ def language_texts(tables: NormalizedTables, lang: str, source: str) -> Texts:
     if lang == source:
         return tables.texts()
     if lang not in tables.tables:
-        have = ", ".join(sorted(x for x in tables.tables if x)) or "none"
-        raise PipelineError(
-            f"language '{lang}' has no corpus.{lang}.jsonl / queries.{lang}.jsonl in the dataset (parallel languages: {have})"
-        )
+        raise _no_language(lang, [x for x in tables.tables if x])
     return tables.texts(lang)
 
 
@@ -144,12 +145,11 @@ def build_multilingual_labels(data_dir, mined_dir, scores_path, out_dir, config:
     """Stage entry: the rows of every language view saved as one ``datasets`` folder (atomically)."""
     c = config
 
-    def rows(groups, teacher, tables, num_negatives):
+    def rows(groups, teacher, tables, grades, num_negatives):
         # A missing language fails before any view is built.
         texts = {lang: language_texts(tables, lang, c.source) for lang in (c.source, *c.languages)}
         return multilingual_rows(
-            c.fmt, groups, teacher, texts, list(c.languages), c.source, c.cross_lingual, train_grades(tables.qrels),
-            num_negatives, c.label_scale,
+            c.fmt, groups, teacher, texts, list(c.languages), c.source, c.cross_lingual, grades, num_negatives, c.label_scale,
         )
 
     return write_labels(data_dir, mined_dir, scores_path, out_dir, c, rows)

@@ -15,7 +15,7 @@ from datasets import load_from_disk
 import tasks
 from losses import LOSS_TABLE, build_loss, resolve_loss
 from losses.table import FORMATS
-from pipeline.labels import LabelConfig, build_labels, build_rows, train_grades, write_labels
+from pipeline.labels import LabelConfig, build_labels, build_rows, write_labels
 from pipeline.models import cut_student
 from pipeline.scoring import read_scores
 from pipeline.training import _with_num_labels, fit_head_scale, student_loss_kwargs, train_student
@@ -52,8 +52,8 @@ def test_labels_built_in_batches_equal_one_pass(fmt, scored, tmp_path):
     margin = -0.5 / scored["unit_scale"]
     config = LabelConfig(fmt, false_negatives="drop" if needs_scores else "keep", false_negative_margin=margin)
 
-    def rows(groups, teacher, tables, num_negatives):
-        return build_rows(fmt, groups, teacher, tables.texts(), train_grades(tables.qrels), num_negatives)
+    def rows(groups, teacher, tables, grades, num_negatives):
+        return build_rows(fmt, groups, teacher, tables.texts(), grades, num_negatives)
 
     built = {}
     for name, size in (("whole", 10**6), ("batched", 3)):
