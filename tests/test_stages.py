@@ -388,6 +388,8 @@ def test_the_verdict_says_beats_only_with_a_significant_gain():
     assert verdict(test, significant)[0].startswith("The student beats the retriever's own order by +0.0200")
     assert "not significantly" in verdict(test, noise)[0] and "p = 0.4" in verdict(test, noise)[0]
     assert "does NOT beat" in verdict({**test, "student": {"ndcg@10": 0.79}}, noise)[0]
+    assert "not significantly" in verdict(test)[0]  # no paired test: a gain is not shown
+    assert verdict(test, significant)[0] != verdict(test)[0]
 
 
 def test_the_language_table_and_verdict_say_beats_only_with_a_significant_gain():
