@@ -43,6 +43,7 @@ class Dataset:
     corpus: dict[str, tuple[str, str]]  # doc_id -> (title, text)
     qrels: list[tuple[str, str, int, str]]  # (query_id, doc_id, score, split)
     languages: dict[str, tuple[dict[str, str], dict[str, tuple[str, str]]]]  # lang -> (queries, corpus)
+    dev_from_train: int = 0  # judged training queries held out as the dev split (a folder without one)
 
     def passage(self, doc_id: str) -> str:
         return join_title(*self.corpus[doc_id])
@@ -102,6 +103,9 @@ def read_beir(folder: Path) -> Dataset:
         raise DataError(folder / "qrels" / "test.tsv", None, None, "missing file (the test split is needed for evaluation)")
     for split in present:
         qrels += _read_qrels(folder / "qrels" / f"{split}.tsv", split, queries, corpus)
+    held_out = 0
+    if "dev" not in present:
+        qrels, held_out = hold_out_dev(qrels)
     languages = {}
     for path in sorted(folder.glob("*.*.jsonl")):
         m = _LANG_FILE.match(path.name)
@@ -113,7 +117,7 @@ def read_beir(folder: Path) -> Dataset:
             lq.update(_read_queries(path, known=queries))
         else:
             lc.update(_read_corpus(path, known=corpus))
-    return Dataset(queries, corpus, qrels, languages)
+    return Dataset(queries, corpus, qrels, languages, held_out)
 
 
 def _jsonl_rows(path: Path):
@@ -291,6 +295,17 @@ def read_pairs_file(path: Path) -> Dataset:
     return Dataset(queries, corpus, qrels, languages)
 
 
+def hold_out_dev(qrels: list[tuple[str, str, int, str]]) -> tuple[list[tuple[str, str, int, str]], int]:
+    """Move a tenth of the judged training queries (chosen by a hash of the query id) to a dev split.
+
+    Many BEIR folders ship no qrels/dev.tsv. Without a dev split nothing could be chosen or gated
+    (the training check, the registry's promotion gate, a settings grid) without looking at test;
+    hashing the id keeps the same queries out of training on every date of a growing dataset.
+    """
+    moved = {q for q, _, _, split in qrels if split == "train" and _hash_split(q) == "dev"}
+    return [(q, d, s, "dev" if split == "train" and q in moved else split) for q, d, s, split in qrels], len(moved)
+
+
 def _short_hash(text: str) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:12]
 
@@ -314,6 +329,8 @@ def write_normalized(
         "unjudged_queries": sum(1 for q in ds.queries if q not in judged),
         "documents": len(ds.corpus),
         "qrels": {s: sum(1 for r in ds.qrels if r[3] == s) for s in SPLITS},
+        "split_queries": {s: len({r[0] for r in ds.qrels if r[3] == s}) for s in SPLITS},
+        "dev_from_train": ds.dev_from_train,
         "languages": {lang: {"queries": len(q), "documents": len(c)} for lang, (q, c) in ds.languages.items()},
     }
     with atomic_dir(out_dir) as tmp:

@@ -146,7 +146,7 @@ def write_report(path: str | Path, metrics: dict, verdict: list[str], plots: dic
     p, stages = metrics["params"], metrics.get("stages", {})
     parts = _test_section(metrics, verdict, plots)
     sections = [
-        ("ScoreWithTeacher", _scoring_section), ("MineHardNegatives", _mining_section),
+        ("PrepareData", _data_section), ("ScoreWithTeacher", _scoring_section), ("MineHardNegatives", _mining_section),
         ("BuildMultilingualLabels", _views_section), ("BuildLabels", _labels_section), ("FitStudent", _training_section),
     ]
     for stage, section in sections:
@@ -201,6 +201,17 @@ def _test_section(metrics: dict, verdict: list[str], plots: dict[str, str]) -> l
         parts += [f"![quality against speed]({plots['quality_speed']})", ""]
     if "scatter" in plots:
         parts += ["## Teacher against student scores", "", f"![teacher vs student]({plots['scatter']})", ""]
+    return parts
+
+
+def _data_section(s: dict, p: dict, plots: dict) -> list[str]:
+    n = s.get("split_queries", {})
+    parts = ["## Data", "", f"{s.get('queries', '?')} queries ({s.get('unjudged_queries', 0)} without judgments) over "
+             f"{s.get('documents', '?')} passages; judged queries: {n.get('train', '?')} train, {n.get('dev', '?')} dev, "
+             f"{n.get('test', '?')} test.", ""]
+    if s.get("dev_from_train"):
+        parts += [f"The dataset has no dev split: {s['dev_from_train']} of its judged training queries (a tenth, chosen by "
+                  "a hash of the query id) were held out as dev and never trained on.", ""]
     return parts
 
 

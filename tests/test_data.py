@@ -43,6 +43,28 @@ def test_beir_folder_round_trips_through_parquet(beir, tmp_path):
     assert schema.field("score").type == pa.int32()
 
 
+def test_a_folder_without_dev_holds_out_a_tenth_of_its_training_queries(tmp_path):
+    queries = {f"q{i}": f"query {i}" for i in range(400)}
+    corpus = {f"d{i}": ("", f"passage {i}") for i in range(400)}
+    train = [(f"q{i}", f"d{i}", 1) for i in range(300)] + [("q0", "d1", 2)]
+    test = [(f"q{i}", f"d{i}", 1) for i in range(300, 400)]
+    stats = prepare_data(write_beir(tmp_path / "ds", queries, corpus, {"train": train, "test": test}), tmp_path / "norm")
+    dev, kept = judgments(tmp_path / "norm", "dev"), judgments(tmp_path / "norm", "train")
+    assert 15 <= len(dev) <= 45 and stats["dev_from_train"] == stats["split_queries"]["dev"] == len(dev)
+    assert not dev.keys() & kept.keys() and dev.keys() | kept.keys() == {f"q{i}" for i in range(300)}
+    assert judgments(tmp_path / "norm", "test") == {q: {d: 1} for q, d, _ in test}
+    assert all(dev[q] == {q.replace("q", "d"): 1} for q in dev if q != "q0")  # every judgment of a query moves with it
+    # The same queries on every reading (a growing dataset's dates keep them out of training).
+    again = prepare_data(write_beir(tmp_path / "more", {**queries, "q900": "new"}, corpus,
+                                    {"train": train + [("q900", "d0", 1)], "test": test}), tmp_path / "norm2")
+    assert dev.keys() <= judgments(tmp_path / "norm2", "dev").keys() and again["dev_from_train"] >= len(dev)
+
+
+def test_a_folder_with_a_dev_split_keeps_it(beir, tmp_path):
+    stats = prepare_data(beir, tmp_path / "norm")
+    assert stats["dev_from_train"] == 0 and judgments(tmp_path / "norm", "train") == {"q1": {"d1": 1}}
+
+
 def test_pair_texts_are_looked_up_in_arrow_as_the_dataset_gives_them(beir, tmp_path):
     prepare_data(beir, tmp_path / "norm")
     ds = load_normalized(tmp_path / "norm")

@@ -56,6 +56,8 @@ def test_whole_dag_publishes_student_metrics_and_report(finished_run):
     assert any("judgments alone" in line for line in metrics["verdict"])
     report = (out / "report.md").read_text()
     assert "| retriever |" in report and "| student |" in report and "| student_label_only |" in report
+    n = metrics["stages"]["PrepareData"]["split_queries"]
+    assert f"judged queries: {n['train']} train, {n['dev']} dev, {n['test']} test." in report and n["dev"] > 0
     assert (out / "teacher_vs_student.png").stat().st_size > 1000
 
 

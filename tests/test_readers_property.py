@@ -28,7 +28,7 @@ def datasets(draw):
     corpus = {d: (draw(st.one_of(st.just(""), texts)).strip(), draw(texts).strip()) for d in dids}
     qrels = {
         split: [(draw(st.sampled_from(qids)), draw(st.sampled_from(dids)), draw(st.integers(0, 3))) for _ in range(draw(st.integers(1, 5)))]
-        for split in ("train", "test")
+        for split in ("train", "dev", "test")  # a folder without dev gets one held out of train (test_data)
     }
     return queries, corpus, qrels
 
