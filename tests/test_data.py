@@ -10,6 +10,7 @@ import pytest
 
 from pipeline.data import NormalizedTables, Texts, join_title, judgments, load_normalized, pair_texts, prepare_data, read_dataset
 from pipeline.errors import DataError
+from pipeline.mining import training_queries
 from tests.conftest import write_beir
 
 QUERIES = {"q1": "how to parse xml", "q2": "image viewer", "q3": "python linter"}
@@ -54,6 +55,9 @@ def test_a_folder_without_dev_holds_out_a_tenth_of_its_training_queries(tmp_path
     assert not dev.keys() & kept.keys() and dev.keys() | kept.keys() == {f"q{i}" for i in range(300)}
     assert judgments(tmp_path / "norm", "test") == {q: {d: 1} for q, d, _ in test}
     assert all(dev[q] == {q.replace("q", "d"): 1} for q in dev if q != "q0")  # every judgment of a query moves with it
+    # Held out means held out: neither judged nor as an unjudged query does a dev query train.
+    trained = training_queries(read_dataset(tmp_path / "ds"), 0, -1, seed=12)
+    assert not trained.keys() & dev.keys() and trained.keys() == kept.keys()
     # The same queries on every reading (a growing dataset's dates keep them out of training).
     again = prepare_data(write_beir(tmp_path / "more", {**queries, "q900": "new"}, corpus,
                                     {"train": train + [("q900", "d0", 1)], "test": test}), tmp_path / "norm2")
