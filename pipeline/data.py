@@ -125,7 +125,7 @@ def _jsonl_rows(path: Path):
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             try:
-                line = raw.decode("utf-8")
+                line = _decode(raw, lineno)
             except UnicodeDecodeError as e:
                 raise DataError(path, lineno, None, f"not valid UTF-8 (byte {e.start})") from None
             if not line.strip():
@@ -137,6 +137,11 @@ def _jsonl_rows(path: Path):
             if not isinstance(row, dict):
                 raise DataError(path, lineno, None, "expected a JSON object")
             yield lineno, row
+
+
+def _decode(raw: bytes, lineno: int) -> str:
+    # Editors on Windows start UTF-8 files with a byte-order mark; it is not part of the first field.
+    return raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
 
 
 def _field(path: Path, lineno: int, row: dict, name: str, required: bool = True) -> str:
@@ -206,7 +211,7 @@ def _read_qrels(path: Path, split: str, queries: dict, corpus: dict) -> list[tup
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             try:
-                line = raw.decode("utf-8").rstrip("\r\n")
+                line = _decode(raw, lineno).rstrip("\r\n")
             except UnicodeDecodeError as e:
                 raise DataError(path, lineno, None, f"not valid UTF-8 (byte {e.start})") from None
             if not line.strip():

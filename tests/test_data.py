@@ -64,6 +64,15 @@ def test_a_folder_without_dev_holds_out_a_tenth_of_its_training_queries(tmp_path
     assert dev.keys() <= judgments(tmp_path / "norm2", "dev").keys() and again["dev_from_train"] >= len(dev)
 
 
+def test_files_saved_with_a_byte_order_mark_and_crlf_read_as_without(beir, tmp_path):
+    for name in ("corpus.jsonl", "queries.jsonl", "qrels/train.tsv", "qrels/test.tsv"):
+        path = beir / name
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes().replace(b"\n", b"\r\n"))
+    ds = read_dataset(beir)
+    assert ds.queries == QUERIES and ds.corpus == CORPUS
+    assert sorted(ds.qrels) == sorted((q, d, s, split) for split, rows in QRELS.items() for q, d, s in rows)
+
+
 def test_a_folder_with_a_dev_split_keeps_it(beir, tmp_path):
     stats = prepare_data(beir, tmp_path / "norm")
     assert stats["dev_from_train"] == 0 and judgments(tmp_path / "norm", "train") == {"q1": {"d1": 1}}
