@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import time
 from collections.abc import Sequence
@@ -25,6 +26,8 @@ import pyarrow.parquet as pq
 
 from pipeline.artifacts import atomic_dir, hash_files, write_json
 from pipeline.errors import DataError
+
+log = logging.getLogger(__name__)
 
 QUERIES_SCHEMA = pa.schema([("query_id", pa.string()), ("text", pa.string())])
 CORPUS_SCHEMA = pa.schema([("doc_id", pa.string()), ("title", pa.string()), ("text", pa.string())])
@@ -163,6 +166,7 @@ def _field(path: Path, lineno: int, row: dict, name: str, required: bool = True)
 def _read_corpus(path: Path, known: dict | None = None) -> dict[str, tuple[str, str]]:
     out: dict[str, tuple[str, str]] = {}
     first_line: dict[str, int] = {}
+    empty: list[int] = []
     for lineno, row in _jsonl_rows(path):
         doc_id = _field(path, lineno, row, "_id").strip()
         if not doc_id:
@@ -174,11 +178,20 @@ def _read_corpus(path: Path, known: dict | None = None) -> dict[str, tuple[str, 
         title = _field(path, lineno, row, "title", required=False).strip()
         text = _field(path, lineno, row, "text").strip()
         if not text and not title:
-            raise DataError(path, lineno, "text", "empty text")
+            if known is not None:
+                continue  # a translation file: an empty document is one not translated
+            empty.append(lineno)
         out[doc_id] = (title, text)
         first_line[doc_id] = lineno
     if not out:
         raise DataError(path, None, None, "no documents")
+    if empty:
+        # Published corpora have them (BEIR's FiQA); dropping one would orphan its judgments,
+        # and refusing the file would refuse the dataset. An empty passage is what BEIR scores.
+        log.warning(
+            "%s: %d documents have neither title nor text (first on line %d); they stay as empty passages, "
+            "so a judgment that points to one counts as a miss", path, len(empty), empty[0],
+        )
     return out
 
 
@@ -333,6 +346,7 @@ def write_normalized(
         "queries": len(ds.queries),
         "unjudged_queries": sum(1 for q in ds.queries if q not in judged),
         "documents": len(ds.corpus),
+        "documents_without_text": sum(1 for title, text in ds.corpus.values() if not title and not text),
         "qrels": {s: sum(1 for r in ds.qrels if r[3] == s) for s in SPLITS},
         "split_queries": {s: len({r[0] for r in ds.qrels if r[3] == s}) for s in SPLITS},
         "dev_from_train": ds.dev_from_train,

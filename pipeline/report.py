@@ -209,6 +209,9 @@ def _data_section(s: dict, p: dict, plots: dict) -> list[str]:
     parts = ["## Data", "", f"{s.get('queries', '?')} queries ({s.get('unjudged_queries', 0)} without judgments) over "
              f"{s.get('documents', '?')} passages; judged queries: {n.get('train', '?')} train, {n.get('dev', '?')} dev, "
              f"{n.get('test', '?')} test.", ""]
+    if s.get("documents_without_text"):
+        parts += [f"{s['documents_without_text']} passages have neither title nor text; they stay in the corpus as empty "
+                  "passages, so a judgment that points to one counts as a miss.", ""]
     if s.get("dev_from_train"):
         parts += [f"The dataset has no dev split: {s['dev_from_train']} of its judged training queries (a tenth, chosen by "
                   "a hash of the query id) were held out as dev and never trained on.", ""]

@@ -150,11 +150,22 @@ def test_empty_query_text(beir):
     assert "queries.jsonl:4" in msg and "'text'" in msg and "empty" in msg
 
 
-def test_empty_document_text(beir):
+def test_a_document_without_title_or_text_stays_as_an_empty_passage(beir, tmp_path, caplog):
+    """Published corpora hold such rows (BEIR's FiQA): the dataset is read, the document kept
+    (a judgment pointing to it stays, and counts as a miss), the count logged and recorded."""
     with open(beir / "corpus.jsonl", "a") as f:
-        f.write(json.dumps({"_id": "d4", "title": "", "text": ""}) + "\n")
-    msg = _error(beir)
-    assert "corpus.jsonl:4" in msg and "'text'" in msg
+        f.write(json.dumps({"_id": "d4", "title": "", "text": " "}) + "\n")
+    with open(beir / "qrels" / "test.tsv", "a") as f:
+        f.write("q3\td4\t1\n")
+    (beir / "corpus.de.jsonl").write_text(json.dumps({"_id": "d1", "title": "", "text": ""}) + "\n"
+                                          + json.dumps({"_id": "d2", "text": "Ein Bildbetrachter."}) + "\n")
+    stats = prepare_data(beir, tmp_path / "norm")
+    assert stats["documents"] == 4 and stats["documents_without_text"] == 1
+    assert load_normalized(tmp_path / "norm").corpus["d4"] == ("", "")
+    assert judgments(tmp_path / "norm", "test") == {"q3": {"d3": 1, "d4": 1}}
+    assert "corpus.jsonl: 1 documents have neither title nor text (first on line 4)" in caplog.text
+    # In a translation file an empty document is one not translated.
+    assert read_dataset(beir).languages["de"][1] == {"d2": ("", "Ein Bildbetrachter.")}
 
 
 def test_duplicate_document_id(beir):
