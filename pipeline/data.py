@@ -107,7 +107,7 @@ def read_beir(folder: Path) -> Dataset:
     for split in present:
         qrels += _read_qrels(folder / "qrels" / f"{split}.tsv", split, queries, corpus)
     held_out = 0
-    if "dev" not in present:
+    if holds_out_dev(folder):
         qrels, held_out = hold_out_dev(qrels)
     languages = {}
     for path in sorted(folder.glob("*.*.jsonl")):
@@ -311,6 +311,11 @@ def read_pairs_file(path: Path) -> Dataset:
     if not qrels:
         raise DataError(path, None, None, "no pairs")
     return Dataset(queries, corpus, qrels, languages)
+
+
+def holds_out_dev(source: str | Path) -> bool:
+    """Whether reading ``source`` moves training queries to dev (a BEIR folder without qrels/dev.tsv)."""
+    return Path(source).is_dir() and not (Path(source) / "qrels" / "dev.tsv").is_file()
 
 
 def hold_out_dev(qrels: list[tuple[str, str, int, str]]) -> tuple[list[tuple[str, str, int, str]], int]:

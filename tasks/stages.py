@@ -76,6 +76,8 @@ class PrepareData(DataParams, Stage):
             return data.dataset_hash(path) if Path(path).exists() else path
 
         extra = [content_or_name(self.unlabeled_queries)] if self.unlabeled_queries else []
+        # Such a folder was once prepared with no dev split; its outputs from then must not be reused.
+        extra += ["dev held out of train"] if data.holds_out_dev(self.dataset) else []
         return fingerprint("data", content_or_name(self.dataset), *extra)
 
     def output(self):

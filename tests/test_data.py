@@ -322,3 +322,20 @@ def test_unlabeled_query_with_a_dataset_id_is_refused(beir, tmp_path):
     with pytest.raises(DataError, match="missing.jsonl: file not found"):
         prepare_data(beir, tmp_path / "norm", tmp_path / "missing.jsonl")
     assert not (tmp_path / "norm").exists()
+
+
+def test_prepared_data_of_a_folder_without_dev_is_not_the_one_prepared_before_the_hold_out(beir, tmp_path):
+    """Outputs prepared with no dev split must not be reused now that one is held out; a folder
+    with its own dev split keeps its fingerprint, so its runs' artifacts stay valid."""
+    import tasks
+    from pipeline.artifacts import fingerprint
+    from pipeline.data import dataset_hash
+
+    def fps(folder):
+        return tasks.PrepareData(dataset=str(folder), output_dir=str(tmp_path / "out")).fp, fingerprint("data", dataset_hash(folder))
+
+    new, before = fps(beir)
+    assert new == before
+    (beir / "qrels" / "dev.tsv").unlink()
+    new, before = fps(beir)
+    assert new != before
