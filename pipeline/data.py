@@ -17,7 +17,7 @@ import logging
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +47,7 @@ class Dataset:
     qrels: list[tuple[str, str, int, str]]  # (query_id, doc_id, score, split)
     languages: dict[str, tuple[dict[str, str], dict[str, tuple[str, str]]]]  # lang -> (queries, corpus)
     dev_from_train: int = 0  # judged training queries held out as the dev split (a folder without one)
+    judgments_of_unknown_ids: dict[str, int] = field(default_factory=dict)  # qrels file -> rows naming unknown ids
 
     def passage(self, doc_id: str) -> str:
         return join_title(*self.corpus[doc_id])
@@ -104,8 +105,9 @@ def read_beir(folder: Path) -> Dataset:
     present = [s for s in SPLITS if (folder / "qrels" / f"{s}.tsv").is_file()]
     if "test" not in present:
         raise DataError(folder / "qrels" / "test.tsv", None, None, "missing file (the test split is needed for evaluation)")
+    unknown: dict[str, int] = {}
     for split in present:
-        qrels += _read_qrels(folder / "qrels" / f"{split}.tsv", split, queries, corpus)
+        qrels += _read_qrels(folder / "qrels" / f"{split}.tsv", split, queries, corpus, unknown)
     held_out = 0
     if holds_out_dev(folder):
         qrels, held_out = hold_out_dev(qrels)
@@ -120,7 +122,7 @@ def read_beir(folder: Path) -> Dataset:
             lq.update(_read_queries(path, known=queries))
         else:
             lc.update(_read_corpus(path, known=corpus))
-    return Dataset(queries, corpus, qrels, languages, held_out)
+    return Dataset(queries, corpus, qrels, languages, held_out, unknown)
 
 
 def _jsonl_rows(path: Path):
@@ -219,8 +221,17 @@ def _read_queries(path: Path, known: dict | None = None, taken: dict | None = No
     return out
 
 
-def _read_qrels(path: Path, split: str, queries: dict, corpus: dict) -> list[tuple[str, str, int, str]]:
+DANGLING_SHARE = 0.05  # judgments of unknown ids pass with a warning up to this share of a qrels file
+
+
+def _read_qrels(path: Path, split: str, queries: dict, corpus: dict, unknown_ids: dict | None = None) -> list[tuple[str, str, int, str]]:
+    """The judgments of one qrels file. A row naming a query or document the dataset lacks counts
+    for nothing, with a warning, while such rows are a few (published sets have them: ArguAna's
+    test qrels name a document its corpus lacks, NFCorpus's name queries it lacks): no system
+    could retrieve with or for it. More than ``DANGLING_SHARE`` of the file means a mismatched
+    corpus or queries file, and stops the run on the first one. ``unknown_ids`` gets the count."""
     out = []
+    dangling: list[DataError] = []
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             try:
@@ -238,9 +249,14 @@ def _read_qrels(path: Path, split: str, queries: dict, corpus: dict) -> list[tup
                 raise DataError(path, lineno, None, f"expected 3 tab-separated columns, got {len(cols)}")
             qid, did, score = cols[0].strip(), cols[1].strip(), cols[2].strip()
             if qid not in queries:
-                raise DataError(path, lineno, "query-id", f"unknown query id '{qid}' (not in queries.jsonl)")
+                dangling.append(DataError(path, lineno, "query-id", f"unknown query id '{qid}' (not in queries.jsonl)"))
+                continue
             if did not in corpus:
-                raise DataError(path, lineno, "corpus-id", f"unknown document id '{did}' (not in corpus.jsonl)")
+                dangling.append(DataError(path, lineno, "corpus-id", f"unknown document id '{did}' (not in corpus.jsonl)"))
+                # Kept at grade 0, so its query stays judged in this split (a test query whose only
+                # positive is missing must never become an unjudged training query) and is nobody's positive.
+                out.append((qid, did, 0, split))
+                continue
             try:
                 value = float(score)
             except ValueError:
@@ -248,6 +264,14 @@ def _read_qrels(path: Path, split: str, queries: dict, corpus: dict) -> list[tup
             if value != value or value in (float("inf"), float("-inf")) or value != int(value):
                 raise DataError(path, lineno, "score", f"expected an integer relevance grade, got '{score}'")
             out.append((qid, did, int(value), split))
+    if dangling:
+        rows = len(out) + sum(1 for e in dangling if e.field == "query-id")
+        if len(dangling) > DANGLING_SHARE * rows:
+            raise dangling[0]
+        log.warning("%s: %d of %d judgments name ids the dataset lacks and count for nothing (first: %s)",
+                    path, len(dangling), rows, dangling[0])
+        if unknown_ids is not None:
+            unknown_ids[f"qrels/{path.name}"] = len(dangling)
     return out
 
 
@@ -355,6 +379,7 @@ def write_normalized(
         "qrels": {s: sum(1 for r in ds.qrels if r[3] == s) for s in SPLITS},
         "split_queries": {s: len({r[0] for r in ds.qrels if r[3] == s}) for s in SPLITS},
         "dev_from_train": ds.dev_from_train,
+        "judgments_of_unknown_ids": ds.judgments_of_unknown_ids,
         "languages": {lang: {"queries": len(q), "documents": len(c)} for lang, (q, c) in ds.languages.items()},
     }
     with atomic_dir(out_dir) as tmp:

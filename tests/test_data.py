@@ -136,6 +136,26 @@ def test_qrel_with_unknown_document(beir):
     assert "dev.tsv:3" in msg and "'corpus-id'" in msg and "nope" in msg
 
 
+def test_a_few_judgments_of_unknown_ids_count_for_nothing_and_many_stop_the_run(tmp_path, caplog):
+    """Published qrels name the odd query or document their files lack (ArguAna, NFCorpus): up
+    to DANGLING_SHARE of a file they pass with a warning; more means mismatched files."""
+    queries = {f"q{i}": f"query {i}" for i in range(60)}
+    corpus = {f"d{i}": ("", f"passage {i}") for i in range(60)}
+    train = [(f"q{i}", f"d{i}", 1) for i in range(30)] + [("q-gone", "d1", 1)]
+    test = [(f"q{i}", f"d{i}", 1) for i in range(30, 59)] + [("q59", "d-gone", 1)]  # q59's only positive is missing
+    folder = write_beir(tmp_path / "ds", queries, corpus, {"train": train, "dev": [("q0", "d0", 1)], "test": test})
+    stats = prepare_data(folder, tmp_path / "norm")
+    assert stats["judgments_of_unknown_ids"] == {"qrels/train.tsv": 1, "qrels/test.tsv": 1}
+    assert "test.tsv:31: field 'corpus-id': unknown document id 'd-gone'" in caplog.text
+    assert "q59" not in judgments(tmp_path / "norm", "test") and "q-gone" not in judgments(tmp_path / "norm", "train")
+    # A test query whose positive is missing is still a test query: never an unjudged training query.
+    assert "q59" not in training_queries(read_dataset(folder), 0, -1, seed=12)
+    with open(folder / "qrels" / "test.tsv", "a") as f:
+        f.write("q1\td-gone-too\t1\n")
+    msg = _error(folder)
+    assert "test.tsv:31" in msg and "'corpus-id'" in msg and "d-gone" in msg
+
+
 def test_qrel_with_non_numeric_score(beir):
     with open(beir / "qrels" / "train.tsv", "a") as f:
         f.write("q1\td2\thigh\n")
