@@ -405,6 +405,7 @@ def mine(
     filters: NegativeFilter = NegativeFilter(),
     random_share: float = 0.0,
     skipped: Counter | None = None,
+    ignore_identical_ids: bool = False,
 ) -> pa.Table:
     """Groups of (query, positives, mined negatives with retrieval scores and ranks).
 
@@ -420,8 +421,12 @@ def mine(
     index = index if index is not None else build_index(doc_vecs)
     max_pos = max((len(p) for p in positives.values()), default=0)
     k = min(range_max + max_pos, len(doc_ids))
-    scores, ids = search(index, query_vecs, k) if n_hard else (np.zeros((len(query_ids), 0)), np.zeros((len(query_ids), 0), int))
     doc_pos = {d: i for i, d in enumerate(doc_ids)}
+    own = own_id_columns(query_ids, doc_pos, positives) if ignore_identical_ids else {}
+    if n_hard:
+        scores, ids = without_own_ids(*search(index, query_vecs, min(k + bool(own), len(doc_ids))), own, k)
+    else:
+        scores, ids = np.zeros((len(query_ids), 0)), np.zeros((len(query_ids), 0), int)
     rng = random.Random(seed)
     rows = {name: [] for name in GROUPS_SCHEMA.names}
     for qi, qid in enumerate(query_ids):
@@ -434,7 +439,7 @@ def mine(
             min(pos_scores, default=float("inf")), filters, skipped,
         )
         if n_random:
-            taken = set(pos) | set(neg_ids)
+            taken = set(pos) | set(neg_ids) | ({qid} if qi in own else set())
             for _ in range(min(n_random, len(doc_ids) - len(taken))):
                 j = rng.randrange(len(doc_ids))
                 while doc_ids[j] in taken:
@@ -452,6 +457,33 @@ def mine(
     return pa.table(rows, schema=GROUPS_SCHEMA)
 
 
+def own_id_columns(query_ids: list[str], doc_pos: dict[str, int], relevant: dict[str, dict[str, int]]) -> dict[int, int]:
+    """Query row -> corpus row of the passage that has the query's own id, where it is not
+    judged relevant to the query.
+
+    Some corpora hold their queries (BEIR's ArguAna and Quora): the passage with the query's id
+    is the query's own text, the retriever's first hit and nobody's answer. BEIR's evaluation
+    leaves it out (``ignore_identical_ids``); so do the candidates and negatives here, unless a
+    judgment names it, as in a dataset that numbers queries and their passages alike."""
+    return {
+        i: doc_pos[q] for i, q in enumerate(query_ids)
+        if q in doc_pos and q not in relevant.get(q, {})
+    }
+
+
+def without_own_ids(scores: np.ndarray, ids: np.ndarray, own: dict[int, int], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``k`` results of each row once the ``own`` passage is taken out (searched with
+    one result more when any row has one)."""
+    if not own:
+        return scores[:, :k], ids[:, :k]
+    out_scores, out_ids = np.zeros((len(ids), k), scores.dtype), np.full((len(ids), k), -1, ids.dtype)
+    for i in range(len(ids)):
+        keep = ids[i] != own[i] if i in own else slice(None)
+        row_ids, row_scores = ids[i][keep][:k], scores[i][keep][:k]
+        out_ids[i, : len(row_ids)], out_scores[i, : len(row_ids)] = row_ids, row_scores
+    return out_scores, out_ids
+
+
 def rerank_candidates(
     query_vecs: np.ndarray,
     query_ids: list[str],
@@ -459,10 +491,14 @@ def rerank_candidates(
     top_k: int,
     doc_ids: list[str],
     index=None,
+    relevant: dict[str, dict[str, int]] | None = None,
+    ignore_identical_ids: bool = False,
 ) -> pa.Table:
-    """The retriever's top-k per query in its own order, and nothing else."""
+    """The retriever's top-k per query in its own order, and nothing else; with
+    ``ignore_identical_ids``, never a passage that is the query itself (:func:`own_id_columns`)."""
     index = index if index is not None else build_index(doc_vecs)
-    scores, ids = search(index, query_vecs, top_k)
+    own = own_id_columns(query_ids, {d: i for i, d in enumerate(doc_ids)}, relevant or {}) if ignore_identical_ids else {}
+    scores, ids = without_own_ids(*search(index, query_vecs, min(top_k + bool(own), len(doc_ids))), own, top_k)
     out_ids = [[doc_ids[j] for j in row if j >= 0] for row in ids]
     out_scores = [[float(s) for j, s in zip(row, srow) if j >= 0] for row, srow in zip(ids, scores)]
     return pa.table({"query_id": query_ids, "doc_ids": out_ids, "scores": out_scores}, schema=CANDIDATES_SCHEMA)
@@ -535,6 +571,7 @@ class MineConfig:
     random_share: float = 0.0
     query_prompt_name: str = ""
     document_prompt_name: str = ""
+    ignore_identical_ids: bool = True  # a passage with the query's own id is not its candidate (own_id_columns)
     device: str = run_only("cpu", "embeddings agree across devices to float rounding; the cache is keyed by model")
     cache_dir: str = run_only("", "where embeddings are kept between runs, keyed by model and text")
 
@@ -574,7 +611,7 @@ def mine_hard_negatives(data_dir: str | Path, out_dir: str | Path, config: MineC
             skipped: Counter = Counter()
             groups = mine(
                 qv, list(train), doc_vecs, doc_ids, train, c.num_negatives, c.range_min, c.range_max, c.sampling, index,
-                c.seed, c.filters, c.random_share, skipped,
+                c.seed, c.filters, c.random_share, skipped, c.ignore_identical_ids,
             )
             write_table(groups, tmp / "groups.parquet")
             stats.update(mining_stats(groups, c.num_negatives, skipped))
@@ -582,7 +619,10 @@ def mine_hard_negatives(data_dir: str | Path, out_dir: str | Path, config: MineC
             rel = ds.relevant(split)
             if rel:
                 qids = sorted(rel)
-                cand = rerank_candidates(encoders.embed("query", [ds.queries[q] for q in qids]), qids, doc_vecs, c.rerank_top_k, doc_ids, index)
+                cand = rerank_candidates(
+                    encoders.embed("query", [ds.queries[q] for q in qids]), qids, doc_vecs, c.rerank_top_k, doc_ids, index,
+                    rel, c.ignore_identical_ids,
+                )
                 write_table(cand, tmp / f"candidates-{split}.parquet")
                 stats[f"{split}_queries"] = len(qids)
                 # The ceiling of every reranker: queries whose judged positive the retriever missed score 0.

@@ -104,8 +104,8 @@ class MineHardNegatives(MineParams, Stage):
             nprobe=self.faiss_nprobe, ef_search=self.faiss_ef_search, max_length=self.max_length, seed=self.seed,
             filters=mining.NegativeFilter(self.absolute_margin, self.relative_margin, self.max_score, self.min_score),
             random_share=self.random_negatives, query_prompt_name=self.query_prompt_name,
-            document_prompt_name=self.document_prompt_name, device=self.run_device,
-            cache_dir=str(self.cache_dir or self.root / "cache"),
+            document_prompt_name=self.document_prompt_name, ignore_identical_ids=self.ignore_identical_ids,
+            device=self.run_device, cache_dir=str(self.cache_dir or self.root / "cache"),
         )
 
     @functools.cached_property

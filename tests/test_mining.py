@@ -315,3 +315,30 @@ def test_queries_and_passages_get_their_own_prompts(prepared, prompted_embedder,
     bare_d = model.encode([ds.passage(d) for d in doc_ids], normalize_embeddings=True)
     bare = [{doc_ids[j] for j in np.argsort(-(bare_d @ bare_q[i]), kind="stable")[:10]} for i in range(len(got))]
     assert sum(set(docs) != b for docs, b in zip(got.values(), bare)) >= len(got) // 2
+
+
+def test_a_passage_that_is_the_query_itself_is_neither_candidate_nor_negative(small_beir, tiny_models, tmp_path):
+    """A corpus that holds its queries under their ids (BEIR's ArguAna, Quora): the query's own
+    text is the retriever's first hit and nobody's answer, so it is left out (BEIR's
+    ignore_identical_ids), unless a judgment names it."""
+    ds = read_dataset(small_beir)
+    corpus = {**ds.corpus, **{q: ("", text) for q, text in ds.queries.items()}}
+    qrels = {s: [(q, d, g) for q, d, g, split in ds.qrels if split == s] for s in ("train", "dev", "test")}
+    judged_self = qrels["test"][0][0]
+    qrels["test"].append((judged_self, judged_self, 1))
+    prepare_data(write_beir(tmp_path / "beir", ds.queries, corpus, qrels), tmp_path / "data")
+
+    def mined(name, **kw):
+        _mine(tmp_path / "data", tiny_models, tmp_path / name, tmp_path / "cache", num_negatives=3, **kw)
+        groups = pq.read_table(tmp_path / name / "groups.parquet").to_pydict()
+        cand = pq.read_table(tmp_path / name / "candidates-test.parquet").to_pydict()
+        return dict(zip(groups["query_id"], groups["negative_ids"])), dict(zip(cand["query_id"], cand["doc_ids"]))
+
+    negatives, candidates = mined("plain", ignore_identical_ids=False)
+    assert sum(q in n for q, n in negatives.items()) > len(negatives) // 2  # the case arises: the own text ranks high
+    assert sum(q in c for q, c in candidates.items()) > len(candidates) // 2
+    negatives, candidates = mined("beir")
+    assert not any(q in n for q, n in negatives.items()) and all(len(n) == 3 for n in negatives.values())
+    assert not any(q in c for q, c in candidates.items() if q != judged_self)
+    assert all(len(c) == 10 for c in candidates.values())
+    assert judged_self in candidates[judged_self]  # judged relevant to itself: kept
