@@ -191,11 +191,13 @@ def build_rows(
     else:
         table, rows_of = _candidate_rows(fmt, qids, texts, grades, len(n_pos), (p_group, p_doc, p_score), (n_group, n_doc, n_score))
     if table.num_rows == 0:
-        raise NoRowsError(
-            f"no training rows in format '{fmt}': {short} queries had fewer than {n_neg} mined negatives"
-            if short
-            else f"no training rows in format '{fmt}'"
-        )
+        if short:
+            why = f": {short} queries had fewer than {n_neg} mined negatives"
+        elif label_only and unjudged.all():
+            why = f": it takes judged queries only, and none of these {len(n_pos)} training queries is judged"
+        else:
+            why = ""
+        raise NoRowsError(f"no training rows in format '{fmt}'{why}")
     stats = {
         "format": fmt, "rows": table.num_rows, "queries_short_of_negatives": short, "num_negatives": n_neg,
         "judged_queries": int((rows_of & ~unjudged).sum()), "unjudged_queries": int((rows_of & unjudged).sum()),

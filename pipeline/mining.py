@@ -674,10 +674,12 @@ def _check_mining_input(ds, data_dir, c: MineConfig) -> None:
     """Stop before any embedding on settings or data mining cannot work with."""
     from pipeline.artifacts import read_json
 
-    if not ds.relevant("train"):
+    judged = {q for q, _, _, _ in ds.qrels}
+    # Queries nobody judged train on the teacher's labels alone: enough without any judgment.
+    if not ds.relevant("train") and not (c.max_unjudged_queries != 0 and any(q not in judged for q in ds.queries)):
         raise PipelineError(
-            f"{ds_source(data_dir)}: no judged training pairs (qrels/train.tsv is missing or has no score > 0); "
-            "training queries need at least one positive each"
+            f"{ds_source(data_dir)}: no judged training pairs (qrels/train.tsv is missing or has no score > 0) and no "
+            "unjudged queries to label with a trained teacher (--max-unjudged-queries -1, --unlabeled-queries FILE)"
         )
     from_file = read_json(Path(data_dir) / "stats.json").get("unlabeled_file_queries", 0)
     if from_file and c.max_unjudged_queries == 0:

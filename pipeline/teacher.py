@@ -79,6 +79,13 @@ def fine_tune_teacher(data_dir: str | Path, mined_dir: str | Path, out_dir: str 
         raise PipelineError(f"--teacher-loss {config.loss}: the teacher learns from judgments; choose a loss that needs no teacher scores")
     if config.kind == "ensemble" and not 0 < config.ensemble_weight <= 1:
         raise PipelineError(f"--teacher-ensemble-weight {config.ensemble_weight}: expected a share in (0, 1]")
+    if not _judged_groups(mined_dir).num_rows:
+        from pipeline.mining import ds_source
+
+        raise PipelineError(
+            f"{ds_source(data_dir)}: no judged training queries to fine-tune a teacher on (qrels/train.tsv); "
+            "pass a trained one with --teacher (a hub id or a folder) to label the unjudged queries alone"
+        )
     # Which recipe made it, for a later date deciding whether to keep it (kept_teacher): in the
     # statistics, written inside the folder before its rename like every stage's.
     recipe = {"settings": teacher_settings(config)}

@@ -354,3 +354,37 @@ def test_unjudged_queries_train_the_student_with_teacher_labels(small_beir, tiny
     assert "scores" not in bce.requires()
     assert _build(bce)
     assert json.loads((bce.artifact() / "stats.json").read_text())["unjudged_queries"] == 0
+
+
+def test_a_dataset_judged_only_for_test_distils_from_a_trained_teacher_alone(small_beir, tiny_models, tmp_path):
+    """Most BEIR datasets judge test queries only. With queries nobody judged and a trained
+    teacher, the student learns from the teacher's labels alone; a teacher to fine-tune, or a
+    label-only baseline, has nothing to learn from and says so."""
+    from pipeline.labels import NoRowsError, build_rows
+    from pipeline.data import NormalizedTables, read_dataset
+    from pipeline.teacher import TeacherConfig, fine_tune_teacher
+    from tests.conftest import write_beir
+
+    ds = read_dataset(small_beir)
+    test = [(q, d, s) for q, d, s, split in ds.qrels if split == "test"]
+    tested = {q for q, _, _ in test}
+    data = write_beir(tmp_path / "test-only", {q: t for q, t in ds.queries.items() if q in tested}, ds.corpus, {"test": test})
+    unlabeled = tmp_path / "logs.jsonl"
+    unlabeled.write_text("".join(json.dumps({"_id": q, "text": t}) + "\n" for q, t in ds.queries.items() if q not in tested))
+    out = tmp_path / "run"
+    assert _build(tasks.TrainStudent(**_params(data, tiny_models, out, max_unjudged_queries=-1, unlabeled_queries=str(unlabeled))))
+    labels = json.loads((out / "metrics.json").read_text())["stages"]["BuildLabels"]
+    assert labels["judged_queries"] == 0 and labels["unjudged_queries"] == len(ds.queries) - len(tested) > 0
+
+    mined = next(out.glob("mined/*"))
+    with pytest.raises(PipelineError, match="no judged training queries to fine-tune a teacher on"):
+        fine_tune_teacher(next(out.glob("data/*")), mined, tmp_path / "teacher", TeacherConfig(backbone=tiny_models["teacher"]))
+    assert not (tmp_path / "teacher").exists()
+    groups = pq.read_table(mined / "groups.parquet")
+    with pytest.raises(NoRowsError, match="takes judged queries only, and none of these"):
+        build_rows("pair-binary", groups, None, NormalizedTables(next(out.glob("data/*"))).texts())
+    # Without the unjudged queries there is nothing to train on at all.
+    prepare_data(data, tmp_path / "norm")
+    with pytest.raises(PipelineError, match="no judged training pairs .* and no unjudged queries"):
+        mine_hard_negatives(tmp_path / "norm", tmp_path / "m", MineConfig(embedder=tiny_models["embedder"], max_unjudged_queries=-1,
+                                                                         cache_dir=str(tmp_path / "cache")))
