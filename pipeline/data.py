@@ -198,9 +198,11 @@ def _read_corpus(path: Path, known: dict | None = None) -> dict[str, tuple[str, 
 
 
 def _read_queries(path: Path, known: dict | None = None, taken: dict | None = None) -> dict[str, str]:
-    """Queries of a JSONL file; with ``known``, every id must be one of it, with ``taken``, none may."""
+    """Queries of a JSONL file; with ``known``, every id must be one of it, with ``taken`` (a file
+    of unjudged queries, such as a search log), none may, and a query with no text is skipped."""
     out: dict[str, str] = {}
     first_line: dict[str, int] = {}
+    empty: list[int] = []
     for lineno, row in _jsonl_rows(path):
         qid = _field(path, lineno, row, "_id").strip()
         if not qid:
@@ -212,12 +214,17 @@ def _read_queries(path: Path, known: dict | None = None, taken: dict | None = No
         if taken is not None and qid in taken:
             raise DataError(path, lineno, "_id", f"id '{qid}' is already a query of the dataset")
         text = _field(path, lineno, row, "text").strip()
+        if not text and taken is not None:
+            empty.append(lineno)  # logs hold empty searches; there is nothing to label
+            continue
         if not text:
             raise DataError(path, lineno, "text", "empty text")
         out[qid] = text
         first_line[qid] = lineno
     if not out:
         raise DataError(path, None, None, "no queries")
+    if empty:
+        log.warning("%s: %d queries with no text skipped (first on line %d)", path, len(empty), empty[0])
     return out
 
 

@@ -334,6 +334,18 @@ def test_unlabeled_queries_join_the_dataset_unjudged(beir, tmp_path):
     assert ds.queries["u1"] == "tiling window manager" and all(r[0] != "u1" for r in ds.qrels)
 
 
+def test_empty_searches_in_a_log_of_unlabeled_queries_are_skipped(beir, tmp_path, caplog):
+    extra = tmp_path / "unlabeled.jsonl"
+    extra.write_text("".join(json.dumps({"_id": f"u{i}", "text": t}) + "\n" for i, t in enumerate(["tiling wm", "  ", "", "pdf viewer"])))
+    stats = prepare_data(beir, tmp_path / "norm", extra)
+    assert stats["unlabeled_file_queries"] == 2 and set(load_normalized(tmp_path / "norm").queries) >= {"u0", "u3"}
+    assert "2 queries with no text skipped (first on line 2)" in caplog.text
+    # In the dataset's own queries an empty text is still an error: a judged query must have one.
+    with open(beir / "queries.jsonl", "a") as f:
+        f.write(json.dumps({"_id": "q4", "text": " "}) + "\n")
+    assert "queries.jsonl:4" in _error(beir)
+
+
 def test_unlabeled_query_with_a_dataset_id_is_refused(beir, tmp_path):
     extra = tmp_path / "unlabeled.jsonl"
     extra.write_text(json.dumps({"_id": "u1", "text": "a"}) + "\n" + json.dumps({"_id": "q2", "text": "b"}) + "\n")
