@@ -422,7 +422,7 @@ def mine(
     max_pos = max((len(p) for p in positives.values()), default=0)
     k = min(range_max + max_pos, len(doc_ids))
     doc_pos = {d: i for i, d in enumerate(doc_ids)}
-    own = own_id_columns(query_ids, doc_pos, positives) if ignore_identical_ids else {}
+    own = own_id_columns(query_ids, doc_ids, positives) if ignore_identical_ids else {}
     if n_hard:
         scores, ids = without_own_ids(*search(index, query_vecs, min(k + bool(own), len(doc_ids))), own, k)
     else:
@@ -457,7 +457,7 @@ def mine(
     return pa.table(rows, schema=GROUPS_SCHEMA)
 
 
-def own_id_columns(query_ids: list[str], doc_pos: dict[str, int], relevant: dict[str, dict[str, int]]) -> dict[int, int]:
+def own_id_columns(query_ids: list[str], doc_ids: list[str], relevant: dict[str, dict[str, int]]) -> dict[int, int]:
     """Query row -> corpus row of the passage that has the query's own id, where it is not
     judged relevant to the query.
 
@@ -465,9 +465,13 @@ def own_id_columns(query_ids: list[str], doc_pos: dict[str, int], relevant: dict
     is the query's own text, the retriever's first hit and nobody's answer. BEIR's evaluation
     leaves it out (``ignore_identical_ids``); so do the candidates and negatives here, unless a
     judgment names it, as in a dataset that numbers queries and their passages alike."""
+    import pyarrow.compute as pc
+
+    # An Arrow hash of the ids, not a dictionary of a million Python strings.
+    rows = pc.index_in(pa.array(query_ids, pa.string()), value_set=pa.array(doc_ids, pa.string()))
     return {
-        i: doc_pos[q] for i, q in enumerate(query_ids)
-        if q in doc_pos and q not in relevant.get(q, {})
+        i: j for i, j in enumerate(rows.to_pylist())
+        if j is not None and query_ids[i] not in relevant.get(query_ids[i], {})
     }
 
 
@@ -497,7 +501,7 @@ def rerank_candidates(
     """The retriever's top-k per query in its own order, and nothing else; with
     ``ignore_identical_ids``, never a passage that is the query itself (:func:`own_id_columns`)."""
     index = index if index is not None else build_index(doc_vecs)
-    own = own_id_columns(query_ids, {d: i for i, d in enumerate(doc_ids)}, relevant or {}) if ignore_identical_ids else {}
+    own = own_id_columns(query_ids, doc_ids, relevant or {}) if ignore_identical_ids else {}
     scores, ids = without_own_ids(*search(index, query_vecs, min(top_k + bool(own), len(doc_ids))), own, top_k)
     out_ids = [[doc_ids[j] for j in row if j >= 0] for row in ids]
     out_scores = [[float(s) for j, s in zip(row, srow) if j >= 0] for row, srow in zip(ids, scores)]
