@@ -59,7 +59,7 @@ def main() -> None:
     from pipeline.labels import PairValues, build_rows, to_dataset
     from pipeline.models import cut_student, load_bi_encoder, load_cross_encoder
     from pipeline.scoring import BiEncoderScorer, CrossEncoderScorer, zscore_per_query
-    from pipeline.teacher import _cross_encoder_teacher
+    from pipeline.teacher import _cross_encoder_teacher, _judged_groups
     from pipeline.training import train_student
 
     entry = tasks.TrainStudent(output_dir=args.output_dir)
@@ -96,7 +96,7 @@ def main() -> None:
         out = work / f"ce-{head}-{loss}-{lr:g}"
         if not (out / "stats.json").exists():
             config = dataclasses.replace(ft.config, kind="cross-encoder", loss=loss, learning_rate=lr, head=head)
-            _cross_encoder_teacher(data, mined, out, config, str(bi_dir))
+            _cross_encoder_teacher(data, _judged_groups(mined), out, config, str(bi_dir))
         ce_dev[name], _ = ce_scores(out, dev.pairs)
         teachers[f"cross-encoder, {name}"] = {"ndcg@10": ndcg(ce_dev[name])}
         mixes[name] = {f"{w:g}": ndcg(w * zscore_per_query(ce_dev[name], dev.qids) + (1 - w) * zscore_per_query(bi_dev, dev.qids))

@@ -480,10 +480,11 @@ def without_own_ids(scores: np.ndarray, ids: np.ndarray, own: dict[int, int], k:
     one result more when any row has one)."""
     if not own:
         return scores[:, :k], ids[:, :k]
-    out_scores, out_ids = np.zeros((len(ids), k), scores.dtype), np.full((len(ids), k), -1, ids.dtype)
-    for i in range(len(ids)):
-        keep = ids[i] != own[i] if i in own else slice(None)
+    out_scores, out_ids = scores[:, :k].copy(), ids[:, :k].copy()
+    for i, j in own.items():  # the other rows keep their first k
+        keep = ids[i] != j
         row_ids, row_scores = ids[i][keep][:k], scores[i][keep][:k]
+        out_ids[i], out_scores[i] = -1, 0
         out_ids[i, : len(row_ids)], out_scores[i, : len(row_ids)] = row_ids, row_scores
     return out_scores, out_ids
 

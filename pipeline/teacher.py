@@ -79,7 +79,8 @@ def fine_tune_teacher(data_dir: str | Path, mined_dir: str | Path, out_dir: str 
         raise PipelineError(f"--teacher-loss {config.loss}: the teacher learns from judgments; choose a loss that needs no teacher scores")
     if config.kind == "ensemble" and not 0 < config.ensemble_weight <= 1:
         raise PipelineError(f"--teacher-ensemble-weight {config.ensemble_weight}: expected a share in (0, 1]")
-    if not _judged_groups(mined_dir).num_rows:
+    groups = _judged_groups(mined_dir)  # what every member learns from, read once
+    if not groups.num_rows:
         from pipeline.mining import ds_source
 
         raise PipelineError(
@@ -93,10 +94,10 @@ def fine_tune_teacher(data_dir: str | Path, mined_dir: str | Path, out_dir: str 
         if finished is not None:
             return finished
         if config.kind == "bi-encoder":
-            return _bi_encoder_teacher(data_dir, mined_dir, out_dir, config, recipe)
+            return _bi_encoder_teacher(data_dir, groups, out_dir, config, recipe)
         if config.kind == "cross-encoder":
-            return _cross_encoder_teacher(data_dir, mined_dir, out_dir, config, config.backbone, recipe)
-        return _ensemble_teacher(data_dir, mined_dir, out_dir, config, recipe)
+            return _cross_encoder_teacher(data_dir, groups, out_dir, config, config.backbone, recipe)
+        return _ensemble_teacher(data_dir, groups, out_dir, config, recipe)
 
 
 LEGACY_SETTINGS_FILE = "teacher-settings.json"  # where teachers of earlier versions hold their recipe
@@ -132,13 +133,13 @@ def kept_teacher(runs_root: str | Path, date: datetime.date, max_age_days: int, 
     return max(found)[2] if found else None
 
 
-def _ensemble_teacher(data_dir: str | Path, mined_dir: str | Path, out_dir: str | Path, config: TeacherConfig, recipe: dict) -> dict:
+def _ensemble_teacher(data_dir: str | Path, groups: pa.Table, out_dir: str | Path, config: TeacherConfig, recipe: dict) -> dict:
     # Each member is a finished folder of its own under <out>.parts, so a rerun after a crash
     # keeps the finished members and resumes the cross-encoder from its last checkpoint.
     parts = Path(f"{out_dir}.parts")
     bi, ce = parts / "bi-encoder", parts / "cross-encoder"
-    bi_stats = read_json(bi / "stats.json") if (bi / "stats.json").is_file() else _bi_encoder_teacher(data_dir, mined_dir, bi, config)
-    ce_stats = read_json(ce / "stats.json") if (ce / "stats.json").is_file() else _cross_encoder_teacher(data_dir, mined_dir, ce, config, str(bi))
+    bi_stats = read_json(bi / "stats.json") if (bi / "stats.json").is_file() else _bi_encoder_teacher(data_dir, groups, bi, config)
+    ce_stats = read_json(ce / "stats.json") if (ce / "stats.json").is_file() else _cross_encoder_teacher(data_dir, groups, ce, config, str(bi))
     members = [
         {"path": "cross-encoder", "kind": "cross-encoder", "weight": config.ensemble_weight},
         {"path": "bi-encoder", "kind": "bi-encoder", "weight": round(1 - config.ensemble_weight, 6)},
@@ -156,10 +157,9 @@ def _ensemble_teacher(data_dir: str | Path, mined_dir: str | Path, out_dir: str 
 
 
 def _cross_encoder_teacher(
-    data_dir: str | Path, mined_dir: str | Path, out_dir: str | Path, c: TeacherConfig, start: str, recipe: dict | None = None
+    data_dir: str | Path, groups: pa.Table, out_dir: str | Path, c: TeacherConfig, start: str, recipe: dict | None = None
 ) -> dict:
     """A cross-encoder trained from ``start`` with ``c.loss`` on the judged queries' groups."""
-    groups = _judged_groups(mined_dir)
     if c.max_queries and groups.num_rows > c.max_queries:
         keep = sorted(range(groups.num_rows), key=lambda i: hashlib.sha1(f"t{c.seed}:{i}".encode()).hexdigest())[: c.max_queries]
         groups = groups.take(sorted(keep))
@@ -190,7 +190,7 @@ def _judged_groups(mined_dir: str | Path) -> pa.Table:
     return groups.filter(pc.greater(pc.list_value_length(groups["positive_ids"]), 0))
 
 
-def _bi_encoder_teacher(data_dir: str | Path, mined_dir: str | Path, out_dir: str | Path, c: TeacherConfig, recipe: dict | None = None) -> dict:
+def _bi_encoder_teacher(data_dir: str | Path, groups: pa.Table, out_dir: str | Path, c: TeacherConfig, recipe: dict | None = None) -> dict:
     """A bi-encoder teacher fine-tuned with MultipleNegativesRankingLoss on (query, positive,
     hardest mined negative) triplets; other rows of a batch are in-batch negatives.
 
@@ -207,7 +207,7 @@ def _bi_encoder_teacher(data_dir: str | Path, mined_dir: str | Path, out_dir: st
 
     set_seed(c.seed)
     # A (query, positive, first mined negative) row per judged positive, under sentence-transformers' names.
-    rows = build_rows("ntuple", _judged_groups(mined_dir), None, NormalizedTables(data_dir).texts(), num_negatives=1)[0]
+    rows = build_rows("ntuple", groups, None, NormalizedTables(data_dir).texts(), num_negatives=1)[0]
     rows = rows.rename_columns(["anchor", "positive", "negative"])
     model = load_bi_encoder(c.backbone, c.device, c.max_length, c.trust_remote_code)
     work = Path(f"{out_dir}.work")
