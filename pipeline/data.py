@@ -344,6 +344,20 @@ def read_pairs_file(path: Path) -> Dataset:
     return Dataset(queries, corpus, qrels, languages)
 
 
+def has_training_judgments(source: str | Path) -> bool:
+    """Whether ``source`` can hold judged training pairs, told from its files without reading them:
+    a pairs file can (its rows default to a train split); a BEIR folder only with a row below the
+    header of ``qrels/train.tsv``, which most BEIR sets (judged for test only) lack."""
+    source = Path(source)
+    if not source.is_dir():
+        return True
+    path = source / "qrels" / "train.tsv"
+    if not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        return sum(1 for line, _ in zip(f, range(2)) if line.strip()) > 1
+
+
 def holds_out_dev(source: str | Path) -> bool:
     """Whether reading ``source`` moves training queries to dev (a BEIR folder without qrels/dev.tsv)."""
     return Path(source).is_dir() and not (Path(source) / "qrels" / "dev.tsv").is_file()

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from losses.factory import resolve_loss
 from pipeline.artifacts import atomic_dir, one_writer, read_json, write_json
 from pipeline.config import model, run_only
-from pipeline.data import NormalizedTables
+from pipeline.data import NormalizedTables, has_training_judgments
 from pipeline.errors import PipelineError
 from pipeline.labels import build_rows, to_dataset
 from pipeline.scoring import ENSEMBLE_FILE
@@ -83,10 +83,7 @@ def fine_tune_teacher(data_dir: str | Path, mined_dir: str | Path, out_dir: str 
     if not groups.num_rows:
         from pipeline.mining import ds_source
 
-        raise PipelineError(
-            f"{ds_source(data_dir)}: no judged training queries to fine-tune a teacher on (qrels/train.tsv); "
-            "pass a trained one with --teacher (a hub id or a folder) to label the unjudged queries alone"
-        )
+        raise _nothing_to_fine_tune_on(ds_source(data_dir))
     # Which recipe made it, for a later date deciding whether to keep it (kept_teacher): in the
     # statistics, written inside the folder before its rename like every stage's.
     recipe = {"settings": teacher_settings(config)}
@@ -98,6 +95,20 @@ def fine_tune_teacher(data_dir: str | Path, mined_dir: str | Path, out_dir: str 
         if config.kind == "cross-encoder":
             return _cross_encoder_teacher(data_dir, groups, out_dir, config, config.backbone, recipe)
         return _ensemble_teacher(data_dir, groups, out_dir, config, recipe)
+
+
+def check_fine_tunable(source: str | Path) -> None:
+    """Stop a run that would fine-tune a teacher on a dataset whose files hold no training
+    judgments, before mining embeds its corpus; ``fine_tune_teacher`` checks the mined groups too."""
+    if not has_training_judgments(source):
+        raise _nothing_to_fine_tune_on(source)
+
+
+def _nothing_to_fine_tune_on(source) -> PipelineError:
+    return PipelineError(
+        f"{source}: no judged training queries to fine-tune a teacher on (qrels/train.tsv); "
+        "pass a trained one with --teacher (a hub id or a folder) to label the unjudged queries alone"
+    )
 
 
 LEGACY_SETTINGS_FILE = "teacher-settings.json"  # where teachers of earlier versions hold their recipe

@@ -64,7 +64,23 @@ class OneLineErrors(logging.Filter):
         if isinstance(error, PipelineError):
             record.msg, record.args = f"{record.getMessage()}: {error}", ()
             record.exc_info, record.exc_text = None, None
+        elif error is None and TRACEBACK in record.getMessage():
+            # A requires() or complete() that refuses its settings: luigi catches it while
+            # scheduling and logs the formatted traceback inside the message ("Will not run ...
+            # due to error in deps() method:\n<traceback>"), the exception itself gone.
+            headline, _, trace = record.getMessage().partition("\n")
+            name, colon, message = trace.rstrip().rpartition("\n")[2].partition(": ")
+            if colon and name in _qualified_names(PipelineError):
+                record.msg, record.args = f"{headline.rstrip(':')}: {message}", ()
         return True
+
+
+TRACEBACK = "Traceback (most recent call last)"
+
+
+def _qualified_names(cls: type) -> set[str]:
+    """How a traceback's last line names ``cls`` and its subclasses."""
+    return {f"{cls.__module__}.{cls.__qualname__}"}.union(*(_qualified_names(c) for c in cls.__subclasses__()))
 
 
 # luigi's worker logs a failed task with logger.exception on this logger.

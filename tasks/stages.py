@@ -125,6 +125,7 @@ class FineTuneTeacher(TeacherParams, Stage):
     stage_dir = "teacher"
 
     def requires(self):
+        teacher.check_fine_tunable(self.dataset)  # at scheduling: before mining, not after it
         return {"data": self.clone(PrepareData), "mined": self.clone(MineHardNegatives)}
 
     @functools.cached_property

@@ -8,8 +8,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.data import NormalizedTables, Texts, join_title, judgments, load_normalized, pair_texts, prepare_data, read_dataset
-from pipeline.errors import DataError
+from pipeline.data import NormalizedTables, Texts, has_training_judgments, join_title, judgments, load_normalized, pair_texts, prepare_data, read_dataset
+from pipeline.errors import DataError, PipelineError
 from pipeline.mining import training_queries
 from tests.conftest import write_beir
 
@@ -324,6 +324,23 @@ def test_unexpected_errors_keep_their_traceback():
     unexpected = record(KeyError("boom"))
     assert OneLineErrors().filter(unexpected) and unexpected.exc_info[0] is KeyError
 
+    def scheduling(error):
+        """What luigi logs when a requires() or complete() raises: the traceback inside the message."""
+        try:
+            raise error
+        except Exception:
+            import traceback
+
+            text = f"Will not run Task(a=1) or any dependencies due to error in deps() method:\n{traceback.format_exc()}"
+            return logging.LogRecord("luigi-interface", logging.WARNING, __file__, 1, text, (), None)
+
+    refused = scheduling(PipelineError("--label-only-loss X: this loss needs teacher scores"))
+    assert OneLineErrors().filter(refused)
+    assert refused.getMessage() == ("Will not run Task(a=1) or any dependencies due to error in deps() method: "
+                                    "--label-only-loss X: this loss needs teacher scores")
+    broken = scheduling(KeyError("boom"))
+    assert OneLineErrors().filter(broken) and "Traceback" in broken.getMessage() and "KeyError: 'boom'" in broken.getMessage()
+
 
 def test_unlabeled_queries_join_the_dataset_unjudged(beir, tmp_path):
     extra = tmp_path / "unlabeled.jsonl"
@@ -371,3 +388,18 @@ def test_prepared_data_of_a_folder_without_dev_is_not_the_one_prepared_before_th
     (beir / "qrels" / "dev.tsv").unlink()
     new, before = fps(beir)
     assert new != before
+
+
+def test_training_judgments_are_told_from_the_files(beir, tmp_path):
+    """The cheap check that stops a teacher fine-tune before mining: a folder whose
+    qrels/train.tsv is missing or holds only its header has none; a pairs file may."""
+    assert has_training_judgments(beir)
+    train = beir / "qrels" / "train.tsv"
+    header = train.read_text().splitlines()[0]
+    train.write_text(header + "\n\n")
+    assert not has_training_judgments(beir)
+    train.unlink()
+    assert not has_training_judgments(beir)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"query": "q", "positive": "p"}) + "\n")
+    assert has_training_judgments(pairs)

@@ -376,6 +376,12 @@ def test_a_dataset_judged_only_for_test_distils_from_a_trained_teacher_alone(sma
     labels = json.loads((out / "metrics.json").read_text())["stages"]["BuildLabels"]
     assert labels["judged_queries"] == 0 and labels["unjudged_queries"] == len(ds.queries) - len(tested) > 0
 
+    # Asked to fine-tune a teacher, the run stops while luigi schedules it, before mining embeds a thing.
+    fine_tune = tmp_path / "fine-tune"
+    teacher_to_train = dict(teacher="", teacher_backbone=tiny_models["embedder"])
+    assert not _build(tasks.TrainStudent(**_params(data, tiny_models, fine_tune, max_unjudged_queries=-1,
+                                                   unlabeled_queries=str(unlabeled), **teacher_to_train)))
+    assert not (fine_tune / "mined").exists() and not (fine_tune / "data").exists()
     mined = next(out.glob("mined/*"))
     with pytest.raises(PipelineError, match="no judged training queries to fine-tune a teacher on"):
         fine_tune_teacher(next(out.glob("data/*")), mined, tmp_path / "teacher", TeacherConfig(backbone=tiny_models["teacher"]))
