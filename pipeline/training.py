@@ -29,6 +29,7 @@ from sentence_transformers.base.sampler import DefaultBatchSampler
 from losses.factory import build_loss, loss_options, resolve_loss
 from pipeline.artifacts import atomic_dir, one_writer, write_json
 from pipeline.config import model, run_only
+from pipeline.data import has_training_judgments
 from pipeline.errors import PipelineError
 from pipeline.heads import self_contained
 from pipeline.models import cut_student, load_cross_encoder
@@ -405,6 +406,16 @@ def _with_num_labels(model, num_labels: int):
     hf.num_labels = num_labels
     model.activation_fn = torch.nn.Identity()
     return model
+
+
+def check_label_only(source: str | Path, loss: str) -> None:
+    """Stop a run whose label-only student (``--label-only-loss``) would have no judged training
+    queries, told from the dataset's files, before the distilled side's stages spend their time."""
+    if not has_training_judgments(source):
+        raise PipelineError(
+            f"{source}: no judged training queries (qrels/train.tsv) for the label-only student of --label-only-loss {loss}; "
+            "pass --label-only-loss '' to train the distilled student alone"
+        )
 
 
 @dataclasses.dataclass(frozen=True)

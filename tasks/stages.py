@@ -380,6 +380,7 @@ class EvaluateStudent(EvalParams, Stage):
         """The same student trained on the judgments alone (--label-only-loss), the baseline distillation must beat."""
         if resolve_loss(self.label_only_loss)[0].needs_teacher:
             raise PipelineError(f"--label-only-loss {self.label_only_loss}: this loss needs teacher scores; choose a label-only one")
+        training.check_label_only(self.dataset, self.label_only_loss)
         return self.clone(
             FitStudent, loss=self.label_only_loss, learning_rate=self.label_only_learning_rate, epochs=self.label_only_epochs, loss_kwargs="",
             warm_start="", seen_data="",

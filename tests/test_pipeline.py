@@ -382,6 +382,10 @@ def test_a_dataset_judged_only_for_test_distils_from_a_trained_teacher_alone(sma
     assert not _build(tasks.TrainStudent(**_params(data, tiny_models, fine_tune, max_unjudged_queries=-1,
                                                    unlabeled_queries=str(unlabeled), **teacher_to_train)))
     assert not (fine_tune / "mined").exists() and not (fine_tune / "data").exists()
+    # So does a label-only student to compare with (the demo's luigi.cfg asks for one).
+    assert not _build(tasks.TrainStudent(**_params(data, tiny_models, fine_tune, max_unjudged_queries=-1,
+                                                   unlabeled_queries=str(unlabeled), label_only_loss="BinaryCrossEntropyLoss")))
+    assert not (fine_tune / "mined").exists() and not (fine_tune / "data").exists()
     mined = next(out.glob("mined/*"))
     with pytest.raises(PipelineError, match="no judged training queries to fine-tune a teacher on"):
         fine_tune_teacher(next(out.glob("data/*")), mined, tmp_path / "teacher", TeacherConfig(backbone=tiny_models["teacher"]))
