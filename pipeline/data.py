@@ -48,6 +48,7 @@ class Dataset:
     languages: dict[str, tuple[dict[str, str], dict[str, tuple[str, str]]]]  # lang -> (queries, corpus)
     dev_from_train: int = 0  # judged training queries held out as the dev split (a folder without one)
     judgments_of_unknown_ids: dict[str, int] = field(default_factory=dict)  # qrels file -> rows naming unknown ids
+    repeated_rows: dict[str, int] = field(default_factory=dict)  # file -> rows repeating an earlier row's id and text
 
     def passage(self, doc_id: str) -> str:
         return join_title(*self.corpus[doc_id])
@@ -99,8 +100,9 @@ def read_beir(folder: Path) -> Dataset:
     for name in ("corpus.jsonl", "queries.jsonl"):
         if not (folder / name).is_file():
             raise DataError(folder / name, None, None, "missing file (a BEIR-style folder needs corpus.jsonl, queries.jsonl and qrels/*.tsv)")
-    corpus = _read_corpus(folder / "corpus.jsonl")
-    queries = _read_queries(folder / "queries.jsonl")
+    repeated: dict[str, int] = {}
+    corpus = _read_corpus(folder / "corpus.jsonl", repeated=repeated)
+    queries = _read_queries(folder / "queries.jsonl", repeated=repeated)
     qrels: list[tuple[str, str, int, str]] = []
     present = [s for s in SPLITS if (folder / "qrels" / f"{s}.tsv").is_file()]
     if "test" not in present:
@@ -122,7 +124,7 @@ def read_beir(folder: Path) -> Dataset:
             lq.update(_read_queries(path, known=queries))
         else:
             lc.update(_read_corpus(path, known=corpus))
-    return Dataset(queries, corpus, qrels, languages, held_out, unknown)
+    return Dataset(queries, corpus, qrels, languages, held_out, unknown, repeated)
 
 
 def _jsonl_rows(path: Path):
@@ -165,20 +167,24 @@ def _field(path: Path, lineno: int, row: dict, name: str, required: bool = True)
     return value
 
 
-def _read_corpus(path: Path, known: dict | None = None) -> dict[str, tuple[str, str]]:
+def _read_corpus(path: Path, known: dict | None = None, repeated: dict | None = None) -> dict[str, tuple[str, str]]:
+    """Documents of a JSONL file; with ``known``, every id must be one of it (a translation).
+    ``repeated`` gets the count of rows that repeat an earlier row whole (:func:`_repeats`)."""
     out: dict[str, tuple[str, str]] = {}
     first_line: dict[str, int] = {}
     empty: list[int] = []
+    repeats: list[int] = []
     for lineno, row in _jsonl_rows(path):
         doc_id = _field(path, lineno, row, "_id").strip()
         if not doc_id:
             raise DataError(path, lineno, "_id", "empty id")
-        if doc_id in out:
-            raise DataError(path, lineno, "_id", f"duplicate id '{doc_id}' (first on line {first_line[doc_id]})")
         if known is not None and doc_id not in known:
             raise DataError(path, lineno, "_id", f"id '{doc_id}' is not in the source-language corpus")
         title = _field(path, lineno, row, "title", required=False).strip()
         text = _field(path, lineno, row, "text").strip()
+        if _repeats(path, lineno, doc_id, (title, text), out, first_line):
+            repeats.append(lineno)
+            continue
         if not text and not title:
             if known is not None:
                 continue  # a translation file: an empty document is one not translated
@@ -187,6 +193,7 @@ def _read_corpus(path: Path, known: dict | None = None) -> dict[str, tuple[str, 
         first_line[doc_id] = lineno
     if not out:
         raise DataError(path, None, None, "no documents")
+    _count_repeats(path, repeats, repeated)
     if empty:
         # Published corpora have them (BEIR's FiQA); dropping one would orphan its judgments,
         # and refusing the file would refuse the dataset. An empty passage is what BEIR scores.
@@ -197,23 +204,26 @@ def _read_corpus(path: Path, known: dict | None = None) -> dict[str, tuple[str, 
     return out
 
 
-def _read_queries(path: Path, known: dict | None = None, taken: dict | None = None) -> dict[str, str]:
+def _read_queries(path: Path, known: dict | None = None, taken: dict | None = None, repeated: dict | None = None) -> dict[str, str]:
     """Queries of a JSONL file; with ``known``, every id must be one of it, with ``taken`` (a file
-    of unjudged queries, such as a search log), none may, and a query with no text is skipped."""
+    of unjudged queries, such as a search log), none may, and a query with no text is skipped.
+    ``repeated`` gets the count of rows that repeat an earlier row whole (:func:`_repeats`)."""
     out: dict[str, str] = {}
     first_line: dict[str, int] = {}
     empty: list[int] = []
+    repeats: list[int] = []
     for lineno, row in _jsonl_rows(path):
         qid = _field(path, lineno, row, "_id").strip()
         if not qid:
             raise DataError(path, lineno, "_id", "empty id")
-        if qid in out:
-            raise DataError(path, lineno, "_id", f"duplicate id '{qid}' (first on line {first_line[qid]})")
         if known is not None and qid not in known:
             raise DataError(path, lineno, "_id", f"id '{qid}' is not in the source-language queries")
         if taken is not None and qid in taken:
             raise DataError(path, lineno, "_id", f"id '{qid}' is already a query of the dataset")
         text = _field(path, lineno, row, "text").strip()
+        if _repeats(path, lineno, qid, text, out, first_line):
+            repeats.append(lineno)
+            continue
         if not text and taken is not None:
             empty.append(lineno)  # logs hold empty searches; there is nothing to label
             continue
@@ -223,9 +233,29 @@ def _read_queries(path: Path, known: dict | None = None, taken: dict | None = No
         first_line[qid] = lineno
     if not out:
         raise DataError(path, None, None, "no queries")
+    _count_repeats(path, repeats, repeated)
     if empty:
         log.warning("%s: %d queries with no text skipped (first on line %d)", path, len(empty), empty[0])
     return out
+
+
+def _repeats(path: Path, lineno: int, key: str, value, seen: dict, first_line: dict) -> bool:
+    """Whether this row repeats an earlier one whole (its id and its text): published files have
+    such copies (MIRACL's corpora), and they say nothing new. The same id with another text is
+    ambiguous, and stops the run."""
+    if key not in seen:
+        return False
+    if seen[key] != value:
+        raise DataError(path, lineno, "_id", f"duplicate id '{key}' with a different text (first on line {first_line[key]})")
+    return True
+
+
+def _count_repeats(path: Path, lines: list[int], repeated: dict | None) -> None:
+    if not lines:
+        return
+    log.warning("%s: %d rows repeat an earlier row's id and text and are read once (first on line %d)", path, len(lines), lines[0])
+    if repeated is not None:
+        repeated[path.name] = len(lines)
 
 
 DANGLING_SHARE = 0.05  # judgments of unknown ids pass with a warning up to this share of a qrels file
@@ -401,6 +431,7 @@ def write_normalized(
         "split_queries": {s: len({r[0] for r in ds.qrels if r[3] == s}) for s in SPLITS},
         "dev_from_train": ds.dev_from_train,
         "judgments_of_unknown_ids": ds.judgments_of_unknown_ids,
+        "repeated_rows": ds.repeated_rows,
         "languages": {lang: {"queries": len(q), "documents": len(c)} for lang, (q, c) in ds.languages.items()},
     }
     with atomic_dir(out_dir) as tmp:

@@ -212,6 +212,8 @@ def _data_section(s: dict, p: dict, plots: dict) -> list[str]:
     if s.get("documents_without_text"):
         parts += [f"{s['documents_without_text']} passages have neither title nor text; they stay in the corpus as empty "
                   "passages, so a judgment that points to one counts as a miss.", ""]
+    for name, n_rows in s.get("repeated_rows", {}).items():
+        parts += [f"{name}: {n_rows} rows repeat an earlier row's id and text; each was read once.", ""]
     for name, n_rows in s.get("judgments_of_unknown_ids", {}).items():
         parts += [f"{name}: {n_rows} judgments name a query or passage the dataset lacks; they count for nothing "
                   "(no system could retrieve with or for them), and the run's log names the first.", ""]

@@ -198,7 +198,26 @@ def test_duplicate_document_id(beir):
 def test_duplicate_query_id(beir):
     with open(beir / "queries.jsonl", "a") as f:
         f.write(json.dumps({"_id": "q1", "text": "again"}) + "\n")
-    assert "duplicate id 'q1'" in _error(beir)
+    assert "duplicate id 'q1' with a different text" in _error(beir)
+
+
+def test_rows_repeated_whole_are_read_once(beir, tmp_path, caplog):
+    """Published files hold exact copies of a row (MIRACL's corpora): the same id with the same
+    text says nothing new, so it is read once, warned about and counted, where it stopped the run."""
+    corpus, queries = (beir / "corpus.jsonl").read_text().splitlines(), (beir / "queries.jsonl").read_text().splitlines()
+    (beir / "corpus.jsonl").write_text("\n".join([*corpus, corpus[1], corpus[0]]) + "\n")
+    (beir / "queries.jsonl").write_text("\n".join([*queries, queries[0]]) + "\n")
+    with caplog.at_level("WARNING"):
+        stats = prepare_data(beir, tmp_path / "norm")
+    assert load_normalized(tmp_path / "norm").corpus == CORPUS and load_normalized(tmp_path / "norm").queries == QUERIES
+    assert stats["documents"] == len(CORPUS) and stats["repeated_rows"] == {"corpus.jsonl": 2, "queries.jsonl": 1}
+    assert f"corpus.jsonl: 2 rows repeat an earlier row's id and text and are read once (first on line {len(corpus) + 1})" in caplog.text
+    from pipeline.report import _data_section
+
+    assert "corpus.jsonl: 2 rows repeat an earlier row's id and text; each was read once." in _data_section(stats, {}, {})
+    # The same id with another title is not a copy.
+    (beir / "corpus.jsonl").write_text("\n".join([*corpus, json.dumps({**json.loads(corpus[0]), "title": "other"})]) + "\n")
+    assert f"corpus.jsonl:{len(corpus) + 1}" in _error(beir) and "with a different text" in _error(beir)
 
 
 def test_malformed_json_line(beir):
