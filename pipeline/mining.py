@@ -406,8 +406,12 @@ def mine(
     random_share: float = 0.0,
     skipped: Counter | None = None,
     ignore_identical_ids: bool = False,
+    max_positives: int = 0,
 ) -> pa.Table:
     """Groups of (query, positives, mined negatives with retrieval scores and ranks).
+
+    ``max_positives`` (0: all) caps the positives a group lists (:func:`kept_positives`); every
+    judged positive is still kept out of the negatives.
 
     ``random_share`` of each query's ``num_negatives`` are drawn uniformly from the corpus instead
     (easy negatives, rank -1); the rest are hard negatives from the ranked list. A query without
@@ -431,7 +435,7 @@ def mine(
     rows = {name: [] for name in GROUPS_SCHEMA.names}
     for qi, qid in enumerate(query_ids):
         pos = positives[qid]
-        pos_ids = list(pos)
+        pos_ids = kept_positives(qid, pos, max_positives, seed)
         pos_scores = [float(query_vecs[qi] @ doc_vecs[doc_pos[p]]) for p in pos_ids]
         ranked = [doc_ids[j] for j in ids[qi] if j >= 0]
         neg_ids, neg_scores, neg_ranks = select_negatives(
@@ -455,6 +459,21 @@ def mine(
         rows["negative_scores"].append(neg_scores)
         rows["negative_ranks"].append(neg_ranks)
     return pa.table(rows, schema=GROUPS_SCHEMA)
+
+
+def kept_positives(query_id: str, grades: dict[str, int], limit: int, seed: int) -> list[str]:
+    """The positives a training group lists: all (``limit`` 0), else the ``limit`` best graded,
+    ties drawn by a seeded hash. Each listed positive becomes a training row for the teacher and
+    the student, so a query with forty judged passages (NFCorpus has such) would weigh forty
+    times as much as one with a single answer, and cost forty rows of training on a CPU; trainers
+    of the field draw one positive per query per epoch (FlagEmbedding, Tevatron)."""
+    if not limit or len(grades) <= limit:
+        return list(grades)
+
+    def draw(doc_id: str) -> str:
+        return hashlib.blake2b(f"{seed}:{query_id}:{doc_id}".encode(), digest_size=8).hexdigest()
+
+    return sorted(grades, key=lambda d: (-grades[d], draw(d)))[:limit]
 
 
 def own_id_columns(query_ids: list[str], doc_ids: list[str], relevant: dict[str, dict[str, int]]) -> dict[int, int]:
@@ -577,6 +596,7 @@ class MineConfig:
     query_prompt_name: str = ""
     document_prompt_name: str = ""
     ignore_identical_ids: bool = True  # a passage with the query's own id is not its candidate (own_id_columns)
+    max_positives: int = 1  # positives listed per training query, the best graded (kept_positives); 0 = all
     device: str = run_only("cpu", "embeddings agree across devices to float rounding; the cache is keyed by model")
     cache_dir: str = run_only("", "where embeddings are kept between runs, keyed by model and text")
 
@@ -616,10 +636,11 @@ def mine_hard_negatives(data_dir: str | Path, out_dir: str | Path, config: MineC
             skipped: Counter = Counter()
             groups = mine(
                 qv, list(train), doc_vecs, doc_ids, train, c.num_negatives, c.range_min, c.range_max, c.sampling, index,
-                c.seed, c.filters, c.random_share, skipped, c.ignore_identical_ids,
+                c.seed, c.filters, c.random_share, skipped, c.ignore_identical_ids, c.max_positives,
             )
             write_table(groups, tmp / "groups.parquet")
             stats.update(mining_stats(groups, c.num_negatives, skipped))
+            stats["positives_left_out"] = sum(len(p) for p in train.values()) - len(groups["positive_ids"].combine_chunks().flatten())
         for split in ("dev", "test"):
             rel = ds.relevant(split)
             if rel:

@@ -56,6 +56,9 @@ class MineParams(DataParams):
     document_prompt_name = luigi.Parameter(
         default="", description="embedder prompt for passages; default: its 'document'/'passage'/'corpus' prompt, else its default"
     )
+    max_positives = luigi.IntParameter(
+        default=1, description="judged positives per training query that make training rows, the best graded first; 0 = all",
+    )
     ignore_identical_ids = luigi.BoolParameter(
         default=True, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
         description="a passage whose id is the query's own is never its candidate or negative unless judged relevant (BEIR's rule)",

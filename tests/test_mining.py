@@ -342,3 +342,33 @@ def test_a_passage_that_is_the_query_itself_is_neither_candidate_nor_negative(sm
     assert not any(q in c for q, c in candidates.items() if q != judged_self)
     assert all(len(c) == 10 for c in candidates.values())
     assert judged_self in candidates[judged_self]  # judged relevant to itself: kept
+
+
+def test_a_query_with_many_positives_lists_its_best_graded_one(small_beir, tiny_models, tmp_path):
+    """NFCorpus-like judgments (dozens of relevant passages per query) would make a training row
+    per positive; by default a group lists one, the best graded, while every judged positive is
+    still kept out of its negatives."""
+    ds = read_dataset(small_beir)
+    qrels = {s: [(q, d, g) for q, d, g, split in ds.qrels if split == s] for s in ("train", "dev", "test")}
+    query = qrels["train"][0][0]
+    own = {d for q, d, _ in qrels["train"] if q == query}
+    extra = [d for d in ds.corpus if d not in own][:4]
+    qrels["train"] += [(query, extra[0], 2), (query, extra[1], 2), (query, extra[2], 1), (query, extra[3], 1)]
+    prepare_data(write_beir(tmp_path / "beir", ds.queries, ds.corpus, qrels), tmp_path / "data")
+    judged = own | set(extra)
+
+    def group(name, **kw):
+        stats = _mine(tmp_path / "data", tiny_models, tmp_path / name, tmp_path / "cache", num_negatives=3, **kw)
+        g = pq.read_table(tmp_path / name / "groups.parquet").to_pydict()
+        row = g["query_id"].index(query)
+        return g["positive_ids"][row], g["negative_ids"][row], stats
+
+    positives, negatives, stats = group("default")
+    best = {d for q, d, grade in qrels["train"] if q == query and grade == 2}
+    assert len(positives) == 1 and positives[0] in best and not judged & set(negatives)
+    assert stats["positives_left_out"] == len(judged) - 1
+    assert group("again")[0] == positives  # the draw among equals is seeded
+    positives, negatives, stats = group("all", max_positives=0)
+    assert set(positives) == judged and not judged & set(negatives) and stats["positives_left_out"] == 0
+    positives, _, _ = group("three", max_positives=3)
+    assert len(positives) == 3 and best <= set(positives)
