@@ -49,6 +49,7 @@ class Dataset:
     dev_from_train: int = 0  # judged training queries held out as the dev split (a folder without one)
     judgments_of_unknown_ids: dict[str, int] = field(default_factory=dict)  # qrels file -> rows naming unknown ids
     repeated_rows: dict[str, int] = field(default_factory=dict)  # file -> rows repeating an earlier row's id and text
+    queries_in_several_splits: int = 0  # judged in two splits: kept in the first of test, dev, train only
 
     def passage(self, doc_id: str) -> str:
         return join_title(*self.corpus[doc_id])
@@ -110,6 +111,7 @@ def read_beir(folder: Path) -> Dataset:
     unknown: dict[str, int] = {}
     for split in present:
         qrels += _read_qrels(folder / "qrels" / f"{split}.tsv", split, queries, corpus, unknown)
+    qrels, several = one_split_per_query(qrels)
     held_out = 0
     if holds_out_dev(folder):
         qrels, held_out = hold_out_dev(qrels)
@@ -124,7 +126,7 @@ def read_beir(folder: Path) -> Dataset:
             lq.update(_read_queries(path, known=queries))
         else:
             lc.update(_read_corpus(path, known=corpus))
-    return Dataset(queries, corpus, qrels, languages, held_out, unknown, repeated)
+    return Dataset(queries, corpus, qrels, languages, held_out, unknown, repeated, several)
 
 
 def _jsonl_rows(path: Path):
@@ -371,7 +373,8 @@ def read_pairs_file(path: Path) -> Dataset:
                     lc[did] = ("", text)
     if not qrels:
         raise DataError(path, None, None, "no pairs")
-    return Dataset(queries, corpus, qrels, languages)
+    qrels, several = one_split_per_query(qrels)
+    return Dataset(queries, corpus, qrels, languages, queries_in_several_splits=several)
 
 
 def has_training_judgments(source: str | Path) -> bool:
@@ -391,6 +394,47 @@ def has_training_judgments(source: str | Path) -> bool:
 def holds_out_dev(source: str | Path) -> bool:
     """Whether reading ``source`` moves training queries to dev (a BEIR folder without qrels/dev.tsv)."""
     return Path(source).is_dir() and not (Path(source) / "qrels" / "dev.tsv").is_file()
+
+
+def splits_overlap(source: str | Path) -> bool:
+    """Whether a BEIR folder's qrels judge a query in more than one split, read from their first
+    column alone (what :func:`one_split_per_query` resolves; a pairs file's splits follow its rows)."""
+    folder = Path(source)
+    seen: dict[bytes, str] = {}
+    for split in SPLITS:
+        path = folder / "qrels" / f"{split}.tsv"
+        if not folder.is_dir() or not path.is_file():
+            continue
+        with open(path, "rb") as f:
+            next(f, None)  # the header
+            for line in f:
+                q = line.split(b"\t", 1)[0].strip()
+                if q and seen.setdefault(q, split) != split:
+                    return True
+    return False
+
+
+def one_split_per_query(qrels: list[tuple[str, str, int, str]]) -> tuple[list[tuple[str, str, int, str]], int]:
+    """Each query's judgments in one split: test over dev over train. A query judged in test and
+    also in train (qrels split by row rather than by query do this) would train on the query it
+    is tested on and flatter every trained row of the evaluation; one in dev and train would
+    flatter the choices made on dev. Its other splits' judgments are dropped with a warning;
+    returns the kept judgments and how many queries had several splits."""
+    rank = {"test": 0, "dev": 1, "train": 2}
+    kept: dict[str, str] = {}
+    for q, _, _, split in qrels:
+        if q not in kept or rank[split] < rank[kept[q]]:
+            kept[q] = split
+    several = sorted({(q, split) for q, _, _, split in qrels if split != kept[q]})
+    if not several:
+        return qrels, 0
+    queries = {q for q, _ in several}
+    first, dropped = several[0]
+    log.warning(
+        "%d queries are judged in more than one split; each keeps the judgments of its test, else dev split "
+        "and trains on none of the others (first: '%s', judged in %s and %s)", len(queries), first, dropped, kept[first],
+    )
+    return [r for r in qrels if r[3] == kept[r[0]]], len(queries)
 
 
 def hold_out_dev(qrels: list[tuple[str, str, int, str]]) -> tuple[list[tuple[str, str, int, str]], int]:
@@ -432,6 +476,7 @@ def write_normalized(
         "dev_from_train": ds.dev_from_train,
         "judgments_of_unknown_ids": ds.judgments_of_unknown_ids,
         "repeated_rows": ds.repeated_rows,
+        "queries_in_several_splits": ds.queries_in_several_splits,
         "languages": {lang: {"queries": len(q), "documents": len(c)} for lang, (q, c) in ds.languages.items()},
     }
     with atomic_dir(out_dir) as tmp:

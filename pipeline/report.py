@@ -217,6 +217,9 @@ def _data_section(s: dict, p: dict, plots: dict) -> list[str]:
     for name, n_rows in s.get("judgments_of_unknown_ids", {}).items():
         parts += [f"{name}: {n_rows} judgments name a query or passage the dataset lacks; they count for nothing "
                   "(no system could retrieve with or for them), and the run's log names the first.", ""]
+    if s.get("queries_in_several_splits"):
+        parts += [f"{s['queries_in_several_splits']} queries were judged in more than one split; each kept the judgments "
+                  "of its test (else dev) split only, so that no query trains on what it is evaluated on.", ""]
     if s.get("dev_from_train"):
         parts += [f"The dataset has no dev split: {s['dev_from_train']} of its judged training queries (a tenth, chosen by "
                   "a hash of the query id) were held out as dev and never trained on.", ""]

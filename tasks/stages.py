@@ -78,6 +78,8 @@ class PrepareData(DataParams, Stage):
         extra = [content_or_name(self.unlabeled_queries)] if self.unlabeled_queries else []
         # Such a folder was once prepared with no dev split; its outputs from then must not be reused.
         extra += ["dev held out of train"] if data.holds_out_dev(self.dataset) else []
+        # Such a folder was once prepared with a query training on the split it is tested on.
+        extra += ["one split per query"] if data.splits_overlap(self.dataset) else []
         return fingerprint("data", content_or_name(self.dataset), *extra)
 
     def output(self):

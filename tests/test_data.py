@@ -422,3 +422,40 @@ def test_training_judgments_are_told_from_the_files(beir, tmp_path):
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text(json.dumps({"query": "q", "positive": "p"}) + "\n")
     assert has_training_judgments(pairs)
+
+
+def test_a_query_judged_in_two_splits_keeps_the_one_it_is_evaluated_on(tmp_path, caplog):
+    """qrels split by row rather than by query judge a query in train and test: it would train
+    on what it is tested on. It keeps its test (else dev) judgments alone, with a warning, a
+    count, and a new fingerprint for the prepared data; other folders keep theirs."""
+    import tasks
+    from pipeline.data import splits_overlap
+
+    qrels = {"train": [("q1", "d1", 1), ("q2", "d1", 1), ("q3", "d2", 1)], "dev": [("q2", "d2", 1)], "test": [("q3", "d3", 1), ("q1", "d3", 1)]}
+    folder = write_beir(tmp_path / "ds", QUERIES, CORPUS, qrels)
+    clean = write_beir(tmp_path / "clean", QUERIES, CORPUS, QRELS)
+    assert splits_overlap(folder) and not splits_overlap(clean)
+    with caplog.at_level("WARNING"):
+        stats = prepare_data(folder, tmp_path / "norm")
+    assert "3 queries are judged in more than one split" in caplog.text and "first: 'q1', judged in train and test" in caplog.text
+    assert stats["queries_in_several_splits"] == 3 and stats["split_queries"] == {"train": 0, "dev": 1, "test": 2}
+    assert judgments(tmp_path / "norm", "test") == {"q1": {"d3": 1}, "q3": {"d3": 1}}
+    assert judgments(tmp_path / "norm", "dev") == {"q2": {"d2": 1}} and judgments(tmp_path / "norm", "train") == {}
+    from pipeline.report import _data_section
+
+    assert any("3 queries were judged in more than one split" in line for line in _data_section(stats, {}, {}))
+
+    def fp(path):
+        return tasks.PrepareData(dataset=str(path), output_dir=str(tmp_path / "out")).fp
+
+    from pipeline.artifacts import fingerprint
+    from pipeline.data import dataset_hash
+
+    assert fp(clean) == fingerprint("data", dataset_hash(clean)) and fp(folder) != fingerprint("data", dataset_hash(folder))
+    # A pairs file whose split column names two splits for one query: the same rule.
+    pairs = tmp_path / "pairs.jsonl"
+    rows = [{"query": "q", "positive": "a", "split": "train"}, {"query": "q", "positive": "b", "split": "test"},
+            {"query": "r", "positive": "c", "split": "train"}]
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ds = read_dataset(pairs)
+    assert sorted(split for *_, split in ds.qrels) == ["test", "train"] and ds.queries_in_several_splits == 1
