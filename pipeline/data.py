@@ -388,7 +388,9 @@ def has_training_judgments(source: str | Path) -> bool:
     if not path.is_file():
         return False
     with open(path, "rb") as f:
-        return sum(1 for line, _ in zip(f, range(2)) if line.strip()) > 1
+        rows = (line for line in f if line.strip())  # blank lines are skipped, as the reader skips them
+        next(rows, None)  # the header
+        return next(rows, None) is not None
 
 
 def holds_out_dev(source: str | Path) -> bool:
@@ -400,10 +402,12 @@ def splits_overlap(source: str | Path) -> bool:
     """Whether a BEIR folder's qrels judge a query in more than one split, read from their first
     column alone (what :func:`one_split_per_query` resolves; a pairs file's splits follow its rows)."""
     folder = Path(source)
+    if not folder.is_dir():
+        return False
     seen: dict[bytes, str] = {}
     for split in SPLITS:
         path = folder / "qrels" / f"{split}.tsv"
-        if not folder.is_dir() or not path.is_file():
+        if not path.is_file():
             continue
         with open(path, "rb") as f:
             next(f, None)  # the header

@@ -417,6 +417,8 @@ def test_training_judgments_are_told_from_the_files(beir, tmp_path):
     header = train.read_text().splitlines()[0]
     train.write_text(header + "\n\n")
     assert not has_training_judgments(beir)
+    train.write_text(header + "\n\nq1\td1\t1\n")  # a blank line before the first row, which the reader skips
+    assert has_training_judgments(beir)
     train.unlink()
     assert not has_training_judgments(beir)
     pairs = tmp_path / "pairs.jsonl"
