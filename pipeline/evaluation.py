@@ -4,11 +4,13 @@ Every ranker sees the same candidates: the first-stage retriever's true top-k, n
 a judged positive the retriever missed is a miss for every reranker. The retriever's own order is
 always a row: a reranker that does not beat it is worse than none. Metrics come from ir-measures
 (pytrec_eval underneath) per query, so that any two rankers can be compared with a paired test.
-Every ranker is timed the same way on the same pairs, text encoding included for bi-encoders.
+Speed is measured apart from quality, on the same pairs for every ranker, text encoding included,
+with the rankers taking turns in one process (``ranker_speed``).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +20,8 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.config import model, run_only
+
+log = logging.getLogger(__name__)
 
 METRIC_NAMES = {"nDCG@10": "ndcg@10", "RR@10": "mrr@10", "AP": "map"}
 # Which rankers each evaluation compares, (a, b): does a beat b?
@@ -88,6 +92,50 @@ def timed_scores(score: Callable[[], np.ndarray]) -> tuple[np.ndarray, float]:
     t0 = time.perf_counter()
     out = score()
     return np.asarray(out, np.float32), time.perf_counter() - t0
+
+
+TIMING_TURNS = 8  # blocks of the timed queries; every ranker scores each block, the order changing
+
+
+def ranker_speed(
+    rankers: dict[str, Callable[[slice], object]], qids: list[str], max_queries: int = 0, turns: int = TIMING_TURNS
+) -> tuple[dict[str, dict[str, float]], dict[str, int]]:
+    """Pairs/s and milliseconds per query of each ranker on the candidate pairs of the first
+    ``max_queries`` queries (0: all). ``qids`` holds each pair's query, a query's pairs next to
+    each other; ``rankers[name](s)`` scores the pairs in slice ``s`` of that list.
+
+    The queries are cut into ``turns`` blocks. Every ranker scores every block twice: once
+    untimed, so that each has run these very batch shapes before (first calls pay for kernel
+    set-up and allocations, and a ranker whose quality scores came from a cache would pay them
+    in its timing alone), then timed. Within a block the rankers take turns, in an order that
+    rotates and reverses from block to block, so none always follows the same one. A shared
+    machine's speed drifts by tens of percent from one minute to the next; timed one after
+    another, a ranker takes whatever drift falls in its minutes, while turns spread it over all
+    of them alike. Returns the figures by ranker, and the queries, pairs and turns they were
+    measured on.
+    """
+    starts = [i for i in range(len(qids)) if i == 0 or qids[i] != qids[i - 1]]
+    n_queries = len(starts) if max_queries <= 0 else min(max_queries, len(starts))
+    bounds = [*starts[:n_queries], starts[n_queries] if n_queries < len(starts) else len(qids)]
+    if not n_queries:
+        return {name: {} for name in rankers}, {"queries": 0, "pairs": 0, "turns": 0}
+    blocks = [slice(bounds[b[0]], bounds[b[-1] + 1]) for b in np.array_split(np.arange(n_queries), min(turns, n_queries))]
+    names = list(rankers)
+    seconds = dict.fromkeys(names, 0.0)
+    for timed in (False, True):
+        for turn, part in enumerate(blocks):
+            order = names[turn % len(names):] + names[: turn % len(names)]
+            for name in order[::-1] if turn % 2 else order:
+                t0 = time.perf_counter()
+                rankers[name](part)
+                if timed:
+                    seconds[name] += time.perf_counter() - t0
+    n_pairs = bounds[-1]
+    speed = {
+        name: {"pairs_per_second": round(n_pairs / s, 2) if s > 0 else float("inf"), "ms_per_query": round(1000 * s / n_queries, 2)}
+        for name, s in seconds.items()
+    }
+    return speed, {"queries": n_queries, "pairs": n_pairs, "turns": len(blocks)}
 
 
 def evaluate_rankers(
@@ -193,6 +241,7 @@ class EvalConfig:
     teacher_max_length: int = 512
     max_eval_queries: int = 0
     seed: int = 12
+    timing_queries: int = 200  # the test queries every ranker is timed on (0: all)
     device: str = run_only("cpu", "the same precision scores alike on every device, up to float rounding")
     baseline_cache: str = run_only("", "a folder of scores that do not depend on the student's training, keyed by everything they do")
 
@@ -207,7 +256,9 @@ def evaluate_student(data_dir, mined_dir, student_dir, out_dir, config: EvalConf
     ``config.baseline_cache`` (a folder, named by the settings those rankers depend on) keeps the
     retriever, teacher and untrained-student scores, which do not depend on how the student was
     trained, in a file named by the exact test pairs: comparing many students, or a later date
-    of a scheduled retrain with the same test candidates, pays for them once.
+    of a scheduled retrain with the same test candidates, pays for them once. Speed is always
+    measured in this process, every ranker on the first ``config.timing_queries`` test queries'
+    candidates (``ranker_speed``).
     """
     from pathlib import Path
 
@@ -228,30 +279,37 @@ def evaluate_student(data_dir, mined_dir, student_dir, out_dir, config: EvalConf
     dtype = resolve_precision(c.precision, c.device)
 
     baseline_file = Path(c.baseline_cache) / f"{pairs_digest(qids, dids, pairs, retrieval)}.npz" if c.baseline_cache else None
-    rankers = _cached_baselines(baseline_file, len(pairs))
-    from_cache = rankers is not None
-    if rankers is None:
-        # The retriever's order comes from mining; it is timed re-scoring the same pairs, texts
-        # embedded, as every other ranker is.
-        retriever = BiEncoderScorer(load_bi_encoder(c.embedder, c.device, c.max_length), c.device, dtype)
-        rankers = {"retriever": (np.asarray(retrieval, np.float32), timed_scores(lambda: retriever.score(pairs))[1])}
-        del retriever
-
-        t = load_teacher(TeacherSpec.parse(c.teacher, c.teacher_weights), c.device, c.teacher_precision, c.teacher_max_length)
-        rankers["teacher"] = timed_scores(lambda: t.score(pairs, qids))
-        del t
-
-        torch.manual_seed(c.seed)
-        untrained = CrossEncoderScorer(cut_student(c.student, c.student_layers, c.device, c.max_length, head=c.student_head), c.device, dtype)
-        rankers["student_untrained"] = timed_scores(lambda: untrained.score(pairs, desc="untrained student"))
-        _store_baselines(baseline_file, rankers)
-    trained = CrossEncoderScorer(load_cross_encoder(str(student_dir), c.device, c.max_length), c.device, dtype)
-    rankers["student"] = timed_scores(lambda: trained.score(pairs, desc="student"))
+    scores = _cached_baselines(baseline_file, len(pairs))
+    from_cache = scores is not None
+    # Every ranker is loaded at once: they are timed taking turns, after the quality pass.
+    retriever = BiEncoderScorer(load_bi_encoder(c.embedder, c.device, c.max_length), c.device, dtype)
+    teacher = load_teacher(TeacherSpec.parse(c.teacher, c.teacher_weights), c.device, c.teacher_precision, c.teacher_max_length)
+    torch.manual_seed(c.seed)
+    students = {"student_untrained": CrossEncoderScorer(cut_student(c.student, c.student_layers, c.device, c.max_length, head=c.student_head), c.device, dtype)}
+    students["student"] = CrossEncoderScorer(load_cross_encoder(str(student_dir), c.device, c.max_length), c.device, dtype)
     if label_only_dir:
-        label_only = CrossEncoderScorer(load_cross_encoder(str(label_only_dir), c.device, c.max_length), c.device, dtype)
-        rankers["student_label_only"] = timed_scores(lambda: label_only.score(pairs, desc="label-only student"))
+        students["student_label_only"] = CrossEncoderScorer(load_cross_encoder(str(label_only_dir), c.device, c.max_length), c.device, dtype)
+    descs = {"student_untrained": "untrained student", "student": "student", "student_label_only": "label-only student"}
 
-    test, significance, per_query = evaluate_rankers(qids, dids, qrels, rankers)
+    if scores is None:
+        # The retriever's order is mining's; it is timed below re-scoring the same pairs, texts embedded.
+        scores = {"retriever": np.asarray(retrieval, np.float32), "teacher": np.asarray(teacher.score(pairs, qids), np.float32)}
+        scores["student_untrained"] = students["student_untrained"].score(pairs, desc=descs["student_untrained"])
+        _store_baselines(baseline_file, scores)
+    for name in ("student", "student_label_only"):
+        if name in students:
+            scores[name] = students[name].score(pairs, desc=descs[name])
+
+    timed = {
+        "retriever": lambda part: retriever.score(pairs[part], show_progress=False),
+        "teacher": lambda part: teacher.score(pairs[part], qids[part], show_progress=False),
+        **{name: (lambda part, s=s: s.score(pairs[part], show_progress=False)) for name, s in students.items()},
+    }
+    log.info("timing %d rankers on up to %s test queries, taking turns", len(timed), c.timing_queries or "all")
+    speed, timing = ranker_speed(timed, qids, c.timing_queries)
+    test, significance, per_query = evaluate_rankers(qids, dids, qrels, {n: (v, float("nan")) for n, v in scores.items()})
+    for name, figures in speed.items():
+        test[name].update(figures)
     lines = verdict(test, significance)
     metrics = {
         "test": test,
@@ -261,6 +319,7 @@ def evaluate_student(data_dir, mined_dir, student_dir, out_dir, config: EvalConf
         "test_queries_with_positive_in_top_k": _queries_with_positive(qids, dids, qrels),
         "test_pairs": len(pairs),
         "baselines_from_cache": from_cache,
+        "speed": {**timing, "device": c.device},
         "precision": {"students": c.precision, "teacher": c.teacher_precision},
         "verdict": lines,
         "params": run["params"],
@@ -269,7 +328,7 @@ def evaluate_student(data_dir, mined_dir, student_dir, out_dir, config: EvalConf
     }
     plots = {"scatter": "teacher_vs_student.png", "quality_speed": "quality_vs_speed.png"}
     with atomic_dir(out_dir) as tmp:
-        plot_scores(rankers["teacher"][0], rankers["student"][0], tmp / plots["scatter"])
+        plot_scores(scores["teacher"], scores["student"], tmp / plots["scatter"])
         plot_quality_speed(test, tmp / plots["quality_speed"])
         if (Path(mined_dir) / "groups.parquet").exists():
             plots["mining"] = "mined_negatives.png"
@@ -295,25 +354,19 @@ def pairs_digest(qids: list[str], dids: list[str], pairs: list[tuple[str, str]],
     return h.hexdigest()
 
 
-def _cached_baselines(path, n_pairs: int):
+def _cached_baselines(path, n_pairs: int) -> dict[str, np.ndarray] | None:
     if not path or not Path(path).exists():
         return None
     z = np.load(path)
-    if "retriever_seconds" not in z:  # written before rankers were timed in seconds
-        return None
-    out = {name: (z[name], float(z[f"{name}_seconds"])) for name in ("retriever", "teacher", "student_untrained")}
-    return out if all(len(v[0]) == n_pairs for v in out.values()) else None
+    out = {name: z[name] for name in ("retriever", "teacher", "student_untrained") if name in z}
+    return out if len(out) == 3 and all(len(v) == n_pairs for v in out.values()) else None
 
 
-def _store_baselines(path, rankers) -> None:
+def _store_baselines(path, scores: dict[str, np.ndarray]) -> None:
     if not path:
         return
     from pipeline.artifacts import atomic_file
 
-    arrays = {}
-    for name, (scores, seconds) in rankers.items():
-        arrays[name] = scores
-        arrays[f"{name}_seconds"] = np.asarray(seconds)
     with atomic_file(path) as tmp:
         with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
+            np.savez(f, **scores)

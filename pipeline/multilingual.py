@@ -207,7 +207,6 @@ def evaluate_languages(
 
     from pipeline.artifacts import atomic_dir, write_json
     from pipeline.data import NormalizedTables, judgments
-    from pipeline.evaluation import timed_scores
     from pipeline.models import cut_student, load_cross_encoder, resolve_precision
     from pipeline.report import plot_languages, write_report
     from pipeline.scoring import CrossEncoderScorer, TeacherSpec, load_teacher
@@ -226,13 +225,9 @@ def evaluate_languages(
 
     # The teacher reads the source texts of every language's pairs: score each pair once.
     needed = list(dict.fromkeys((q, d) for qids, dids, _, _ in sets.values() for q, d in zip(qids, dids)))
+    # Every ranker stays loaded: each language's rankers are timed taking turns.
     t = load_teacher(TeacherSpec.parse(c.teacher, c.teacher_weights), c.device, c.teacher_precision, c.teacher_max_length)
-    t_scores, t_seconds = timed_scores(
-        lambda: t.score([(ds.queries[q], ds.passage(d)) for q, d in needed], [q for q, _ in needed])
-    )
-    t_seconds_per_pair = t_seconds / max(len(needed), 1)
-    teacher_of = dict(zip(needed, t_scores))
-    t = None  # free the teacher before the students load
+    teacher_of = dict(zip(needed, t.score([(ds.queries[q], ds.passage(d)) for q, d in needed], [q for q, _ in needed])))
 
     torch.manual_seed(c.seed)
     models = {
@@ -243,7 +238,7 @@ def evaluate_languages(
     scorers = {name: CrossEncoderScorer(m, c.device, dtype) for name, m in models.items()}
 
     per_lang = {
-        lang: _language_metrics(ds, lang, source, candidates, qrels, teacher_of, t_seconds_per_pair, scorers)
+        lang: _language_metrics(ds, lang, source, candidates, qrels, teacher_of, t, scorers, c.timing_queries)
         for lang, candidates in sets.items()
     }
 
@@ -253,6 +248,7 @@ def evaluate_languages(
         "significance": per_lang[source]["significance"],
         "test_queries": per_lang[source]["queries"],
         "test_pairs": per_lang[source]["pairs"],
+        "speed": {**per_lang[source].get("speed", {}), "device": c.device},
         "languages": per_lang,
         "source_language": source,
         "verdict": lines,
@@ -268,23 +264,30 @@ def evaluate_languages(
     return metrics
 
 
-def _language_metrics(ds, lang, source, candidates, qrels, teacher_of, t_seconds_per_pair, scorers) -> dict:
-    """One language's rankers on its test candidates, with their metrics and paired tests."""
-    from pipeline.evaluation import evaluate_rankers, timed_scores
+def _language_metrics(ds, lang, source, candidates, qrels, teacher_of, teacher, scorers, timing_queries: int) -> dict:
+    """One language's rankers on its test candidates, with their metrics, paired tests and speed."""
+    from pipeline.evaluation import evaluate_rankers, ranker_speed
 
     qids, dids, retrieval, skipped = candidates
     queries, corpus = texts_of(ds, lang, source)
     pairs = [(queries[q], join_title(*corpus[d])) for q, d in zip(qids, dids)]
-    # The retriever's order comes from mining and is not timed here; the teacher scored every
-    # language's pairs at once, so each language is charged its share.
-    rankers = {
-        "retriever": (np.asarray(retrieval, np.float32), float("nan")),
-        "teacher": (np.asarray([teacher_of[(q, d)] for q, d in zip(qids, dids)], np.float32), t_seconds_per_pair * len(pairs)),
-    }
+    if not pairs:
+        return {"queries": 0, "pairs": 0, "skipped": skipped, "rankers": {}, "significance": {}}
+    # The retriever's order comes from mining and is not timed here; the teacher reads the source
+    # texts of the same pairs, scored once for every language and timed again on this one's.
+    source_pairs = [(ds.queries[q], ds.passage(d)) for q, d in zip(qids, dids)]
+    rankers = {"retriever": np.asarray(retrieval, np.float32), "teacher": np.asarray([teacher_of[(q, d)] for q, d in zip(qids, dids)], np.float32)}
     for name, scorer in scorers.items():
-        rankers[name] = timed_scores(lambda s=scorer: s.score(pairs, desc=f"{name} [{lang}]"))
-    results, tests, _ = evaluate_rankers(qids, dids, qrels, rankers, MULTILINGUAL_COMPARISONS) if pairs else ({}, {}, {})
-    return {"queries": len(set(qids)), "pairs": len(pairs), "skipped": skipped, "rankers": results, "significance": tests}
+        rankers[name] = scorer.score(pairs, desc=f"{name} [{lang}]")
+    timed = {
+        "teacher": lambda part: teacher.score(source_pairs[part], qids[part], show_progress=False),
+        **{name: (lambda part, s=scorer: s.score(pairs[part], show_progress=False)) for name, scorer in scorers.items()},
+    }
+    speed, timing = ranker_speed(timed, qids, timing_queries)
+    results, tests, _ = evaluate_rankers(qids, dids, qrels, {n: (v, float("nan")) for n, v in rankers.items()}, MULTILINGUAL_COMPARISONS)
+    for name, figures in speed.items():
+        results[name].update(figures)
+    return {"queries": len(set(qids)), "pairs": len(pairs), "skipped": skipped, "rankers": results, "significance": tests, "speed": timing}
 
 
 MULTILINGUAL_COMPARISONS = (

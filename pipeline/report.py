@@ -45,6 +45,16 @@ def languages_table(languages: dict[str, dict], metric: str = "ndcg@10") -> str:
     return "\n".join(lines)
 
 
+def speed_method(speed: dict | None) -> str:
+    """How pairs/s and ms/query were measured, in a sentence."""
+    if not speed or not speed.get("pairs"):
+        return "Speed was not measured."
+    return (
+        f"Speed: every model reranks the same {speed['pairs']} pairs of the first {speed['queries']} test queries, text encoding "
+        f"included, on {speed.get('device', '?')} in this run's process, the models taking turns over {speed['turns']} blocks."
+    )
+
+
 def timings_table(timings: dict[str, float]) -> str:
     lines = ["| stage | seconds |", "|---|---:|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in timings.items()]
@@ -174,8 +184,7 @@ def _test_section(metrics: dict, verdict: list[str], plots: dict[str, str]) -> l
         "",
         f"{metrics.get('test_queries', '?')} test queries, each reranked over the retriever's top "
         f"{p.get('rerank_top_k', '?')} and nothing else: the {missed} "
-        "queries whose judged positives the retriever missed score 0 for every model. Speed is measured on "
-        "the same pairs for every model, text encoding included.",
+        "queries whose judged positives the retriever missed score 0 for every model. " + speed_method(metrics.get("speed")),
         "",
         metrics_table(metrics["test"]),
         "",

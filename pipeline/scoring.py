@@ -155,9 +155,11 @@ class CrossEncoderScorer:
             out[key] = torch.from_numpy(arr)
         return out
 
-    def score(self, pairs: Sequence[tuple[str, str]], progress: Progress | None = None, desc: str = "teacher") -> np.ndarray:
+    def score(
+        self, pairs: Sequence[tuple[str, str]], progress: Progress | None = None, desc: str = "teacher", show_progress: bool = True
+    ) -> np.ndarray:
         out = np.empty(len(pairs), np.float32)
-        bar = tqdm(total=len(pairs), unit="pair", desc=desc, dynamic_ncols=True, mininterval=2.0)
+        bar = tqdm(total=len(pairs), unit="pair", desc=desc, dynamic_ncols=True, mininterval=2.0, disable=not show_progress)
         # A short first chunk lets the model start while the tokenizer prepares the next one.
         first = min(self.chunk, 1024)
         starts = [0, *range(first, len(pairs), self.chunk)] if pairs else []
@@ -207,17 +209,19 @@ class BiEncoderScorer:
         self.max_length = model.max_seq_length
         self.truncated = 0
 
-    def score(self, pairs: Sequence[tuple[str, str]], progress: Progress | None = None, desc: str = "teacher") -> np.ndarray:
-        q = self._side([p[0] for p in pairs], "query")
-        d = self._side([p[1] for p in pairs], "document")
+    def score(
+        self, pairs: Sequence[tuple[str, str]], progress: Progress | None = None, desc: str = "teacher", show_progress: bool = True
+    ) -> np.ndarray:
+        q = self._side([p[0] for p in pairs], "query", show_progress)
+        d = self._side([p[1] for p in pairs], "document", show_progress)
         if progress:
             progress(len(pairs), len(pairs))
         return np.einsum("ij,ij->i", q, d).astype(np.float32)
 
-    def _side(self, texts: list[str], side: str) -> np.ndarray:
+    def _side(self, texts: list[str], side: str, show_progress: bool = True) -> np.ndarray:
         """Each distinct text embedded once, with the model's prompt for its side."""
         unique = list(dict.fromkeys(texts))
-        vecs = encode_texts(self.model, unique, prompt_name=side_prompt_name(self.model, side))
+        vecs = encode_texts(self.model, unique, show_progress=show_progress, prompt_name=side_prompt_name(self.model, side))
         pos = {t: i for i, t in enumerate(unique)}
         return vecs[[pos[t] for t in texts]]
 
@@ -240,11 +244,12 @@ class Teacher:
         query_ids: list[str],
         progress: Progress | None = None,
         cache_dir: str | Path | None = None,
+        show_progress: bool = True,
     ) -> np.ndarray:
         """Scores of ``pairs``; with ``cache_dir``, each member's raw scores are read from and added
         to a cache shared across runs, so no pair reaches the same model twice."""
         raws = [
-            self._member_scores(scorer, ident, pairs, progress, cache_dir)
+            self._member_scores(scorer, ident, pairs, progress, cache_dir, show_progress)
             for scorer, ident in zip(self.scorers, self.identity)
         ]
         if len(raws) == 1:
@@ -254,11 +259,11 @@ class Teacher:
             total += w * zscore_per_query(raw, query_ids)
         return total.astype(np.float32)
 
-    def _member_scores(self, scorer, ident: dict, pairs, progress, cache_dir) -> np.ndarray:
+    def _member_scores(self, scorer, ident: dict, pairs, progress, cache_dir, show_progress: bool = True) -> np.ndarray:
         desc = Path(ident["model"]).name
         if cache_dir is None:
             self.cache_misses += len(pairs)
-            return scorer.score(pairs, progress, desc=desc)
+            return scorer.score(pairs, progress, desc=desc, show_progress=show_progress)
         t0 = time.perf_counter()
         cache = ScoreCache(Path(cache_dir) / member_fingerprint(ident))
         keys = pair_keys(pairs)
@@ -266,7 +271,7 @@ class Teacher:
         missing = np.flatnonzero(~known)
         self.cache_seconds += time.perf_counter() - t0
         if len(missing):
-            fresh = scorer.score([pairs[i] for i in missing], progress, desc=desc)
+            fresh = scorer.score([pairs[i] for i in missing], progress, desc=desc, show_progress=show_progress)
             out[missing] = fresh
             t0 = time.perf_counter()
             cache.add(keys[missing], fresh)

@@ -151,6 +151,9 @@ class TrainParams(LabelParams):
 
 class EvalParams(TrainParams):
     max_eval_queries = luigi.IntParameter(default=0, description="0 = every test query")
+    timing_queries = luigi.IntParameter(
+        default=200, description="test queries whose candidates every ranker is timed on, taking turns; 0 = every test query"
+    )
     label_only_loss = luigi.Parameter(
         default="", description="also train the same student on the judgments alone with this loss (e.g. BinaryCrossEntropyLoss) and compare"
     )

@@ -421,8 +421,8 @@ def _eval_config(task: EvalParams, cls: type, **extra):
         teacher=resolved_teacher(task), teacher_weights=task.teacher_weights, embedder=task.embedder, student=task.student,
         student_layers=task.student_layers, student_head=student_head(task.student, task.student_head),
         precision=_student_precision(task), teacher_precision=_score_precision(task), max_length=task.max_length,
-        teacher_max_length=task.teacher_max_length, max_eval_queries=task.max_eval_queries, seed=task.seed,
-        device=task.run_device, **extra,
+        teacher_max_length=task.teacher_max_length, max_eval_queries=task.max_eval_queries, timing_queries=task.timing_queries,
+        seed=task.seed, device=task.run_device, **extra,
     )
 
 

@@ -43,7 +43,9 @@ def test_whole_dag_publishes_student_metrics_and_report(finished_run):
         assert set(m) >= {"ndcg@10", "mrr@10", "map", "pairs_per_second", "ms_per_query"}
         assert 0.0 <= m["ndcg@10"] <= 1.0 and m["pairs_per_second"] > 0 and m["ms_per_query"] > 0
     # Every ranker is timed on the same pairs: pairs/s and ms per query describe the same run.
-    queries, pairs = metrics["test_queries"], metrics["test_pairs"]
+    speed = metrics["speed"]
+    queries, pairs = speed["queries"], speed["pairs"]
+    assert 0 < queries <= metrics["test_queries"] and 0 < pairs <= metrics["test_pairs"] and speed["turns"] >= 1
     for m in metrics["test"].values():
         assert 1000 * pairs / m["pairs_per_second"] / queries == pytest.approx(m["ms_per_query"], rel=0.02)
     for stage in ("PrepareData", "MineHardNegatives", "ScoreWithTeacher", "BuildLabels", "FitStudent"):

@@ -113,7 +113,8 @@ def test_second_date_trains_the_champion_further_on_its_new_queries(retrained, t
 
 def test_unchanged_rankers_are_not_rescored_on_a_later_date(retrained, monkeypatch, tmp_path):
     """The second date's test candidates are the first's: its retriever, teacher and untrained
-    rows come from the first date's evaluation. A champion gated again on the same candidates
+    scores come from the first date's evaluation (their speed is timed again, in turns with the
+    new student). A champion gated again on the same candidates
     is read back, not rescored."""
     import pipeline.scoring
     from pipeline.registry import gate_ndcg
@@ -124,7 +125,10 @@ def test_unchanged_rankers_are_not_rescored_on_a_later_date(retrained, monkeypat
         return json.loads(next((root / "runs" / date.isoformat() / "eval").glob("*/metrics.json")).read_text())
 
     assert not evaluation(D1)["baselines_from_cache"] and evaluation(D2)["baselines_from_cache"]
-    assert evaluation(D2)["test"]["teacher"] == evaluation(D1)["test"]["teacher"]
+    quality = ("ndcg@10", "mrr@10", "map")
+    for name in ("retriever", "teacher", "student_untrained"):
+        assert {k: evaluation(D2)["test"][name][k] for k in quality} == {k: evaluation(D1)["test"][name][k] for k in quality}
+        assert evaluation(D2)["test"][name]["pairs_per_second"] > 0  # speed is measured again, beside the new student
 
     data, mined = (next((root / "runs" / D2.isoformat() / stage).iterdir()) for stage in ("data", "mined"))
     champion = {"champion": root / "registry" / "students" / D1.isoformat()}
