@@ -316,7 +316,7 @@ def evaluate_student(data_dir, mined_dir, student_dir, out_dir, config: EvalConf
         "significance": significance,
         "per_query_ndcg@10": per_query,
         "test_queries": len(set(qids)),
-        "test_queries_with_positive_in_top_k": _queries_with_positive(qids, dids, qrels),
+        "test_queries_with_positive_in_top_k": queries_with_positive(qids, dids, qrels),
         "test_pairs": len(pairs),
         "baselines_from_cache": from_cache,
         "speed": {**timing, "device": c.device},
@@ -338,7 +338,7 @@ def evaluate_student(data_dir, mined_dir, student_dir, out_dir, config: EvalConf
     return metrics
 
 
-def _queries_with_positive(qids: list[str], dids: list[str], qrels: dict[str, dict[str, int]]) -> int:
+def queries_with_positive(qids: list[str], dids: list[str], qrels: dict[str, dict[str, int]]) -> int:
     return len({q for q, d in zip(qids, dids) if qrels.get(q, {}).get(d, 0) > 0})
 
 

@@ -247,6 +247,7 @@ def evaluate_languages(
         "test": per_lang[source]["rankers"],
         "significance": per_lang[source]["significance"],
         "test_queries": per_lang[source]["queries"],
+        "test_queries_with_positive_in_top_k": per_lang[source].get("queries_with_positive_in_top_k", 0),
         "test_pairs": per_lang[source]["pairs"],
         "speed": {**per_lang[source].get("speed", {}), "device": c.device},
         "languages": per_lang,
@@ -266,7 +267,7 @@ def evaluate_languages(
 
 def _language_metrics(ds, lang, source, candidates, qrels, teacher_of, teacher, scorers, timing_queries: int) -> dict:
     """One language's rankers on its test candidates, with their metrics, paired tests and speed."""
-    from pipeline.evaluation import evaluate_rankers, ranker_speed
+    from pipeline.evaluation import queries_with_positive, evaluate_rankers, ranker_speed
 
     qids, dids, retrieval, skipped = candidates
     queries, corpus = texts_of(ds, lang, source)
@@ -287,7 +288,10 @@ def _language_metrics(ds, lang, source, candidates, qrels, teacher_of, teacher, 
     results, tests, _ = evaluate_rankers(qids, dids, qrels, {n: (v, float("nan")) for n, v in rankers.items()}, MULTILINGUAL_COMPARISONS)
     for name, figures in speed.items():
         results[name].update(figures)
-    return {"queries": len(set(qids)), "pairs": len(pairs), "skipped": skipped, "rankers": results, "significance": tests, "speed": timing}
+    return {
+        "queries": len(set(qids)), "queries_with_positive_in_top_k": queries_with_positive(qids, dids, qrels), "pairs": len(pairs),
+        "skipped": skipped, "rankers": results, "significance": tests, "speed": timing,
+    }
 
 
 MULTILINGUAL_COMPARISONS = (

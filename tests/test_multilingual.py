@@ -106,8 +106,13 @@ def test_multilingual_dag_runs_with_two_languages(parallel_beir, tiny_models, tm
     views = m["stages"]["BuildMultilingualLabels"]["views"]
     assert views["xx"]["rows"] == views["en"]["rows"] > views["yy"]["rows"] > 0
     assert m["stages"]["FitStudent"]["rows"] == sum(v["rows"] for v in views.values())
+    # The report's count of queries the retriever failed is the source language's, not all of them.
+    assert 0 < m["test_queries_with_positive_in_top_k"] == m["languages"]["en"]["queries_with_positive_in_top_k"] <= m["test_queries"]
+    for entry in m["languages"].values():
+        assert entry["speed"]["pairs"] > 0 and all(entry["rankers"][n]["pairs_per_second"] > 0 for n in entry["rankers"] if n != "retriever")
     report = (out / "report.md").read_text()
     assert "## Languages" in report and "student_source_only" in report
+    assert f"the {m['test_queries'] - m['test_queries_with_positive_in_top_k']} queries whose judged positives" in report
     assert (out / "languages.png").stat().st_size > 0
     assert (out / "student" / "config.json").exists()
 
