@@ -142,25 +142,20 @@ def evaluate_rankers(
     qids: list[str],
     dids: list[str],
     qrels: dict[str, dict[str, int]],
-    rankers: dict[str, tuple[np.ndarray, float]],
+    rankers: dict[str, np.ndarray],
     comparisons=COMPARISONS,
+    speed: dict[str, dict[str, float]] | None = None,
 ) -> tuple[dict[str, dict[str, float]], dict[str, dict], dict]:
-    """Metrics per ranker from its scores on the flattened candidate pairs and the seconds it took
-    (NaN: not timed), a paired test of nDCG@10 for each comparison whose rankers are present, and
-    each ranker's nDCG@10 per query (``{"query_ids": [...], ranker: [...]}``), so that runs with
-    other seeds can be compared query by query.
-
-    Speed is pairs/s and milliseconds per query to rerank its candidates.
+    """Metrics per ranker from its scores on the flattened candidate pairs, with its ``speed``
+    figures (:func:`ranker_speed`) where it was timed; a paired test of nDCG@10 for each
+    comparison whose rankers are present; and each ranker's nDCG@10 per query (``{"query_ids":
+    [...], ranker: [...]}``), so that runs with other seeds can be compared query by query.
     """
     queries = [q for q in dict.fromkeys(qids) if q in qrels]
     out, ndcg = {}, {}
-    for name, (scores, seconds) in rankers.items():
+    for name, scores in rankers.items():
         per_query = per_query_metrics(to_run(qids, dids, scores), qrels, queries)
-        m = {k: float(v.mean()) if len(v) else 0.0 for k, v in per_query.items()}
-        if seconds == seconds:  # not NaN
-            m["pairs_per_second"] = round(len(qids) / seconds, 2) if seconds > 0 else float("inf")
-            m["ms_per_query"] = round(1000 * seconds / max(len(set(qids)), 1), 2)
-        out[name] = m
+        out[name] = {k: float(v.mean()) if len(v) else 0.0 for k, v in per_query.items()} | (speed or {}).get(name, {})
         ndcg[name] = per_query["ndcg@10"]
     tests = {f"{a} vs {b}": paired_test(ndcg[a], ndcg[b]) for a, b in comparisons if a in ndcg and b in ndcg}
     return out, tests, {"query_ids": queries, **{name: np.round(v, 6).tolist() for name, v in ndcg.items()}}
@@ -307,9 +302,7 @@ def evaluate_student(data_dir, mined_dir, student_dir, out_dir, config: EvalConf
     }
     log.info("timing %d rankers on up to %s test queries, taking turns", len(timed), c.timing_queries or "all")
     speed, timing = ranker_speed(timed, qids, c.timing_queries)
-    test, significance, per_query = evaluate_rankers(qids, dids, qrels, {n: (v, float("nan")) for n, v in scores.items()})
-    for name, figures in speed.items():
-        test[name].update(figures)
+    test, significance, per_query = evaluate_rankers(qids, dids, qrels, scores, speed=speed)
     lines = verdict(test, significance)
     metrics = {
         "test": test,

@@ -267,7 +267,7 @@ def evaluate_languages(
 
 def _language_metrics(ds, lang, source, candidates, qrels, teacher_of, teacher, scorers, timing_queries: int) -> dict:
     """One language's rankers on its test candidates, with their metrics, paired tests and speed."""
-    from pipeline.evaluation import queries_with_positive, evaluate_rankers, ranker_speed
+    from pipeline.evaluation import evaluate_rankers, queries_with_positive, ranker_speed
 
     qids, dids, retrieval, skipped = candidates
     queries, corpus = texts_of(ds, lang, source)
@@ -285,9 +285,7 @@ def _language_metrics(ds, lang, source, candidates, qrels, teacher_of, teacher, 
         **{name: (lambda part, s=scorer: s.score(pairs[part], show_progress=False)) for name, scorer in scorers.items()},
     }
     speed, timing = ranker_speed(timed, qids, timing_queries)
-    results, tests, _ = evaluate_rankers(qids, dids, qrels, {n: (v, float("nan")) for n, v in rankers.items()}, MULTILINGUAL_COMPARISONS)
-    for name, figures in speed.items():
-        results[name].update(figures)
+    results, tests, _ = evaluate_rankers(qids, dids, qrels, rankers, MULTILINGUAL_COMPARISONS, speed)
     return {
         "queries": len(set(qids)), "queries_with_positive_in_top_k": queries_with_positive(qids, dids, qrels), "pairs": len(pairs),
         "skipped": skipped, "rankers": results, "significance": tests, "speed": timing,
