@@ -39,6 +39,8 @@ sys.path.insert(0, str(REPO))
 # rates (2e-5 is CrossEncoderTrainer's default) up to the rates a cut student needs.
 GRID = (2e-5, 1e-4, 3e-4, 1e-3)
 SEEDS = (12, 13, 14)
+# Test queries whose candidates every ranker is timed on: the pipeline's --timing-queries default.
+TIMING_QUERIES = 200
 
 
 def student_params(fit) -> dict:
@@ -178,30 +180,41 @@ class Split:
 
         return per_query_metrics(to_run(self.qids, self.dids, scores), self.qrels, self.queries)
 
-    def score(self, model_dir: Path, max_length: int) -> tuple[np.ndarray, float]:
+    def scorer(self, model_dir: Path, max_length: int):
+        """The student in ``model_dir``, in fp32 on the CPU like every row of the benchmark."""
         import torch
 
-        from pipeline.evaluation import timed_scores
         from pipeline.models import load_cross_encoder
         from pipeline.scoring import CrossEncoderScorer
 
-        scorer = CrossEncoderScorer(load_cross_encoder(str(model_dir), "cpu", max_length), "cpu", torch.float32)
-        return timed_scores(lambda: scorer.score(self.pairs, desc=model_dir.name))
+        return CrossEncoderScorer(load_cross_encoder(str(model_dir), "cpu", max_length), "cpu", torch.float32)
+
+    def score(self, model_dir: Path, max_length: int) -> np.ndarray:
+        """The student's scores of every candidate pair."""
+        return np.asarray(self.scorer(model_dir, max_length).score(self.pairs, desc=model_dir.name), np.float32)
 
 
-def row(split: Split, runs: list[tuple[np.ndarray, float]]) -> dict:
-    """Mean ± std over seeds of each metric, per-query nDCG@10 averaged over seeds, and speed."""
-    per_seed = [split.per_query(scores) for scores, _ in runs]
+def speed_in_turns(split: Split, rankers: dict, queries: int = TIMING_QUERIES) -> tuple[dict, dict]:
+    """Pairs/s and ms per query of each ranker, the rankers taking turns on the candidate pairs
+    of the split's first ``queries`` queries (``pipeline.evaluation.ranker_speed``, as the
+    pipeline's evaluation times them); ``rankers[name](pairs, qids)`` scores a block of pairs."""
+    from pipeline.evaluation import ranker_speed
+
+    blocks = {name: (lambda part, f=f: f(split.pairs[part], split.qids[part])) for name, f in rankers.items()}
+    return ranker_speed(blocks, split.qids, queries)
+
+
+def row(split: Split, runs: list[np.ndarray], speed: dict | None = None) -> dict:
+    """Mean ± std over seeds of each metric, per-query nDCG@10 averaged over seeds, and the
+    ranker's ``speed`` figures (``speed_in_turns``)."""
+    per_seed = [split.per_query(scores) for scores in runs]
     out = {}
     for metric in ("ndcg@10", "mrr@10", "map"):
         means = [float(m[metric].mean()) for m in per_seed]
         out[metric] = float(np.mean(means))
         out[f"{metric}_std"] = float(np.std(means, ddof=1)) if len(means) > 1 else 0.0
         out[f"{metric}_seeds"] = means
-    seconds = float(np.mean([s for _, s in runs]))
-    if seconds == seconds:
-        out["pairs_per_second"] = len(split.pairs) / seconds
-        out["ms_per_query"] = 1000 * seconds / len(set(split.qids))
+    out.update(speed or {})
     out["per_query_ndcg"] = np.mean([m["ndcg@10"] for m in per_seed], axis=0).tolist()
     return out
 
@@ -213,7 +226,7 @@ def dev_ndcg(train, out: Path, lr: float, split: Split, p: dict) -> float:
     if done.exists():
         return json.loads(done.read_text())["ndcg@10"]
     train(out, lr, SEEDS[0])
-    value = float(split.per_query(split.score(out, p["max_length"])[0])["ndcg@10"].mean())
+    value = float(split.per_query(split.score(out, p["max_length"]))["ndcg@10"].mean())
     done.write_text(json.dumps({"ndcg@10": value, "lr": lr}))
     return value
 
@@ -234,12 +247,13 @@ def main() -> None:
     ap.add_argument("--work", default="runs/bench-e2e")
     ap.add_argument("--results", default="benchmarks/results/e2e")
     ap.add_argument("--seeds", type=int, default=len(SEEDS), help="seeds per student on test (at least 3 for a claim)")
+    ap.add_argument("--timing-queries", type=int, default=TIMING_QUERIES, help="test queries whose pairs every ranker is timed on (0: all)")
     args = ap.parse_args()
 
     import torch
 
     from pipeline.data import load_normalized
-    from pipeline.evaluation import paired_test, timed_scores
+    from pipeline.evaluation import paired_test
     from pipeline.models import load_bi_encoder
     from pipeline.scoring import BiEncoderScorer, TeacherSpec, load_teacher
 
@@ -269,11 +283,11 @@ def main() -> None:
         dev_depth[str(layers)] = dev_ndcg(train_depth, work / f"project-dev-layers{layers}", chosen["project"], dev, p)
     dev_retriever = float(dev.per_query(np.asarray(dev.retrieval, np.float32))["ndcg@10"].mean())
 
-    rankers = {}
     retriever = BiEncoderScorer(load_bi_encoder(p["embedder"], "cpu", p["max_length"]), "cpu", torch.float32)
-    rankers["retriever"] = row(test, [(np.asarray(test.retrieval, np.float32), timed_scores(lambda: retriever.score(test.pairs))[1])])
     teacher = load_teacher(TeacherSpec.parse(up["teacher"]), "cpu", "fp32", p["teacher_max_length"])
-    rankers["teacher"] = row(test, [timed_scores(lambda: teacher.score(test.pairs, test.qids))])
+    quality = {"retriever": [np.asarray(test.retrieval, np.float32)], "teacher": [np.asarray(teacher.score(test.pairs, test.qids), np.float32)]}
+    timed = {"retriever": lambda pairs, qids: retriever.score(pairs, show_progress=False),
+             "teacher": lambda pairs, qids: teacher.score(pairs, qids, show_progress=False)}
     train_seconds = {}
     for name, train in sides.items():
         runs, seconds = [], []
@@ -281,9 +295,14 @@ def main() -> None:
             out = work / f"{name.split()[0]}-test-seed{seed}"
             seconds.append(train(out, chosen[name], seed))
             runs.append(test.score(out, p["max_length"]))
-            print(f"[test] {name} seed {seed}: nDCG@10 {test.per_query(runs[-1][0])['ndcg@10'].mean():.4f}", flush=True)
-        rankers[f"student ({name})"] = row(test, runs)
+            print(f"[test] {name} seed {seed}: nDCG@10 {test.per_query(runs[-1])['ndcg@10'].mean():.4f}", flush=True)
+        quality[f"student ({name})"] = runs
+        # The seeds share architecture and length, so the first seed's student is the side's speed.
+        first = test.scorer(work / f"{name.split()[0]}-test-seed{seeds[0]}", p["max_length"])
+        timed[f"student ({name})"] = lambda pairs, qids, s=first: s.score(pairs, show_progress=False)
         train_seconds[name] = float(np.mean(seconds))
+    speed, timing = speed_in_turns(test, timed, args.timing_queries)
+    rankers = {name: row(test, runs, speed[name]) for name, runs in quality.items()}
 
     def compare(a: str, b: str) -> dict:
         return paired_test(np.asarray(rankers[a]["per_query_ndcg"]), np.asarray(rankers[b]["per_query_ndcg"]))
@@ -303,7 +322,7 @@ def main() -> None:
     results = {
         "meta": {"machine": f"{platform.machine()}, {len(__import__('os').sched_getaffinity(0))} cores, CPU",
                  "dataset": args.dataset, "teacher": up["teacher"], "params": p, "seeds": list(seeds),
-                 "grid": list(GRID), "test_queries": len(test.queries), "dev_queries": len(dev.queries),
+                 "grid": list(GRID), "test_queries": len(test.queries), "dev_queries": len(dev.queries), "speed": timing,
                  "command": " ".join(sys.argv)},
         "dev_grid": dev_grid,
         "dev_depth": dev_depth,
@@ -352,6 +371,13 @@ def comparison_rows(comparisons: dict) -> list[str]:
     ]
 
 
+def speed_sentence(meta: dict) -> str:
+    """How the rows' pairs/s were measured (``meta["speed"]``, from ``speed_in_turns``)."""
+    t = meta["speed"]
+    return (f"every row reranks the same {t['pairs']:,} candidate pairs of the first {t['queries']} test queries in fp32 on this "
+            f"machine's CPU, the models taking turns over {t['turns']} blocks after an untimed round over them, in one process.")
+
+
 def table(r: dict) -> str:
     m, p = r["meta"], r["meta"]["params"]
     seeds = len(m["seeds"])
@@ -370,7 +396,7 @@ def table(r: dict) -> str:
         f"The retriever's own order on dev: {r['dev_retriever']:.4f}. Depth of the project's student on dev, at its chosen rate: "
         + ", ".join(f"{k} layers {v:.4f}" for k, v in sorted(depth.items(), key=lambda kv: int(kv[0]))) + ".",
         "",
-        f"Test, students mean ± std over {seeds} seeds ({', '.join(map(str, m['seeds']))}):",
+        f"Test, students mean ± std over {seeds} seeds ({', '.join(map(str, m['seeds']))}). Speed: {speed_sentence(m)}",
         "",
         "| model | nDCG@10 | MRR@10 | pairs/s | ms/query |",
         "|---|---:|---:|---:|---:|",

@@ -38,7 +38,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.bench_e2e import (  # noqa: E402
-    SEEDS, Split, comparison_rows, dev_ndcg, mean_std, row, student_params, train_project, write_results,
+    SEEDS, TIMING_QUERIES, Split, comparison_rows, dev_ndcg, mean_std, row, speed_in_turns, speed_sentence, student_params, train_project,
+    write_results,
 )
 
 # Each side's dev grid of (learning rate, epochs). The label-only side also tries 3 epochs: it sees
@@ -110,13 +111,14 @@ def main() -> None:
     ap.add_argument("--output-dir", default="", help="the pipeline's output folder (default <work>/project); the demo's reuses its stages")
     ap.add_argument("--defaults", action="store_true", help="no dev grid: each side at its default learning rate (unseen data)")
     ap.add_argument("--results", default="benchmarks/results/partial")
+    ap.add_argument("--timing-queries", type=int, default=TIMING_QUERIES, help="test queries whose pairs every ranker is timed on (0: all)")
     args = ap.parse_args()
 
     import torch
     from datasets import load_from_disk
 
     from pipeline.data import load_normalized
-    from pipeline.evaluation import paired_test, timed_scores
+    from pipeline.evaluation import paired_test
     from pipeline.models import cut_student, load_bi_encoder
     from pipeline.scoring import BiEncoderScorer, CrossEncoderScorer, TeacherSpec, load_teacher
 
@@ -151,25 +153,33 @@ def main() -> None:
             chosen[name] = max(grid, key=lambda x: dev_grid[name][setting_name(x)])
             print(f"[dev] {name}: {dev_grid[name]} -> {setting_name(chosen[name])}", flush=True)
 
-    rankers = {}
     retriever = BiEncoderScorer(load_bi_encoder(p["embedder"], "cpu", p["max_length"]), "cpu", torch.float32)
-    rankers["retriever"] = row(test, [(np.asarray(test.retrieval, np.float32), timed_scores(lambda: retriever.score(test.pairs))[1])])
     teacher = load_teacher(TeacherSpec.parse(distilled["teacher"]), "cpu", "fp32", p["teacher_max_length"])
-    rankers["teacher"] = row(test, [timed_scores(lambda: teacher.score(test.pairs, test.qids))])
-    print(f"[test] teacher: nDCG@10 {rankers['teacher']['ndcg@10']:.4f}", flush=True)
     torch.manual_seed(SEEDS[0])
     untrained = CrossEncoderScorer(cut_student(p["student"], p["student_layers"], "cpu", p["max_length"], head=p["student_head"]), "cpu", torch.float32)
-    rankers["student (untrained)"] = row(test, [timed_scores(lambda: untrained.score(test.pairs, desc="untrained"))])
+    quality = {"retriever": [np.asarray(test.retrieval, np.float32)],
+               "teacher": [np.asarray(teacher.score(test.pairs, test.qids), np.float32)],
+               "student (untrained)": [np.asarray(untrained.score(test.pairs, desc="untrained"), np.float32)]}
+    print(f"[test] teacher: nDCG@10 {test.per_query(quality['teacher'][0])['ndcg@10'].mean():.4f}", flush=True)
+    timed = {"retriever": lambda pairs, qids: retriever.score(pairs, show_progress=False),
+             "teacher": lambda pairs, qids: teacher.score(pairs, qids, show_progress=False),
+             "student (untrained)": lambda pairs, qids: untrained.score(pairs, show_progress=False)}
     for name, train in sides.items():
-        runs = []
+        runs, folders = [], []
         for seed in SEEDS:
             lr, epochs = chosen[name]
             out = work / f"{name.split()[0]}-test-lr{lr:g}-ep{epochs:g}-seed{seed}"
             if not (out / "config.json").exists():
                 train(out, chosen[name], seed)
             runs.append(test.score(out, p["max_length"]))
-            print(f"[test] {name} seed {seed}: nDCG@10 {test.per_query(runs[-1][0])['ndcg@10'].mean():.4f}", flush=True)
-        rankers[f"student ({name})"] = row(test, runs)
+            folders.append(out)
+            print(f"[test] {name} seed {seed}: nDCG@10 {test.per_query(runs[-1])['ndcg@10'].mean():.4f}", flush=True)
+        quality[f"student ({name})"] = runs
+        # The seeds share architecture and length, so the first seed's student is the side's speed.
+        first = test.scorer(folders[0], p["max_length"])
+        timed[f"student ({name})"] = lambda pairs, qids, s=first: s.score(pairs, show_progress=False)
+    speed, timing = speed_in_turns(test, timed, args.timing_queries)
+    rankers = {name: row(test, runs, speed[name]) for name, runs in quality.items()}
 
     def compare(a: str, b: str) -> dict:
         return paired_test(np.asarray(rankers[a]["per_query_ndcg"]), np.asarray(rankers[b]["per_query_ndcg"]))
@@ -179,7 +189,7 @@ def main() -> None:
     results = {
         "meta": {"dataset": args.dataset, **data_stats, "teacher": distilled["teacher"], "teacher_stats": distilled["teacher_stats"],
                  "params": p, "seeds": list(SEEDS), "defaults": args.defaults,
-                 "test_queries": len(test.queries), "dev_queries": len(dev.queries),
+                 "test_queries": len(test.queries), "dev_queries": len(dev.queries), "speed": timing,
                  "distilled_rows": distilled["label_stats"], "label_only_rows": label_only["label_stats"],
                  "command": " ".join(sys.argv)},
         "dev_grid": dev_grid,
@@ -200,7 +210,7 @@ def table(r: dict) -> str:
         f"the label-only student on {b.get('judged_queries', '?')} judged queries ({b.get('rows', '?')} rows). "
         f"{p['student_layers']}-layer students cut from `{p['student']}` (head {p['student_head']}), {p['epochs']:g} epoch, batch {p['batch_size']}, trained in {p['precision']}. "
         f"Test: {m['test_queries']} queries, each reranking the retriever's true top-{p['rerank_top_k']}. "
-        "Speed: every row scores the same test pairs in fp32 on this machine's CPU, one after another in one process.",
+        f"Speed: {speed_sentence(m)}",
         "",
     ]
     if m.get("defaults"):
