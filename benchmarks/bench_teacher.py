@@ -22,7 +22,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.bench_e2e import Split  # noqa: E402
+from benchmarks.bench_e2e import TIMING_QUERIES, Split, speed_in_turns  # noqa: E402
 
 # name -> (head, loss, learning rate)
 RECIPES = {
@@ -44,6 +44,7 @@ def main() -> None:
     ap.add_argument("--output-dir", default="runs/demo", help="the demo run whose stages are reused")
     ap.add_argument("--work", default="runs/bench-teacher")
     ap.add_argument("--results", default="benchmarks/results/teacher")
+    ap.add_argument("--timing-queries", type=int, default=TIMING_QUERIES, help="dev queries whose pairs every timed model scores (0: all)")
     args = ap.parse_args()
 
     import luigi
@@ -55,7 +56,6 @@ def main() -> None:
     import tasks
     from benchmarks.bench_e2e import write_results
     from pipeline.data import Texts, load_normalized
-    from pipeline.evaluation import timed_scores
     from pipeline.labels import PairValues, build_rows, to_dataset
     from pipeline.models import cut_student, load_bi_encoder, load_cross_encoder
     from pipeline.scoring import BiEncoderScorer, CrossEncoderScorer, zscore_per_query
@@ -78,26 +78,32 @@ def main() -> None:
     def ndcg(scores) -> float:
         return float(dev.per_query(scores)["ndcg@10"].mean())
 
-    def ce_scores(folder: Path, pairs) -> tuple[np.ndarray, float]:
-        scorer = CrossEncoderScorer(load_cross_encoder(str(folder), "cpu", length), "cpu", bf16)
-        return timed_scores(lambda: scorer.score(pairs, desc=folder.name))
+    def ce_scorer(folder: Path):
+        return CrossEncoderScorer(load_cross_encoder(str(folder), "cpu", length), "cpu", bf16)
 
+    def ce_scores(folder: Path, pairs) -> np.ndarray:
+        return np.asarray(ce_scorer(folder).score(pairs, desc=folder.name), np.float32)
+
+    # Models whose speed the tables show: timed at the end, taking turns on the same dev pairs.
+    timed = {}
     bi_scorer = BiEncoderScorer(load_bi_encoder(str(bi_dir), "cpu", length), "cpu", bf16)
-    bi_dev, bi_seconds = timed_scores(lambda: bi_scorer.score(dev.pairs))
+    bi_dev = np.asarray(bi_scorer.score(dev.pairs), np.float32)
+    timed["bi-encoder, fine-tuned"] = lambda pairs, qids: bi_scorer.score(pairs, show_progress=False)
     teachers = {"retriever's order": {"ndcg@10": ndcg(np.asarray(dev.retrieval, np.float32))},
-                "bi-encoder, fine-tuned": {"ndcg@10": ndcg(bi_dev), "pairs_per_second": len(dev.pairs) / bi_seconds}}
+                "bi-encoder, fine-tuned": {"ndcg@10": ndcg(bi_dev)}}
     untrained = work / "ce-untrained"
     if not (untrained / "config.json").exists():
         cut_student(str(bi_dir), 0, "cpu", length, head="cosine").save_pretrained(str(untrained))
-    s, seconds = ce_scores(untrained, dev.pairs)
-    teachers["cross-encoder, untrained"] = {"ndcg@10": ndcg(s), "pairs_per_second": len(dev.pairs) / seconds}
+    untrained_scorer = ce_scorer(untrained)
+    teachers["cross-encoder, untrained"] = {"ndcg@10": ndcg(untrained_scorer.score(dev.pairs, desc=untrained.name))}
+    timed["cross-encoder, untrained"] = lambda pairs, qids: untrained_scorer.score(pairs, show_progress=False)
     mixes, ce_dev = {}, {}
     for name, (head, loss, lr) in RECIPES.items():
         out = work / f"ce-{head}-{loss}-{lr:g}"
         if not (out / "stats.json").exists():
             config = dataclasses.replace(ft.config, kind="cross-encoder", loss=loss, learning_rate=lr, head=head)
             _cross_encoder_teacher(data, _judged_groups(mined), out, config, str(bi_dir))
-        ce_dev[name], _ = ce_scores(out, dev.pairs)
+        ce_dev[name] = ce_scores(out, dev.pairs)
         teachers[f"cross-encoder, {name}"] = {"ndcg@10": ndcg(ce_dev[name])}
         mixes[name] = {f"{w:g}": ndcg(w * zscore_per_query(ce_dev[name], dev.qids) + (1 - w) * zscore_per_query(bi_dev, dev.qids))
                        for w in SHARES}
@@ -111,7 +117,7 @@ def main() -> None:
     keys = [(q, d) for q, pos, neg in zip(g["query_id"], g["positive_ids"], g["negative_ids"]) for d in list(pos) + list(neg)]
     texts = [(ds.queries[q], ds.passage(d)) for q, d in keys]
     qids = [q for q, _ in keys]
-    mix = share * zscore_per_query(ce_scores(best_dir, texts)[0], qids) + (1 - share) * zscore_per_query(bi_scorer.score(texts), qids)
+    mix = share * zscore_per_query(ce_scores(best_dir, texts), qids) + (1 - share) * zscore_per_query(bi_scorer.score(texts), qids)
     teacher = PairValues(pa.table({"query_id": qids, "doc_id": [d for _, d in keys], "score": mix}))
     rows = to_dataset(build_rows("ntuple-margin", groups, teacher, Texts.of(ds.queries, ds.corpus), num_negatives=3)[0])
     judged = int(pc.sum(pc.greater(pc.list_value_length(groups["positive_ids"]), 0)).as_py())
@@ -124,12 +130,17 @@ def main() -> None:
             train_student(rows.shuffle(seed=12), "PackedMarginMSELoss", out, student=init, student_layers=layers, student_head=head,
                           epochs=1, batch_size=16, learning_rate=entry.learning_rate, max_length=entry.max_length, seed=12)
             print(f"{name}: trained in {time.perf_counter() - t0:.0f} s", flush=True)
-        s, seconds = ce_scores(out, dev.pairs)
-        students[name] = {"ndcg@10": ndcg(s), "pairs_per_second": len(dev.pairs) / seconds}
+        scorer = ce_scorer(out)
+        students[name] = {"ndcg@10": ndcg(scorer.score(dev.pairs, desc=out.name))}
+        timed[f"student: {name}"] = lambda pairs, qids, s=scorer: s.score(pairs, show_progress=False)
         print(f"[dev] student {name}: {students[name]['ndcg@10']:.4f}", flush=True)
+    speed, timing = speed_in_turns(dev, timed, args.timing_queries)
+    for name, figures in speed.items():
+        table_row = students[name.removeprefix("student: ")] if name.startswith("student: ") else teachers[name]
+        table_row.update(figures)
 
     results = {"meta": {"output_dir": args.output_dir, "dev_queries": len(dev.queries), "dev_pairs": len(dev.pairs),
-                        "judged_train_queries": judged, "train_rows": len(rows), "chosen": {"recipe": best, "share": share},
+                        "judged_train_queries": judged, "train_rows": len(rows), "chosen": {"recipe": best, "share": share}, "speed": timing,
                         "command": " ".join(sys.argv)},
                "teachers": teachers, "mixes": mixes, "students": students}
     write_results(results, Path(args.results), table, plot=False)
@@ -138,7 +149,8 @@ def main() -> None:
 def table(r: dict) -> str:
     m = r["meta"]
     lines = [f"Dev split of `{m['output_dir']}`'s data: {m['dev_queries']} queries, {m['dev_pairs']} pairs (true top-20), seed 12, "
-             f"teachers trained on {m['judged_train_queries']} judged queries.", "",
+             f"teachers trained on {m['judged_train_queries']} judged queries. Speed: the models take turns on the "
+             f"{m['speed']['pairs']:,} pairs of the first {m['speed']['queries']} dev queries, in bf16, after an untimed round.", "",
              "| teacher | dev nDCG@10 | pairs/s (bf16) |", "|---|---:|---:|"]
     for name, x in r["teachers"].items():
         pps = f"{x['pairs_per_second']:.0f}" if "pairs_per_second" in x else ""

@@ -87,13 +87,6 @@ def to_run(qids: list[str], dids: list[str], scores) -> dict[str, dict[str, floa
     return run
 
 
-def timed_scores(score: Callable[[], np.ndarray]) -> tuple[np.ndarray, float]:
-    """Run ``score`` and return (scores, seconds it took)."""
-    t0 = time.perf_counter()
-    out = score()
-    return np.asarray(out, np.float32), time.perf_counter() - t0
-
-
 TIMING_TURNS = 8  # blocks of the timed queries; every ranker scores each block, the order changing
 
 
