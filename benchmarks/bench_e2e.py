@@ -4,7 +4,8 @@ writes from its documentation, on the same data, teacher and budget, in one run.
 (a) the project: PrepareData → MineHardNegatives → ScoreWithTeacher → BuildLabels (luigi.cfg's
     [TrainStudent] settings), then ``train_student`` with PackedMarginMSELoss and the default head;
 (b) the plain script: ``mine_hard_negatives`` → the teacher's scores (``CrossEncoder.predict``, or
-    ``SentenceTransformer.similarity_pairwise`` for a bi-encoder teacher) → ``CrossEncoderTrainer``
+    ``SentenceTransformer.similarity_pairwise`` for a bi-encoder teacher; an ensemble teacher's
+    members each so, mixed as its ensemble.json says) → ``CrossEncoderTrainer``
     with ``MarginMSELoss`` on a standard ``CrossEncoder`` (sequence-classification head) cut from
     the same backbone to the same depth;
 (c) label-only training: the project's student trained with BinaryCrossEntropyLoss on the judged
@@ -74,13 +75,9 @@ def project_upstream(args) -> dict:
 
 def plain_upstream(ds, p: dict, teacher: str) -> tuple[object, dict]:
     """The plain script's mining and teacher scores: MarginMSE rows as the documentation builds them."""
-    import torch
     from datasets import Dataset
     from sentence_transformers import SentenceTransformer
-    from sentence_transformers.cross_encoder import CrossEncoder
     from sentence_transformers.util import mine_hard_negatives
-
-    from pipeline.models import model_kind
 
     stages = {}
     t0 = time.perf_counter()
@@ -99,20 +96,45 @@ def plain_upstream(ds, p: dict, teacher: str) -> tuple[object, dict]:
     t0 = time.perf_counter()
     cols = ["positive"] + [f"negative_{i}" for i in range(1, p["num_negatives"] + 1)]
     flat = [(r["query"], r[c]) for r in mined for c in cols]
-    if model_kind(teacher) == "bi-encoder":
-        model = SentenceTransformer(teacher, device="cpu")
-        model.max_seq_length = p["teacher_max_length"]
-        q = model.encode([a for a, _ in flat], batch_size=32, convert_to_tensor=True)
-        d = model.encode([b for _, b in flat], batch_size=32, convert_to_tensor=True)
-        scores = model.similarity_pairwise(q, d).numpy()
-    else:
-        model = CrossEncoder(teacher, device="cpu", max_length=p["teacher_max_length"])
-        scores = model.predict(flat, batch_size=32, activation_fn=torch.nn.Identity())
-    scores = np.asarray(scores, np.float64).reshape(len(mined), len(cols)) * p["label_scale"]
+    scores = plain_teacher_scores(teacher, flat, len(cols), p["teacher_max_length"]) * p["label_scale"]
     stages["score"] = time.perf_counter() - t0
     margins = (scores[:, :1] - scores[:, 1:]).tolist()
     data = Dataset.from_dict({"query": mined["query"], **{c: mined[c] for c in cols}, "label": margins})
     return data, stages
+
+
+def plain_teacher_scores(teacher: str, flat: list, width: int, max_length: int) -> np.ndarray:
+    """(rows, ``width``) teacher scores of ``flat`` pairs, a row's pairs next to each other, the
+    way the documentation computes them: ``CrossEncoder.predict`` for a cross-encoder,
+    ``SentenceTransformer.similarity_pairwise`` for a bi-encoder. The members of an ensemble
+    folder (the pipeline's fine-tuned teacher, described by its ensemble.json) are each scored so
+    and mixed as the folder says: z-scores within a row, weighted."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.cross_encoder import CrossEncoder
+
+    from pipeline.models import model_kind, strip_kind
+    from pipeline.scoring import ensemble_members
+
+    members = ensemble_members(teacher)
+    mixed = np.zeros((len(flat) // width, width))
+    for ref, weight in members:
+        if model_kind(ref) == "bi-encoder":
+            model = SentenceTransformer(strip_kind(ref), device="cpu")
+            model.max_seq_length = max_length
+            q = model.encode([a for a, _ in flat], batch_size=32, convert_to_tensor=True)
+            d = model.encode([b for _, b in flat], batch_size=32, convert_to_tensor=True)
+            raw = model.similarity_pairwise(q, d).numpy()
+        else:
+            # The cosine head ships its code in the folder (docs/student.md), hence the flag.
+            model = CrossEncoder(strip_kind(ref), device="cpu", max_length=max_length, trust_remote_code=True)
+            raw = model.predict(flat, batch_size=32, activation_fn=torch.nn.Identity())
+        raw = np.asarray(raw, np.float64).reshape(-1, width)
+        if len(members) == 1:
+            return raw
+        std = raw.std(axis=1, keepdims=True)
+        mixed += weight * (raw - raw.mean(axis=1, keepdims=True)) / np.where(std > 1e-12, std, 1.0)
+    return mixed
 
 
 def bce_rows(labels_dir: Path):
