@@ -226,6 +226,44 @@ def speed_in_turns(split: Split, rankers: dict, queries: int = TIMING_QUERIES) -
     return ranker_speed(blocks, split.qids, queries)
 
 
+def test_rows(
+    test: Split, p: dict, teacher_ref: str, students: dict[str, list[Path]], timing_queries: int, untrained: bool = False
+) -> tuple[dict, dict]:
+    """Every ranker's test row (``row``) and what was timed: the retriever's order, the teacher,
+    with ``untrained`` the untrained student, and each side's students (a folder per seed), all in
+    fp32. Quality comes from every pair; speed from the rankers taking turns (``speed_in_turns``),
+    a side timed by its first seed's student, since the seeds share architecture and length."""
+    import torch
+
+    from pipeline.models import cut_student, load_bi_encoder
+    from pipeline.scoring import BiEncoderScorer, CrossEncoderScorer, TeacherSpec, load_teacher
+
+    def blocks(scorer):
+        return lambda pairs, qids: scorer.score(pairs, show_progress=False)
+
+    retriever = BiEncoderScorer(load_bi_encoder(p["embedder"], "cpu", p["max_length"]), "cpu", torch.float32)
+    teacher = load_teacher(TeacherSpec.parse(teacher_ref), "cpu", "fp32", p["teacher_max_length"])
+    quality = {"retriever": [np.asarray(test.retrieval, np.float32)], "teacher": [np.asarray(teacher.score(test.pairs, test.qids), np.float32)]}
+    timed = {"retriever": blocks(retriever), "teacher": lambda pairs, qids: teacher.score(pairs, qids, show_progress=False)}
+    print(f"[test] teacher: nDCG@10 {test.per_query(quality['teacher'][0])['ndcg@10'].mean():.4f}", flush=True)
+    if untrained:
+        torch.manual_seed(SEEDS[0])
+        scorer = CrossEncoderScorer(cut_student(p["student"], p["student_layers"], "cpu", p["max_length"], head=p["student_head"]), "cpu", torch.float32)
+        quality["student (untrained)"] = [np.asarray(scorer.score(test.pairs, desc="untrained"), np.float32)]
+        timed["student (untrained)"] = blocks(scorer)
+    for name, folders in students.items():
+        runs = []
+        for i, folder in enumerate(folders):
+            scorer = test.scorer(folder, p["max_length"])
+            runs.append(np.asarray(scorer.score(test.pairs, desc=folder.name), np.float32))
+            print(f"[test] {name} {folder.name}: nDCG@10 {test.per_query(runs[-1])['ndcg@10'].mean():.4f}", flush=True)
+            if i == 0:
+                timed[f"student ({name})"] = blocks(scorer)
+        quality[f"student ({name})"] = runs
+    speed, timing = speed_in_turns(test, timed, timing_queries)
+    return {name: row(test, runs, speed[name]) for name, runs in quality.items()}, timing
+
+
 def row(split: Split, runs: list[np.ndarray], speed: dict | None = None) -> dict:
     """Mean ± std over seeds of each metric, per-query nDCG@10 averaged over seeds, and the
     ranker's ``speed`` figures (``speed_in_turns``)."""
@@ -272,12 +310,8 @@ def main() -> None:
     ap.add_argument("--timing-queries", type=int, default=TIMING_QUERIES, help="test queries whose pairs every ranker is timed on (0: all)")
     args = ap.parse_args()
 
-    import torch
-
     from pipeline.data import load_normalized
     from pipeline.evaluation import paired_test
-    from pipeline.models import load_bi_encoder
-    from pipeline.scoring import BiEncoderScorer, TeacherSpec, load_teacher
 
     work = Path(args.work)
     seeds = SEEDS[: args.seeds] if args.seeds <= len(SEEDS) else tuple(range(12, 12 + args.seeds))
@@ -305,26 +339,11 @@ def main() -> None:
         dev_depth[str(layers)] = dev_ndcg(train_depth, work / f"project-dev-layers{layers}", chosen["project"], dev, p)
     dev_retriever = float(dev.per_query(np.asarray(dev.retrieval, np.float32))["ndcg@10"].mean())
 
-    retriever = BiEncoderScorer(load_bi_encoder(p["embedder"], "cpu", p["max_length"]), "cpu", torch.float32)
-    teacher = load_teacher(TeacherSpec.parse(up["teacher"]), "cpu", "fp32", p["teacher_max_length"])
-    quality = {"retriever": [np.asarray(test.retrieval, np.float32)], "teacher": [np.asarray(teacher.score(test.pairs, test.qids), np.float32)]}
-    timed = {"retriever": lambda pairs, qids: retriever.score(pairs, show_progress=False),
-             "teacher": lambda pairs, qids: teacher.score(pairs, qids, show_progress=False)}
-    train_seconds = {}
+    folders, train_seconds = {}, {}
     for name, train in sides.items():
-        runs, seconds = [], []
-        for seed in seeds:
-            out = work / f"{name.split()[0]}-test-seed{seed}"
-            seconds.append(train(out, chosen[name], seed))
-            runs.append(test.score(out, p["max_length"]))
-            print(f"[test] {name} seed {seed}: nDCG@10 {test.per_query(runs[-1])['ndcg@10'].mean():.4f}", flush=True)
-        quality[f"student ({name})"] = runs
-        # The seeds share architecture and length, so the first seed's student is the side's speed.
-        first = test.scorer(work / f"{name.split()[0]}-test-seed{seeds[0]}", p["max_length"])
-        timed[f"student ({name})"] = lambda pairs, qids, s=first: s.score(pairs, show_progress=False)
-        train_seconds[name] = float(np.mean(seconds))
-    speed, timing = speed_in_turns(test, timed, args.timing_queries)
-    rankers = {name: row(test, runs, speed[name]) for name, runs in quality.items()}
+        folders[name] = [work / f"{name.split()[0]}-test-seed{seed}" for seed in seeds]
+        train_seconds[name] = float(np.mean([train(out, chosen[name], seed) for seed, out in zip(seeds, folders[name])]))
+    rankers, timing = test_rows(test, p, up["teacher"], folders, args.timing_queries)
 
     def compare(a: str, b: str) -> dict:
         return paired_test(np.asarray(rankers[a]["per_query_ndcg"]), np.asarray(rankers[b]["per_query_ndcg"]))

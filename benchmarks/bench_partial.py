@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.bench_e2e import (  # noqa: E402
-    SEEDS, TIMING_QUERIES, Split, comparison_rows, dev_ndcg, mean_std, row, speed_in_turns, speed_sentence, student_params, train_project,
+    SEEDS, TIMING_QUERIES, Split, comparison_rows, dev_ndcg, mean_std, speed_sentence, student_params, test_rows, train_project,
     write_results,
 )
 
@@ -114,13 +114,10 @@ def main() -> None:
     ap.add_argument("--timing-queries", type=int, default=TIMING_QUERIES, help="test queries whose pairs every ranker is timed on (0: all)")
     args = ap.parse_args()
 
-    import torch
     from datasets import load_from_disk
 
     from pipeline.data import load_normalized
     from pipeline.evaluation import paired_test
-    from pipeline.models import cut_student, load_bi_encoder
-    from pipeline.scoring import BiEncoderScorer, CrossEncoderScorer, TeacherSpec, load_teacher
 
     work = Path(args.work)
     dataset = Path(args.dataset)
@@ -153,33 +150,14 @@ def main() -> None:
             chosen[name] = max(grid, key=lambda x: dev_grid[name][setting_name(x)])
             print(f"[dev] {name}: {dev_grid[name]} -> {setting_name(chosen[name])}", flush=True)
 
-    retriever = BiEncoderScorer(load_bi_encoder(p["embedder"], "cpu", p["max_length"]), "cpu", torch.float32)
-    teacher = load_teacher(TeacherSpec.parse(distilled["teacher"]), "cpu", "fp32", p["teacher_max_length"])
-    torch.manual_seed(SEEDS[0])
-    untrained = CrossEncoderScorer(cut_student(p["student"], p["student_layers"], "cpu", p["max_length"], head=p["student_head"]), "cpu", torch.float32)
-    quality = {"retriever": [np.asarray(test.retrieval, np.float32)],
-               "teacher": [np.asarray(teacher.score(test.pairs, test.qids), np.float32)],
-               "student (untrained)": [np.asarray(untrained.score(test.pairs, desc="untrained"), np.float32)]}
-    print(f"[test] teacher: nDCG@10 {test.per_query(quality['teacher'][0])['ndcg@10'].mean():.4f}", flush=True)
-    timed = {"retriever": lambda pairs, qids: retriever.score(pairs, show_progress=False),
-             "teacher": lambda pairs, qids: teacher.score(pairs, qids, show_progress=False),
-             "student (untrained)": lambda pairs, qids: untrained.score(pairs, show_progress=False)}
+    folders = {}
     for name, train in sides.items():
-        runs, folders = [], []
-        for seed in SEEDS:
-            lr, epochs = chosen[name]
-            out = work / f"{name.split()[0]}-test-lr{lr:g}-ep{epochs:g}-seed{seed}"
+        lr, epochs = chosen[name]
+        folders[name] = [work / f"{name.split()[0]}-test-lr{lr:g}-ep{epochs:g}-seed{seed}" for seed in SEEDS]
+        for seed, out in zip(SEEDS, folders[name]):
             if not (out / "config.json").exists():
                 train(out, chosen[name], seed)
-            runs.append(test.score(out, p["max_length"]))
-            folders.append(out)
-            print(f"[test] {name} seed {seed}: nDCG@10 {test.per_query(runs[-1])['ndcg@10'].mean():.4f}", flush=True)
-        quality[f"student ({name})"] = runs
-        # The seeds share architecture and length, so the first seed's student is the side's speed.
-        first = test.scorer(folders[0], p["max_length"])
-        timed[f"student ({name})"] = lambda pairs, qids, s=first: s.score(pairs, show_progress=False)
-    speed, timing = speed_in_turns(test, timed, args.timing_queries)
-    rankers = {name: row(test, runs, speed[name]) for name, runs in quality.items()}
+    rankers, timing = test_rows(test, p, distilled["teacher"], folders, args.timing_queries, untrained=True)
 
     def compare(a: str, b: str) -> dict:
         return paired_test(np.asarray(rankers[a]["per_query_ndcg"]), np.asarray(rankers[b]["per_query_ndcg"]))
