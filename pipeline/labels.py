@@ -389,23 +389,26 @@ def write_labels(
     def teacher_of(batch: pa.Table) -> PairValues | None:
         return PairValues.of_queries(scores, batch["query_id"].combine_chunks()) if scores is not None else None
 
+    # Each batch with its teacher scores, looked up once: the false-negative pass keeps every
+    # group (it moves or drops negatives), so the rows below read the same queries' scores.
     batches, filter_stats = [], {}
     for batch in pq.read_table(Path(mined_dir) / "groups.parquet").to_batches(groups_per_batch):
         batch = pa.Table.from_batches([batch])
-        if scores is not None:
-            batch, found = false_negatives(batch, teacher_of(batch), config.false_negative_margin, config.false_negatives)
+        teacher = teacher_of(batch)
+        if teacher is not None:
+            batch, found = false_negatives(batch, teacher, config.false_negative_margin, config.false_negatives)
             _add_stats(filter_stats, found)
-        batches.append(batch)
-    lengths = [pc.max(pc.list_value_length(b["negative_ids"])).as_py() for b in batches if b.num_rows]
+        batches.append((batch, teacher))
+    lengths = [pc.max(pc.list_value_length(b["negative_ids"])).as_py() for b, _ in batches if b.num_rows]
     num_negatives = config.num_negatives if config.num_negatives is not None else max((n or 0 for n in lengths), default=0)
 
     stats: dict = {}
     empty: NoRowsError | None = None
     with atomic_dir(out_dir) as tmp:
         stream, writer = tmp / "rows.arrow", None
-        for batch in batches:
+        for batch, teacher in batches:
             try:
-                table, built = rows(batch, teacher_of(batch), tables, grades, num_negatives)
+                table, built = rows(batch, teacher, tables, grades, num_negatives)
             except NoRowsError as e:
                 empty = empty or e
                 continue
