@@ -79,14 +79,18 @@ def judged_counts(ds, source: Path) -> dict:
     return {"source": str(source), "judged_train_queries": len(judged["train"]), "unjudged_train_queries": len(unjudged)}
 
 
-def upstream(dataset: Path, out: Path, loss: str) -> dict:
+def upstream(dataset: Path, out: Path, loss: str, num_negatives: int | None = None) -> dict:
     """The pipeline's stages up to the labels for ``loss``, with luigi.cfg's [TrainStudent]
-    settings, every training query (judged or not) and the unjudged ones labelled by the teacher."""
+    settings (``num_negatives``, where given, in place of its own), every training query (judged
+    or not) and the unjudged ones labelled by the teacher."""
     import luigi
 
     import tasks
 
-    entry = tasks.TrainStudent(dataset=str(dataset), output_dir=str(out), max_train_queries=0, max_unjudged_queries=-1, loss=loss)
+    given = {} if num_negatives is None else {"num_negatives": num_negatives}
+    entry = tasks.TrainStudent(
+        dataset=str(dataset), output_dir=str(out), max_train_queries=0, max_unjudged_queries=-1, loss=loss, **given
+    )
     labels = entry.clone(tasks.BuildLabels)
     if not luigi.build([labels], local_scheduler=True, workers=1, log_level="WARNING"):
         raise SystemExit("the pipeline failed (see the log above)")
@@ -111,6 +115,7 @@ def main() -> None:
     ap.add_argument("--output-dir", default="", help="the pipeline's output folder (default <work>/project); the demo's reuses its stages")
     ap.add_argument("--defaults", action="store_true", help="no dev grid: each side at its default learning rate (unseen data)")
     ap.add_argument("--results", default="benchmarks/results/partial")
+    ap.add_argument("--num-negatives", type=int, default=None, help="mined negatives per training query (default: luigi.cfg's)")
     ap.add_argument("--timing-queries", type=int, default=TIMING_QUERIES, help="test queries whose pairs every ranker is timed on (0: all)")
     args = ap.parse_args()
 
@@ -127,8 +132,8 @@ def main() -> None:
     else:
         data_stats = None  # counted on the data the pipeline prepares below
     project = Path(args.output_dir or work / "project")
-    distilled = upstream(dataset, project, "PackedMarginMSELoss")
-    label_only = upstream(dataset, project, "BinaryCrossEntropyLoss")
+    distilled = upstream(dataset, project, "PackedMarginMSELoss", args.num_negatives)
+    label_only = upstream(dataset, project, "BinaryCrossEntropyLoss", args.num_negatives)
     p = distilled["params"]
     ds = load_normalized(distilled["data"])
     data_stats = data_stats or judged_counts(ds, dataset)
@@ -184,7 +189,8 @@ def table(r: dict) -> str:
     lines = [
         f"`{m['dataset']}`: {m['judged_train_queries']} training queries judged, {m['unjudged_train_queries']} unjudged. "
         f"Teacher `{m['teacher']}` (fine-tuned on the judged queries, kind {p.get('teacher_kind', '?')}). The distilled student trains on "
-        f"{d.get('judged_queries', '?')} judged + {d.get('unjudged_queries', '?')} unjudged queries ({d.get('rows', '?')} rows); "
+        f"{d.get('judged_queries', '?')} judged + {d.get('unjudged_queries', '?')} unjudged queries ({d.get('rows', '?')} rows, "
+        f"{p.get('num_negatives', '?')} mined negatives each); "
         f"the label-only student on {b.get('judged_queries', '?')} judged queries ({b.get('rows', '?')} rows). "
         f"{p['student_layers']}-layer students cut from `{p['student']}` (head {p['student_head']}), {p['epochs']:g} epoch, batch {p['batch_size']}, trained in {p['precision']}. "
         f"Test: {m['test_queries']} queries, each reranking the retriever's true top-{p['rerank_top_k']}. "
