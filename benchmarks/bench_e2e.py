@@ -108,16 +108,17 @@ def plain_teacher_scores(teacher: str, flat: list, width: int, max_length: int) 
     way the documentation computes them: ``CrossEncoder.predict`` for a cross-encoder,
     ``SentenceTransformer.similarity_pairwise`` for a bi-encoder. The members of an ensemble
     folder (the pipeline's fine-tuned teacher, described by its ensemble.json) are each scored so
-    and mixed as the folder says: z-scores within a row, weighted."""
+    and mixed as the folder says: the pipeline's z-scores within a row (a query's group), weighted."""
     import torch
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.cross_encoder import CrossEncoder
 
     from pipeline.models import model_kind, strip_kind
-    from pipeline.scoring import ensemble_members
+    from pipeline.scoring import ensemble_members, zscore_per_query
 
     members = ensemble_members(teacher)
-    mixed = np.zeros((len(flat) // width, width))
+    rows = np.repeat(np.arange(len(flat) // width), width)
+    mixed = np.zeros(len(flat))
     for ref, weight in members:
         if model_kind(ref) == "bi-encoder":
             model = SentenceTransformer(strip_kind(ref), device="cpu")
@@ -129,12 +130,11 @@ def plain_teacher_scores(teacher: str, flat: list, width: int, max_length: int) 
             # The cosine head ships its code in the folder (docs/student.md), hence the flag.
             model = CrossEncoder(strip_kind(ref), device="cpu", max_length=max_length, trust_remote_code=True)
             raw = model.predict(flat, batch_size=32, activation_fn=torch.nn.Identity())
-        raw = np.asarray(raw, np.float64).reshape(-1, width)
+        raw = np.asarray(raw, np.float64)
         if len(members) == 1:
-            return raw
-        std = raw.std(axis=1, keepdims=True)
-        mixed += weight * (raw - raw.mean(axis=1, keepdims=True)) / np.where(std > 1e-12, std, 1.0)
-    return mixed
+            return raw.reshape(-1, width)
+        mixed += weight * zscore_per_query(raw, rows)
+    return mixed.reshape(-1, width)
 
 
 def bce_rows(labels_dir: Path):
