@@ -92,7 +92,7 @@ TIMING_TURNS = 8  # blocks of the timed queries; every ranker scores each block,
 
 def ranker_speed(
     rankers: dict[str, Callable[[slice], object]], qids: list[str], max_queries: int = 0, turns: int = TIMING_TURNS
-) -> tuple[dict[str, dict[str, float]], dict[str, int]]:
+) -> tuple[dict[str, dict[str, float]], dict[str, int], dict[str, np.ndarray]]:
     """Pairs/s and milliseconds per query of each ranker on the candidate pairs of the first
     ``max_queries`` queries (0: all). ``qids`` holds each pair's query, a query's pairs next to
     each other; ``rankers[name](s)`` scores the pairs in slice ``s`` of that list.
@@ -104,31 +104,36 @@ def ranker_speed(
     rotates and reverses from block to block, so none always follows the same one. A shared
     machine's speed drifts by tens of percent from one minute to the next; timed one after
     another, a ranker takes whatever drift falls in its minutes, while turns spread it over all
-    of them alike. Returns the figures by ranker, and the queries, pairs and turns they were
-    measured on.
+    of them alike. Returns the figures by ranker; the queries, pairs and turns they were
+    measured on; and each ranker's scores from its untimed round, in pair order over those
+    pairs (the first ``pairs`` of ``qids``'s), so that no caller scores them a second time.
     """
     starts = [i for i in range(len(qids)) if i == 0 or qids[i] != qids[i - 1]]
     n_queries = len(starts) if max_queries <= 0 else min(max_queries, len(starts))
     bounds = [*starts[:n_queries], starts[n_queries] if n_queries < len(starts) else len(qids)]
     if not n_queries:
-        return {name: {} for name in rankers}, {"queries": 0, "pairs": 0, "turns": 0}
+        return {name: {} for name in rankers}, {"queries": 0, "pairs": 0, "turns": 0}, {name: np.zeros(0, np.float32) for name in rankers}
     blocks = [slice(bounds[b[0]], bounds[b[-1] + 1]) for b in np.array_split(np.arange(n_queries), min(turns, n_queries))]
     names = list(rankers)
     seconds = dict.fromkeys(names, 0.0)
+    untimed = {name: [None] * len(blocks) for name in names}
     for timed in (False, True):
         for turn, part in enumerate(blocks):
             order = names[turn % len(names):] + names[: turn % len(names)]
             for name in order[::-1] if turn % 2 else order:
                 t0 = time.perf_counter()
-                rankers[name](part)
+                scores = rankers[name](part)
                 if timed:
                     seconds[name] += time.perf_counter() - t0
+                else:
+                    untimed[name][turn] = scores
     n_pairs = bounds[-1]
     speed = {
         name: {"pairs_per_second": round(n_pairs / s, 2) if s > 0 else float("inf"), "ms_per_query": round(1000 * s / n_queries, 2)}
         for name, s in seconds.items()
     }
-    return speed, {"queries": n_queries, "pairs": n_pairs, "turns": len(blocks)}
+    scored = {name: np.concatenate([np.asarray(b, np.float32).reshape(-1) for b in parts]) for name, parts in untimed.items()}
+    return speed, {"queries": n_queries, "pairs": n_pairs, "turns": len(blocks)}, scored
 
 
 def evaluate_rankers(
@@ -269,7 +274,7 @@ def evaluate_student(data_dir, mined_dir, student_dir, out_dir, config: EvalConf
     baseline_file = Path(c.baseline_cache) / f"{pairs_digest(qids, dids, pairs, retrieval)}.npz" if c.baseline_cache else None
     scores = _cached_baselines(baseline_file, len(pairs))
     from_cache = scores is not None
-    # Every ranker is loaded at once: they are timed taking turns, after the quality pass.
+    # Every ranker is loaded at once: they are timed taking turns, before the quality pass.
     retriever = BiEncoderScorer(load_bi_encoder(c.embedder, c.device, c.max_length), c.device, dtype)
     teacher = load_teacher(TeacherSpec.parse(c.teacher, c.teacher_weights), c.device, c.teacher_precision, c.teacher_max_length)
     torch.manual_seed(c.seed)
@@ -279,22 +284,32 @@ def evaluate_student(data_dir, mined_dir, student_dir, out_dir, config: EvalConf
         students["student_label_only"] = CrossEncoderScorer(load_cross_encoder(str(label_only_dir), c.device, c.max_length), c.device, dtype)
     descs = {"student_untrained": "untrained student", "student": "student", "student_label_only": "label-only student"}
 
-    if scores is None:
-        # The retriever's order is mining's; it is timed below re-scoring the same pairs, texts embedded.
-        scores = {"retriever": np.asarray(retrieval, np.float32), "teacher": np.asarray(teacher.score(pairs, qids), np.float32)}
-        scores["student_untrained"] = students["student_untrained"].score(pairs, desc=descs["student_untrained"])
-        _store_baselines(baseline_file, scores)
-    for name in ("student", "student_label_only"):
-        if name in students:
-            scores[name] = students[name].score(pairs, desc=descs[name])
-
+    # The retriever's order is mining's; it is timed re-scoring the same pairs, texts embedded.
     timed = {
         "retriever": lambda part: retriever.score(pairs[part], show_progress=False),
         "teacher": lambda part: teacher.score(pairs[part], qids[part], show_progress=False),
         **{name: (lambda part, s=s: s.score(pairs[part], show_progress=False)) for name, s in students.items()},
     }
     log.info("timing %d rankers on up to %s test queries, taking turns", len(timed), c.timing_queries or "all")
-    speed, timing = ranker_speed(timed, qids, c.timing_queries)
+    speed, timing, warm = ranker_speed(timed, qids, c.timing_queries)
+    # The timing's untimed round scored the first pairs with the same models and precision; only
+    # the rest (whole queries, so an ensemble's per-query mixing sees whole groups) is scored here.
+    rest = slice(timing["pairs"], len(pairs))
+
+    def every_pair(name: str, score_rest: Callable[[], object]) -> np.ndarray:
+        tail = np.asarray(score_rest(), np.float32) if rest.start < rest.stop else np.zeros(0, np.float32)
+        return np.concatenate([warm[name], tail])
+
+    if scores is None:
+        scores = {"retriever": np.asarray(retrieval, np.float32)}
+        scores["teacher"] = every_pair("teacher", lambda: teacher.score(pairs[rest], qids[rest]))
+        scores["student_untrained"] = every_pair(
+            "student_untrained", lambda: students["student_untrained"].score(pairs[rest], desc=descs["student_untrained"])
+        )
+        _store_baselines(baseline_file, scores)
+    for name in ("student", "student_label_only"):
+        if name in students:
+            scores[name] = every_pair(name, lambda name=name: students[name].score(pairs[rest], desc=descs[name]))
     test, significance, per_query = evaluate_rankers(qids, dids, qrels, scores, speed=speed)
     lines = verdict(test, significance)
     metrics = {
