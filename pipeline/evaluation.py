@@ -136,6 +136,13 @@ def ranker_speed(
     return speed, {"queries": n_queries, "pairs": n_pairs, "turns": len(blocks)}, scored
 
 
+def after_timing(untimed: np.ndarray, score_rest: Callable[[], object], n_pairs: int) -> np.ndarray:
+    """A ranker's scores of all ``n_pairs`` pairs: the untimed round's (:func:`ranker_speed`) for
+    the timed pairs at the front, then ``score_rest()``'s for the others, called only if any."""
+    rest = np.asarray(score_rest(), np.float32) if n_pairs > len(untimed) else np.zeros(0, np.float32)
+    return np.concatenate([untimed, rest])
+
+
 def evaluate_rankers(
     qids: list[str],
     dids: list[str],
@@ -295,21 +302,18 @@ def evaluate_student(data_dir, mined_dir, student_dir, out_dir, config: EvalConf
     # The timing's untimed round scored the first pairs with the same models and precision; only
     # the rest (whole queries, so an ensemble's per-query mixing sees whole groups) is scored here.
     rest = slice(timing["pairs"], len(pairs))
-
-    def every_pair(name: str, score_rest: Callable[[], object]) -> np.ndarray:
-        tail = np.asarray(score_rest(), np.float32) if rest.start < rest.stop else np.zeros(0, np.float32)
-        return np.concatenate([warm[name], tail])
-
     if scores is None:
         scores = {"retriever": np.asarray(retrieval, np.float32)}
-        scores["teacher"] = every_pair("teacher", lambda: teacher.score(pairs[rest], qids[rest]))
-        scores["student_untrained"] = every_pair(
-            "student_untrained", lambda: students["student_untrained"].score(pairs[rest], desc=descs["student_untrained"])
+        scores["teacher"] = after_timing(warm["teacher"], lambda: teacher.score(pairs[rest], qids[rest]), len(pairs))
+        scores["student_untrained"] = after_timing(
+            warm["student_untrained"],
+            lambda: students["student_untrained"].score(pairs[rest], desc=descs["student_untrained"]),
+            len(pairs),
         )
         _store_baselines(baseline_file, scores)
     for name in ("student", "student_label_only"):
         if name in students:
-            scores[name] = every_pair(name, lambda name=name: students[name].score(pairs[rest], desc=descs[name]))
+            scores[name] = after_timing(warm[name], lambda name=name: students[name].score(pairs[rest], desc=descs[name]), len(pairs))
     test, significance, per_query = evaluate_rankers(qids, dids, qrels, scores, speed=speed)
     lines = verdict(test, significance)
     metrics = {

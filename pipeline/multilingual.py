@@ -267,7 +267,7 @@ def evaluate_languages(
 
 def _language_metrics(ds, lang, source, candidates, qrels, teacher_of, teacher, scorers, timing_queries: int) -> dict:
     """One language's rankers on its test candidates, with their metrics, paired tests and speed."""
-    from pipeline.evaluation import evaluate_rankers, queries_with_positive, ranker_speed
+    from pipeline.evaluation import after_timing, evaluate_rankers, queries_with_positive, ranker_speed
 
     qids, dids, retrieval, skipped = candidates
     queries, corpus = texts_of(ds, lang, source)
@@ -286,8 +286,7 @@ def _language_metrics(ds, lang, source, candidates, qrels, teacher_of, teacher, 
     # The timing's untimed round scored the first pairs already; the students score the rest.
     rest = pairs[timing["pairs"]:]
     for name, scorer in scorers.items():
-        tail = scorer.score(rest, desc=f"{name} [{lang}]") if rest else np.zeros(0, np.float32)
-        rankers[name] = np.concatenate([warm[name], np.asarray(tail, np.float32)])
+        rankers[name] = after_timing(warm[name], lambda s=scorer, n=name: s.score(rest, desc=f"{n} [{lang}]"), len(pairs))
     results, tests, _ = evaluate_rankers(qids, dids, qrels, rankers, MULTILINGUAL_COMPARISONS, speed)
     return {
         "queries": len(set(qids)), "queries_with_positive_in_top_k": queries_with_positive(qids, dids, qrels), "pairs": len(pairs),
