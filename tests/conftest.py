@@ -69,10 +69,11 @@ def make_bi_encoder(path: Path, layers: int = 2, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     raw = path.parent / (path.name + "-raw")
     raw.mkdir(parents=True, exist_ok=True)
-    BertModel(_tiny_bert_config(layers)).save_pretrained(raw)
+    config = _tiny_bert_config(layers)
+    BertModel(config).save_pretrained(raw)
     _copy_tokenizer(raw)
     word = models.Transformer(str(raw), max_seq_length=128)
-    st = SentenceTransformer(modules=[word, models.Pooling(word.get_word_embedding_dimension(), "mean")])
+    st = SentenceTransformer(modules=[word, models.Pooling(config.hidden_size, "mean")])
     st.save(str(path))
     shutil.rmtree(raw)
     return path
