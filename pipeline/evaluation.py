@@ -32,6 +32,10 @@ COMPARISONS = (
     ("student", "student_untrained"),
     ("student", "student_label_only"),
     ("student_label_only", "retriever"),
+    ("student_fused", "retriever"),
+    ("student_fused", "student"),
+    ("student_fused", "teacher"),
+    ("student_fused", "student_label_only_fused"),
 )
 
 
@@ -178,50 +182,60 @@ def outcome(t: dict | None) -> str:
     return "yes" if t["diff"] > 0 else "NO"
 
 
-def verdict(test: dict[str, dict[str, float]], significance: dict[str, dict] | None = None) -> list[str]:
+def verdict(test: dict[str, dict[str, float]], significance: dict[str, dict] | None = None, fusion: dict[str, dict] | None = None) -> list[str]:
     """Plain sentences on whether each reranker is worth running over the retriever."""
-    significance = significance or {}
+    significance, fusion = significance or {}, fusion or {}
 
     def p_of(a: str, b: str) -> str:
         t = significance.get(f"{a} vs {b}")
         return f" (paired t-test over {t['queries']} queries: p = {t['p_value']:.3g})" if t else ""
 
+    subjects = {"teacher": "The teacher", "student": "The student"}
+    if "student" in fusion:
+        f = fusion["student"]
+        subjects["student_fused"] = (
+            f"The student fused with the retriever's score (weight {f['weight']:g} on the student, chosen on {f['dev_queries']} dev queries)"
+        )
     lines = []
     base = test["retriever"]["ndcg@10"]
-    for name in ("teacher", "student"):
+    for name, subject in subjects.items():
         if name not in test:
             continue
         diff = test[name]["ndcg@10"] - base
         # Without a paired test a gain is not shown: "beats" needs the test, as in every table.
         if outcome(significance.get(f"{name} vs retriever")) == "yes":
-            lines.append(f"The {name} beats the retriever's own order by {diff:+.4f} nDCG@10{p_of(name, 'retriever')}.")
+            lines.append(f"{subject} beats the retriever's own order by {diff:+.4f} nDCG@10{p_of(name, 'retriever')}.")
         elif diff > 0:
             lines.append(
-                f"The {name} is ahead of the retriever's own order by {diff:+.4f} nDCG@10, but not significantly"
+                f"{subject} is ahead of the retriever's own order by {diff:+.4f} nDCG@10, but not significantly"
                 f"{p_of(name, 'retriever')}: it may not be worth running."
             )
         else:
             lines.append(
-                f"The {name} does NOT beat the retriever's own order ({diff:+.4f} nDCG@10{p_of(name, 'retriever')}): "
+                f"{subject} does NOT beat the retriever's own order ({diff:+.4f} nDCG@10{p_of(name, 'retriever')}): "
                 f"reranking with it makes results worse than no reranker."
             )
     if "student" in test and "student_untrained" in test:
         gain = test["student"]["ndcg@10"] - test["student_untrained"]["ndcg@10"]
         lines.append(f"Training moved the student {gain:+.4f} nDCG@10 from its untrained start{p_of('student', 'student_untrained')}.")
-    if "student" in test and "student_label_only" in test:
-        gain = test["student"]["ndcg@10"] - test["student_label_only"]["ndcg@10"]
-        better = outcome(significance.get("student vs student_label_only")) == "yes"
-        lines.append(
-            f"Distillation {'adds' if better else 'does NOT significantly add'} {gain:+.4f} nDCG@10 over the same student trained "
-            f"on the judgments alone{p_of('student', 'student_label_only')}."
-        )
-    if "student" in test and "teacher" in test and test["teacher"]["ndcg@10"] > 0:
-        q = test["student"]["ndcg@10"] / test["teacher"]["ndcg@10"]
-        line = f"The student keeps {q:.1%} of the teacher's nDCG@10{p_of('student', 'teacher')}"
-        if "ms_per_query" in test["student"] and "ms_per_query" in test["teacher"]:
-            s = test["teacher"]["ms_per_query"] / max(test["student"]["ms_per_query"], 1e-9)
-            line += f" at {s:.1f}x its speed ({test['student']['ms_per_query']:.0f} against {test['teacher']['ms_per_query']:.0f} ms per query)"
-        lines.append(line + ".")
+    for name, baseline, how in (
+        ("student", "student_label_only", "the same student trained on the judgments alone"),
+        ("student_fused", "student_label_only_fused", "that student fused with the retriever the same way"),
+    ):
+        if name in test and baseline in test:
+            gain = test[name]["ndcg@10"] - test[baseline]["ndcg@10"]
+            better = outcome(significance.get(f"{name} vs {baseline}")) == "yes"
+            lines.append(
+                f"Distillation {'adds' if better else 'does NOT significantly add'} {gain:+.4f} nDCG@10 over {how}{p_of(name, baseline)}."
+            )
+    for name in ("student", "student_fused"):
+        if name in test and "teacher" in test and test["teacher"]["ndcg@10"] > 0:
+            q = test[name]["ndcg@10"] / test["teacher"]["ndcg@10"]
+            line = f"{'The student' if name == 'student' else 'Fused, it'} keeps {q:.1%} of the teacher's nDCG@10{p_of(name, 'teacher')}"
+            if "ms_per_query" in test[name] and "ms_per_query" in test["teacher"]:
+                s = test["teacher"]["ms_per_query"] / max(test[name]["ms_per_query"], 1e-9)
+                line += f" at {s:.1f}x its speed ({test[name]['ms_per_query']:.0f} against {test['teacher']['ms_per_query']:.0f} ms per query)"
+            lines.append(line + ".")
     return lines
 
 
@@ -242,6 +256,7 @@ class EvalConfig:
     max_eval_queries: int = 0
     seed: int = 12
     timing_queries: int = 200  # the test queries every ranker is timed on (0: all)
+    fusion_dev_queries: int = 1000  # dev queries the weight of each student's fusion with the retriever is chosen on (0: no fusion)
     device: str = run_only("cpu", "the same precision scores alike on every device, up to float rounding")
     baseline_cache: str = run_only("", "a folder of scores that do not depend on the student's training, keyed by everything they do")
 
@@ -267,6 +282,7 @@ def evaluate_student(data_dir, mined_dir, student_dir, out_dir, config: EvalConf
 
     from pipeline.artifacts import atomic_dir, write_json
     from pipeline.data import judgments, pair_texts
+    from pipeline.fusion import fused_scores
     from pipeline.models import cut_student, load_bi_encoder, load_cross_encoder, resolve_precision
     from pipeline.report import plot_mining, plot_quality_speed, plot_scores, write_report
     from pipeline.scoring import BiEncoderScorer, CrossEncoderScorer, TeacherSpec, load_teacher
@@ -314,8 +330,12 @@ def evaluate_student(data_dir, mined_dir, student_dir, out_dir, config: EvalConf
     for name in ("student", "student_label_only"):
         if name in students:
             scores[name] = after_timing(warm[name], lambda name=name: students[name].score(pairs[rest], desc=descs[name]), len(pairs))
+    fusion = fuse_with_retriever(data_dir, mined_dir, c.fusion_dev_queries, {n: students[n] for n in ("student", "student_label_only") if n in students})
+    for name, choice in fusion.items():
+        scores[f"{name}_fused"] = fused_scores(qids, scores[name], scores["retriever"], choice["weight"])
+        speed[f"{name}_fused"] = speed[name]  # the retriever's score comes with every candidate
     test, significance, per_query = evaluate_rankers(qids, dids, qrels, scores, speed=speed)
-    lines = verdict(test, significance)
+    lines = verdict(test, significance, fusion)
     metrics = {
         "test": test,
         "significance": significance,
@@ -325,6 +345,7 @@ def evaluate_student(data_dir, mined_dir, student_dir, out_dir, config: EvalConf
         "test_pairs": len(pairs),
         "baselines_from_cache": from_cache,
         "speed": {**timing, "device": c.device},
+        "fusion": fusion,
         "precision": {"students": c.precision, "teacher": c.teacher_precision},
         "verdict": lines,
         "params": run["params"],
@@ -341,6 +362,29 @@ def evaluate_student(data_dir, mined_dir, student_dir, out_dir, config: EvalConf
         write_json(tmp / "metrics.json", metrics)
         write_report(tmp / "report.md", metrics, lines, plots)
     return metrics
+
+
+def fuse_with_retriever(data_dir, mined_dir, max_queries: int, students: dict) -> dict[str, dict]:
+    """Each student's weight in its fusion with the retriever (:mod:`pipeline.fusion`), chosen on
+    the candidates of the first ``max_queries`` dev queries; nothing without judged dev candidates."""
+    import pyarrow.parquet as pq
+
+    from pipeline.data import judgments, pair_texts
+    from pipeline.fusion import choose_weight
+
+    path = Path(mined_dir) / "candidates-dev.parquet"
+    if max_queries <= 0 or not students or not path.exists():
+        return {}
+    qrels = judgments(data_dir, "dev")
+    qids, dids, retrieval = candidate_pairs(pq.read_table(path), max_queries)
+    if not any(q in qrels for q in qids):
+        return {}
+    pairs = pair_texts(data_dir, qids, dids)
+    out = {}
+    for name, scorer in students.items():
+        out[name] = choose_weight(qids, dids, qrels, scorer.score(pairs, desc=f"{name} on dev"), retrieval)
+        log.info("%s: fusion weight %g with the retriever, chosen on %d dev queries", name, out[name]["weight"], out[name]["dev_queries"])
+    return out
 
 
 def queries_with_positive(qids: list[str], dids: list[str], qrels: dict[str, dict[str, int]]) -> int:

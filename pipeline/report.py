@@ -9,7 +9,10 @@ import numpy as np
 from pipeline.artifacts import atomic_file
 from pipeline.evaluation import outcome
 
-ROW_ORDER = ["retriever", "teacher", "student_untrained", "student_label_only", "student_source_only", "student"]
+ROW_ORDER = [
+    "retriever", "teacher", "student_untrained", "student_label_only", "student_source_only", "student", "student_label_only_fused",
+    "student_fused",
+]
 
 
 def metrics_table(test: dict[str, dict[str, float]]) -> str:
@@ -43,6 +46,24 @@ def languages_table(languages: dict[str, dict], metric: str = "ndcg@10") -> str:
     lines.append("| student beats the retriever? | " + " | ".join(beats(e) for e in languages.values()) + " |")
     lines.append("| test queries / pairs | " + " | ".join(f"{e['queries']} / {e['pairs']}" for e in languages.values()) + " |")
     return "\n".join(lines)
+
+
+def fusion_section(fusion: dict[str, dict]) -> list[str]:
+    """How each ``*_fused`` row was made, and its weight's dev figures beside both ends of the grid."""
+    lines = [
+        "## Fused with the retriever",
+        "",
+        "A `*_fused` row ranks by w × the student's score + (1 − w) × the retriever's, each z-normalised within its "
+        "query; w was chosen on dev (weight 0 is the retriever's order, 1 the student alone). The retriever's score "
+        "comes with every candidate, so a fused row costs what its student costs.",
+        "",
+        "| student | w | dev queries | dev nDCG@10 at w | at 0 (retriever) | at 1 (student alone) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, f in fusion.items():
+        dev, w = f["dev_ndcg@10"], f"{f['weight']:g}"
+        lines.append(f"| {name} | {w} | {f['dev_queries']} | {dev[w]:.4f} | {dev['0']:.4f} | {dev['1']:.4f} |")
+    return lines + [""]
 
 
 def speed_method(speed: dict | None) -> str:
@@ -193,6 +214,8 @@ def _test_section(metrics: dict, verdict: list[str], plots: dict[str, str]) -> l
     ]
     if metrics.get("significance"):
         parts += [significance_table(metrics["significance"]), ""]
+    if metrics.get("fusion"):
+        parts += fusion_section(metrics["fusion"])
     if metrics.get("languages"):
         parts += [
             "## Languages: nDCG@10 on each language's test queries",

@@ -154,6 +154,10 @@ class EvalParams(TrainParams):
     timing_queries = luigi.IntParameter(
         default=200, description="test queries whose candidates every ranker is timed on, taking turns; 0 = every test query"
     )
+    fusion_dev_queries = luigi.IntParameter(
+        default=1000,
+        description="dev queries on which each student's weight in a fusion with the retriever's score is chosen; 0 = no fused rows",
+    )
     label_only_loss = luigi.Parameter(
         default="", description="also train the same student on the judgments alone with this loss (e.g. BinaryCrossEntropyLoss) and compare"
     )

@@ -422,6 +422,7 @@ def _eval_config(task: EvalParams, cls: type, **extra):
         student_layers=task.student_layers, student_head=student_head(task.student, task.student_head),
         precision=_student_precision(task), teacher_precision=_score_precision(task), max_length=task.max_length,
         teacher_max_length=task.teacher_max_length, max_eval_queries=task.max_eval_queries, timing_queries=task.timing_queries,
+        fusion_dev_queries=task.fusion_dev_queries,
         seed=task.seed, device=task.run_device, **extra,
     )
 

@@ -61,6 +61,14 @@ def test_whole_dag_publishes_student_metrics_and_report(finished_run):
     n = metrics["stages"]["PrepareData"]["split_queries"]
     assert f"judged queries: {n['train']} train, {n['dev']} dev, {n['test']} test." in report and n["dev"] > 0
     assert (out / "teacher_vs_student.png").stat().st_size > 1000
+    # Each student also ranks fused with the retriever, its weight chosen on every dev query.
+    for name in ("student", "student_label_only"):
+        f = metrics["fusion"][name]
+        assert f["dev_queries"] == n["dev"] and f"{f['weight']:g}" in f["dev_ndcg@10"]
+        assert f["dev_ndcg@10"][f"{f['weight']:g}"] == max(f["dev_ndcg@10"].values())
+        assert metrics["test"][f"{name}_fused"]["pairs_per_second"] == metrics["test"][name]["pairs_per_second"]
+    assert {"student_fused vs retriever", "student_fused vs student_label_only_fused"} <= set(metrics["significance"])
+    assert "## Fused with the retriever" in report and "| student_fused |" in report
 
 
 def test_long_passages_are_truncated_and_counted(finished_run, small_beir):

@@ -392,6 +392,24 @@ def test_the_verdict_says_beats_only_with_a_significant_gain():
     assert verdict(test, significant)[0] != verdict(test)[0]
 
 
+def test_the_verdict_names_the_fused_students_weight_and_compares_it_with_the_fused_baseline():
+    from pipeline.evaluation import verdict
+
+    test = {
+        "retriever": {"ndcg@10": 0.80}, "teacher": {"ndcg@10": 0.90}, "student": {"ndcg@10": 0.79},
+        "student_fused": {"ndcg@10": 0.83}, "student_label_only_fused": {"ndcg@10": 0.82},
+    }
+    sig = {
+        "student_fused vs retriever": {"diff": 0.03, "p_value": 0.001, "queries": 100},
+        "student_fused vs student_label_only_fused": {"diff": 0.01, "p_value": 0.3, "queries": 100},
+    }
+    lines = verdict(test, sig, {"student": {"weight": 0.65, "dev_queries": 223, "dev_ndcg@10": {}}})
+    assert "The student fused with the retriever's score (weight 0.65 on the student, chosen on 223 dev queries) beats" in lines[2]
+    assert any(line.startswith("Distillation does NOT significantly add +0.0100") and "fused" in line for line in lines)
+    assert "Fused, it keeps 92.2% of the teacher's nDCG@10." in lines
+    assert not any("weight" in line for line in verdict(test, sig))  # no fusion chosen: no fused subject
+
+
 def test_the_language_table_and_verdict_say_beats_only_with_a_significant_gain():
     """A student ahead of the retriever without a significant paired test is 'not shown', in the
     per-language table and sentence alike; a significant loss is 'NO'."""
