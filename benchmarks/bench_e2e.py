@@ -228,12 +228,17 @@ def speed_in_turns(split: Split, rankers: dict, queries: int = TIMING_QUERIES) -
 
 
 def test_rows(
-    test: Split, p: dict, teacher_ref: str, students: dict[str, list[Path]], timing_queries: int, untrained: bool = False
+    test: Split, p: dict, teacher_ref: str, students: dict[str, list[Path]], timing_queries: int, untrained: bool = False,
+    dev: Split | None = None,
 ) -> tuple[dict, dict]:
     """Every ranker's test row (``row``) and what was timed: the retriever's order, the teacher,
     with ``untrained`` the untrained student, and each side's students (a folder per seed), all in
     fp32. Quality comes from every pair; speed from the rankers taking turns (``speed_in_turns``),
-    a side timed by its first seed's student, since the seeds share architecture and length."""
+    a side timed by its first seed's student, since the seeds share architecture and length.
+    With a ``dev`` split, each side also gets a row fused with the retriever (``pipeline.fusion``),
+    each seed's weight chosen on dev as the pipeline's evaluation chooses it."""
+    from pipeline.fusion import choose_weight, fused_scores
+
     import torch
 
     from pipeline.models import cut_student, load_bi_encoder
@@ -252,6 +257,7 @@ def test_rows(
         scorer = CrossEncoderScorer(cut_student(p["student"], p["student_layers"], "cpu", p["max_length"], head=p["student_head"]), "cpu", torch.float32)
         quality["student (untrained)"] = [np.asarray(scorer.score(test.pairs, desc="untrained"), np.float32)]
         timed["student (untrained)"] = blocks(scorer)
+    fused, weights = {}, {}
     for name, folders in students.items():
         runs = []
         for i, folder in enumerate(folders):
@@ -260,9 +266,17 @@ def test_rows(
             print(f"[test] {name} {folder.name}: nDCG@10 {test.per_query(runs[-1])['ndcg@10'].mean():.4f}", flush=True)
             if i == 0:
                 timed[f"student ({name})"] = blocks(scorer)
+            if dev is not None:
+                choice = choose_weight(dev.qids, dev.dids, dev.qrels, scorer.score(dev.pairs, desc=f"{folder.name} dev"), dev.retrieval)
+                fused.setdefault(name, []).append(fused_scores(test.qids, runs[-1], test.retrieval, choice["weight"]))
+                weights.setdefault(name, []).append(choice["weight"])
         quality[f"student ({name})"] = runs
     speed, timing = speed_in_turns(test, timed, timing_queries)
-    return {name: row(test, runs, speed[name]) for name, runs in quality.items()}, timing
+    rows = {name: row(test, runs, speed[name]) for name, runs in quality.items()}
+    for name, runs in fused.items():
+        # The retriever's score comes with every candidate: a fused row costs what its student costs.
+        rows[f"student ({name}) fused"] = {**row(test, runs, speed[f"student ({name})"]), "weights": weights[name]}
+    return rows, timing
 
 
 def row(split: Split, runs: list[np.ndarray], speed: dict | None = None) -> dict:

@@ -162,13 +162,15 @@ def main() -> None:
         for seed, out in zip(SEEDS, folders[name]):
             if not (out / "config.json").exists():
                 train(out, chosen[name], seed)
-    rankers, timing = test_rows(test, p, distilled["teacher"], folders, args.timing_queries, untrained=True)
+    rankers, timing = test_rows(test, p, distilled["teacher"], folders, args.timing_queries, untrained=True, dev=dev)
 
     def compare(a: str, b: str) -> dict:
         return paired_test(np.asarray(rankers[a]["per_query_ndcg"]), np.asarray(rankers[b]["per_query_ndcg"]))
 
     pairs = (("student (distilled)", "student (label-only (BCE))"), ("student (distilled)", "retriever"),
-             ("student (label-only (BCE))", "retriever"), ("teacher", "retriever"), ("student (distilled)", "teacher"))
+             ("student (label-only (BCE))", "retriever"), ("teacher", "retriever"), ("student (distilled)", "teacher"),
+             ("student (distilled) fused", "retriever"), ("student (distilled) fused", "student (label-only (BCE)) fused"),
+             ("student (distilled) fused", "teacher"))
     results = {
         "meta": {"dataset": args.dataset, **data_stats, "teacher": distilled["teacher"], "teacher_stats": distilled["teacher_stats"],
                  "params": p, "seeds": list(SEEDS), "defaults": args.defaults,
@@ -208,6 +210,10 @@ def table(r: dict) -> str:
     for name, x in r["test"].items():
         speed = f"{x['pairs_per_second']:.0f} | {x['ms_per_query']:.0f}" if "pairs_per_second" in x else "n/a | n/a"
         lines.append(f"| {name} | {mean_std(x, 'ndcg@10')} | {mean_std(x, 'mrr@10')} | {speed} |")
+    fused = {name: x["weights"] for name, x in r["test"].items() if "weights" in x}
+    if fused:
+        lines += ["", "A fused row ranks by w × the student's score + (1 − w) × the retriever's, each z-normalised per query, w chosen "
+                  "on dev for each seed's student (" + "; ".join(f"{k}: w = {', '.join(f'{w:g}' for w in v)}" for k, v in fused.items()) + ")."]
     lines += ["", *comparison_rows(r["comparisons"])]
     return "\n".join(lines) + "\n"
 
