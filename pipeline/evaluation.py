@@ -182,7 +182,9 @@ def outcome(t: dict | None) -> str:
     return "yes" if t["diff"] > 0 else "NO"
 
 
-def verdict(test: dict[str, dict[str, float]], significance: dict[str, dict] | None = None, fusion: dict[str, dict] | None = None) -> list[str]:
+def verdict(
+    test: dict[str, dict[str, float]], significance: dict[str, dict] | None = None, fusion: dict[str, dict] | None = None
+) -> list[str]:
     """Plain sentences on whether each reranker is worth running over the retriever."""
     significance, fusion = significance or {}, fusion or {}
 
@@ -194,7 +196,8 @@ def verdict(test: dict[str, dict[str, float]], significance: dict[str, dict] | N
     if "student" in fusion:
         f = fusion["student"]
         subjects["student_fused"] = (
-            f"The student fused with the retriever's score (weight {f['weight']:g} on the student, chosen on {f['dev_queries']} dev queries)"
+            f"The student fused with the retriever's score (weight {f['weight']:g} on the student, "
+            f"chosen on {f['dev_queries']} dev queries)"
         )
     lines = []
     base = test["retriever"]["ndcg@10"]
@@ -330,7 +333,8 @@ def evaluate_student(data_dir, mined_dir, student_dir, out_dir, config: EvalConf
     for name in ("student", "student_label_only"):
         if name in students:
             scores[name] = after_timing(warm[name], lambda name=name: students[name].score(pairs[rest], desc=descs[name]), len(pairs))
-    fusion = fuse_with_retriever(data_dir, mined_dir, c.fusion_dev_queries, {n: students[n] for n in ("student", "student_label_only") if n in students})
+    trained = {n: students[n] for n in ("student", "student_label_only") if n in students}
+    fusion = fuse_with_retriever(data_dir, mined_dir, c.fusion_dev_queries, trained)
     for name, choice in fusion.items():
         scores[f"{name}_fused"] = fused_scores(qids, scores[name], scores["retriever"], choice["weight"])
         speed[f"{name}_fused"] = speed[name]  # the retriever's score comes with every candidate
