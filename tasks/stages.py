@@ -391,7 +391,7 @@ class EvaluateStudent(EvalParams, Stage):
 
     @functools.cached_property
     def config(self) -> evaluation.EvalConfig:
-        base = _eval_config(self, evaluation.EvalConfig)
+        base = _eval_config(self, evaluation.EvalConfig, fusion_dev_queries=self.fusion_dev_queries)
         # Scores that do not depend on the student's training are shared by every student that
         # reranks the same test pairs (the file inside is named by them), across dates too.
         key = config_fingerprint(base, self.identity)
@@ -422,7 +422,6 @@ def _eval_config(task: EvalParams, cls: type, **extra):
         student_layers=task.student_layers, student_head=student_head(task.student, task.student_head),
         precision=_student_precision(task), teacher_precision=_score_precision(task), max_length=task.max_length,
         teacher_max_length=task.teacher_max_length, max_eval_queries=task.max_eval_queries, timing_queries=task.timing_queries,
-        fusion_dev_queries=task.fusion_dev_queries,
         seed=task.seed, device=task.run_device, **extra,
     )
 
