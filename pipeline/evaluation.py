@@ -223,7 +223,7 @@ def verdict(
         lines.append(f"Training moved the student {gain:+.4f} nDCG@10 from its untrained start{p_of('student', 'student_untrained')}.")
     for name, baseline, how in (
         ("student", "student_label_only", "the same student trained on the judgments alone"),
-        ("student_fused", "student_label_only_fused", "that student fused with the retriever the same way"),
+        ("student_fused", "student_label_only_fused", "the label-only student fused with the retriever the same way"),
     ):
         if name in test and baseline in test:
             gain = test[name]["ndcg@10"] - test[baseline]["ndcg@10"]
@@ -234,7 +234,8 @@ def verdict(
     for name in ("student", "student_fused"):
         if name in test and "teacher" in test and test["teacher"]["ndcg@10"] > 0:
             q = test[name]["ndcg@10"] / test["teacher"]["ndcg@10"]
-            line = f"{'The student' if name == 'student' else 'Fused, it'} keeps {q:.1%} of the teacher's nDCG@10{p_of(name, 'teacher')}"
+            subject = "The student" if name == "student" else "Fused with the retriever, the student"
+            line = f"{subject} keeps {q:.1%} of the teacher's nDCG@10{p_of(name, 'teacher')}"
             if "ms_per_query" in test[name] and "ms_per_query" in test["teacher"]:
                 s = test["teacher"]["ms_per_query"] / max(test[name]["ms_per_query"], 1e-9)
                 line += f" at {s:.1f}x its speed ({test[name]['ms_per_query']:.0f} against {test['teacher']['ms_per_query']:.0f} ms per query)"
