@@ -237,10 +237,9 @@ def test_rows(
     a side timed by its first seed's student, since the seeds share architecture and length.
     With a ``dev`` split, each side also gets a row fused with the retriever (``pipeline.fusion``),
     each seed's weight chosen on dev as the pipeline's evaluation chooses it."""
-    from pipeline.fusion import choose_weight, fused_scores
-
     import torch
 
+    from pipeline.fusion import choose_weight, fused_scores
     from pipeline.models import cut_student, load_bi_encoder
     from pipeline.scoring import BiEncoderScorer, CrossEncoderScorer, TeacherSpec, load_teacher
 

@@ -331,10 +331,9 @@ def evaluate_student(data_dir, mined_dir, student_dir, out_dir, config: EvalConf
             len(pairs),
         )
         _store_baselines(baseline_file, scores)
-    for name in ("student", "student_label_only"):
-        if name in students:
-            scores[name] = after_timing(warm[name], lambda name=name: students[name].score(pairs[rest], desc=descs[name]), len(pairs))
     trained = {n: students[n] for n in ("student", "student_label_only") if n in students}
+    for name, scorer in trained.items():
+        scores[name] = after_timing(warm[name], lambda name=name, s=scorer: s.score(pairs[rest], desc=descs[name]), len(pairs))
     fusion = fuse_with_retriever(data_dir, mined_dir, c.fusion_dev_queries, trained)
     for name, choice in fusion.items():
         scores[f"{name}_fused"] = fused_scores(qids, scores[name], scores["retriever"], choice["weight"])
