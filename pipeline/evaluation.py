@@ -265,6 +265,22 @@ class EvalConfig:
     baseline_cache: str = run_only("", "a folder of scores that do not depend on the student's training, keyed by everything they do")
 
 
+# Settings that change how the rankers are timed or how each trained student is fused, never the
+# retriever's, teacher's or untrained student's scores of the test pairs.
+NOT_BASELINE = ("timing_queries", "fusion_dev_queries")
+
+
+def baseline_key(config: EvalConfig, identity: Callable[[str], str]) -> str:
+    """The name of ``config``'s baseline cache folder: the fingerprint of every setting the
+    retriever, teacher and untrained-student scores depend on."""
+    import dataclasses
+
+    from pipeline.config import config_fingerprint
+
+    defaults = EvalConfig()
+    return config_fingerprint(dataclasses.replace(config, **{n: getattr(defaults, n) for n in NOT_BASELINE}), identity)
+
+
 def evaluate_student(data_dir, mined_dir, student_dir, out_dir, config: EvalConfig, run: dict, label_only_dir=None) -> dict:
     """Stage entry: test metrics of retriever, teacher, untrained and trained student, and of a
     student trained on the judgments alone (``label_only_dir``, when given); metrics.json,

@@ -394,7 +394,7 @@ class EvaluateStudent(EvalParams, Stage):
         base = _eval_config(self, evaluation.EvalConfig, fusion_dev_queries=self.fusion_dev_queries)
         # Scores that do not depend on the student's training are shared by every student that
         # reranks the same test pairs (the file inside is named by them), across dates too.
-        key = config_fingerprint(base, self.identity)
+        key = evaluation.baseline_key(base, self.identity)
         return dataclasses.replace(base, baseline_cache=str(Path(self.cache_dir or self.root / "cache") / "eval" / key))
 
     @functools.cached_property

@@ -81,6 +81,20 @@ def test_every_field_but_the_run_only_ones_changes_the_fingerprint(config_class)
             assert other_fp != fp, f"{config_class.__name__}.{f.name} does not reach the fingerprint"
 
 
+def test_the_baseline_cache_is_keyed_by_what_the_baseline_scores_depend_on():
+    """Every fingerprinted evaluation setting but the timing and fusion ones names a different
+    folder of retriever, teacher and untrained-student scores."""
+    identity = lambda ref: f"id:{ref}"  # noqa: E731
+    base = evaluation.EvalConfig()
+    key = evaluation.baseline_key(base, identity)
+    for f in dataclasses.fields(base):
+        changed = evaluation.baseline_key(dataclasses.replace(base, **{f.name: _other(getattr(base, f.name))}), identity)
+        if f.name in ("timing_queries", "fusion_dev_queries") or "run_only" in f.metadata:
+            assert changed == key, f.name
+        else:
+            assert changed != key, f.name
+
+
 def test_a_model_is_fingerprinted_by_its_identity_not_its_path():
     config = mining.MineConfig(embedder="models/a")
     same = config_fingerprint(config, identity=lambda ref: "weights-1")
