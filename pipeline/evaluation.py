@@ -10,6 +10,7 @@ with the rankers taking turns in one process (``ranker_speed``).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from pipeline.config import model, run_only
+from pipeline.config import config_fingerprint, model, run_only
 
 log = logging.getLogger(__name__)
 
@@ -273,10 +274,6 @@ NOT_BASELINE = ("timing_queries", "fusion_dev_queries")
 def baseline_key(config: EvalConfig, identity: Callable[[str], str]) -> str:
     """The name of ``config``'s baseline cache folder: the fingerprint of every setting the
     retriever, teacher and untrained-student scores depend on."""
-    import dataclasses
-
-    from pipeline.config import config_fingerprint
-
     defaults = EvalConfig()
     return config_fingerprint(dataclasses.replace(config, **{n: getattr(defaults, n) for n in NOT_BASELINE}), identity)
 
