@@ -322,6 +322,9 @@ def main() -> None:
     ap.add_argument("--results", default="benchmarks/results/e2e")
     ap.add_argument("--seeds", type=int, default=len(SEEDS), help="seeds per student on test (at least 3 for a claim)")
     ap.add_argument("--timing-queries", type=int, default=TIMING_QUERIES, help="test queries whose pairs every ranker is timed on (0: all)")
+    ap.add_argument("--reuse-students", action="store_true",
+                    help="score the test students already in --work again instead of retraining them; the training "
+                         "seconds are then those of the results file that first reported them")
     args = ap.parse_args()
 
     from pipeline.data import load_normalized
@@ -354,10 +357,14 @@ def main() -> None:
     dev_retriever = float(dev.per_query(np.asarray(dev.retrieval, np.float32))["ndcg@10"].mean())
 
     folders, train_seconds = {}, {}
+    earlier = json.loads(Path(args.results).with_suffix(".json").read_text())["stages"] if args.reuse_students else {}
     for name, train in sides.items():
         folders[name] = [work / f"{name.split()[0]}-test-seed{seed}" for seed in seeds]
+        if args.reuse_students and all((f / "config.json").exists() for f in folders[name]):
+            train_seconds[name] = earlier.get(name, {}).get("train", float("nan"))
+            continue
         train_seconds[name] = float(np.mean([train(out, chosen[name], seed) for seed, out in zip(seeds, folders[name])]))
-    rankers, timing = test_rows(test, p, up["teacher"], folders, args.timing_queries)
+    rankers, timing = test_rows(test, p, up["teacher"], folders, args.timing_queries, dev=dev)
 
     def compare(a: str, b: str) -> dict:
         return paired_test(np.asarray(rankers[a]["per_query_ndcg"]), np.asarray(rankers[b]["per_query_ndcg"]))
@@ -367,7 +374,8 @@ def main() -> None:
         for a, b in (
             ("student (project)", "student (plain)"), ("student (project)", "student (label-only (BCE))"),
             ("student (project)", "retriever"), ("student (plain)", "retriever"), ("teacher", "retriever"),
-            ("student (project)", "teacher"),
+            ("student (project)", "teacher"), ("student (project) fused", "retriever"),
+            ("student (project) fused", "student (label-only (BCE)) fused"), ("student (project) fused", "teacher"),
         )
     }
     stages = {"project": {"mine": up["stages"]["PrepareData"] + up["stages"]["MineHardNegatives"],
@@ -378,7 +386,7 @@ def main() -> None:
         "meta": {"machine": f"{platform.machine()}, {len(__import__('os').sched_getaffinity(0))} cores, CPU",
                  "dataset": args.dataset, "teacher": up["teacher"], "params": p, "seeds": list(seeds),
                  "grid": list(GRID), "test_queries": len(test.queries), "dev_queries": len(dev.queries), "speed": timing,
-                 "command": " ".join(sys.argv)},
+                 "command": " ".join(sys.argv), "reused_students": args.reuse_students},
         "dev_grid": dev_grid,
         "dev_depth": dev_depth,
         "dev_retriever": dev_retriever,
@@ -426,6 +434,16 @@ def comparison_rows(comparisons: dict) -> list[str]:
     ]
 
 
+def fusion_sentence(test: dict) -> list[str]:
+    """How the fused rows of ``test`` were made, with each seed's weight; nothing without them."""
+    fused = {name: x["weights"] for name, x in test.items() if "weights" in x}
+    if not fused:
+        return []
+    weights = "; ".join(f"{k}: w = {', '.join(f'{w:g}' for w in v)}" for k, v in fused.items())
+    return ["", "A fused row ranks by w × the student's score + (1 − w) × the retriever's, each z-normalised per query, "
+            f"w chosen on dev for each seed's student ({weights})."]
+
+
 def speed_sentence(meta: dict) -> str:
     """How the rows' pairs/s were measured (``meta["speed"]``, from ``speed_in_turns``)."""
     t = meta["speed"]
@@ -459,7 +477,7 @@ def table(r: dict) -> str:
     for name, x in r["test"].items():
         lines.append(f"| {name} | {mean_std(x, 'ndcg@10')} | {mean_std(x, 'mrr@10')} | "
                      f"{x.get('pairs_per_second', float('nan')):.1f} | {x.get('ms_per_query', float('nan')):.0f} |")
-    lines += ["", *comparison_rows(r["comparisons"])]
+    lines += [*fusion_sentence(r["test"]), "", *comparison_rows(r["comparisons"])]
     s = r["stages"]
     lines += ["", "| stage (seconds) | project | plain script |", "|---|---:|---:|"]
     lines += [f"| {k} | {s['project'].get(k, 0.0):.1f} | {s['plain'].get(k, 0.0):.1f} |" for k in ("mine", "score", "labels", "train")]

@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.bench_e2e import (  # noqa: E402
-    SEEDS, TIMING_QUERIES, Split, comparison_rows, dev_ndcg, mean_std, speed_sentence, student_params, test_rows, train_project,
+    SEEDS, TIMING_QUERIES, Split, comparison_rows, dev_ndcg, fusion_sentence, mean_std, speed_sentence, student_params, test_rows, train_project,
     write_results,
 )
 
@@ -210,11 +210,7 @@ def table(r: dict) -> str:
     for name, x in r["test"].items():
         speed = f"{x['pairs_per_second']:.0f} | {x['ms_per_query']:.0f}" if "pairs_per_second" in x else "n/a | n/a"
         lines.append(f"| {name} | {mean_std(x, 'ndcg@10')} | {mean_std(x, 'mrr@10')} | {speed} |")
-    fused = {name: x["weights"] for name, x in r["test"].items() if "weights" in x}
-    if fused:
-        lines += ["", "A fused row ranks by w × the student's score + (1 − w) × the retriever's, each z-normalised per query, w chosen "
-                  "on dev for each seed's student (" + "; ".join(f"{k}: w = {', '.join(f'{w:g}' for w in v)}" for k, v in fused.items()) + ")."]
-    lines += ["", *comparison_rows(r["comparisons"])]
+    lines += [*fusion_sentence(r["test"]), "", *comparison_rows(r["comparisons"])]
     return "\n".join(lines) + "\n"
 
 
