@@ -156,15 +156,15 @@ def build_multilingual_labels(data_dir, mined_dir, scores_path, out_dir, config:
 
 
 def language_candidates(
-    candidates: pa.Table, ds: Dataset, lang: str, source: str, max_queries: int = 0
+    candidates: pa.Table, ds: Dataset, lang: str, source: str, max_queries: int = 0, split: str = "test"
 ) -> tuple[list[str], list[str], list[float], dict]:
-    """The source retriever's test candidates restricted to what ``lang`` has translated.
+    """The source retriever's candidates of ``split`` restricted to what ``lang`` has translated.
 
     A query counts when it and at least one of its judged passages are translated; its candidate
     list keeps the translated passages in the retriever's order.
     """
     queries, corpus = texts_of(ds, lang, source)
-    qrels = ds.relevant("test")
+    qrels = ds.relevant(split)
     c = candidates.to_pydict()
     qids, dids, scores = [], [], []
     skipped = {"missing_query": 0, "no_judged_passage": 0, "candidates_missing": 0}
@@ -199,9 +199,11 @@ def evaluate_languages(
     data_dir, mined_dir, student_dir, source_only_dir, out_dir, config: MultilingualEvalConfig, run: dict
 ) -> dict:
     """Stage entry: per language, the retriever's order, the teacher on the source texts, and the
-    untrained, source-only and multilingual students on that language's texts; metrics.json,
-    report.md and a plot in ``out_dir``. ``run`` is what the report shows beside the metrics
-    (``params``, ``stages``, ``timings``), as in :func:`pipeline.evaluation.evaluate_student`."""
+    untrained, source-only and multilingual students on that language's texts, each trained
+    student also fused with the retriever (its weight chosen on that language's dev candidates,
+    as :func:`pipeline.evaluation.evaluate_student` chooses it); metrics.json, report.md and a
+    plot in ``out_dir``. ``run`` is what the report shows beside the metrics (``params``,
+    ``stages``, ``timings``), as in :func:`pipeline.evaluation.evaluate_student`."""
     import pyarrow.parquet as pq
     import torch
 
@@ -211,17 +213,24 @@ def evaluate_languages(
     from pipeline.report import plot_languages, write_report
     from pipeline.scoring import CrossEncoderScorer, TeacherSpec, load_teacher
 
+    c = config
     qrels = judgments(data_dir, "test")
     cand = pq.read_table(Path(mined_dir) / "candidates-test.parquet")
-    # Only the texts, in every language, of the test queries, their candidates and judged passages.
-    shown = cand.to_pydict()
-    docs = dict.fromkeys(d for q, listed in zip(shown["query_id"], shown["doc_ids"]) for d in (*listed, *qrels.get(q, {})))
-    ds = NormalizedTables(data_dir).subset(shown["query_id"], list(docs))
-    c = config
+    dev_path = Path(mined_dir) / "candidates-dev.parquet"
+    dev_cand = pq.read_table(dev_path) if c.fusion_dev_queries > 0 and dev_path.exists() else None
+    # Only the texts, in every language, of the test (and fusion's dev) queries, their candidates
+    # and judged passages.
+    shown = [(cand.to_pydict(), qrels)] + ([(dev_cand.to_pydict(), judgments(data_dir, "dev"))] if dev_cand is not None else [])
+    query_ids = [q for t, _ in shown for q in t["query_id"]]
+    docs = dict.fromkeys(d for t, judged in shown for q, listed in zip(t["query_id"], t["doc_ids"]) for d in (*listed, *judged.get(q, {})))
+    ds = NormalizedTables(data_dir).subset(query_ids, list(docs))
     source = c.source
     dtype = resolve_precision(c.precision, c.device)
     langs = [source] + [lang for lang in c.languages if lang != source]
     sets = {lang: language_candidates(cand, ds, lang, source, c.max_eval_queries) for lang in langs}
+    dev_sets = {} if dev_cand is None else {
+        lang: language_candidates(dev_cand, ds, lang, source, c.fusion_dev_queries, split="dev") for lang in langs
+    }
 
     # The teacher reads the source texts of every language's pairs: score each pair once.
     needed = list(dict.fromkeys((q, d) for qids, dids, _, _ in sets.values() for q, d in zip(qids, dids)))
@@ -238,7 +247,7 @@ def evaluate_languages(
     scorers = {name: CrossEncoderScorer(m, c.device, dtype) for name, m in models.items()}
 
     per_lang = {
-        lang: _language_metrics(ds, lang, source, candidates, qrels, teacher_of, t, scorers, c.timing_queries)
+        lang: _language_metrics(ds, lang, source, candidates, qrels, teacher_of, t, scorers, c.timing_queries, dev_sets.get(lang))
         for lang, candidates in sets.items()
     }
 
@@ -246,6 +255,7 @@ def evaluate_languages(
     metrics = {
         "test": per_lang[source]["rankers"],
         "significance": per_lang[source]["significance"],
+        "fusion": per_lang[source].get("fusion", {}),
         "test_queries": per_lang[source]["queries"],
         "test_queries_with_positive_in_top_k": per_lang[source].get("queries_with_positive_in_top_k", 0),
         "test_pairs": per_lang[source]["pairs"],
@@ -265,13 +275,19 @@ def evaluate_languages(
     return metrics
 
 
-def _language_metrics(ds, lang, source, candidates, qrels, teacher_of, teacher, scorers, timing_queries: int) -> dict:
-    """One language's rankers on its test candidates, with their metrics, paired tests and speed."""
+def _language_metrics(ds, lang, source, candidates, qrels, teacher_of, teacher, scorers, timing_queries: int, dev=None) -> dict:
+    """One language's rankers on its test candidates, with their metrics, paired tests and speed;
+    with ``dev`` (that language's dev candidates), each trained student fused with the retriever."""
     from pipeline.evaluation import after_timing, evaluate_rankers, queries_with_positive, ranker_speed
+    from pipeline.fusion import choose_weight, fused_scores
 
     qids, dids, retrieval, skipped = candidates
     queries, corpus = texts_of(ds, lang, source)
-    pairs = [(queries[q], join_title(*corpus[d])) for q, d in zip(qids, dids)]
+
+    def texts(qids, dids):
+        return [(queries[q], join_title(*corpus[d])) for q, d in zip(qids, dids)]
+
+    pairs = texts(qids, dids)
     if not pairs:
         return {"queries": 0, "pairs": 0, "skipped": skipped, "rankers": {}, "significance": {}}
     # The retriever's order comes from mining and is not timed here; the teacher reads the source
@@ -287,15 +303,28 @@ def _language_metrics(ds, lang, source, candidates, qrels, teacher_of, teacher, 
     rest = pairs[timing["pairs"]:]
     for name, scorer in scorers.items():
         rankers[name] = after_timing(warm[name], lambda s=scorer, n=name: s.score(rest, desc=f"{n} [{lang}]"), len(pairs))
+    fusion = {}
+    dev_qids, dev_dids, dev_retrieval, _ = dev or ([], [], [], {})
+    dev_qrels = ds.relevant("dev")
+    if any(q in dev_qrels for q in dev_qids):
+        dev_pairs = texts(dev_qids, dev_dids)
+        for name in TRAINED:
+            dev_scores = scorers[name].score(dev_pairs, desc=f"{name} [{lang}] on dev")
+            fusion[name] = choose_weight(dev_qids, dev_dids, dev_qrels, dev_scores, dev_retrieval)
+            rankers[f"{name}_fused"] = fused_scores(qids, rankers[name], retrieval, fusion[name]["weight"])
+            speed[f"{name}_fused"] = speed[name]  # the retriever's score comes with every candidate
     results, tests, _ = evaluate_rankers(qids, dids, qrels, rankers, MULTILINGUAL_COMPARISONS, speed)
     return {
         "queries": len(set(qids)), "queries_with_positive_in_top_k": queries_with_positive(qids, dids, qrels), "pairs": len(pairs),
-        "skipped": skipped, "rankers": results, "significance": tests, "speed": timing,
+        "skipped": skipped, "rankers": results, "significance": tests, "speed": timing, "fusion": fusion,
     }
 
 
+# The students a language's dev split fuses with the retriever.
+TRAINED = ("student_source_only", "student")
 MULTILINGUAL_COMPARISONS = (
     ("student", "retriever"), ("student", "student_source_only"), ("student", "student_untrained"), ("teacher", "retriever"),
+    ("student_fused", "retriever"), ("student_fused", "student"), ("student_fused", "student_source_only_fused"),
 )
 
 
@@ -311,18 +340,24 @@ def language_verdict(per_lang: dict, source: str) -> list[str]:
             continue
         m, so, un, ret = (r[k]["ndcg@10"] for k in ("student", "student_source_only", "student_untrained", "retriever"))
 
-        def against(other: str, what: str) -> str:
-            t = tests.get(f"student vs {other}")
+        def against(other: str, what: str, name: str = "student") -> str:
+            t = tests.get(f"{name} vs {other}")
             return f"{said.get(outcome(t), 'is not tested against')} {what}" + (f" (p = {t['p_value']:.3g})" if t else "")
 
         order = against("retriever", "the retriever's order")
         students = "" if lang == source else (
             f" It {against('student_source_only', 'the source-only student')} and {against('student_untrained', 'the untrained one')}."
         )
+        fusion = entry.get("fusion", {}).get("student")
+        fused = "" if not fusion else (
+            f" Fused with the retriever's score (w = {fusion['weight']:g}, chosen on {fusion['dev_queries']} dev queries) it "
+            f"scores {r['student_fused']['ndcg@10']:.4f} and {against('retriever', 'the retriever', 'student_fused')}."
+        )
         lines.append(
             f"{lang}{' (source)' if lang == source else ''}: the multilingual student scores {m:.4f} nDCG@10 against "
             f"{so:.4f} for the source-only student, {un:.4f} untrained and {ret:.4f} for the retriever's order "
             f"({m - ret:+.4f}).{students} It {order}"
             + ("" if outcome(tests.get("student vs retriever")) == "yes" else ": it does NOT beat the retriever") + "."
+            + fused
         )
     return lines

@@ -11,7 +11,7 @@ from pipeline.evaluation import outcome
 
 ROW_ORDER = [
     "retriever", "teacher", "student_untrained", "student_label_only", "student_source_only", "student", "student_label_only_fused",
-    "student_fused",
+    "student_source_only_fused", "student_fused",
 ]
 
 
@@ -39,22 +39,31 @@ def languages_table(languages: dict[str, dict], metric: str = "ndcg@10") -> str:
     for name in names:
         cells = [f"{e['rankers'][name][metric]:.4f}" if name in e["rankers"] else "n/a" for e in languages.values()]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    def beats(e: dict) -> str:
-        t = e.get("significance", {}).get("student vs retriever")
+    def beats(e: dict, name: str = "student") -> str:
+        t = e.get("significance", {}).get(f"{name} vs retriever")
         return f"{outcome(t)} ({t['diff']:+.4f}, p = {t['p_value']:.2g})" if t else "n/a"
 
     lines.append("| student beats the retriever? | " + " | ".join(beats(e) for e in languages.values()) + " |")
+    if any(e.get("fusion") for e in languages.values()):
+        lines.append("| student_fused beats the retriever? | " + " | ".join(beats(e, "student_fused") for e in languages.values()) + " |")
+        weights = [
+            f"{f['weight']:g} ({f['dev_queries']} dev queries)" if (f := e.get("fusion", {}).get("student")) else "n/a"
+            for e in languages.values()
+        ]
+        lines.append("| student_fused: w on the student | " + " | ".join(weights) + " |")
     lines.append("| test queries / pairs | " + " | ".join(f"{e['queries']} / {e['pairs']}" for e in languages.values()) + " |")
     return "\n".join(lines)
 
 
-def fusion_section(fusion: dict[str, dict]) -> list[str]:
-    """How each ``*_fused`` row was made, and its weight's dev figures beside both ends of the grid."""
+def fusion_section(fusion: dict[str, dict], language: str = "") -> list[str]:
+    """How each ``*_fused`` row was made, and its weight's dev figures beside both ends of the grid
+    (of the source ``language``'s dev candidates, in a multilingual report)."""
+    where = f" ({language} texts; every language's weight is in the languages table)" if language else ""
     lines = [
         "## Fused with the retriever",
         "",
         "A `*_fused` row ranks by w × the student's score + (1 − w) × the retriever's, each z-normalised within its "
-        "query; w was chosen on dev (weight 0 is the retriever's order, 1 the student alone). The retriever's score "
+        f"query; w was chosen on dev{where} (weight 0 is the retriever's order, 1 the student alone). The retriever's score "
         "comes with every candidate, so a fused row costs what its student costs.",
         "",
         "| student | w | dev queries | dev nDCG@10 at w | at 0 (retriever) | at 1 (student alone) |",
@@ -215,14 +224,15 @@ def _test_section(metrics: dict, verdict: list[str], plots: dict[str, str]) -> l
     if metrics.get("significance"):
         parts += [significance_table(metrics["significance"]), ""]
     if metrics.get("fusion"):
-        parts += fusion_section(metrics["fusion"])
+        parts += fusion_section(metrics["fusion"], metrics.get("source_language", ""))
     if metrics.get("languages"):
         parts += [
             "## Languages: nDCG@10 on each language's test queries",
             "",
             f"The teacher reads the source texts ({metrics.get('source_language')}); the students read each "
             "language's translations. Candidates are the source retriever's, restricted to translated passages, "
-            "so lists are shorter where fewer passages are translated.",
+            "so lists are shorter where fewer passages are translated. A `*_fused` row fuses a student with the "
+            "retriever's score, its weight chosen on that language's dev candidates.",
             "",
             languages_table(metrics["languages"]),
             "",

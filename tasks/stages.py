@@ -532,7 +532,7 @@ class EvaluateMultilingualStudent(MultilingualParams, Stage):
     def config(self) -> multilingual.MultilingualEvalConfig:
         return _eval_config(
             self, multilingual.MultilingualEvalConfig, languages=tuple(multilingual.parse_languages(self.languages)),
-            source=self.source_language,
+            source=self.source_language, fusion_dev_queries=self.fusion_dev_queries,
         )
 
     @functools.cached_property

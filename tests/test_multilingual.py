@@ -97,9 +97,19 @@ def test_multilingual_dag_runs_with_two_languages(parallel_beir, tiny_models, tm
 
     m = json.loads((out / "metrics.json").read_text())
     assert list(m["languages"]) == ["en", "xx", "yy"]
+    trained = ("student_source_only", "student")
     for lang, entry in m["languages"].items():
-        assert set(entry["rankers"]) == {"retriever", "teacher", "student_untrained", "student_source_only", "student"}
+        assert set(entry["rankers"]) == {"retriever", "teacher", "student_untrained", *trained, *(f"{n}_fused" for n in trained)}
         assert entry["queries"] > 0
+        # Each trained student's weight is the best of its language's dev grid, the larger on a tie.
+        for name in trained:
+            f = entry["fusion"][name]
+            best = max(f["dev_ndcg@10"].values())
+            assert f["weight"] == max(float(w) for w, v in f["dev_ndcg@10"].items() if v == best)
+        assert "student_fused vs retriever" in entry["significance"]
+    # A language with fewer translations has fewer dev queries to choose its weight on.
+    assert 0 < m["languages"]["yy"]["fusion"]["student"]["dev_queries"] < m["languages"]["xx"]["fusion"]["student"]["dev_queries"]
+    assert m["fusion"] == m["languages"]["en"]["fusion"]
     assert m["languages"]["yy"]["skipped"]["missing_query"] > 0
     assert m["languages"]["yy"]["queries"] < m["languages"]["xx"]["queries"]
     assert m["test"] == m["languages"]["en"]["rankers"]
@@ -112,9 +122,17 @@ def test_multilingual_dag_runs_with_two_languages(parallel_beir, tiny_models, tm
         assert entry["speed"]["pairs"] > 0 and all(entry["rankers"][n]["pairs_per_second"] > 0 for n in entry["rankers"] if n != "retriever")
     report = (out / "report.md").read_text()
     assert "## Languages" in report and "student_source_only" in report
+    assert "| student_fused beats the retriever? |" in report and "Fused with the retriever's score (w = " in report
     assert f"the {m['test_queries'] - m['test_queries_with_positive_in_top_k']} queries whose judged positives" in report
     assert (out / "languages.png").stat().st_size > 0
     assert (out / "student" / "config.json").exists()
+
+    # With --fusion-dev-queries 0 the evaluation has no fused rows.
+    params["fusion_dev_queries"] = 0
+    assert luigi.build([TrainMultilingualStudent(**params)], local_scheduler=True, workers=1, log_level="WARNING")
+    m = json.loads((out / "metrics.json").read_text())
+    assert all(not e["fusion"] and not any(n.endswith("_fused") for n in e["rankers"]) for e in m["languages"].values())
+    assert "student_fused" not in (out / "report.md").read_text()
 
 
 def test_pairs_file_with_a_column_per_language(tmp_path):
