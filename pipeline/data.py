@@ -260,6 +260,34 @@ def _count_repeats(path: Path, lines: list[int], repeated: dict | None) -> None:
         repeated[path.name] = len(lines)
 
 
+def _qrels_layout(path: Path, lineno: int, line: str) -> str:
+    """How a qrels file is laid out, from its first line: BEIR's header ('header'), BEIR's three
+    columns without it ('rows'), or TREC's four (query-id, iteration, doc-id, grade; 'trec'), in
+    which MS MARCO and TREC ship their judgments, tab- or space-separated."""
+    cols = line.split("\t")
+    if [c.strip() for c in cols[:3]] == ["query-id", "corpus-id", "score"]:
+        return "header"
+    words = line.split()
+    # A tab-separated BEIR row may hold spaces in its ids: TREC's four columns are all tabs or all spaces.
+    if len(cols) in (1, 4) and len(words) == 4 and _is_number(words[3]):
+        return "trec"
+    if len(cols) == 3 and _is_number(cols[2]):
+        return "rows"
+    raise DataError(
+        path, lineno, None,
+        "expected the header 'query-id<TAB>corpus-id<TAB>score', or judgments as those three tab-separated columns, or TREC "
+        "qrels lines 'query-id 0 doc-id grade'",
+    )
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 DANGLING_SHARE = 0.05  # judgments of unknown ids pass with a warning up to this share of a qrels file
 
 
@@ -271,6 +299,7 @@ def _read_qrels(path: Path, split: str, queries: dict, corpus: dict, unknown_ids
     corpus or queries file, and stops the run on the first one. ``unknown_ids`` gets the count."""
     out = []
     dangling: list[DataError] = []
+    layout = None
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             try:
@@ -279,14 +308,20 @@ def _read_qrels(path: Path, split: str, queries: dict, corpus: dict, unknown_ids
                 raise DataError(path, lineno, None, f"not valid UTF-8 (byte {e.start})") from None
             if not line.strip():
                 continue
-            cols = line.split("\t")
-            if lineno == 1:
-                if [c.strip() for c in cols[:3]] != ["query-id", "corpus-id", "score"]:
-                    raise DataError(path, lineno, None, "expected the header 'query-id<TAB>corpus-id<TAB>score'")
-                continue
-            if len(cols) < 3:
-                raise DataError(path, lineno, None, f"expected 3 tab-separated columns, got {len(cols)}")
-            qid, did, score = cols[0].strip(), cols[1].strip(), cols[2].strip()
+            if layout is None:
+                layout = _qrels_layout(path, lineno, line)
+                if layout == "header":
+                    continue
+            if layout == "trec":
+                cols = line.split("\t") if "\t" in line else line.split()
+                if len(cols) != 4:
+                    raise DataError(path, lineno, None, f"expected 4 columns (TREC qrels: query-id, iteration, doc-id, grade), got {len(cols)}")
+                qid, did, score = cols[0].strip(), cols[2].strip(), cols[3].strip()
+            else:
+                cols = line.split("\t")
+                if len(cols) < 3:
+                    raise DataError(path, lineno, None, f"expected 3 tab-separated columns, got {len(cols)}")
+                qid, did, score = cols[0].strip(), cols[1].strip(), cols[2].strip()
             if qid not in queries:
                 dangling.append(DataError(path, lineno, "query-id", f"unknown query id '{qid}' (not in queries.jsonl)"))
                 continue
@@ -385,12 +420,18 @@ def has_training_judgments(source: str | Path) -> bool:
     if not source.is_dir():
         return True
     path = source / "qrels" / "train.tsv"
-    if not path.is_file():
-        return False
+    return path.is_file() and next(_qrels_query_ids(path), None) is not None
+
+
+def _qrels_query_ids(path: Path):
+    """The query id of each row of a qrels file in any layout :func:`_qrels_layout` reads, the
+    header skipped, nothing else validated (the reader does that)."""
     with open(path, "rb") as f:
-        rows = (line for line in f if line.strip())  # blank lines are skipped, as the reader skips them
-        next(rows, None)  # the header
-        return next(rows, None) is not None
+        rows = (line.strip() for line in f)
+        for i, line in enumerate(row for row in rows if row):  # blank lines are skipped, as the reader skips them
+            if i == 0 and line.removeprefix(b"\xef\xbb\xbf").startswith(b"query-id\t"):
+                continue
+            yield line.split(b"\t", 1)[0].strip() if b"\t" in line else line.split(None, 1)[0]
 
 
 def holds_out_dev(source: str | Path) -> bool:
@@ -409,12 +450,9 @@ def splits_overlap(source: str | Path) -> bool:
         path = folder / "qrels" / f"{split}.tsv"
         if not path.is_file():
             continue
-        with open(path, "rb") as f:
-            next(f, None)  # the header
-            for line in f:
-                q = line.split(b"\t", 1)[0].strip()
-                if q and seen.setdefault(q, split) != split:
-                    return True
+        for q in _qrels_query_ids(path):
+            if seen.setdefault(q, split) != split:
+                return True
     return False
 
 

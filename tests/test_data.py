@@ -156,6 +156,33 @@ def test_a_few_judgments_of_unknown_ids_count_for_nothing_and_many_stop_the_run(
     assert "test.tsv:31" in msg and "'corpus-id'" in msg and "d-gone" in msg
 
 
+def test_qrels_in_trec_layout_or_without_a_header_read_as_with_one(beir, tmp_path):
+    """MS MARCO ships TREC qrels with tabs, TREC with spaces (query-id, iteration, doc-id, grade),
+    and some BEIR-style exports drop the header: each reads as BEIR's own layout does, and the
+    cheap checks made before reading (training judgments, queries judged in two splits) agree."""
+    qrels = beir / "qrels"
+    (qrels / "train.tsv").write_text("q1 0 d1 1\n")
+    (qrels / "dev.tsv").write_text("q2\t0\td2\t1\n")
+    (qrels / "test.tsv").write_text("q3\td3\t1\n")
+    ds = read_dataset(beir)
+    assert sorted(ds.qrels) == sorted((q, d, s, split) for split, rows in QRELS.items() for q, d, s in rows)
+    assert has_training_judgments(beir)
+    from pipeline.data import splits_overlap
+
+    assert not splits_overlap(beir)
+    (qrels / "test.tsv").write_text("q3\td3\t1\nq1 0 d3 1\n")  # q1 now also judged in test, in another layout
+    assert splits_overlap(beir)
+    # A layout is the file's: a row in another one is an error naming its line.
+    msg = _error(beir)
+    assert "test.tsv:2" in msg and "3 tab-separated columns" in msg
+    (qrels / "train.tsv").write_text("q1 0 d1 1\nq1 d2 1\n")
+    msg = _error(beir)
+    assert "train.tsv:2" in msg and "4 columns (TREC qrels" in msg
+    (qrels / "train.tsv").write_text("judgments follow\n")
+    msg = _error(beir)
+    assert "train.tsv:1" in msg and "header 'query-id<TAB>corpus-id<TAB>score'" in msg and "TREC" in msg
+
+
 def test_qrel_with_non_numeric_score(beir):
     with open(beir / "qrels" / "train.tsv", "a") as f:
         f.write("q1\td2\thigh\n")
