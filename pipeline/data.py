@@ -427,10 +427,15 @@ def _qrels_query_ids(path: Path):
     """The query id of each row of a qrels file in any layout :func:`_qrels_layout` reads, the
     header skipped, nothing else validated (the reader does that)."""
     with open(path, "rb") as f:
-        rows = (line.strip() for line in f)
-        for i, line in enumerate(row for row in rows if row):  # blank lines are skipped, as the reader skips them
-            if i == 0 and line.removeprefix(b"\xef\xbb\xbf").startswith(b"query-id\t"):
+        first = True
+        for line in f:
+            line = line.removeprefix(b"\xef\xbb\xbf") if first else line
+            if not line.strip():  # blank lines are skipped, as the reader skips them
                 continue
+            if first:
+                first = False
+                if line.split(b"\t", 1)[0].strip() == b"query-id":
+                    continue
             yield line.split(b"\t", 1)[0].strip() if b"\t" in line else line.split(None, 1)[0]
 
 
