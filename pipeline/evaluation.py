@@ -299,7 +299,6 @@ def evaluate_student(data_dir, mined_dir, student_dir, out_dir, config: EvalConf
 
     from pipeline.artifacts import atomic_dir, write_json
     from pipeline.data import judgments, pair_texts
-    from pipeline.fusion import fused_scores
     from pipeline.models import cut_student, load_bi_encoder, load_cross_encoder, resolve_precision
     from pipeline.report import plot_mining, plot_quality_speed, plot_scores, write_report
     from pipeline.scoring import BiEncoderScorer, CrossEncoderScorer, TeacherSpec, load_teacher
@@ -348,9 +347,7 @@ def evaluate_student(data_dir, mined_dir, student_dir, out_dir, config: EvalConf
     for name, scorer in trained.items():
         scores[name] = after_timing(warm[name], lambda name=name, s=scorer: s.score(pairs[rest], desc=descs[name]), len(pairs))
     fusion = fuse_with_retriever(data_dir, mined_dir, c.fusion_dev_queries, trained)
-    for name, choice in fusion.items():
-        scores[f"{name}_fused"] = fused_scores(qids, scores[name], scores["retriever"], choice["weight"])
-        speed[f"{name}_fused"] = speed[name]  # the retriever's score comes with every candidate
+    add_fused_rows(qids, scores, speed, fusion)
     test, significance, per_query = evaluate_rankers(qids, dids, qrels, scores, speed=speed)
     lines = verdict(test, significance, fusion)
     metrics = {
@@ -387,21 +384,39 @@ def fuse_with_retriever(data_dir, mined_dir, max_queries: int, students: dict) -
     import pyarrow.parquet as pq
 
     from pipeline.data import judgments, pair_texts
-    from pipeline.fusion import choose_weight
 
     path = Path(mined_dir) / "candidates-dev.parquet"
     if max_queries <= 0 or not students or not path.exists():
         return {}
     qrels = judgments(data_dir, "dev")
     qids, dids, retrieval = candidate_pairs(pq.read_table(path), max_queries)
-    if not any(q in qrels for q in qids):
+    return fusion_weights(qids, dids, qrels, lambda: pair_texts(data_dir, qids, dids), retrieval, students)
+
+
+def fusion_weights(qids, dids, qrels, pairs: Callable[[], list], retrieval, students: dict, where: str = "") -> dict[str, dict]:
+    """Each of ``students`` (name: scorer) scored on these dev candidates (``pairs()`` gives their
+    texts, read only when a query is judged) and its fusion weight chosen on them; nothing when
+    no query is judged."""
+    from pipeline.fusion import choose_weight
+
+    if not students or not any(q in qrels for q in qids):
         return {}
-    pairs = pair_texts(data_dir, qids, dids)
+    texts = pairs()
     out = {}
     for name, scorer in students.items():
-        out[name] = choose_weight(qids, dids, qrels, scorer.score(pairs, desc=f"{name} on dev"), retrieval)
-        log.info("%s: fusion weight %g with the retriever, chosen on %d dev queries", name, out[name]["weight"], out[name]["dev_queries"])
+        out[name] = choose_weight(qids, dids, qrels, scorer.score(texts, desc=f"{name}{where} on dev"), retrieval)
+        log.info("%s%s: fusion weight %g with the retriever, chosen on %d dev queries", name, where, out[name]["weight"], out[name]["dev_queries"])
     return out
+
+
+def add_fused_rows(qids: list[str], scores: dict, speed: dict, fusion: dict[str, dict]) -> None:
+    """A ``<name>_fused`` row in ``scores`` for each student in ``fusion``, at its student's speed:
+    the retriever's score comes with every candidate."""
+    from pipeline.fusion import fused_scores
+
+    for name, choice in fusion.items():
+        scores[f"{name}_fused"] = fused_scores(qids, scores[name], scores["retriever"], choice["weight"])
+        speed[f"{name}_fused"] = speed[name]
 
 
 def queries_with_positive(qids: list[str], dids: list[str], qrels: dict[str, dict[str, int]]) -> int:

@@ -220,7 +220,8 @@ def evaluate_languages(
     dev_cand = pq.read_table(dev_path) if c.fusion_dev_queries > 0 and dev_path.exists() else None
     # Only the texts, in every language, of the test (and fusion's dev) queries, their candidates
     # and judged passages.
-    shown = [(cand.to_pydict(), qrels)] + ([(dev_cand.to_pydict(), judgments(data_dir, "dev"))] if dev_cand is not None else [])
+    dev_qrels = judgments(data_dir, "dev") if dev_cand is not None else {}
+    shown = [(cand.to_pydict(), qrels)] + ([(dev_cand.to_pydict(), dev_qrels)] if dev_cand is not None else [])
     query_ids = [q for t, _ in shown for q in t["query_id"]]
     docs = dict.fromkeys(d for t, judged in shown for q, listed in zip(t["query_id"], t["doc_ids"]) for d in (*listed, *judged.get(q, {})))
     ds = NormalizedTables(data_dir).subset(query_ids, list(docs))
@@ -229,7 +230,7 @@ def evaluate_languages(
     langs = [source] + [lang for lang in c.languages if lang != source]
     sets = {lang: language_candidates(cand, ds, lang, source, c.max_eval_queries) for lang in langs}
     dev_sets = {} if dev_cand is None else {
-        lang: language_candidates(dev_cand, ds, lang, source, c.fusion_dev_queries, split="dev") for lang in langs
+        lang: (*language_candidates(dev_cand, ds, lang, source, c.fusion_dev_queries, split="dev")[:3], dev_qrels) for lang in langs
     }
 
     # The teacher reads the source texts of every language's pairs: score each pair once.
@@ -277,9 +278,9 @@ def evaluate_languages(
 
 def _language_metrics(ds, lang, source, candidates, qrels, teacher_of, teacher, scorers, timing_queries: int, dev=None) -> dict:
     """One language's rankers on its test candidates, with their metrics, paired tests and speed;
-    with ``dev`` (that language's dev candidates), each trained student fused with the retriever."""
-    from pipeline.evaluation import after_timing, evaluate_rankers, queries_with_positive, ranker_speed
-    from pipeline.fusion import choose_weight, fused_scores
+    with ``dev`` (that language's dev candidates and the dev judgments), each trained student fused
+    with the retriever."""
+    from pipeline.evaluation import add_fused_rows, after_timing, evaluate_rankers, fusion_weights, queries_with_positive, ranker_speed
 
     qids, dids, retrieval, skipped = candidates
     queries, corpus = texts_of(ds, lang, source)
@@ -303,16 +304,11 @@ def _language_metrics(ds, lang, source, candidates, qrels, teacher_of, teacher, 
     rest = pairs[timing["pairs"]:]
     for name, scorer in scorers.items():
         rankers[name] = after_timing(warm[name], lambda s=scorer, n=name: s.score(rest, desc=f"{n} [{lang}]"), len(pairs))
-    fusion = {}
-    dev_qids, dev_dids, dev_retrieval, _ = dev or ([], [], [], {})
-    dev_qrels = ds.relevant("dev")
-    if any(q in dev_qrels for q in dev_qids):
-        dev_pairs = texts(dev_qids, dev_dids)
-        for name in TRAINED:
-            dev_scores = scorers[name].score(dev_pairs, desc=f"{name} [{lang}] on dev")
-            fusion[name] = choose_weight(dev_qids, dev_dids, dev_qrels, dev_scores, dev_retrieval)
-            rankers[f"{name}_fused"] = fused_scores(qids, rankers[name], retrieval, fusion[name]["weight"])
-            speed[f"{name}_fused"] = speed[name]  # the retriever's score comes with every candidate
+    dev_qids, dev_dids, dev_retrieval, dev_qrels = dev or ([], [], [], {})
+    fusion = fusion_weights(
+        dev_qids, dev_dids, dev_qrels, lambda: texts(dev_qids, dev_dids), dev_retrieval, {n: scorers[n] for n in TRAINED}, f" [{lang}]"
+    )
+    add_fused_rows(qids, rankers, speed, fusion)
     results, tests, _ = evaluate_rankers(qids, dids, qrels, rankers, MULTILINGUAL_COMPARISONS, speed)
     return {
         "queries": len(set(qids)), "queries_with_positive_in_top_k": queries_with_positive(qids, dids, qrels), "pairs": len(pairs),
