@@ -7,15 +7,19 @@ Normalized tables (explicit Arrow schemas):
 ``queries``: query_id, text; ``corpus``: doc_id, title, text; ``qrels``: query_id, doc_id, score, split.
 Parallel languages (``queries.<lang>.jsonl``, ``corpus.<lang>.jsonl``) become
 ``queries.<lang>.parquet`` / ``corpus.<lang>.parquet`` with the same schemas.
+Any input file may be gzip-compressed (``corpus.jsonl.gz``, ``qrels/test.tsv.gz``), as the BEIR
+sets on the Hugging Face hub are; line numbers in errors count its decompressed lines.
 """
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import logging
 import re
 import time
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +39,7 @@ QRELS_SCHEMA = pa.schema(
     [("query_id", pa.string()), ("doc_id", pa.string()), ("score", pa.int32()), ("split", pa.string())]
 )
 SPLITS = ("train", "dev", "test")
-_LANG_FILE = re.compile(r"^(queries|corpus)\.([A-Za-z_-]+)\.jsonl$")
+_LANG_FILE = re.compile(r"^(queries|corpus)\.([A-Za-z_-]+)\.jsonl(\.gz)?$")
 
 
 @dataclass
@@ -79,8 +83,29 @@ def dataset_files(source: str | Path) -> list[Path]:
         return [source]
     if not source.is_dir():
         raise DataError(source, None, None, "dataset not found (expected a BEIR-style folder or a .jsonl/.parquet pairs file)")
-    files = [p for p in source.glob("*.jsonl")] + [p for p in (source / "qrels").glob("*.tsv")]
+    files = [*source.glob("*.jsonl"), *source.glob("*.jsonl.gz"), *(source / "qrels").glob("*.tsv"), *(source / "qrels").glob("*.tsv.gz")]
     return sorted(files)
+
+
+def beir_file(folder: Path, name: str) -> Path | None:
+    """The file ``name`` of a BEIR folder, as given or gzip-compressed (``name.gz``); None if neither."""
+    plain, packed = folder / name, folder / f"{name}.gz"
+    if plain.is_file() and packed.is_file():
+        raise DataError(packed, None, None, f"{name} is there too: keep one of the two")
+    return plain if plain.is_file() else packed if packed.is_file() else None
+
+
+def _lines(path: Path):
+    """(line number, raw bytes) of each line of a file, read through gzip when its name ends in .gz."""
+    lineno = 0
+    try:
+        with (gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")) as f:
+            for lineno, raw in enumerate(f, 1):
+                yield lineno, raw
+    except (gzip.BadGzipFile, zlib.error) as e:
+        raise DataError(path, lineno + 1, None, f"not a readable gzip file ({e})") from None
+    except EOFError:
+        raise DataError(path, lineno + 1, None, "the gzip stream ends early (a truncated download?)") from None
 
 
 def dataset_hash(source: str | Path) -> str:
@@ -98,29 +123,31 @@ def read_dataset(source: str | Path) -> Dataset:
 
 
 def read_beir(folder: Path) -> Dataset:
-    for name in ("corpus.jsonl", "queries.jsonl"):
-        if not (folder / name).is_file():
+    files = {name: beir_file(folder, name) for name in ("corpus.jsonl", "queries.jsonl")}
+    for name, path in files.items():
+        if path is None:
             raise DataError(folder / name, None, None, "missing file (a BEIR-style folder needs corpus.jsonl, queries.jsonl and qrels/*.tsv)")
     repeated: dict[str, int] = {}
-    corpus = _read_corpus(folder / "corpus.jsonl", repeated=repeated)
-    queries = _read_queries(folder / "queries.jsonl", repeated=repeated)
+    corpus = _read_corpus(files["corpus.jsonl"], repeated=repeated)
+    queries = _read_queries(files["queries.jsonl"], repeated=repeated)
     qrels: list[tuple[str, str, int, str]] = []
-    present = [s for s in SPLITS if (folder / "qrels" / f"{s}.tsv").is_file()]
+    present = {s: beir_file(folder / "qrels", f"{s}.tsv") for s in SPLITS}
+    present = {s: path for s, path in present.items() if path is not None}
     if "test" not in present:
         raise DataError(folder / "qrels" / "test.tsv", None, None, "missing file (the test split is needed for evaluation)")
     unknown: dict[str, int] = {}
-    for split in present:
-        qrels += _read_qrels(folder / "qrels" / f"{split}.tsv", split, queries, corpus, unknown)
+    for split, path in present.items():
+        qrels += _read_qrels(path, split, queries, corpus, unknown)
     qrels, several = one_split_per_query(qrels)
     held_out = 0
     if holds_out_dev(folder):
         qrels, held_out = hold_out_dev(qrels)
     languages = {}
-    for path in sorted(folder.glob("*.*.jsonl")):
+    for path in sorted([*folder.glob("*.*.jsonl"), *folder.glob("*.*.jsonl.gz")]):
         m = _LANG_FILE.match(path.name)
         if not m:
             continue
-        kind, lang = m.groups()
+        kind, lang, _ = m.groups()
         lq, lc = languages.setdefault(lang, ({}, {}))
         if kind == "queries":
             lq.update(_read_queries(path, known=queries))
@@ -131,21 +158,20 @@ def read_beir(folder: Path) -> Dataset:
 
 def _jsonl_rows(path: Path):
     """Yield (line_number, dict) for each non-blank line."""
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            try:
-                line = _decode(raw, lineno)
-            except UnicodeDecodeError as e:
-                raise DataError(path, lineno, None, f"not valid UTF-8 (byte {e.start})") from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(path, lineno, None, f"malformed JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise DataError(path, lineno, None, "expected a JSON object")
-            yield lineno, row
+    for lineno, raw in _lines(path):
+        try:
+            line = _decode(raw, lineno)
+        except UnicodeDecodeError as e:
+            raise DataError(path, lineno, None, f"not valid UTF-8 (byte {e.start})") from None
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(path, lineno, None, f"malformed JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(row, dict):
+            raise DataError(path, lineno, None, "expected a JSON object")
+        yield lineno, row
 
 
 def _decode(raw: bytes, lineno: int) -> str:
@@ -300,44 +326,43 @@ def _read_qrels(path: Path, split: str, queries: dict, corpus: dict, unknown_ids
     out = []
     dangling: list[DataError] = []
     layout = None
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            try:
-                line = _decode(raw, lineno).rstrip("\r\n")
-            except UnicodeDecodeError as e:
-                raise DataError(path, lineno, None, f"not valid UTF-8 (byte {e.start})") from None
-            if not line.strip():
+    for lineno, raw in _lines(path):
+        try:
+            line = _decode(raw, lineno).rstrip("\r\n")
+        except UnicodeDecodeError as e:
+            raise DataError(path, lineno, None, f"not valid UTF-8 (byte {e.start})") from None
+        if not line.strip():
+            continue
+        if layout is None:
+            layout = _qrels_layout(path, lineno, line)
+            if layout == "header":
                 continue
-            if layout is None:
-                layout = _qrels_layout(path, lineno, line)
-                if layout == "header":
-                    continue
-            if layout == "trec":
-                cols = line.split("\t") if "\t" in line else line.split()
-                if len(cols) != 4:
-                    raise DataError(path, lineno, None, f"expected 4 columns (TREC qrels: query-id, iteration, doc-id, grade), got {len(cols)}")
-                qid, did, score = cols[0].strip(), cols[2].strip(), cols[3].strip()
-            else:
-                cols = line.split("\t")
-                if len(cols) < 3:
-                    raise DataError(path, lineno, None, f"expected 3 tab-separated columns, got {len(cols)}")
-                qid, did, score = cols[0].strip(), cols[1].strip(), cols[2].strip()
-            if qid not in queries:
-                dangling.append(DataError(path, lineno, "query-id", f"unknown query id '{qid}' (not in queries.jsonl)"))
-                continue
-            if did not in corpus:
-                dangling.append(DataError(path, lineno, "corpus-id", f"unknown document id '{did}' (not in corpus.jsonl)"))
-                # Kept at grade 0, so its query stays judged in this split (a test query whose only
-                # positive is missing must never become an unjudged training query) and is nobody's positive.
-                out.append((qid, did, 0, split))
-                continue
-            try:
-                value = float(score)
-            except ValueError:
-                raise DataError(path, lineno, "score", f"not a number: '{score}'") from None
-            if value != value or value in (float("inf"), float("-inf")) or value != int(value):
-                raise DataError(path, lineno, "score", f"expected an integer relevance grade, got '{score}'")
-            out.append((qid, did, int(value), split))
+        if layout == "trec":
+            cols = line.split("\t") if "\t" in line else line.split()
+            if len(cols) != 4:
+                raise DataError(path, lineno, None, f"expected 4 columns (TREC qrels: query-id, iteration, doc-id, grade), got {len(cols)}")
+            qid, did, score = cols[0].strip(), cols[2].strip(), cols[3].strip()
+        else:
+            cols = line.split("\t")
+            if len(cols) < 3:
+                raise DataError(path, lineno, None, f"expected 3 tab-separated columns, got {len(cols)}")
+            qid, did, score = cols[0].strip(), cols[1].strip(), cols[2].strip()
+        if qid not in queries:
+            dangling.append(DataError(path, lineno, "query-id", f"unknown query id '{qid}' (not in queries.jsonl)"))
+            continue
+        if did not in corpus:
+            dangling.append(DataError(path, lineno, "corpus-id", f"unknown document id '{did}' (not in corpus.jsonl)"))
+            # Kept at grade 0, so its query stays judged in this split (a test query whose only
+            # positive is missing must never become an unjudged training query) and is nobody's positive.
+            out.append((qid, did, 0, split))
+            continue
+        try:
+            value = float(score)
+        except ValueError:
+            raise DataError(path, lineno, "score", f"not a number: '{score}'") from None
+        if value != value or value in (float("inf"), float("-inf")) or value != int(value):
+            raise DataError(path, lineno, "score", f"expected an integer relevance grade, got '{score}'")
+        out.append((qid, did, int(value), split))
     if dangling:
         rows = len(out) + sum(1 for e in dangling if e.field == "query-id")
         if len(dangling) > DANGLING_SHARE * rows:
@@ -363,10 +388,10 @@ def read_pairs_file(path: Path) -> Dataset:
             if col not in table.column_names:
                 raise DataError(path, None, col, "missing column")
         rows = enumerate(table.to_pylist(), 1)
-    elif path.suffix in (".jsonl", ".json"):
+    elif path.name.endswith((".jsonl", ".json", ".jsonl.gz")):
         rows = _jsonl_rows(path)
     else:
-        raise DataError(path, None, None, "unknown pairs file type (use .jsonl or .parquet)")
+        raise DataError(path, None, None, "unknown pairs file type (use .jsonl, .jsonl.gz or .parquet)")
 
     queries: dict[str, str] = {}
     corpus: dict[str, tuple[str, str]] = {}
@@ -419,29 +444,28 @@ def has_training_judgments(source: str | Path) -> bool:
     source = Path(source)
     if not source.is_dir():
         return True
-    path = source / "qrels" / "train.tsv"
-    return path.is_file() and next(_qrels_query_ids(path), None) is not None
+    path = beir_file(source / "qrels", "train.tsv")
+    return path is not None and next(_qrels_query_ids(path), None) is not None
 
 
 def _qrels_query_ids(path: Path):
     """The query id of each row of a qrels file in any layout :func:`_qrels_layout` reads, the
     header skipped, nothing else validated (the reader does that)."""
-    with open(path, "rb") as f:
-        first = True
-        for line in f:
-            line = line.removeprefix(b"\xef\xbb\xbf") if first else line
-            if not line.strip():  # blank lines are skipped, as the reader skips them
+    first = True
+    for _, line in _lines(path):
+        line = line.removeprefix(b"\xef\xbb\xbf") if first else line
+        if not line.strip():  # blank lines are skipped, as the reader skips them
+            continue
+        if first:
+            first = False
+            if line.split(b"\t", 1)[0].strip() == b"query-id":
                 continue
-            if first:
-                first = False
-                if line.split(b"\t", 1)[0].strip() == b"query-id":
-                    continue
-            yield line.split(b"\t", 1)[0].strip() if b"\t" in line else line.split(None, 1)[0]
+        yield line.split(b"\t", 1)[0].strip() if b"\t" in line else line.split(None, 1)[0]
 
 
 def holds_out_dev(source: str | Path) -> bool:
     """Whether reading ``source`` moves training queries to dev (a BEIR folder without qrels/dev.tsv)."""
-    return Path(source).is_dir() and not (Path(source) / "qrels" / "dev.tsv").is_file()
+    return Path(source).is_dir() and beir_file(Path(source) / "qrels", "dev.tsv") is None
 
 
 def splits_overlap(source: str | Path) -> bool:
@@ -452,8 +476,8 @@ def splits_overlap(source: str | Path) -> bool:
         return False
     seen: dict[bytes, str] = {}
     for split in SPLITS:
-        path = folder / "qrels" / f"{split}.tsv"
-        if not path.is_file():
+        path = beir_file(folder / "qrels", f"{split}.tsv")
+        if path is None:
             continue
         for q in _qrels_query_ids(path):
             if seen.setdefault(q, split) != split:

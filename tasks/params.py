@@ -13,7 +13,7 @@ class SnapshotDate:
 
 
 class DataParams:
-    dataset = luigi.Parameter(description="BEIR-style folder or a .jsonl/.parquet pairs file")
+    dataset = luigi.Parameter(description="BEIR-style folder (its files may be gzip-compressed) or a .jsonl, .jsonl.gz or .parquet pairs file")
     output_dir = luigi.Parameter(default="runs/default", description="root of all artifacts of this run")
     device = luigi.Parameter(default="auto", significant=False, description="auto, cpu, cuda, cuda:N")
     seed = luigi.IntParameter(default=12)

@@ -185,6 +185,45 @@ def test_qrels_in_trec_layout_or_without_a_header_read_as_with_one(beir, tmp_pat
     assert "train.tsv:1" in msg and "header 'query-id<TAB>corpus-id<TAB>score'" in msg and "TREC" in msg
 
 
+def test_gzip_compressed_files_read_as_the_plain_ones(beir, tmp_path):
+    """The BEIR sets on the Hugging Face hub ship corpus.jsonl.gz and queries.jsonl.gz: any input
+    file may be compressed, the checks made before reading agree with the reader, a broken or
+    truncated stream is a one-line error naming its file, and a file given both ways is refused."""
+    import gzip
+    import shutil
+
+    from pipeline.data import dataset_hash, holds_out_dev, splits_overlap
+
+    plain = read_dataset(beir)
+    packed = tmp_path / "packed"
+    shutil.copytree(beir, packed)
+    for path in [packed / "corpus.jsonl", packed / "queries.jsonl", *(packed / "qrels").glob("*.tsv")]:
+        path.with_name(path.name + ".gz").write_bytes(gzip.compress(path.read_bytes()))
+        path.unlink()
+    ds = read_dataset(packed)
+    assert (ds.queries, ds.corpus, sorted(ds.qrels)) == (plain.queries, plain.corpus, sorted(plain.qrels))
+    assert has_training_judgments(packed) and not holds_out_dev(packed) and not splits_overlap(packed)
+    assert dataset_hash(packed) != dataset_hash(beir)  # the compressed files are the dataset's files
+    # A pairs file and a language file may be compressed too.
+    pairs = tmp_path / "pairs.jsonl.gz"
+    pairs.write_bytes(gzip.compress((json.dumps({"query": "image viewer", "positive": "A fast image viewer."}) + "\n").encode()))
+    assert list(read_dataset(pairs).queries.values()) == ["image viewer"]
+    (packed / "queries.de.jsonl.gz").write_bytes(gzip.compress((json.dumps({"_id": "q2", "text": "Bildbetrachter"}) + "\n").encode()))
+    assert read_dataset(packed).languages["de"][0] == {"q2": "Bildbetrachter"}
+    # Broken streams, and a file given both ways.
+    whole = (packed / "corpus.jsonl.gz").read_bytes()
+    (packed / "corpus.jsonl.gz").write_bytes(whole[: len(whole) - 12])
+    msg = _error(packed)
+    assert "corpus.jsonl.gz" in msg and "ends early" in msg
+    (packed / "corpus.jsonl.gz").write_bytes(b"not gzip at all\n")
+    msg = _error(packed)
+    assert "corpus.jsonl.gz:1" in msg and "gzip" in msg
+    (packed / "corpus.jsonl.gz").write_bytes(whole)
+    shutil.copy(beir / "qrels" / "test.tsv", packed / "qrels" / "test.tsv")
+    msg = _error(packed)
+    assert "test.tsv.gz" in msg and "keep one" in msg
+
+
 def test_qrel_with_non_numeric_score(beir):
     with open(beir / "qrels" / "train.tsv", "a") as f:
         f.write("q1\td2\thigh\n")
