@@ -620,6 +620,12 @@ def mine_hard_negatives(data_dir: str | Path, out_dir: str | Path, config: MineC
     tables = NormalizedTables(data_dir)
     ds = tables.subset(doc_ids=[])  # queries and judgments; the passages stay in Arrow
     _check_mining_input(ds, data_dir, c)
+    left_out: Counter = Counter()
+    train = training_queries(ds, c.max_train_queries, c.max_unjudged_queries, c.seed, left_out)
+    if left_out:
+        log.warning("%s: training queries left out for their text: %s", ds_source(data_dir), dict(left_out))
+    if not train:
+        raise PipelineError(f"{ds_source(data_dir)}: no training query is left: each has the text of a dev or test query ({dict(left_out)})")
     encoders = SideEncoders(c)
     doc_ids, doc_vecs, corpus_digest = embed_corpus(tables.tables[""][1], encoders)
     t_index = time.perf_counter()
@@ -628,8 +634,8 @@ def mine_hard_negatives(data_dir: str | Path, out_dir: str | Path, config: MineC
     if c.cache_dir:
         index = SearchCache(index, Path(c.cache_dir) / "searches", search_identity(c, corpus_digest))
 
-    train = training_queries(ds, c.max_train_queries, c.max_unjudged_queries, c.seed)
-    stats: dict = {"train_queries": len(train), "corpus": len(doc_ids), "faiss_index": c.faiss_index}
+    stats: dict = {"train_queries": len(train), "corpus": len(doc_ids), "faiss_index": c.faiss_index,
+                   "training_queries_left_out": dict(sorted(left_out.items()))}
     with atomic_dir(out_dir) as tmp:
         if train:
             qv = encoders.embed("query", [ds.queries[q] for q in train])
@@ -717,15 +723,41 @@ def _check_mining_input(ds, data_dir, c: MineConfig) -> None:
         raise PipelineError(f"range_min must be within [0, range_max); got range_min={c.range_min}, range_max={c.range_max}")
 
 
-def training_queries(ds, max_judged: int, max_unjudged: int, seed: int) -> dict[str, dict[str, int]]:
+def training_queries(ds, max_judged: int, max_unjudged: int, seed: int, left_out: Counter | None = None) -> dict[str, dict[str, int]]:
     """Training queries and their positives, in a seeded order: up to ``max_judged`` judged ones
-    (0: all), then up to ``max_unjudged`` (-1: all) that no split judges, with no positives."""
+    (0: all), then up to ``max_unjudged`` (-1: all) that no split judges, with no positives.
+
+    A query is compared by its text (case and spacing aside), not only by its id: search logs
+    hold the evaluated queries too, under other ids. One with the text of a dev or test query
+    never trains (it would rank that query's own candidates, and flatter every trained row of
+    the evaluation); an unjudged one with the text of a judged training query, or of an earlier
+    unjudged one (logs repeat searches), would only repeat it. ``left_out`` counts each reason."""
     order = lambda q: hashlib.sha1(f"{seed}:{q}".encode()).hexdigest()  # noqa: E731
+    text = lambda q: " ".join(ds.queries[q].casefold().split())  # noqa: E731
+    left_out = Counter() if left_out is None else left_out
+    evaluated = {text(q) for q, _, _, split in ds.qrels if split in ("dev", "test")}
     train = ds.relevant("train")
-    judged_ids = sorted(train, key=order)[: max_judged or None]
+    judged_ids = []
+    for q in sorted(train, key=order):
+        if text(q) in evaluated:
+            left_out["text_of_an_evaluation_query"] += 1
+        else:
+            judged_ids.append(q)
+    judged_ids = judged_ids[: max_judged or None]
     judged = {q for q, _, _, _ in ds.qrels}
-    unjudged = sorted((q for q in ds.queries if q not in judged), key=order)
-    unjudged = unjudged if max_unjudged < 0 else unjudged[:max_unjudged]
+    seen = {text(q) for q in judged_ids}
+    unjudged = []
+    for q in sorted((q for q in ds.queries if q not in judged), key=order):
+        if max_unjudged >= 0 and len(unjudged) == max_unjudged:
+            break
+        t = text(q)
+        if t in evaluated:
+            left_out["text_of_an_evaluation_query"] += 1
+        elif t in seen:
+            left_out["text_of_another_training_query"] += 1
+        else:
+            seen.add(t)
+            unjudged.append(q)
     return {**{q: train[q] for q in judged_ids}, **{q: {} for q in unjudged}}
 
 

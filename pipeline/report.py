@@ -282,6 +282,7 @@ def _scoring_section(s: dict, p: dict, plots: dict) -> list[str]:
 
 def _mining_section(s: dict, p: dict, plots: dict) -> list[str]:
     filtered = ", ".join(f"{k} {v}" for k, v in s.get("filtered", {}).items()) or "none"
+    left_out = ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in s.get("training_queries_left_out", {}).items()) or "none"
     parts = [
         "## Mining",
         "",
@@ -294,6 +295,7 @@ def _mining_section(s: dict, p: dict, plots: dict) -> list[str]:
         f"| queries short of {p.get('num_negatives')} negatives | {s.get('queries_short_of_negatives', 0)} |",
         f"| queries without any negative | {s.get('queries_without_negatives', 0)} |",
         f"| candidates removed by filters | {filtered} |",
+        f"| training queries left out for their text | {left_out} |",
         f"| negative rank quantiles | {_quantiles(s.get('negative_rank_quantiles', {}))} |",
         f"| negative score quantiles | {_quantiles(s.get('negative_score_quantiles', {}))} |",
         f"| positive score quantiles | {_quantiles(s.get('positive_score_quantiles', {}))} |",

@@ -372,3 +372,44 @@ def test_a_query_with_many_positives_lists_its_best_graded_one(small_beir, tiny_
     assert set(positives) == judged and not judged & set(negatives) and stats["positives_left_out"] == 0
     positives, _, _ = group("three", max_positives=3)
     assert len(positives) == 3 and best <= set(positives)
+
+
+def test_queries_with_the_text_of_an_evaluated_one_never_train(small_beir, tiny_models, tmp_path):
+    """A search log holds the evaluated queries too, under other ids: one with the text of a dev
+    or test query (case and spacing aside) never trains, judged or not; an unjudged repeat of a
+    training query's text, or of an earlier logged one, is read once. Counted in the stats; a
+    run left with no training query stops before the corpus is embedded."""
+    from pipeline.mining import training_queries
+
+    ds = read_dataset(small_beir)
+    by_split = {}
+    for q, _, _, split in ds.qrels:
+        by_split.setdefault(split, []).append(q)
+    test_q, dev_q, train_q, other_train_q = by_split["test"][0], by_split["dev"][0], by_split["train"][0], by_split["train"][1]
+    # A judged training query with a dev query's text, under its own id.
+    ds.queries[other_train_q] = ds.queries[dev_q]
+    log = tmp_path / "log.jsonl"
+    rows = {
+        "u-test": "  " + ds.queries[test_q].upper() + " ",  # an evaluated query, as a log spells it
+        "u-train": ds.queries[train_q],  # a judged training query again
+        "u-new": "a tiling window manager",
+        "u-new-again": "A  tiling window manager",  # the same search, logged twice
+    }
+    log.write_text("".join(json.dumps({"_id": q, "text": t}) + "\n" for q, t in rows.items()))
+    from pipeline.data import with_unlabeled_queries
+
+    ds, _ = with_unlabeled_queries(ds, log)
+    left_out = Counter()
+    trained = training_queries(ds, 0, -1, seed=12, left_out=left_out)
+    assert train_q in trained and other_train_q not in trained
+    assert "u-new" in trained or "u-new-again" in trained
+    assert not {"u-test", "u-train"} & set(trained) and not {"u-new", "u-new-again"} <= set(trained)
+    assert left_out == {"text_of_an_evaluation_query": 2, "text_of_another_training_query": 2}
+    assert len(trained) == len(ds.relevant("train"))  # the judged ones but one, and one logged search
+
+    # Every training query with an evaluated text: a one-line stop, before any model loads.
+    only = write_beir(tmp_path / "only", {"q1": "image viewer", "q2": "Image  viewer"}, {"d1": ("", "A viewer."), "d2": ("", "Another.")},
+                      {"train": [("q1", "d1", 1)], "test": [("q2", "d2", 1)]})
+    prepare_data(only, tmp_path / "only-data")
+    with pytest.raises(PipelineError, match="no training query is left"):
+        mine_hard_negatives(tmp_path / "only-data", tmp_path / "m", MineConfig(embedder=str(tmp_path / "no-such-model")))
