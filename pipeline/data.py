@@ -719,16 +719,37 @@ def passage_texts(title: pa.Array, text: pa.Array) -> pa.Array:
 
 
 def with_unlabeled_queries(ds: Dataset, path: str | Path) -> tuple[Dataset, int]:
-    """``ds`` plus the queries of a ``{"_id", "text"}`` JSONL file that nobody judged; returns the
-    dataset and how many queries the file added.
+    """``ds`` plus the queries nobody judged of a ``{"_id", "text"}`` JSONL file, or of a text
+    file with one query per line (``.txt``, as a search log is often kept); returns the dataset
+    and how many queries the file added.
 
-    An id the dataset already has is refused (naming the file's line), since a silent merge would
-    either drop the file's text or relabel a judged query as unjudged."""
+    A JSONL id the dataset already has is refused (naming the file's line), since a silent merge
+    would either drop the file's text or relabel a judged query as unjudged. A text file's query
+    is named by a hash of its text, so a search repeated in the log is read once."""
     path = Path(path)
     if not path.is_file():
         raise DataError(path, None, None, "file not found (--unlabeled-queries)")
-    extra = _read_queries(path, taken=ds.queries)
+    extra = _read_query_lines(path, ds.queries) if path.name.endswith((".txt", ".txt.gz")) else _read_queries(path, taken=ds.queries)
     return Dataset({**ds.queries, **extra}, ds.corpus, ds.qrels, ds.languages), len(extra)
+
+
+def _read_query_lines(path: Path, taken: dict) -> dict[str, str]:
+    """The queries of a text file, one per line; blank lines (empty searches) skipped."""
+    out: dict[str, str] = {}
+    for lineno, raw in _lines(path):
+        try:
+            text = " ".join(_decode(raw, lineno).split())
+        except UnicodeDecodeError as e:
+            raise DataError(path, lineno, None, f"not valid UTF-8 (byte {e.start})") from None
+        if not text:
+            continue
+        qid = "log-" + _short_hash(text)
+        if qid in taken:
+            raise DataError(path, lineno, None, f"the id this line's query is given, '{qid}', is already a query of the dataset")
+        out.setdefault(qid, text)
+    if not out:
+        raise DataError(path, None, None, "no queries")
+    return out
 
 
 def prepare_data(source: str | Path, out_dir: str | Path, unlabeled_queries: str | Path = "") -> dict:

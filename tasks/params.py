@@ -18,7 +18,7 @@ class DataParams:
     device = luigi.Parameter(default="auto", significant=False, description="auto, cpu, cuda, cuda:N")
     seed = luigi.IntParameter(default=12)
     unlabeled_queries = luigi.Parameter(
-        default="", description="JSONL of queries nobody judged ({_id, text}); with --max-unjudged-queries, the teacher labels them"
+        default="", description="queries nobody judged: JSONL ({_id, text}) or text, one per line (.txt); with --max-unjudged-queries, the teacher labels them"
     )
     trust_remote_code = luigi.BoolParameter(default=False, significant=False)
     # Set by RetrainStudent so that a failing stage records itself in the registry's history.

@@ -450,6 +450,25 @@ def test_empty_searches_in_a_log_of_unlabeled_queries_are_skipped(beir, tmp_path
     assert "queries.jsonl:4" in _error(beir)
 
 
+def test_a_plain_text_log_of_unlabeled_queries_reads_one_query_per_line(beir, tmp_path):
+    """A search log is often one query per line: each non-blank line is a query, named by a hash
+    of its text (spacing aside), so a repeated search is read once; gzip-compressed as well."""
+    import gzip
+
+    log = tmp_path / "log.txt"
+    log.write_text("tiling window manager\n\n  pdf   viewer \ntiling window manager\npdf viewer\n")
+    stats = prepare_data(beir, tmp_path / "norm", log)
+    assert stats["unlabeled_file_queries"] == 2 and stats["unjudged_queries"] == 2
+    added = {q: t for q, t in load_normalized(tmp_path / "norm").queries.items() if q not in QUERIES}
+    assert sorted(added.values()) == ["pdf viewer", "tiling window manager"] and all(q.startswith("log-") for q in added)
+    packed = tmp_path / "log.txt.gz"
+    packed.write_bytes(gzip.compress(log.read_bytes()))
+    assert prepare_data(beir, tmp_path / "norm-gz", packed)["unlabeled_file_queries"] == 2
+    log.write_bytes(b"pdf viewer\n\xff\xfe\n")
+    with pytest.raises(DataError, match=r"log.txt:2: not valid UTF-8"):
+        prepare_data(beir, tmp_path / "norm-bad", log)
+
+
 def test_unlabeled_query_with_a_dataset_id_is_refused(beir, tmp_path):
     extra = tmp_path / "unlabeled.jsonl"
     extra.write_text(json.dumps({"_id": "u1", "text": "a"}) + "\n" + json.dumps({"_id": "q2", "text": "b"}) + "\n")
