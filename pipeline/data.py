@@ -182,7 +182,9 @@ def _decode(raw: bytes, lineno: int) -> str:
 def _field(path: Path, lineno: int, row: dict, name: str, required: bool = True) -> str:
     if name not in row or row[name] is None:
         if required:
-            raise DataError(path, lineno, name, "missing")
+            # Other tools name the fields otherwise (Pyserini: id, contents): show what the row has.
+            keys = ", ".join(map(str, list(row)[:8])) + (", ..." if len(row) > 8 else "")
+            raise DataError(path, lineno, name, f"missing (the row has: {keys or 'no fields'})")
         return ""
     value = row[name]
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):

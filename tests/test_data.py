@@ -300,6 +300,9 @@ def test_missing_field(beir):
         f.write(json.dumps({"title": "x", "text": "y"}) + "\n")
     msg = _error(beir)
     assert "corpus.jsonl:4" in msg and "'_id'" in msg and "missing" in msg
+    # A corpus in another tool's layout (Pyserini's id / contents): the error shows the row's fields.
+    (beir / "corpus.jsonl").write_text(json.dumps({"id": "d1", "contents": "An XML parsing library."}) + "\n")
+    assert _error(beir).endswith("field '_id': missing (the row has: id, contents)")
 
 
 def test_non_utf8_bytes(beir):
