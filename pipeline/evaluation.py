@@ -63,13 +63,21 @@ def ranking_metrics(run: dict[str, dict[str, float]], qrels: dict[str, dict[str,
 
 
 def paired_test(a: np.ndarray, b: np.ndarray) -> dict:
-    """Mean difference a - b over queries and the two-sided p-value of a paired t-test."""
+    """Mean difference a - b over queries, its 95% confidence interval, and the two-sided p-value
+    of a paired t-test (the interval excludes 0 exactly when p < 0.05)."""
     from scipy import stats
 
     diff = np.asarray(a, np.float64) - np.asarray(b, np.float64)
-    # No difference at all: the t statistic is undefined, and there is nothing to detect.
-    p = 1.0 if not diff.any() else float(stats.ttest_rel(a, b).pvalue)
-    return {"diff": float(diff.mean()), "p_value": p, "queries": int(len(diff)), "test": "paired t-test"}
+    out = {"diff": float(diff.mean()), "ci95": [0.0, 0.0], "p_value": 1.0, "queries": int(len(diff)), "test": "paired t-test"}
+    # No difference at all: the t statistic is undefined, and there is nothing to detect; from
+    # one query nothing can be told.
+    if diff.any() and len(diff) < 2:
+        out["ci95"] = None
+    elif diff.any():
+        t = stats.ttest_rel(diff, np.zeros_like(diff))
+        out["p_value"] = float(t.pvalue)
+        out["ci95"] = [float(x) for x in t.confidence_interval(0.95)]
+    return out
 
 
 def candidate_pairs(candidates: pa.Table, limit: int | None = None) -> tuple[list[str], list[str], list[float]]:
@@ -191,7 +199,10 @@ def verdict(
 
     def p_of(a: str, b: str) -> str:
         t = significance.get(f"{a} vs {b}")
-        return f" (paired t-test over {t['queries']} queries: p = {t['p_value']:.3g})" if t else ""
+        if not t:
+            return ""
+        ci = f"95% interval [{t['ci95'][0]:+.4f}, {t['ci95'][1]:+.4f}]; " if t.get("ci95") else ""
+        return f" ({ci}paired t-test over {t['queries']} queries: p = {t['p_value']:.3g})"
 
     subjects = {"teacher": "The teacher", "student": "The student"}
     if "student" in fusion:

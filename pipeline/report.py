@@ -26,8 +26,10 @@ def metrics_table(test: dict[str, dict[str, float]]) -> str:
 
 
 def significance_table(tests: dict[str, dict]) -> str:
-    lines = ["| comparison | nDCG@10 difference | p-value (paired t-test) | queries |", "|---|---:|---:|---:|"]
-    lines += [f"| {k} | {t['diff']:+.4f} | {t['p_value']:.3g} | {t['queries']} |" for k, t in tests.items()]
+    lines = ["| comparison | nDCG@10 difference | 95% confidence interval | p-value (paired t-test) | queries |", "|---|---:|---:|---:|---:|"]
+    for k, t in tests.items():
+        ci = f"[{t['ci95'][0]:+.4f}, {t['ci95'][1]:+.4f}]" if t.get("ci95") else "n/a"
+        lines.append(f"| {k} | {t['diff']:+.4f} | {ci} | {t['p_value']:.3g} | {t['queries']} |")
     return "\n".join(lines)
 
 

@@ -379,6 +379,33 @@ def test_false_negatives_move_or_drop_exactly_the_suspects():
         assert stats["suspected"] == suspected > 0
 
 
+def test_a_paired_test_gives_the_interval_that_agrees_with_its_p_value():
+    """The 95% interval of the mean per-query difference is the t interval, and excludes 0 exactly
+    when p < 0.05; the report's table shows it."""
+    import numpy as np
+    from scipy import stats
+
+    from pipeline.evaluation import paired_test
+    from pipeline.report import significance_table
+
+    rng = np.random.default_rng(0)
+    seen = set()
+    for shift in (0.0, 0.005, 0.01, 0.02, 0.05):
+        a = rng.random(300)
+        b = a - shift + rng.normal(0, 0.1, 300)
+        t = paired_test(a, b)
+        lo, hi = t["ci95"]
+        d = a - b
+        half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
+        assert (lo, hi) == pytest.approx((d.mean() - half, d.mean() + half))
+        assert (lo > 0 or hi < 0) == (t["p_value"] < 0.05)
+        seen.add(t["p_value"] < 0.05)
+    assert seen == {True, False}
+    assert paired_test(a, a)["ci95"] == [0.0, 0.0] and paired_test(a[:1], b[:1])["ci95"] is None
+    table = significance_table({"student vs retriever": paired_test(a, b), "one query": paired_test(a[:1], b[:1])})
+    assert f"[{lo:+.4f}, {hi:+.4f}]" in table and "| n/a |" in table
+
+
 def test_the_verdict_says_beats_only_with_a_significant_gain():
     from pipeline.evaluation import verdict
 
