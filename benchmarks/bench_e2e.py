@@ -325,7 +325,10 @@ def main() -> None:
     ap.add_argument("--reuse-students", action="store_true",
                     help="score the test students already in --work again instead of retraining them; the training "
                          "seconds are then those of the results file that first reported them")
+    ap.add_argument("--render", action="store_true", help="only rewrite --results' tables from its JSON (nothing runs)")
     args = ap.parse_args()
+    if args.render:
+        return render_again(Path(args.results), table)
 
     from pipeline.data import load_normalized
     from pipeline.evaluation import paired_test
@@ -429,9 +432,28 @@ def mean_std(x: dict, metric: str) -> str:
 
 
 def comparison_rows(comparisons: dict) -> list[str]:
-    return ["| comparison (nDCG@10, per query, averaged over seeds) | difference | p (paired t-test) |", "|---|---:|---:|"] + [
-        f"| {k} | {c['diff']:+.4f} | {c['p_value']:.3g} |" for k, c in comparisons.items()
+    def interval(c: dict) -> str:
+        return f"[{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}]" if c.get("ci95") else "n/a"
+
+    return ["| comparison (nDCG@10, per query, averaged over seeds) | difference | 95% interval | p (paired t-test) |", "|---|---:|---:|---:|"] + [
+        f"| {k} | {c['diff']:+.4f} | {interval(c)} | {c['p_value']:.3g} |" for k, c in comparisons.items()
     ]
+
+
+def render_again(results_path: Path, render) -> None:
+    """Rewrite a results file's tables from its JSON, each comparison recomputed from the per-query
+    figures the file stores (so that a statistic added since, such as the interval, appears); the
+    recomputed differences and p-values must be the stored ones."""
+    from pipeline.evaluation import paired_test
+
+    results = json.loads(results_path.with_suffix(".json").read_text())
+    test = results["test"]
+    for key, stored in results["comparisons"].items():
+        a, b = key.split(" vs ")
+        again = paired_test(np.asarray(test[a]["per_query_ndcg"]), np.asarray(test[b]["per_query_ndcg"]))
+        assert np.isclose(again["diff"], stored["diff"]) and np.isclose(again["p_value"], stored["p_value"], rtol=1e-6), key
+        results["comparisons"][key] = again
+    write_results(results, results_path, render, plot=False)
 
 
 def fusion_sentence(test: dict) -> list[str]:

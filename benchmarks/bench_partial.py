@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.bench_e2e import (  # noqa: E402
-    SEEDS, TIMING_QUERIES, Split, comparison_rows, dev_ndcg, fusion_sentence, mean_std, speed_sentence, student_params, test_rows, train_project,
+    SEEDS, TIMING_QUERIES, Split, comparison_rows, dev_ndcg, fusion_sentence, mean_std, render_again, speed_sentence, student_params, test_rows, train_project,
     write_results,
 )
 
@@ -117,7 +117,10 @@ def main() -> None:
     ap.add_argument("--results", default="benchmarks/results/partial")
     ap.add_argument("--num-negatives", type=int, default=None, help="mined negatives per training query (default: luigi.cfg's)")
     ap.add_argument("--timing-queries", type=int, default=TIMING_QUERIES, help="test queries whose pairs every ranker is timed on (0: all)")
+    ap.add_argument("--render", action="store_true", help="only rewrite --results' tables from its JSON (nothing runs)")
     args = ap.parse_args()
+    if args.render:
+        return render_again(Path(args.results), table)
 
     from datasets import load_from_disk
 
