@@ -197,11 +197,13 @@ def verdict(
     """Plain sentences on whether each reranker is worth running over the retriever."""
     significance, fusion = significance or {}, fusion or {}
 
-    def p_of(a: str, b: str) -> str:
+    def p_of(a: str, b: str, with_diff: bool = False) -> str:
         t = significance.get(f"{a} vs {b}")
         if not t:
             return ""
-        ci = f"95% interval [{t['ci95'][0]:+.4f}, {t['ci95'][1]:+.4f}]; " if t.get("ci95") else ""
+        # A sentence that states a ratio, not the difference, names the difference the interval is of.
+        diff = f"difference {t['diff']:+.4f}, " if with_diff else ""
+        ci = f"{diff}95% interval of the difference [{t['ci95'][0]:+.4f}, {t['ci95'][1]:+.4f}]; " if t.get("ci95") else diff
         return f" ({ci}paired t-test over {t['queries']} queries: p = {t['p_value']:.3g})"
 
     subjects = {"teacher": "The teacher", "student": "The student"}
@@ -240,14 +242,15 @@ def verdict(
         if name in test and baseline in test:
             gain = test[name]["ndcg@10"] - test[baseline]["ndcg@10"]
             better = outcome(significance.get(f"{name} vs {baseline}")) == "yes"
-            lines.append(
-                f"Distillation {'adds' if better else 'does NOT significantly add'} {gain:+.4f} nDCG@10 over {how}{p_of(name, baseline)}."
-            )
+            if better:
+                lines.append(f"Distillation adds {gain:+.4f} nDCG@10 over {how}{p_of(name, baseline)}.")
+            else:
+                lines.append(f"Distillation shows NO significant gain over {how}: {gain:+.4f} nDCG@10{p_of(name, baseline)}.")
     for name in ("student", "student_fused"):
         if name in test and "teacher" in test and test["teacher"]["ndcg@10"] > 0:
             q = test[name]["ndcg@10"] / test["teacher"]["ndcg@10"]
             subject = "The student" if name == "student" else "Fused with the retriever, the student"
-            line = f"{subject} keeps {q:.1%} of the teacher's nDCG@10{p_of(name, 'teacher')}"
+            line = f"{subject} keeps {q:.1%} of the teacher's nDCG@10{p_of(name, 'teacher', with_diff=True)}"
             if "ms_per_query" in test[name] and "ms_per_query" in test["teacher"]:
                 s = test["teacher"]["ms_per_query"] / max(test[name]["ms_per_query"], 1e-9)
                 line += f" at {s:.1f}x its speed ({test[name]['ms_per_query']:.0f} against {test['teacher']['ms_per_query']:.0f} ms per query)"
