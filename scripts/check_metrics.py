@@ -3,7 +3,8 @@
 The retriever's own top-k comes from exact search over sentence-transformers embeddings
 (``encode_query`` / ``encode_document``, which apply the embedder's query and document prompts),
 nDCG@10 from ``ir_measures.calc_aggregate`` over every test judgment (a positive outside the top-k
-is a miss), and the student's order from ``CrossEncoder.predict`` on those candidates.
+is a miss), the student's order from ``CrossEncoder.predict`` on those candidates, and each
+reported paired comparison from ``scipy.stats.ttest_rel`` on the per-query figures.
 
     python scripts/check_metrics.py runs/demo            # exits 1 when a figure is off
 """
@@ -11,6 +12,7 @@ is a miss), and the student's order from ``CrossEncoder.predict`` on those candi
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import sys
 from pathlib import Path
@@ -22,19 +24,55 @@ import numpy as np
 TOLERANCE = {"retriever": 1e-4, "student": 0.005}
 
 
+def read_text(path: Path) -> str:
+    """A file's text, or its gzipped copy's (``name.gz``) where the plain file is absent."""
+    if path.exists():
+        return path.read_text(encoding="utf-8-sig")
+    with gzip.open(path.with_name(path.name + ".gz"), "rt", encoding="utf-8-sig") as f:
+        return f.read()
+
+
 def read_beir(folder: Path) -> tuple[dict[str, str], dict[str, str], list[tuple[str, str, int]]]:
-    """Passages ("title. text"), queries and the test judgments, straight from the files."""
+    """Passages ("title. text"), queries and the test judgments, straight from the files (the
+    judgments in BEIR's three columns, with or without the header, or TREC's four)."""
     corpus, queries = {}, {}
-    for line in (folder / "corpus.jsonl").read_text().splitlines():
+    for line in read_text(folder / "corpus.jsonl").splitlines():
         if line.strip():
             r = json.loads(line)
             corpus[r["_id"]] = f"{r['title']}. {r['text']}" if r.get("title") else r["text"]
-    for line in (folder / "queries.jsonl").read_text().splitlines():
+    for line in read_text(folder / "queries.jsonl").splitlines():
         if line.strip():
             r = json.loads(line)
             queries[r["_id"]] = r["text"]
-    rows = [x.split("\t") for x in (folder / "qrels" / "test.tsv").read_text().splitlines()[1:] if x.strip()]
-    return corpus, queries, [(q, d, int(s)) for q, d, s in rows]
+    judged = []
+    for line in read_text(folder / "qrels" / "test.tsv").splitlines():
+        cols = line.split("\t") if "\t" in line else line.split()
+        if not line.strip() or cols[0].strip() == "query-id":
+            continue
+        q, d, s = (cols[0], cols[2], cols[3]) if len(cols) == 4 else cols[:3]
+        judged.append((q.strip(), d.strip(), int(float(s))))
+    return corpus, queries, judged
+
+
+def significance_agrees(metrics: dict) -> list[str]:
+    """The comparisons of metrics.json that scipy's paired t-test on its per-query nDCG@10 does
+    not reproduce (difference, p-value, 95% interval); empty when all agree."""
+    from scipy import stats
+
+    per_query = metrics["per_query_ndcg@10"]
+    off = []
+    for key, t in metrics["significance"].items():
+        a, b = key.split(" vs ")
+        d = np.asarray(per_query[a], np.float64) - np.asarray(per_query[b], np.float64)
+        if not d.any() or len(d) < 2:
+            continue
+        r = stats.ttest_rel(per_query[a], per_query[b])
+        ci = r.confidence_interval(0.95)
+        # metrics.json keeps per-query figures to 6 decimals, the tests ran on the unrounded ones.
+        if not (np.isclose(t["diff"], d.mean(), rtol=0, atol=1e-6) and np.isclose(t["p_value"], r.pvalue, rtol=1e-4, atol=0)
+                and np.allclose(t.get("ci95") or [np.nan] * 2, [ci.low, ci.high], rtol=0, atol=1e-6)):
+            off.append(key)
+    return off
 
 
 def independent_metrics(run: Path, device: str = "cpu") -> dict:
@@ -75,6 +113,7 @@ def independent_metrics(run: Path, device: str = "cpu") -> dict:
         "retriever": ir_measures.calc_aggregate([measure], qrels, retriever_run)[measure],
         "student": ir_measures.calc_aggregate([measure], qrels, student_run)[measure],
         "reported": {name: metrics["test"][name]["ndcg@10"] for name in TOLERANCE},
+        "significance_off": significance_agrees(metrics),
     }
 
 
@@ -90,7 +129,9 @@ def main() -> None:
         ok &= diff <= tol
         print(f"{name:10s} metrics.json {got['reported'][name]:.4f}  independent {got[name]:.4f}  |diff| {diff:.5f} "
               f"({'ok' if diff <= tol else 'OFF'}, tolerance {tol:g})")
-    sys.exit(0 if ok else 1)
+    off = got["significance_off"]
+    print(f"paired tests: {len(off)} of the reported comparisons not reproduced by scipy" + (f" ({', '.join(off)})" if off else ""))
+    sys.exit(0 if ok and not off else 1)
 
 
 if __name__ == "__main__":

@@ -317,6 +317,12 @@ def test_metrics_equal_an_independent_rerank_of_the_true_top_k(distinct_passages
     assert got["retriever"] > 0
     assert set(metrics["significance"]) >= {"student vs retriever", "teacher vs retriever"}
     assert all(0.0 <= t["p_value"] <= 1.0 for t in metrics["significance"].values())
+    # Every reported paired test follows from the per-query figures, by scipy's own t-test; a
+    # tampered p-value is caught.
+    assert got["significance_off"] == []
+    key = next(k for k, t in metrics["significance"].items() if 0 < t["p_value"] < 1)
+    metrics["significance"][key]["p_value"] *= 1.01
+    assert check.significance_agrees(metrics) == [key]
 
 
 def test_unjudged_queries_train_the_student_with_teacher_labels(small_beir, tiny_models, tmp_path):
