@@ -43,7 +43,10 @@ def languages_table(languages: dict[str, dict], metric: str = "ndcg@10") -> str:
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     def beats(e: dict, name: str = "student") -> str:
         t = e.get("significance", {}).get(f"{name} vs retriever")
-        return f"{outcome(t)} ({t['diff']:+.4f}, p = {t['p_value']:.2g})" if t else "n/a"
+        if not t:
+            return "n/a"
+        ci = f" [{t['ci95'][0]:+.3f}, {t['ci95'][1]:+.3f}]" if t.get("ci95") else ""
+        return f"{outcome(t)} ({t['diff']:+.4f}{ci}, p = {t['p_value']:.2g})"
 
     lines.append("| student beats the retriever? | " + " | ".join(beats(e) for e in languages.values()) + " |")
     if any(e.get("fusion") for e in languages.values()):
@@ -54,7 +57,7 @@ def languages_table(languages: dict[str, dict], metric: str = "ndcg@10") -> str:
         ]
         lines.append("| student_fused: w on the student | " + " | ".join(weights) + " |")
     lines.append("| test queries / pairs | " + " | ".join(f"{e['queries']} / {e['pairs']}" for e in languages.values()) + " |")
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n\nIn brackets: the 95% interval of the difference from the retriever."
 
 
 def fusion_section(fusion: dict[str, dict], language: str = "") -> list[str]:
