@@ -407,8 +407,13 @@ def mine(
     skipped: Counter | None = None,
     ignore_identical_ids: bool = False,
     max_positives: int = 0,
+    twins: dict[str, list[str]] | None = None,
 ) -> pa.Table:
     """Groups of (query, positives, mined negatives with retrieval scores and ranks).
+
+    ``twins`` (:func:`text_twins`): a passage with the exact text of one of the query's positives
+    is never its negative, as in sentence-transformers' mining, which de-duplicates the corpus by
+    text; it would label the positive's own text irrelevant. ``skipped`` counts them.
 
     ``max_positives`` (0: all) caps the positives a group lists (:func:`kept_positives`); every
     judged positive is still kept out of the negatives.
@@ -438,12 +443,15 @@ def mine(
         pos_ids = kept_positives(qid, pos, max_positives, seed)
         pos_scores = [float(query_vecs[qi] @ doc_vecs[doc_pos[p]]) for p in pos_ids]
         ranked = [doc_ids[j] for j in ids[qi] if j >= 0]
+        same_text = {t for p in pos for t in twins.get(p, ())} - set(pos) if twins else set()
+        if same_text and skipped is not None:
+            skipped["same_text_as_a_positive"] += sum(1 for d in ranked if d in same_text)
         neg_ids, neg_scores, neg_ranks = select_negatives(
-            ranked, scores[qi][: len(ranked)].tolist(), set(pos), n_hard + (0 if pos else 1), range_min, range_max, sampling, rng,
-            min(pos_scores, default=float("inf")), filters, skipped,
+            ranked, scores[qi][: len(ranked)].tolist(), set(pos) | same_text, n_hard + (0 if pos else 1), range_min, range_max,
+            sampling, rng, min(pos_scores, default=float("inf")), filters, skipped,
         )
         if n_random:
-            taken = set(pos) | set(neg_ids) | ({qid} if qi in own else set())
+            taken = set(pos) | same_text | set(neg_ids) | ({qid} if qi in own else set())
             for _ in range(min(n_random, len(doc_ids) - len(taken))):
                 j = rng.randrange(len(doc_ids))
                 while doc_ids[j] in taken:
@@ -596,6 +604,7 @@ class MineConfig:
     query_prompt_name: str = ""
     document_prompt_name: str = ""
     ignore_identical_ids: bool = True  # a passage with the query's own id is not its candidate (own_id_columns)
+    exclude_text_twins: bool = True  # a passage with a positive's exact text is not its negative (text_twins)
     max_positives: int = 1  # positives listed per training query, the best graded (kept_positives); 0 = all
     device: str = run_only("cpu", "embeddings agree across devices to float rounding; the cache is keyed by model")
     cache_dir: str = run_only("", "where embeddings are kept between runs, keyed by model and text")
@@ -627,7 +636,8 @@ def mine_hard_negatives(data_dir: str | Path, out_dir: str | Path, config: MineC
     if not train:
         raise PipelineError(f"{ds_source(data_dir)}: no training query is left: each has the text of a dev or test query ({dict(left_out)})")
     encoders = SideEncoders(c)
-    doc_ids, doc_vecs, corpus_digest = embed_corpus(tables.tables[""][1], encoders)
+    twins: dict[str, list[str]] = {}
+    doc_ids, doc_vecs, corpus_digest = embed_corpus(tables.tables[""][1], encoders, twins=twins)
     t_index = time.perf_counter()
     index = build_index(doc_vecs, c.faiss_index, nprobe=c.nprobe, ef_search=c.ef_search, use_gpu=c.device.startswith("cuda"))
     index_seconds = time.perf_counter() - t_index
@@ -643,6 +653,7 @@ def mine_hard_negatives(data_dir: str | Path, out_dir: str | Path, config: MineC
             groups = mine(
                 qv, list(train), doc_vecs, doc_ids, train, c.num_negatives, c.range_min, c.range_max, c.sampling, index,
                 c.seed, c.filters, c.random_share, skipped, c.ignore_identical_ids, c.max_positives,
+                twins if c.exclude_text_twins else None,
             )
             write_table(groups, tmp / "groups.parquet")
             stats.update(mining_stats(groups, c.num_negatives, skipped))
@@ -672,9 +683,12 @@ def mine_hard_negatives(data_dir: str | Path, out_dir: str | Path, config: MineC
 CORPUS_CHUNK = 100_000  # passages that are Python strings at once while the corpus is embedded
 
 
-def embed_corpus(corpus: pa.Table, encoders: SideEncoders, chunk: int = CORPUS_CHUNK) -> tuple[list[str], np.ndarray, str]:
+def embed_corpus(
+    corpus: pa.Table, encoders: SideEncoders, chunk: int = CORPUS_CHUNK, twins: dict[str, list[str]] | None = None
+) -> tuple[list[str], np.ndarray, str]:
     """The corpus's ids, their document vectors, and a digest of its ids and texts in index
-    order, read from Arrow a chunk at a time: only one chunk's passages are ever Python strings."""
+    order, read from Arrow a chunk at a time: only one chunk's passages are ever Python strings.
+    ``twins`` gets, for each document whose exact text another one has, the ids of the others."""
     from pipeline.data import passage_texts
 
     digest = hashlib.blake2b(digest_size=16)
@@ -687,7 +701,20 @@ def embed_corpus(corpus: pa.Table, encoders: SideEncoders, chunk: int = CORPUS_C
         for d, p in zip(ids, texts):
             digest.update(f"{d}\x1f{p}\x1e".encode())
         doc_ids += ids
+    if twins is not None:
+        twins.update(text_twins(doc_ids, keys))
     return doc_ids, encoders.caches["document"].rows(keys), digest.hexdigest()
+
+
+def text_twins(doc_ids: list[str], text_keys: list[str]) -> dict[str, list[str]]:
+    """For each document whose text key another document shares, the other documents' ids."""
+    if not doc_ids:
+        return {}
+    _, group, sizes = np.unique(np.asarray(text_keys), return_inverse=True, return_counts=True)
+    shared: dict[int, list[str]] = {}
+    for i in np.flatnonzero(sizes[group] > 1):
+        shared.setdefault(int(group[i]), []).append(doc_ids[i])
+    return {d: [o for o in ids if o != d] for ids in shared.values() for d in ids}
 
 
 def search_identity(c: MineConfig, corpus_digest: str) -> str:

@@ -63,6 +63,10 @@ class MineParams(DataParams):
         default=True, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
         description="a passage whose id is the query's own is never its candidate or negative unless judged relevant (BEIR's rule)",
     )
+    exclude_text_twins = luigi.BoolParameter(
+        default=True, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
+        description="a passage with the exact text of one of the query's positives is never its negative (sentence-transformers' rule)",
+    )
 
 
 class TeacherParams(MineParams):

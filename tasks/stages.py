@@ -107,7 +107,7 @@ class MineHardNegatives(MineParams, Stage):
             filters=mining.NegativeFilter(self.absolute_margin, self.relative_margin, self.max_score, self.min_score),
             random_share=self.random_negatives, query_prompt_name=self.query_prompt_name,
             document_prompt_name=self.document_prompt_name, ignore_identical_ids=self.ignore_identical_ids,
-            max_positives=self.max_positives,
+            exclude_text_twins=self.exclude_text_twins, max_positives=self.max_positives,
             device=self.run_device, cache_dir=str(self.cache_dir or self.root / "cache"),
         )
 

@@ -413,3 +413,31 @@ def test_queries_with_the_text_of_an_evaluated_one_never_train(small_beir, tiny_
     prepare_data(only, tmp_path / "only-data")
     with pytest.raises(PipelineError, match="no training query is left"):
         mine_hard_negatives(tmp_path / "only-data", tmp_path / "m", MineConfig(embedder=str(tmp_path / "no-such-model")))
+
+
+def test_a_passage_with_a_positives_exact_text_is_never_its_negative(tiny_models, tmp_path):
+    """Corpora hold the same passage under several ids (BEIR's TREC-COVID, web crawls). Its twin
+    scores as the positive does, so it would be mined as the hardest negative and label the
+    positive's own text irrelevant; sentence-transformers' mining de-duplicates the corpus by text
+    and never does. Left out by default, counted; kept with exclude_text_twins=False."""
+    queries = {"q1": "image viewer", "q2": "mail client", "q3": "text editor"}
+    corpus = {
+        "d1": ("Viewer", "A fast image viewer."), "d1-copy": ("Viewer", "A fast image viewer."),
+        "d2": ("", "A mail client for the terminal."), "d3": ("", "A small text editor."),
+        **{f"x{i}": ("", f"an unrelated package number {i}") for i in range(8)},
+    }
+    qrels = {"train": [("q1", "d1", 1), ("q2", "d2", 1)], "test": [("q3", "d3", 1)]}
+    prepare_data(write_beir(tmp_path / "ds", queries, corpus, qrels), tmp_path / "data")
+
+    def negatives(out: str, **kw) -> tuple[dict, dict]:
+        # Every other passage is a negative, so that the tiny model's order does not matter.
+        config = MineConfig(embedder=tiny_models["embedder"], cache_dir=str(tmp_path / "cache"), max_length=64, num_negatives=20, **kw)
+        stats = mine_hard_negatives(tmp_path / "data", tmp_path / out, config)
+        groups = pq.read_table(tmp_path / out / "groups.parquet").to_pylist()
+        return {g["query_id"]: g["negative_ids"] for g in groups}, stats
+
+    kept_out, stats = negatives("default")
+    with_twin, stats_with = negatives("kept", exclude_text_twins=False)
+    assert "d1-copy" in with_twin["q1"] and set(kept_out["q1"]) == set(with_twin["q1"]) - {"d1-copy"}
+    assert stats["filtered"]["same_text_as_a_positive"] == 1 and "same_text_as_a_positive" not in stats_with["filtered"]
+    assert kept_out["q2"] == with_twin["q2"]  # a query whose positive has no twin mines as before
