@@ -470,7 +470,7 @@ def speed_sentence(meta: dict) -> str:
     """How the rows' pairs/s were measured (``meta["speed"]``, from ``speed_in_turns``)."""
     t = meta["speed"]
     return (f"every row reranks the same {t['pairs']:,} candidate pairs of the first {t['queries']} test queries in fp32 on this "
-            f"machine's CPU, the models taking turns over {t['turns']} blocks after an untimed round over them, in one process.")
+            f"machine's CPU, the models taking turns over {t['turns']} blocks after an untimed first block, in one process.")
 
 
 def table(r: dict) -> str:

@@ -150,7 +150,7 @@ def table(r: dict) -> str:
     m = r["meta"]
     lines = [f"Dev split of `{m['output_dir']}`'s data: {m['dev_queries']} queries, {m['dev_pairs']} pairs (true top-20), seed 12, "
              f"teachers trained on {m['judged_train_queries']} judged queries. Speed: the models take turns on the "
-             f"{m['speed']['pairs']:,} pairs of the first {m['speed']['queries']} dev queries, in bf16, after an untimed round.", "",
+             f"{m['speed']['pairs']:,} pairs of the first {m['speed']['queries']} dev queries, in bf16, after an untimed first block.", "",
              "| teacher | dev nDCG@10 | pairs/s (bf16) |", "|---|---:|---:|"]
     for name, x in r["teachers"].items():
         pps = f"{x['pairs_per_second']:.0f}" if "pairs_per_second" in x else ""

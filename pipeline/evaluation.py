@@ -110,16 +110,15 @@ def ranker_speed(
     ``max_queries`` queries (0: all). ``qids`` holds each pair's query, a query's pairs next to
     each other; ``rankers[name](s)`` scores the pairs in slice ``s`` of that list.
 
-    The queries are cut into ``turns`` blocks. Every ranker scores every block twice: once
-    untimed, so that each has run these very batch shapes before (first calls pay for kernel
-    set-up and allocations, and a ranker whose quality scores came from a cache would pay them
-    in its timing alone), then timed. Within a block the rankers take turns, in an order that
-    rotates and reverses from block to block, so none always follows the same one. A shared
-    machine's speed drifts by tens of percent from one minute to the next; timed one after
-    another, a ranker takes whatever drift falls in its minutes, while turns spread it over all
-    of them alike. Returns the figures by ranker; the queries, pairs and turns they were
-    measured on; and each ranker's scores from its untimed round, in pair order over those
-    pairs (the first ``pairs`` of ``qids``'s), so that no caller scores them a second time.
+    The queries are cut into ``turns`` blocks. Every ranker first scores the first block untimed
+    (a model's first calls in a process pay for thread start-up, kernel set-up and allocations),
+    then every block timed. Within a block the rankers take turns, in an order that rotates and
+    reverses from block to block, so none always follows the same one. A shared machine's speed
+    drifts by tens of percent from one minute to the next; timed one after another, a ranker
+    takes whatever drift falls in its minutes, while turns spread it over all of them alike.
+    Returns the figures by ranker; the queries, pairs and turns they were measured on; and each
+    ranker's scores from its timed round, in pair order over those pairs (the first ``pairs`` of
+    ``qids``'s), so that no caller scores them a second time.
     """
     starts = [i for i in range(len(qids)) if i == 0 or qids[i] != qids[i - 1]]
     n_queries = len(starts) if max_queries <= 0 else min(max_queries, len(starts))
@@ -128,32 +127,30 @@ def ranker_speed(
         return {name: {} for name in rankers}, {"queries": 0, "pairs": 0, "turns": 0}, {name: np.zeros(0, np.float32) for name in rankers}
     blocks = [slice(bounds[b[0]], bounds[b[-1] + 1]) for b in np.array_split(np.arange(n_queries), min(turns, n_queries))]
     names = list(rankers)
+    for name in names:
+        rankers[name](blocks[0])
     seconds = dict.fromkeys(names, 0.0)
-    untimed = {name: [None] * len(blocks) for name in names}
-    for timed in (False, True):
-        for turn, part in enumerate(blocks):
-            order = names[turn % len(names):] + names[: turn % len(names)]
-            for name in order[::-1] if turn % 2 else order:
-                t0 = time.perf_counter()
-                scores = rankers[name](part)
-                if timed:
-                    seconds[name] += time.perf_counter() - t0
-                else:
-                    untimed[name][turn] = scores
+    timed = {name: [None] * len(blocks) for name in names}
+    for turn, part in enumerate(blocks):
+        order = names[turn % len(names):] + names[: turn % len(names)]
+        for name in order[::-1] if turn % 2 else order:
+            t0 = time.perf_counter()
+            timed[name][turn] = rankers[name](part)
+            seconds[name] += time.perf_counter() - t0
     n_pairs = bounds[-1]
     speed = {
         name: {"pairs_per_second": round(n_pairs / s, 2) if s > 0 else float("inf"), "ms_per_query": round(1000 * s / n_queries, 2)}
         for name, s in seconds.items()
     }
-    scored = {name: np.concatenate([np.asarray(b, np.float32).reshape(-1) for b in parts]) for name, parts in untimed.items()}
+    scored = {name: np.concatenate([np.asarray(b, np.float32).reshape(-1) for b in parts]) for name, parts in timed.items()}
     return speed, {"queries": n_queries, "pairs": n_pairs, "turns": len(blocks)}, scored
 
 
-def after_timing(untimed: np.ndarray, score_rest: Callable[[], object], n_pairs: int) -> np.ndarray:
-    """A ranker's scores of all ``n_pairs`` pairs: the untimed round's (:func:`ranker_speed`) for
-    the timed pairs at the front, then ``score_rest()``'s for the others, called only if any."""
-    rest = np.asarray(score_rest(), np.float32) if n_pairs > len(untimed) else np.zeros(0, np.float32)
-    return np.concatenate([untimed, rest])
+def after_timing(timed: np.ndarray, score_rest: Callable[[], object], n_pairs: int) -> np.ndarray:
+    """A ranker's scores of all ``n_pairs`` pairs: the timing's (:func:`ranker_speed`) for the
+    timed pairs at the front, then ``score_rest()``'s for the others, called only if any."""
+    rest = np.asarray(score_rest(), np.float32) if n_pairs > len(timed) else np.zeros(0, np.float32)
+    return np.concatenate([timed, rest])
 
 
 def evaluate_rankers(
@@ -344,22 +341,22 @@ def evaluate_student(data_dir, mined_dir, student_dir, out_dir, config: EvalConf
         **{name: (lambda part, s=s: s.score(pairs[part], show_progress=False)) for name, s in students.items()},
     }
     log.info("timing %d rankers on up to %s test queries, taking turns", len(timed), c.timing_queries or "all")
-    speed, timing, warm = ranker_speed(timed, qids, c.timing_queries)
-    # The timing's untimed round scored the first pairs with the same models and precision; only
+    speed, timing, timing_scores = ranker_speed(timed, qids, c.timing_queries)
+    # The timing scored the first pairs with the same models and precision; only
     # the rest (whole queries, so an ensemble's per-query mixing sees whole groups) is scored here.
     rest = slice(timing["pairs"], len(pairs))
     if scores is None:
         scores = {"retriever": np.asarray(retrieval, np.float32)}
-        scores["teacher"] = after_timing(warm["teacher"], lambda: teacher.score(pairs[rest], qids[rest]), len(pairs))
+        scores["teacher"] = after_timing(timing_scores["teacher"], lambda: teacher.score(pairs[rest], qids[rest]), len(pairs))
         scores["student_untrained"] = after_timing(
-            warm["student_untrained"],
+            timing_scores["student_untrained"],
             lambda: students["student_untrained"].score(pairs[rest], desc=descs["student_untrained"]),
             len(pairs),
         )
         _store_baselines(baseline_file, scores)
     trained = {n: students[n] for n in ("student", "student_label_only") if n in students}
     for name, scorer in trained.items():
-        scores[name] = after_timing(warm[name], lambda name=name, s=scorer: s.score(pairs[rest], desc=descs[name]), len(pairs))
+        scores[name] = after_timing(timing_scores[name], lambda name=name, s=scorer: s.score(pairs[rest], desc=descs[name]), len(pairs))
     fusion = fuse_with_retriever(data_dir, mined_dir, c.fusion_dev_queries, trained)
     add_fused_rows(qids, scores, speed, fusion)
     test, significance, per_query = evaluate_rankers(qids, dids, qrels, scores, speed=speed)

@@ -636,7 +636,7 @@ def mine_hard_negatives(data_dir: str | Path, out_dir: str | Path, config: MineC
     if not train:
         raise PipelineError(f"{ds_source(data_dir)}: no training query is left: each has the text of a dev or test query ({dict(left_out)})")
     encoders = SideEncoders(c)
-    twins: dict[str, list[str]] = {}
+    twins: dict[str, list[str]] | None = {} if c.exclude_text_twins else None
     doc_ids, doc_vecs, corpus_digest = embed_corpus(tables.tables[""][1], encoders, twins=twins)
     t_index = time.perf_counter()
     index = build_index(doc_vecs, c.faiss_index, nprobe=c.nprobe, ef_search=c.ef_search, use_gpu=c.device.startswith("cuda"))
@@ -653,7 +653,7 @@ def mine_hard_negatives(data_dir: str | Path, out_dir: str | Path, config: MineC
             groups = mine(
                 qv, list(train), doc_vecs, doc_ids, train, c.num_negatives, c.range_min, c.range_max, c.sampling, index,
                 c.seed, c.filters, c.random_share, skipped, c.ignore_identical_ids, c.max_positives,
-                twins if c.exclude_text_twins else None,
+                twins,
             )
             write_table(groups, tmp / "groups.parquet")
             stats.update(mining_stats(groups, c.num_negatives, skipped))

@@ -299,11 +299,11 @@ def _language_metrics(ds, lang, source, candidates, qrels, teacher_of, teacher, 
         "teacher": lambda part: teacher.score(source_pairs[part], qids[part], show_progress=False),
         **{name: (lambda part, s=scorer: s.score(pairs[part], show_progress=False)) for name, scorer in scorers.items()},
     }
-    speed, timing, warm = ranker_speed(timed, qids, timing_queries)
-    # The timing's untimed round scored the first pairs already; the students score the rest.
+    speed, timing, timing_scores = ranker_speed(timed, qids, timing_queries)
+    # The timing scored the first pairs already; the students score the rest.
     rest = pairs[timing["pairs"]:]
     for name, scorer in scorers.items():
-        rankers[name] = after_timing(warm[name], lambda s=scorer, n=name: s.score(rest, desc=f"{n} [{lang}]"), len(pairs))
+        rankers[name] = after_timing(timing_scores[name], lambda s=scorer, n=name: s.score(rest, desc=f"{n} [{lang}]"), len(pairs))
     dev_qids, dev_dids, dev_retrieval, dev_qrels = dev or ([], [], [], {})
     fusion = fusion_weights(
         dev_qids, dev_dids, dev_qrels, lambda: texts(dev_qids, dev_dids), dev_retrieval, {n: scorers[n] for n in TRAINED}, f" [{lang}]"

@@ -292,7 +292,7 @@ def test_metrics_equal_an_independent_rerank_of_the_true_top_k(distinct_passages
     pipeline: the retriever's own top-k by exact search over sentence-transformers embeddings,
     ir-measures over every test judgment (a positive outside the top-k is a miss), and the
     published student reranking those candidates with CrossEncoder.predict. Timing covers only
-    the first test queries, so the student's scores come from the timing's untimed round for
+    the first test queries, so the student's scores come from the timing for
     those and from the quality pass for the rest."""
     import importlib.util
 
