@@ -152,7 +152,7 @@ def load_cross_encoder(
         local_files_only=_offline(),
         model_kwargs=_model_kwargs(ref),
     )
-    with _remote_code_refused(ref):
+    with _remote_code_refused(ref), _model_found(ref):
         if _uses_own_head(ref):
             model = _load_with_own_head(ref, kwargs)
         else:
@@ -196,7 +196,7 @@ def load_bi_encoder(ref: str, device: str = "cpu", max_length: int | None = None
 
     ref = strip_kind(ref)
     _check_exists(ref)
-    with _remote_code_refused(ref):
+    with _remote_code_refused(ref), _model_found(ref):
         model = SentenceTransformer(
             ref, device=device, trust_remote_code=trust_remote_code, local_files_only=_offline(), model_kwargs=_model_kwargs(ref)
         )
@@ -310,6 +310,25 @@ def _remote_code_refused(ref: str):
         raise PipelineError(
             f"{ref}: this model ships its own Python code (auto_map in config.json), which is not run by default; "
             "pass --trust-remote-code only for a model you trust"
+        ) from None
+
+
+@contextlib.contextmanager
+def _model_found(ref: str):
+    """A hub id that neither the hub nor the local cache can give, as one line that says what to
+    do, instead of the loaders' chained tracebacks."""
+    try:
+        yield
+    except OSError as e:
+        if not _looks_like_hub_id(ref):
+            raise
+        where = (
+            "the local Hugging Face cache has no copy of it and the hub is off (HF_HUB_OFFLINE=1)"
+            if _offline() else "the hub did not give it"
+        )
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PipelineError(
+            f"{ref}: no such local folder, and {where} ({first}); pass a model folder, or fetch it once where the hub is reachable"
         ) from None
 
 

@@ -30,7 +30,7 @@ from pipeline.data import NormalizedTables, has_training_judgments
 from pipeline.errors import PipelineError
 from pipeline.labels import build_rows, to_dataset
 from pipeline.scoring import ENSEMBLE_FILE
-from pipeline.training import train_student
+from pipeline.training import train_student, warmup
 
 
 @dataclass(frozen=True)
@@ -227,7 +227,7 @@ def _bi_encoder_teacher(data_dir: str | Path, groups: pa.Table, out_dir: str | P
         num_train_epochs=c.epochs,
         per_device_train_batch_size=c.bi_encoder_batch_size,
         learning_rate=c.bi_encoder_learning_rate,
-        warmup_ratio=0.1,
+        **warmup(0.1),
         bf16=c.precision == "bf16",
         use_cpu=not c.device.startswith("cuda"),
         save_strategy="no",

@@ -336,6 +336,15 @@ def _describe(model, card: dict, loss_name: str) -> None:
     data.tags = list(dict.fromkeys([*data.tags, "distillation", loss_name]))
 
 
+def warmup(ratio: float) -> dict:
+    """The training arguments that warm the learning rate up over ``ratio`` of the steps:
+    transformers 5 takes a fraction as ``warmup_steps`` and deprecates ``warmup_ratio``, which
+    earlier versions need."""
+    import transformers
+
+    return {"warmup_steps": ratio} if int(transformers.__version__.split(".")[0]) >= 5 else {"warmup_ratio": ratio}
+
+
 def _training_arguments(
     work: Path, rows: int, epochs: float, batch_size: int, learning_rate: float, warmup_ratio: float, precision: str,
     device: str, seed: int, evaluate: bool, group_by_length: bool,
@@ -350,7 +359,7 @@ def _training_arguments(
         num_train_epochs=epochs,
         per_device_train_batch_size=batch_size,
         learning_rate=learning_rate,
-        warmup_ratio=warmup_ratio,
+        **warmup(warmup_ratio),
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         use_cpu=not device.startswith("cuda"),

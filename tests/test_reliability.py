@@ -75,6 +75,21 @@ def test_model_code_is_not_run_without_trust_remote_code(tmp_path):
     assert marker.exists()
 
 
+def test_a_hub_model_that_cannot_be_had_is_one_line_naming_it(tmp_path, monkeypatch):
+    """Offline, a hub id with no copy in the cache stops with one line naming the model and what
+    to do, from each loader, not with the hub client's chained tracebacks."""
+    from huggingface_hub import constants
+
+    from pipeline.models import cut_student, load_bi_encoder, load_cross_encoder
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    for load in (load_bi_encoder, load_cross_encoder, lambda ref: cut_student(ref, 2)):
+        with pytest.raises(PipelineError, match="HF_HUB_OFFLINE") as e:
+            load("nobody/no-such-reranker")
+        assert "\n" not in str(e.value) and str(e.value).startswith("nobody/no-such-reranker: ")
+
+
 class _Payload:
     def __init__(self, marker):
         self.marker = marker
