@@ -115,18 +115,28 @@ def model_kind(ref: str) -> str:
         return "cross-encoder"
     path = Path(ref)
     if not path.is_dir():
-        try:
-            from huggingface_hub import try_to_load_from_cache
-
-            found = try_to_load_from_cache(ref, "modules.json")
-            path = Path(found).parent if isinstance(found, str) else None
-        except Exception:
-            path = None
+        path = _hub_modules_folder(ref)
     if path is not None and (path / "modules.json").is_file():
         modules = json.loads((path / "modules.json").read_text())
         if any("Pooling" in m.get("type", "") for m in modules):
             return "bi-encoder"
     return "cross-encoder"
+
+
+def _hub_modules_folder(ref: str) -> Path | None:
+    """The folder holding a hub model's ``modules.json``: from the local cache, else (the hub
+    being on) fetched, so that a model not yet downloaded gets the same kind, and so the same
+    student head and fingerprint, as after its first download. None when it has none."""
+    try:
+        from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+        found = try_to_load_from_cache(ref, "modules.json")
+        if found is None and not _offline() and _looks_like_hub_id(ref):
+            found = hf_hub_download(ref, "modules.json")
+    except Exception as e:  # no such file or model, no network: kind by the folder's absence of modules
+        log.debug("%s: no modules.json found (%s)", ref, e)
+        return None
+    return Path(found).parent if isinstance(found, str) else None
 
 
 def strip_kind(ref: str) -> str:

@@ -3,6 +3,8 @@ load and score alike; the cosine head's scale is fitted to the labels."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from transformers import BertForSequenceClassification
 
@@ -142,3 +144,29 @@ def test_cosine_head_scores_in_bf16_like_fp32(tiny_models):
     # The encoder runs in bf16 (about 3 significant digits); the pooling and cosine stay in fp32.
     np.testing.assert_allclose(bf16, fp32, atol=2e-2)
     assert np.ptp(fp32) > 0.05
+
+
+def test_a_hub_embedder_not_yet_downloaded_gets_the_cosine_head_it_gets_once_cached(tiny_models, tmp_path, monkeypatch):
+    """The student's head is chosen by the backbone's kind, read from its modules.json. A hub
+    sentence-embedding model that is not in the local cache yet, the hub being on, is still a
+    bi-encoder (so the cosine head, and the same fingerprint as after its download): the file is
+    fetched, not taken as missing."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    from pipeline import models
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    fetched = []
+
+    def hub_download(repo_id, filename, **kwargs):
+        fetched.append((repo_id, filename))
+        return str(Path(tiny_models["embedder"]) / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hub_download)
+    assert models.model_kind("org/embedder") == "bi-encoder"
+    assert models.student_head("org/embedder") == "cosine"
+    assert fetched == [("org/embedder", "modules.json")] * 2
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # off: nothing is fetched, and nothing is known
+    assert models.model_kind("org/embedder") == "cross-encoder" and len(fetched) == 2
