@@ -175,8 +175,9 @@ def load_cross_encoder(
 def _uses_own_head(ref: str) -> bool:
     from pipeline.heads import CLASS_REFS
 
-    modules = Path(ref) / "modules.json"
-    if not modules.is_file():
+    folder = Path(ref) if Path(ref).is_dir() else _hub_modules_folder(ref)
+    modules = folder / "modules.json" if folder is not None else None
+    if modules is None or not modules.is_file():
         return False
     return any(m.get("type") in CLASS_REFS for m in json.loads(modules.read_text()))
 
@@ -318,7 +319,7 @@ def _remote_code_refused(ref: str):
         if "trust_remote_code" not in str(e):
             raise
         raise PipelineError(
-            f"{ref}: this model ships its own Python code (auto_map in config.json), which is not run by default; "
+            f"{ref}: this model ships its own Python code (auto_map in config.json, or a module class of its own in modules.json), which is not run by default; "
             "pass --trust-remote-code only for a model you trust"
         ) from None
 

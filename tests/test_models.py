@@ -3,6 +3,7 @@ load and score alike; the cosine head's scale is fitted to the labels."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -170,3 +171,30 @@ def test_a_hub_embedder_not_yet_downloaded_gets_the_cosine_head_it_gets_once_cac
     assert fetched == [("org/embedder", "modules.json")] * 2
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # off: nothing is fetched, and nothing is known
     assert models.model_kind("org/embedder") == "cross-encoder" and len(fetched) == 2
+
+
+def test_a_cosine_student_from_the_hub_cache_loads_with_our_code(tiny_models, tmp_path):
+    """A published cosine-head student given by hub id (here from the local hub cache, offline)
+    loads through the pipeline's loader with this package's head, as from a folder: no
+    --trust-remote-code, and the folder's own copy of the code never runs."""
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    from pipeline.heads import self_contained
+
+    student = cut_student(tiny_models["embedder"], 1, "cpu", 64)
+    commit = "c" * 40
+    snapshot = tmp_path / "hub" / "models--org--student" / "snapshots" / commit
+    student.save_pretrained(str(snapshot))
+    assert self_contained(snapshot)  # as the pipeline publishes it: the head's code in the folder
+    (snapshot / "segment_cosine.py").write_text((snapshot / "segment_cosine.py").read_text() + "\nraise SystemExit('the copy ran')\n")
+    (tmp_path / "hub" / "models--org--student" / "refs").mkdir()
+    (tmp_path / "hub" / "models--org--student" / "refs" / "main").write_text(commit)
+    code = "from pipeline.models import load_cross_encoder; m = load_cross_encoder('org/student', 'cpu', 64); print(type(m[-1]).__module__)"
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "pipeline.heads"
+    shutil.rmtree(tmp_path / "hub")
