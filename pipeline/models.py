@@ -113,14 +113,19 @@ def model_kind(ref: str) -> str:
         return "bi-encoder"
     if ref.startswith("ce:"):
         return "cross-encoder"
-    path = Path(ref)
-    if not path.is_dir():
-        path = _hub_modules_folder(ref)
-    if path is not None and (path / "modules.json").is_file():
-        modules = json.loads((path / "modules.json").read_text())
-        if any("Pooling" in m.get("type", "") for m in modules):
-            return "bi-encoder"
+    if any("Pooling" in t for t in _module_types(ref)):
+        return "bi-encoder"
     return "cross-encoder"
+
+
+def _module_types(ref: str) -> list[str]:
+    """The module classes a saved model's ``modules.json`` names (a folder's, or a hub model's);
+    empty when it has none."""
+    folder = Path(ref) if Path(ref).is_dir() else _hub_modules_folder(ref)
+    modules = folder / "modules.json" if folder is not None else None
+    if modules is None or not modules.is_file():
+        return []
+    return [m.get("type", "") for m in json.loads(modules.read_text())]
 
 
 def _hub_modules_folder(ref: str) -> Path | None:
@@ -175,11 +180,7 @@ def load_cross_encoder(
 def _uses_own_head(ref: str) -> bool:
     from pipeline.heads import CLASS_REFS
 
-    folder = Path(ref) if Path(ref).is_dir() else _hub_modules_folder(ref)
-    modules = folder / "modules.json" if folder is not None else None
-    if modules is None or not modules.is_file():
-        return False
-    return any(m.get("type") in CLASS_REFS for m in json.loads(modules.read_text()))
+    return any(t in CLASS_REFS for t in _module_types(ref))
 
 
 def _load_with_own_head(ref: str, kwargs: dict):
