@@ -7,6 +7,10 @@ changes how the work runs (on which device, in what batches, where caches live) 
 what it writes; it says why, and it is left out of the fingerprint. A field declared with
 :func:`model` names a model: the fingerprint takes the model's identity (a local folder's
 content hash), not its path.
+
+A stage whose code comes to write something else for the same settings says so by raising its
+configuration class's ``REVISION``: its artifacts, and those downstream of it, get new
+fingerprints, and every other stage's artifacts stay valid.
 """
 
 from __future__ import annotations
@@ -42,4 +46,7 @@ def config_fingerprint(config, identity: Callable[[str], str], *upstream: str) -
         elif dataclasses.is_dataclass(value):
             value = dataclasses.asdict(value)
         parts[f.name] = value
-    return fingerprint(type(config).__name__, *upstream, parts)
+    name = type(config).__name__
+    revision = getattr(type(config), "REVISION", 0)
+    # Revision 0 is left out, so that a stage never revised keeps the fingerprints it had.
+    return fingerprint(f"{name}/{revision}" if revision else name, *upstream, parts)

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pyarrow as pa
@@ -258,6 +259,9 @@ def verdict(
 @dataclass(frozen=True)
 class EvalConfig:
     """Settings of the test evaluation (``EvaluateStudent``)."""
+
+    # 1: each ranker scores the timed pairs once, in turns, and those scores are its quality scores.
+    REVISION: ClassVar[int] = 1
 
     teacher: str = model()
     teacher_weights: str = ""

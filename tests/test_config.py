@@ -102,6 +102,23 @@ def test_a_model_is_fingerprinted_by_its_identity_not_its_path():
     assert config_fingerprint(config, identity=lambda ref: "weights-2") != same
 
 
+def test_a_revised_stage_gets_new_fingerprints_and_no_other_stage_does(monkeypatch):
+    """Raising a configuration class's REVISION (its code now writes something else for the same
+    settings) renews that stage's artifacts, its subclasses' and its baseline cache, and leaves
+    every other stage's fingerprint as it was."""
+    identity = lambda ref: f"id:{ref}"  # noqa: E731
+    classes = sorted({c for _, c in ENTRY_POINTS.values()}, key=lambda c: c.__name__)
+    before = {c.__name__: config_fingerprint(c(), identity) for c in classes}
+    baseline_before = evaluation.baseline_key(evaluation.EvalConfig(), identity)
+    for revised in (labels.LabelConfig, evaluation.EvalConfig):
+        monkeypatch.setattr(revised, "REVISION", getattr(revised, "REVISION", 0) + 1, raising=False)
+    after = {c.__name__: config_fingerprint(c(), identity) for c in classes}
+    assert {n for n in before if before[n] != after[n]} == {
+        "LabelConfig", "MultilingualLabelConfig", "EvalConfig", "MultilingualEvalConfig"
+    }
+    assert evaluation.baseline_key(evaluation.EvalConfig(), identity) != baseline_before
+
+
 @pytest.mark.parametrize("native_bf16", [True, False])
 def test_tasks_resolve_auto_settings_before_fingerprinting(monkeypatch, small_beir, tiny_models, tmp_path, native_bf16):
     """The configuration holds what runs (a resolved head, precision and process count), not 'auto';
