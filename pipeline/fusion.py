@@ -10,9 +10,17 @@ grid, so on dev the chosen weight is never worse than either.
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 import numpy as np
 
 from pipeline.evaluation import per_query_metrics, to_run
+
+# Beside a registry champion's weights: the fusion weight its evaluation chose, so that a serving
+# process that loads the champion fuses it as it was measured.
+FUSION_FILE = "fusion.json"
 
 WEIGHTS = tuple(i / 20 for i in range(21))  # the reranker's share, 0 to 1 in steps of 0.05
 
@@ -46,3 +54,20 @@ def choose_weight(
     ndcg = {w: float(per_query_metrics(to_run(qids, dids, w * rer + (1 - w) * ret), qrels, queries)["ndcg@10"].mean()) for w in weights}
     best = max(weights, key=lambda w: (ndcg[w], w))
     return {"weight": best, "dev_queries": len(queries), "dev_ndcg@10": {f"{w:g}": round(v, 6) for w, v in ndcg.items()}}
+
+
+def fusion_record(choice: dict, retriever: str) -> dict:
+    """What a serving process needs to fuse a student as its evaluation chose: the weight, the
+    retriever whose scores it was chosen with, and how the two are combined."""
+    return {
+        "weight": choice["weight"],
+        "retriever": retriever,
+        "dev_queries": choice["dev_queries"],
+        "combination": "weight * z(student) + (1 - weight) * z(retriever), z within each query's candidates",
+    }
+
+
+def fusion_weight(student_dir: str | os.PathLike) -> float | None:
+    """The fusion weight kept beside a student (``fusion.json``), or None where it has none."""
+    path = Path(student_dir) / FUSION_FILE
+    return float(json.loads(path.read_text())["weight"]) if path.is_file() else None

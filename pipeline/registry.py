@@ -4,7 +4,8 @@ Layout of a registry folder::
 
     history.jsonl        one JSON line per event: a finished run, a failed run, a rollback
     runs/<run>.json      the record of a finished run (its presence marks the run done)
-    students/<run>/      a copy of every promoted student
+    students/<run>/      a copy of every promoted student, with fusion.json: the weight of its
+                         fusion with the retriever that its evaluation chose
     current -> students/<run>    the champion a serving process loads
     report.md            the history as a table
 
@@ -23,6 +24,7 @@ from pathlib import Path
 
 from pipeline.artifacts import atomic_dir, atomic_file, exclusive, point_link, write_json
 from pipeline.errors import PipelineError
+from pipeline.fusion import FUSION_FILE, fusion_record
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +108,8 @@ class Registry:
             if not target.exists():
                 with atomic_dir(target) as tmp:
                     shutil.copytree(Path(student_dir).resolve(), tmp, dirs_exist_ok=True)
+                    if record.get("fusion"):
+                        write_json(tmp / FUSION_FILE, record["fusion"])
             event["registry_student"] = str(target)
             point_link(self.root / "current", target)
         self._append(event)
@@ -141,8 +145,8 @@ class Registry:
             "",
             f"current: `{os.readlink(self.root / 'current') if (self.root / 'current').is_symlink() else 'none'}`",
             "",
-            "| time | run | status | challenger nDCG@10 (dev) | champion | retriever | decision | stage / note |",
-            "|---|---|---|---:|---:|---:|---|---|",
+            "| time | run | status | challenger nDCG@10 (dev) | champion | retriever | decision | fusion weight | stage / note |",
+            "|---|---|---|---:|---:|---:|---|---:|---|",
         ]
         for e in self.history():
             gate = e.get("gate", {})
@@ -156,7 +160,7 @@ class Registry:
                 note = gate.get("reason", "")
             lines.append(
                 f"| {e.get('time', '')} | {e.get('run', '')} | {e.get('status')} | {fmt(gate.get('challenger'))} | "
-                f"{fmt(gate.get('champion'))} | {fmt(gate.get('retriever'))} | {decision} | {note} |"
+                f"{fmt(gate.get('champion'))} | {fmt(gate.get('retriever'))} | {decision} | {(e.get('fusion') or {}).get('weight', '')} | {note} |"
             )
         with atomic_file(self.root / "report.md") as tmp:
             tmp.write_text("\n".join(lines) + "\n")
@@ -254,10 +258,12 @@ def promote_or_keep(
         }
         log.info("promotion gate for %s: %s -> %s", run, reason, "promoted" if promoted else "kept the champion")
         metrics = json.loads(Path(metrics_path).read_text())
+        choice = (metrics.get("fusion") or {}).get("student")
+        fusion = fusion_record(choice, (metrics.get("params") or {}).get("embedder", "")) if choice else None
         event = reg.record_run(
             run,
             {**record, "promoted": promoted, "gate": gate, "metrics": metrics.get("test"), "stages": metrics.get("stages"),
-             "timings": metrics.get("timings"), "student": str(Path(student_dir).resolve())},
+             "timings": metrics.get("timings"), "fusion": fusion, "student": str(Path(student_dir).resolve())},
             student_dir,
         )
         return event

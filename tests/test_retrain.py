@@ -15,6 +15,7 @@ import pytest
 
 from conftest import dag_params
 from pipeline.artifacts import read_json
+from pipeline.fusion import fusion_weight
 from pipeline.registry import Registry, gate_decision
 from tasks import RangeDaily, RetrainStudent
 
@@ -147,6 +148,10 @@ def test_promotion_history_and_rerun_does_nothing(retrained, tiny_models):
     assert second["promoted"] and second["gate"]["champion_run"] == D1.isoformat()
     assert reg.current() == (root / "registry" / "students" / D2.isoformat()).resolve()
     assert (reg.current() / "config.json").exists()
+    # The champion carries the fusion weight its own evaluation chose, for a server that fuses it.
+    chosen = json.loads((root / "runs" / D2.isoformat() / "metrics.json").read_text())["fusion"]["student"]["weight"]
+    assert fusion_weight(reg.current()) == chosen == second["fusion"]["weight"]
+    assert fusion_weight(root / "registry" / "students" / D1.isoformat()) == first["fusion"]["weight"]
     events = len(reg.history())
     ok, _ = _retrain(snapshots, tiny_models, root, D2)
     assert ok and len(reg.history()) == events
