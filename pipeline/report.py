@@ -274,7 +274,7 @@ def _data_section(s: dict, p: dict, plots: dict) -> list[str]:
 
 
 def _scoring_section(s: dict, p: dict, plots: dict) -> list[str]:
-    return [
+    lines = [
         "## Teacher scoring",
         "",
         f"{s.get('pairs', 0)} unique pairs in {s.get('shards', 1)} shards: {s.get('pairs_scored', 0)} scored by the "
@@ -283,6 +283,17 @@ def _scoring_section(s: dict, p: dict, plots: dict) -> list[str]:
         f"scored once; {s.get('truncated_pairs', 0)} pairs were truncated to max_length.",
         "",
     ]
+    dev = s.get("dev_check") or {}
+    if dev:
+        ahead = dev["diff"] > 0 and dev["p_value"] < 0.05
+        lines += [
+            f"Checked by the first shard on {dev['queries']} dev queries' true top-k candidates, the teacher scored "
+            f"{dev['teacher_ndcg@10']:.4f} nDCG@10 against the retriever's own order {dev['retriever_ndcg@10']:.4f} "
+            f"({dev['diff']:+.4f}, p = {dev['p_value']:.3g}): "
+            + ("ahead, so there is something to distil." if ahead else "**not significantly ahead**, so a student distilled from it is unlikely to beat the retriever."),
+            "",
+        ]
+    return lines
 
 
 def _mining_section(s: dict, p: dict, plots: dict) -> list[str]:

@@ -478,6 +478,7 @@ class ScoreConfig:
     batch_tokens: int = run_only(0, "how pairs are batched; padding never reaches a score")
     cache_dir: str = run_only("", "where scores are kept between runs, keyed by teacher, setting and pair")
     trust_remote_code: bool = run_only(False, "permits a model's own code to load; the model is the same or does not load")
+    max_dev_queries: int = run_only(200, "sizes the teacher's dev check in the first shard's statistics; the scores are the same")
 
 
 def score_shard(
@@ -498,6 +499,8 @@ def score_shard(
         TeacherSpec.parse(c.teacher, c.teacher_weights), c.device, c.precision, c.max_length, c.batch_tokens, c.trust_remote_code
     )
     scores, stats = score_pairs(teacher, pair_texts(data_dir, qids, dids), qids, progress, c.cache_dir or None)
+    if shard == 0 and c.max_dev_queries:
+        stats["dev_check"] = teacher_dev_check(teacher, data_dir, mined_dir, c.max_dev_queries, c.cache_dir or None)
     meta = {
         "teacher": teacher.identity,
         "weights": teacher.spec.weights,
@@ -519,6 +522,38 @@ def score_shard(
     write_json(Path(out_path).with_suffix(".json"), stats)
     write_scores(out_path, qids, dids, scores, meta)
     return stats
+
+
+def teacher_dev_check(teacher: Teacher, data_dir: str | Path, mined_dir: str | Path, max_queries: int, cache_dir=None) -> dict:
+    """nDCG@10 of the teacher and of the retriever's own order on the true top-k candidates of the
+    first ``max_queries`` dev queries, with a paired test; a warning when the teacher is not ahead.
+
+    Run by the first shard, before the other shards and every stage after scoring: a teacher
+    that does not rank the retriever's candidates better than the retriever will not teach a
+    student to (the evaluation says the same hours later, on test)."""
+    import pyarrow.parquet as pq
+
+    from pipeline.data import judgments, pair_texts
+    from pipeline.evaluation import candidate_pairs, paired_test, per_query_metrics, to_run
+
+    path = Path(mined_dir) / "candidates-dev.parquet"
+    qrels = judgments(data_dir, "dev") if path.exists() else {}
+    qids, dids, retrieval = candidate_pairs(pq.read_table(path), max_queries) if qrels else ([], [], [])
+    judged = [q for q in dict.fromkeys(qids) if q in qrels]
+    if not judged:
+        return {}
+    scores = teacher.score(pair_texts(data_dir, qids, dids), qids, cache_dir=cache_dir, show_progress=False)
+    ndcg = {name: per_query_metrics(to_run(qids, dids, s), qrels, judged)["ndcg@10"] for name, s in (("teacher", scores), ("retriever", retrieval))}
+    test = paired_test(ndcg["teacher"], ndcg["retriever"])
+    out = {"queries": len(judged), "teacher_ndcg@10": float(ndcg["teacher"].mean()), "retriever_ndcg@10": float(ndcg["retriever"].mean()),
+           "diff": test["diff"], "ci95": test["ci95"], "p_value": test["p_value"]}
+    if not (test["diff"] > 0 and test["p_value"] < 0.05):
+        log.warning(
+            "the teacher ranks %d dev queries' candidates at nDCG@10 %.4f against the retriever's own order %.4f "
+            "(p = %.3g): a student distilled from it is unlikely to beat the retriever; a stronger --teacher, "
+            "or more judged queries to fine-tune it on, may", len(judged), out["teacher_ndcg@10"], out["retriever_ndcg@10"], test["p_value"],
+        )
+    return out
 
 
 def join_shards(mined_dir: str | Path, shard_paths: Sequence[str | Path], out_path: str | Path) -> dict:

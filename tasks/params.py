@@ -105,6 +105,10 @@ class TeacherParams(MineParams):
         default=0, significant=False, description="padded tokens per scoring batch; 0: 2048 on CPU, 16384 on CUDA"
     )
     score_shards = luigi.IntParameter(default=4, description="teacher scoring shards (separate, resumable tasks)")
+    max_dev_queries = luigi.IntParameter(
+        default=200, significant=False,
+        description="dev queries of the checks logged on the way: the teacher's against the retriever (first scoring shard), the student's during training; 0: none",
+    )
 
 
 class LabelParams(TeacherParams):
@@ -147,7 +151,6 @@ class TrainParams(LabelParams):
         "rows of queries not in it train, with --replay-ratio times as many rows of queries in it",
     )
     replay_ratio = luigi.FloatParameter(default=1.0, description="with --warm-start: replayed rows of seen queries per new row")
-    max_dev_queries = luigi.IntParameter(default=200, significant=False)
     nproc_per_node = luigi.IntParameter(
         default=1, significant=False, description="GPUs to train on, one torchrun process each (DDP); 1 or no GPU = one process"
     )

@@ -199,7 +199,7 @@ def _score_config(task: TeacherParams) -> scoring.ScoreConfig:
         teacher=resolved_teacher(task), teacher_weights=task.teacher_weights, precision=_score_precision(task),
         max_length=task.teacher_max_length, num_shards=task.score_shards, device=task.run_device,
         batch_tokens=task.score_batch_tokens, cache_dir=str(Path(task.cache_dir or task.root / "cache") / "teacher-scores"),
-        trust_remote_code=task.trust_remote_code,
+        trust_remote_code=task.trust_remote_code, max_dev_queries=task.max_dev_queries,
     )
 
 
@@ -262,6 +262,7 @@ class ScoreWithTeacher(TeacherParams, Stage):
                              "tokenize_seconds", "model_seconds", "tokenizer_wait_seconds")}
         stats["pairs_per_second"] = round(stats["pairs_scored"] / stats["seconds"], 2) if stats["seconds"] else None
         stats["precision"] = shard_stats[0].get("precision") if shard_stats else None
+        stats["dev_check"] = shard_stats[0].get("dev_check", {}) if shard_stats else {}
         # Written before the joined scores (which mark the stage done), then completed after.
         write_json(self.artifact() / "stats.json", stats)
         stats = {**scoring.join_shards(self.input()["mined"].path, paths, self.output().path), **stats}

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import luigi
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -69,6 +70,63 @@ def test_whole_dag_publishes_student_metrics_and_report(finished_run):
         assert metrics["test"][f"{name}_fused"]["pairs_per_second"] == metrics["test"][name]["pairs_per_second"]
     assert {"student_fused vs retriever", "student_fused vs student_label_only_fused"} <= set(metrics["significance"])
     assert "## Fused with the retriever" in report and "| student_fused |" in report
+    # The teacher was checked against the retriever on dev before the other shards were scored.
+    dev = metrics["stages"]["ScoreWithTeacher"]["dev_check"]
+    assert dev["queries"] == min(4, n["dev"]) and f"Checked by the first shard on {dev['queries']} dev queries" in report
+
+
+def test_the_teachers_dev_check_ranks_the_true_top_k_and_warns_when_it_is_not_ahead(tmp_path, caplog):
+    """A teacher that puts the judged positive first is ahead of a retriever that ranked it lower
+    (a positive the retriever missed counting as a miss for both); a teacher that ranks as the
+    retriever does is not, and the log says so."""
+    from pipeline.evaluation import per_query_metrics, to_run
+    from pipeline.mining import CANDIDATES_SCHEMA
+    from pipeline.scoring import teacher_dev_check
+    from tests.conftest import write_beir
+
+    n, k = 30, 5
+    corpus = {f"d{i}": (f"title {i}", f"passage number {i}") for i in range(n + k)}
+    queries = {f"q{i}": f"query number {i}" for i in range(n)}
+    qrels = {"train": [("t0", "d0", 1)], "dev": [(f"q{i}", f"d{i}", 1) for i in range(n)], "test": [("t1", "d1", 1)]}
+    data = tmp_path / "data"
+    prepare_data(write_beir(tmp_path / "beir", {**queries, "t0": "train query", "t1": "test query"}, corpus, qrels), data)
+    # Query i's positive at rank i % k + 1 of its candidates, except every seventh, whose top-k missed it.
+    rows = {"query_id": [], "doc_ids": [], "scores": []}
+    for i in range(n):
+        others = [f"d{n + j}" for j in range(k)]
+        docs = others[: k - 1] if i % 7 == 6 else others[: i % k] + [f"d{i}"] + others[i % k : k - 1]
+        rows["query_id"].append(f"q{i}")
+        rows["doc_ids"].append(docs)
+        rows["scores"].append([float(k - r) for r in range(len(docs))])
+    mined = tmp_path / "mined"
+    mined.mkdir()
+    pq.write_table(pa.table(rows, schema=CANDIDATES_SCHEMA), mined / "candidates-dev.parquet")
+    qids = [q for q, docs in zip(rows["query_id"], rows["doc_ids"]) for _ in docs]
+    dids = [d for docs in rows["doc_ids"] for d in docs]
+    retrieval = [s for scores in rows["scores"] for s in scores]
+
+    class Fixed:  # a teacher whose scores of the dev candidates, in their order, are given
+        def __init__(self, scores):
+            self.scores = scores
+
+        def score(self, pairs, query_ids, cache_dir=None, show_progress=True):
+            m = len(query_ids)
+            assert list(query_ids) == qids[:m] and [p[0] for p in pairs] == [queries[q] for q in qids[:m]]
+            return self.scores[:m]
+
+    with caplog.at_level("WARNING", logger="pipeline.scoring"):
+        ahead = teacher_dev_check(Fixed([float(q[1:] == d[1:]) for q, d in zip(qids, dids)]), data, mined, 0)
+        level = teacher_dev_check(Fixed(retrieval), data, mined, 0)
+    missed = sum(i % 7 == 6 for i in range(n))
+    assert ahead["queries"] == level["queries"] == n
+    assert ahead["teacher_ndcg@10"] == pytest.approx((n - missed) / n)
+    retriever = per_query_metrics(to_run(qids, dids, retrieval), {q: {f"d{q[1:]}": 1} for q in queries}, list(queries))["ndcg@10"]
+    assert ahead["retriever_ndcg@10"] == level["retriever_ndcg@10"] == pytest.approx(retriever.mean())
+    assert ahead["diff"] > 0 and ahead["p_value"] < 0.05 and level["diff"] == 0 and level["p_value"] == 1.0
+    warned = [r.getMessage() for r in caplog.records if "unlikely to beat the retriever" in r.getMessage()]
+    assert len(warned) == 1 and f"{retriever.mean():.4f}" in warned[0]  # for the second teacher only
+    # Limited to the first queries of the candidates file, as --max-dev-queries asks.
+    assert teacher_dev_check(Fixed(retrieval), data, mined, 4)["queries"] == 4
 
 
 def test_long_passages_are_truncated_and_counted(finished_run, small_beir):
