@@ -18,7 +18,6 @@ deduplicated and split by hashes of names.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib
 import inspect
 import json
@@ -27,6 +26,8 @@ import sys
 import warnings
 from importlib import metadata
 from pathlib import Path
+
+from heldout import assign_splits, keep, write_beir
 
 # Public modules whose objects are documented for their users (private and test modules left out).
 MODULES = [
@@ -109,22 +110,6 @@ def public_objects(module_name: str):
             yield f"{module_name}.{name}", obj
 
 
-def assign_splits(items: dict[str, str], seed: str) -> dict[str, str]:
-    """Object name -> split. Families (the module the object was found in), in an order set by a
-    hash, each go to the split furthest below its share (train 70%, dev 10%, test 20%)."""
-    families: dict[str, list[str]] = {}
-    for name, fam in items.items():
-        families.setdefault(fam, []).append(name)
-    share = {"train": 0.7, "dev": 0.1, "test": 0.2}
-    size = dict.fromkeys(share, 0)
-    out = {}
-    for fam in sorted(families, key=lambda f: hashlib.sha1(f"{seed}:{f}".encode()).hexdigest()):
-        split = min(share, key=lambda s: (size[s] + 1) / share[s])
-        size[split] += len(families[fam])
-        out.update(dict.fromkeys(families[fam], split))
-    return out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="data/apidocs")
@@ -166,33 +151,15 @@ def main() -> None:
             seen_passages.add(text)
             found[name] = (module_name, summary, text)
 
-    per_family: dict[str, int] = {}
-    names = []
-    for name in sorted(found, key=lambda n: hashlib.sha1(f"{args.seed}:{n}".encode()).hexdigest()):
-        fam = found[name][0]
-        if per_family.get(fam, 0) < args.max_family and len(names) < args.max_docs:
-            per_family[fam] = per_family.get(fam, 0) + 1
-            names.append(name)
-    names.sort()
-
+    names = keep({name: found[name][0] for name in found}, args.seed, args.max_docs, args.max_family)
+    split_of = assign_splits({name: found[name][0] for name in names}, args.seed)
     out = Path(args.out)
-    (out / "qrels").mkdir(parents=True, exist_ok=True)
-    qrels: dict[str, list[str]] = {"train": [], "dev": [], "test": []}
-    split_of = assign_splits({n: found[n][0] for n in names}, args.seed)
-    with open(out / "corpus.jsonl", "w") as corpus, open(out / "queries.jsonl", "w") as queries:
-        for i, name in enumerate(names):
-            _, summary, text = found[name]
-            pid, qid = f"p{i}", f"q{i}"
-            corpus.write(json.dumps({"_id": pid, "title": name, "text": text}) + "\n")
-            queries.write(json.dumps({"_id": qid, "text": summary}) + "\n")
-            qrels[split_of[name]].append(f"{qid}\t{pid}\t1")
-    for split, rows in qrels.items():
-        (out / "qrels" / f"{split}.tsv").write_text("\n".join(["query-id\tcorpus-id\tscore", *rows]) + "\n")
+    sizes = write_beir(out, [(name, found[name][1], found[name][2], split_of[name]) for name in names])
     roots = sorted({m.split(".")[0] for m in MODULES if m.split(".")[0] not in sys.stdlib_module_names})
     versions = {"python": sys.version.split()[0], **{r: _version(r) for r in roots}}
     (out / "versions.json").write_text(json.dumps(versions, indent=1) + "\n")
     print(json.dumps({"objects_kept_after_dedup": len(found), "kept": len(names), "families": len(set(f for f, _, _ in (found[n] for n in names))),
-                      **{s: len(r) for s, r in qrels.items()}, "modules_left_out": skipped_modules}))
+                      **sizes, "modules_left_out": skipped_modules}))
 
 
 def _version(package: str) -> str:

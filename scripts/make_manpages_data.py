@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import hashlib
 import json
 import re
 from pathlib import Path
+
+from heldout import assign_splits, keep, write_beir
 
 SECTIONS = ("man1", "man3", "man5", "man7", "man8")
 PASSAGE_WORDS = 150  # the opening of a DESCRIPTION; the rest is mostly option lists
@@ -105,22 +106,6 @@ def family(name: str) -> str:
     return re.split(r"[-._]", name, maxsplit=1)[0].lower()
 
 
-def assign_splits(names: list[str], seed: str) -> dict[str, str]:
-    """Page name -> split. Families, in an order set by a hash, each go to the split furthest
-    below its share (train 70%, dev 10%, test 20%), so a large family cannot skew the sizes."""
-    families: dict[str, list[str]] = {}
-    for name in names:
-        families.setdefault(family(name), []).append(name)
-    share = {"train": 0.7, "dev": 0.1, "test": 0.2}
-    size = dict.fromkeys(share, 0)
-    out = {}
-    for fam in sorted(families, key=lambda f: hashlib.sha1(f"{seed}:{f}".encode()).hexdigest()):
-        split = min(share, key=lambda s: (size[s] + 1) / share[s])
-        size[split] += len(families[fam])
-        out.update(dict.fromkeys(families[fam], split))
-    return out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--man-dir", default="/usr/share/man")
@@ -146,29 +131,10 @@ def main() -> None:
         seen_passages.add(text)
         pages[name] = page
     # At most --max-family pages of one family (gcloud alone has over a thousand), then --max-pages.
-    per_family: dict[str, int] = {}
-    names = []
-    for name in sorted(pages, key=lambda n: hashlib.sha1(f"{args.seed}:{n}".encode()).hexdigest()):
-        fam = family(name)
-        if per_family.get(fam, 0) < args.max_family and len(names) < args.max_pages:
-            per_family[fam] = per_family.get(fam, 0) + 1
-            names.append(name)
-    names.sort()
-
-    out = Path(args.out)
-    (out / "qrels").mkdir(parents=True, exist_ok=True)
-    qrels: dict[str, list[str]] = {"train": [], "dev": [], "test": []}
-    split_of = assign_splits(names, args.seed)
-    with open(out / "corpus.jsonl", "w") as corpus, open(out / "queries.jsonl", "w") as queries:
-        for i, name in enumerate(names):
-            _, summary, text = pages[name]
-            pid, qid = f"p{i}", f"q{i}"
-            corpus.write(json.dumps({"_id": pid, "title": name.rsplit(".", 1)[0], "text": text}) + "\n")
-            queries.write(json.dumps({"_id": qid, "text": summary}) + "\n")
-            qrels[split_of[name]].append(f"{qid}\t{pid}\t1")
-    for split, rows in qrels.items():
-        (out / "qrels" / f"{split}.tsv").write_text("\n".join(["query-id\tcorpus-id\tscore", *rows]) + "\n")
-    print(json.dumps({"pages_parsed": len(pages), "kept": len(names), **{s: len(r) for s, r in qrels.items()}}))
+    names = keep({name: family(name) for name in pages}, args.seed, args.max_pages, args.max_family)
+    split_of = assign_splits({name: family(name) for name in names}, args.seed)
+    sizes = write_beir(Path(args.out), [(name.rsplit(".", 1)[0], pages[name][1], pages[name][2], split_of[name]) for name in names])
+    print(json.dumps({"pages_parsed": len(pages), "kept": len(names), **sizes}))
 
 
 if __name__ == "__main__":
