@@ -528,9 +528,10 @@ def teacher_dev_check(teacher: Teacher, data_dir: str | Path, mined_dir: str | P
     """nDCG@10 of the teacher and of the retriever's own order on the true top-k candidates of the
     first ``max_queries`` dev queries, with a paired test; a warning when the teacher is not ahead.
 
-    Run by the first shard, before the other shards and every stage after scoring: a teacher
-    that does not rank the retriever's candidates better than the retriever will not teach a
-    student to (the evaluation says the same hours later, on test)."""
+    Run by shard 0 after its own pairs: ahead of every stage after scoring and, where the shards
+    run one after another, of the other shards. A teacher that does not rank the retriever's
+    candidates better than the retriever will not teach a student to (the evaluation would say
+    so at the end, on test)."""
     import pyarrow.parquet as pq
 
     from pipeline.data import judgments, pair_texts
