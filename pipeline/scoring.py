@@ -499,8 +499,13 @@ def score_shard(
         TeacherSpec.parse(c.teacher, c.teacher_weights), c.device, c.precision, c.max_length, c.batch_tokens, c.trust_remote_code
     )
     scores, stats = score_pairs(teacher, pair_texts(data_dir, qids, dids), qids, progress, c.cache_dir or None)
+    # From reading the data to here (the model's loading included): the shard's own pairs, not the
+    # dev check after them, whose model time the other timings leave out.
+    stats["stage_seconds"] = round(time.perf_counter() - t_stage, 3)
     if shard == 0 and c.max_dev_queries:
-        stats["dev_check"] = teacher_dev_check(teacher, data_dir, mined_dir, c.max_dev_queries, c.cache_dir or None)
+        t_check = time.perf_counter()
+        check = teacher_dev_check(teacher, data_dir, mined_dir, c.max_dev_queries, c.cache_dir or None)
+        stats["dev_check"] = {**check, "seconds": round(time.perf_counter() - t_check, 3)} if check else {}
     meta = {
         "teacher": teacher.identity,
         "weights": teacher.spec.weights,
@@ -514,8 +519,6 @@ def score_shard(
     stats = {
         **stats, "precision": meta["precision"], "device": c.device, "shard": shard,
         "batch_tokens": c.batch_tokens or default_batch_tokens(c.device), "host": socket.gethostname(), "pid": os.getpid(),
-        # From reading the data to here (the model's loading included), the scores' write excepted.
-        "stage_seconds": round(time.perf_counter() - t_stage, 3),
     }
     # Statistics first, scores last: the scores file marks the shard done, so a shard that
     # counts as done always has its statistics.
