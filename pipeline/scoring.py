@@ -415,22 +415,28 @@ def score_pairs(
     cache_dir: str | Path | None = None,
 ) -> tuple[np.ndarray, dict]:
     """Score unique (query, passage) pairs (``query_ids``: each pair's query, for an ensemble's
-    per-query normalisation); returns scores and timing stats."""
+    per-query normalisation); returns scores and the counts and timings of this call alone."""
+    before = _teacher_counters(teacher)
     t0 = time.perf_counter()
     scores = teacher.score(pairs, list(query_ids), progress, cache_dir)
     seconds = time.perf_counter() - t0
-    stats = {
-        "pairs": len(pairs),
+    after = _teacher_counters(teacher)
+    stats = {"pairs": len(pairs), "seconds": round(seconds, 3), "pairs_per_second": round(len(pairs) / seconds, 2) if seconds > 0 else math.inf}
+    stats.update({name: round(after[name] - before[name], 3) for name in after})
+    return scores, stats
+
+
+def _teacher_counters(teacher: Teacher) -> dict[str, float]:
+    """What the teacher's members have counted so far (they count across calls)."""
+    out = {
         "pairs_scored": teacher.cache_misses,
         "pairs_from_cache": teacher.cache_hits,
-        "seconds": round(seconds, 3),
-        "pairs_per_second": round(len(pairs) / seconds, 2) if seconds > 0 else math.inf,
         "truncated_pairs": sum(s.truncated for s in teacher.scorers),
-        "cache_seconds": round(teacher.cache_seconds, 3),
+        "cache_seconds": teacher.cache_seconds,
     }
     for part in ("tokenize", "model", "tokenizer_wait"):
-        stats[f"{part}_seconds"] = round(sum(getattr(s, "seconds", {}).get(part, 0.0) for s in teacher.scorers), 3)
-    return scores, stats
+        out[f"{part}_seconds"] = sum(getattr(s, "seconds", {}).get(part, 0.0) for s in teacher.scorers)
+    return out
 
 
 def shard_of(query_id: str, num_shards: int) -> int:
@@ -498,14 +504,18 @@ def score_shard(
     teacher = load_teacher(
         TeacherSpec.parse(c.teacher, c.teacher_weights), c.device, c.precision, c.max_length, c.batch_tokens, c.trust_remote_code
     )
-    scores, stats = score_pairs(teacher, pair_texts(data_dir, qids, dids), qids, progress, c.cache_dir or None)
-    # From reading the data to here (the model's loading included): the shard's own pairs, not the
-    # dev check after them, whose model time the other timings leave out.
-    stats["stage_seconds"] = round(time.perf_counter() - t_stage, 3)
+    check, check_seconds = {}, 0.0
     if shard == 0 and c.max_dev_queries:
+        # First, so that a teacher no better than the retriever is reported before the bulk of the scoring.
         t_check = time.perf_counter()
         check = teacher_dev_check(teacher, data_dir, mined_dir, c.max_dev_queries, c.cache_dir or None)
-        stats["dev_check"] = {**check, "seconds": round(time.perf_counter() - t_check, 3)} if check else {}
+        check_seconds = time.perf_counter() - t_check
+    scores, stats = score_pairs(teacher, pair_texts(data_dir, qids, dids), qids, progress, c.cache_dir or None)
+    # From reading the data to here (the model's loading included): the shard's own pairs, not the
+    # dev check, whose model time score_pairs' timings leave out.
+    stats["stage_seconds"] = round(time.perf_counter() - t_stage - check_seconds, 3)
+    if shard == 0 and c.max_dev_queries:
+        stats["dev_check"] = {**check, "seconds": round(check_seconds, 3)} if check else {}
     meta = {
         "teacher": teacher.identity,
         "weights": teacher.spec.weights,
@@ -531,8 +541,8 @@ def teacher_dev_check(teacher: Teacher, data_dir: str | Path, mined_dir: str | P
     """nDCG@10 of the teacher and of the retriever's own order on the true top-k candidates of the
     first ``max_queries`` dev queries, with a paired test; a warning when the teacher is not ahead.
 
-    Run by shard 0 after its own pairs: ahead of every stage after scoring and, where the shards
-    run one after another, of the other shards. A teacher that does not rank the retriever's
+    Run by shard 0 before its own pairs: ahead of the bulk of the scoring and of every stage
+    after it. A teacher that does not rank the retriever's
     candidates better than the retriever will not teach a student to (the evaluation would say
     so at the end, on test)."""
     import pyarrow.parquet as pq
