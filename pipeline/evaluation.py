@@ -94,6 +94,20 @@ def candidate_pairs(candidates: pa.Table, limit: int | None = None) -> tuple[lis
     return qids, dids, scores
 
 
+def judged_candidates(data_dir, mined_dir, split: str, max_queries: int | None = None):
+    """The judgments of ``split`` and the retriever's true top-k candidates of its first
+    ``max_queries`` queries, as (qrels, query ids, doc ids, retrieval scores); None when mining
+    wrote no candidates for that split."""
+    import pyarrow.parquet as pq
+
+    from pipeline.data import judgments
+
+    path = Path(mined_dir) / f"candidates-{split}.parquet"
+    if not path.exists():
+        return None
+    return (judgments(data_dir, split), *candidate_pairs(pq.read_table(path), max_queries))
+
+
 def to_run(qids: list[str], dids: list[str], scores) -> dict[str, dict[str, float]]:
     run: dict[str, dict[str, float]] = {}
     for q, d, s in zip(qids, dids, scores):
@@ -396,15 +410,12 @@ def evaluate_student(data_dir, mined_dir, student_dir, out_dir, config: EvalConf
 def fuse_with_retriever(data_dir, mined_dir, max_queries: int, students: dict) -> dict[str, dict]:
     """Each student's weight in its fusion with the retriever (:mod:`pipeline.fusion`), chosen on
     the candidates of the first ``max_queries`` dev queries; nothing without judged dev candidates."""
-    import pyarrow.parquet as pq
+    from pipeline.data import pair_texts
 
-    from pipeline.data import judgments, pair_texts
-
-    path = Path(mined_dir) / "candidates-dev.parquet"
-    if max_queries <= 0 or not students or not path.exists():
+    found = judged_candidates(data_dir, mined_dir, "dev", max_queries) if max_queries > 0 and students else None
+    if found is None:
         return {}
-    qrels = judgments(data_dir, "dev")
-    qids, dids, retrieval = candidate_pairs(pq.read_table(path), max_queries)
+    qrels, qids, dids, retrieval = found
     return fusion_weights(qids, dids, qrels, lambda: pair_texts(data_dir, qids, dids), retrieval, students)
 
 

@@ -183,23 +183,21 @@ def gate_ndcg(
     length and the exact pairs: a champion gated again on the same candidates (the next date's
     gate, when it was the challenger of this one) is not rescored."""
     import numpy as np
-    import pyarrow.parquet as pq
 
-    from pipeline.data import judgments, pair_texts
     from pipeline.artifacts import fingerprint
-    from pipeline.evaluation import candidate_pairs, pairs_digest, ranking_metrics, to_run
+    from pipeline.data import pair_texts
+    from pipeline.evaluation import judged_candidates, pairs_digest, ranking_metrics, to_run
     from pipeline.mining import ds_source
     from pipeline.models import load_cross_encoder, model_identity, resolve_precision
     from pipeline.scoring import CrossEncoderScorer
 
-    path = Path(mined_dir) / f"candidates-{GATE_SPLIT}.parquet"
-    if not path.exists():
+    found = judged_candidates(data_dir, mined_dir, GATE_SPLIT, max_queries or None)
+    if found is None:
         raise PipelineError(
             f"{ds_source(data_dir)}: no {GATE_SPLIT} judgments (qrels/{GATE_SPLIT}.tsv) to gate promotion on; the gate "
             "never judges on the reported test split: add a dev split or pass --gate-dataset"
         )
-    qrels = judgments(data_dir, GATE_SPLIT)
-    qids, dids, retrieval = candidate_pairs(pq.read_table(path), max_queries or None)
+    qrels, qids, dids, retrieval = found
     pairs = pair_texts(data_dir, qids, dids)
     dtype = resolve_precision(precision, device)
     out = {"retriever": ranking_metrics(to_run(qids, dids, retrieval), qrels)["ndcg@10"]}

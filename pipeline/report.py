@@ -285,7 +285,7 @@ def _scoring_section(s: dict, p: dict, plots: dict) -> list[str]:
     ]
     dev = s.get("dev_check") or {}
     if dev:
-        ahead = dev["diff"] > 0 and dev["p_value"] < 0.05
+        ahead = outcome(dev) == "yes"
         lines += [
             f"Checked by the first shard on {dev['queries']} dev queries' true top-k candidates, the teacher scored "
             f"{dev['teacher_ndcg@10']:.4f} nDCG@10 against the retriever's own order {dev['retriever_ndcg@10']:.4f} "

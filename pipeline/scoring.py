@@ -504,18 +504,19 @@ def score_shard(
     teacher = load_teacher(
         TeacherSpec.parse(c.teacher, c.teacher_weights), c.device, c.precision, c.max_length, c.batch_tokens, c.trust_remote_code
     )
-    check, check_seconds = {}, 0.0
+    dev_check, check_seconds = None, 0.0
     if shard == 0 and c.max_dev_queries:
         # First, so that a teacher no better than the retriever is reported before the bulk of the scoring.
         t_check = time.perf_counter()
-        check = teacher_dev_check(teacher, data_dir, mined_dir, c.max_dev_queries, c.cache_dir or None)
+        dev_check = teacher_dev_check(teacher, data_dir, mined_dir, c.max_dev_queries, c.cache_dir or None)
         check_seconds = time.perf_counter() - t_check
+        dev_check = {**dev_check, "seconds": round(check_seconds, 3)} if dev_check else {}
     scores, stats = score_pairs(teacher, pair_texts(data_dir, qids, dids), qids, progress, c.cache_dir or None)
     # From reading the data to here (the model's loading included): the shard's own pairs, not the
     # dev check, whose model time score_pairs' timings leave out.
     stats["stage_seconds"] = round(time.perf_counter() - t_stage - check_seconds, 3)
-    if shard == 0 and c.max_dev_queries:
-        stats["dev_check"] = {**check, "seconds": round(check_seconds, 3)} if check else {}
+    if dev_check is not None:
+        stats["dev_check"] = dev_check
     meta = {
         "teacher": teacher.identity,
         "weights": teacher.spec.weights,
@@ -545,14 +546,10 @@ def teacher_dev_check(teacher: Teacher, data_dir: str | Path, mined_dir: str | P
     after it. A teacher that does not rank the retriever's
     candidates better than the retriever will not teach a student to (the evaluation would say
     so at the end, on test)."""
-    import pyarrow.parquet as pq
+    from pipeline.data import pair_texts
+    from pipeline.evaluation import judged_candidates, outcome, paired_test, per_query_metrics, to_run
 
-    from pipeline.data import judgments, pair_texts
-    from pipeline.evaluation import candidate_pairs, paired_test, per_query_metrics, to_run
-
-    path = Path(mined_dir) / "candidates-dev.parquet"
-    qrels = judgments(data_dir, "dev") if path.exists() else {}
-    qids, dids, retrieval = candidate_pairs(pq.read_table(path), max_queries) if qrels else ([], [], [])
+    qrels, qids, dids, retrieval = judged_candidates(data_dir, mined_dir, "dev", max_queries) or ({}, [], [], [])
     judged = [q for q in dict.fromkeys(qids) if q in qrels]
     if not judged:
         return {}
@@ -561,7 +558,7 @@ def teacher_dev_check(teacher: Teacher, data_dir: str | Path, mined_dir: str | P
     test = paired_test(ndcg["teacher"], ndcg["retriever"])
     out = {"queries": len(judged), "teacher_ndcg@10": float(ndcg["teacher"].mean()), "retriever_ndcg@10": float(ndcg["retriever"].mean()),
            "diff": test["diff"], "ci95": test["ci95"], "p_value": test["p_value"]}
-    if not (test["diff"] > 0 and test["p_value"] < 0.05):
+    if outcome(test) != "yes":
         log.warning(
             "the teacher ranks %d dev queries' candidates at nDCG@10 %.4f against the retriever's own order %.4f "
             "(p = %.3g): a student distilled from it is unlikely to beat the retriever; a stronger --teacher, "
