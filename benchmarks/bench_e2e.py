@@ -45,9 +45,15 @@ TIMING_QUERIES = 200
 
 
 def student_params(fit) -> dict:
-    """FitStudent's plain parameters, and the precision it resolves (bf16 on CPUs with bf16
-    instructions), in which the benchmarks train their students as the pipeline would."""
-    return {**{k: v for k, v in fit.param_kwargs.items() if isinstance(v, (int, float, str))}, "precision": fit.config.precision}
+    """FitStudent's plain parameters, with the precision and input lengths it resolves (bf16 on
+    CPUs with bf16 instructions; lengths fitted to the dataset), in which the benchmarks train and
+    score their models as the pipeline would."""
+    import tasks
+
+    return {
+        **{k: v for k, v in fit.param_kwargs.items() if isinstance(v, (int, float, str))}, "precision": fit.config.precision,
+        "max_length": fit.config.max_length, "teacher_max_length": tasks.stages.fitted_teacher_max_length(fit),
+    }
 
 
 def project_upstream(args) -> dict:

@@ -762,3 +762,52 @@ def prepare_data(source: str | Path, out_dir: str | Path, unlabeled_queries: str
     if unlabeled_queries:
         ds, added = with_unlabeled_queries(ds, unlabeled_queries)
     return write_normalized(ds, out_dir, source, started=t0, extra={"unlabeled_file_queries": added})
+
+
+def sample_texts(source: str | Path, n: int = 2000) -> tuple[list[str], list[str]]:
+    """The first ``n`` queries and passages of a dataset, as its stages will read them (title and
+    text joined), for decisions taken before the dataset is prepared (``fitting_max_length``).
+
+    Rows that do not parse are skipped here: PrepareData reports them, with file and line.
+    """
+    source = Path(source)
+    if source.is_file():
+        if source.suffix == ".parquet":
+            try:
+                rows = pq.ParquetFile(source).iter_batches(batch_size=n, columns=["query", "positive"])
+                first = next(rows, None)
+            except Exception:  # PrepareData says what is wrong with it
+                return [], []
+            table = first.to_pydict() if first is not None else {"query": [], "positive": []}
+            return [str(q) for q in table["query"] if q], [str(p) for p in table["positive"] if p]
+        return _first_fields(source, n, ("query",)), _first_fields(source, n, ("positive",))
+    if not source.is_dir():
+        return [], []
+    queries, corpus = beir_file(source, "queries.jsonl"), beir_file(source, "corpus.jsonl")
+    return (
+        _first_fields(queries, n, ("text",)) if queries else [],
+        _first_fields(corpus, n, ("title", "text")) if corpus else [],
+    )
+
+
+def _first_fields(path: Path, n: int, names: tuple[str, ...]) -> list[str]:
+    """The non-empty values of the first ``n`` rows that have them; several fields joined as a
+    passage's title and text are."""
+    out: list[str] = []
+    try:
+        for _, raw in _lines(path):
+            try:
+                row = json.loads(raw)
+            except ValueError:
+                continue
+            if not isinstance(row, dict):
+                continue
+            values = [str(row.get(name) or "").strip() for name in names]
+            text = join_title(*values) if len(values) == 2 else values[0]
+            if text:
+                out.append(text)
+                if len(out) == n:
+                    break
+    except DataError:  # an unreadable gzip file: PrepareData reports it
+        pass
+    return out

@@ -371,3 +371,63 @@ def _check_exists(ref: str) -> None:
 def _looks_like_hub_id(ref: str) -> bool:
     parts = ref.split("/")
     return len(parts) == 2 and all(parts) and not Path(ref).exists()
+
+
+# A model's input length, when none is given: long enough to keep most of the dataset's pairs
+# whole. Pairs past it are cut, and a batch pads to its longest pair, so covering every outlier
+# would cost the many for the few; below the floor nothing is saved on short texts, since
+# batches pad to their own longest pair anyway.
+COVERED_PAIRS = 0.75
+LENGTH_FLOOR = 128
+LENGTH_STEP = 32
+
+
+def fitting_max_length(requested: int, model: str, dataset: str | Path) -> int:
+    """``requested`` if positive; else the tokens ``model`` needs to keep three in four of
+    ``dataset``'s (query, passage) pairs whole, in steps of 32, at least 128 and at most what
+    the model takes (512 for most encoders).
+
+    Decided from the first queries and passages of the dataset's files, so it is known when the
+    stages are scheduled, before any of them runs, and is the same in every stage.
+    """
+    if requested > 0:
+        return requested
+    return _fitting_max_length(strip_kind(model), str(dataset))
+
+
+@functools.lru_cache(maxsize=32)
+def _fitting_max_length(model: str, dataset: str) -> int:
+    import numpy as np
+    from transformers import AutoConfig, AutoTokenizer
+
+    from pipeline.data import sample_texts
+
+    queries, passages = sample_texts(dataset)
+    # A teacher folder of several members (ensemble.json) keeps its tokenizers in their folders.
+    found = sorted(Path(model).glob("*/tokenizer_config.json")) if not (Path(model) / "tokenizer_config.json").is_file() else []
+    source = str(found[0].parent) if found else model
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=_offline())
+        # The positions the model has, not the tokenizer's model_max_length: a saved
+        # sentence-transformers model writes its last max_seq_length there.
+        positions = getattr(AutoConfig.from_pretrained(source, local_files_only=_offline()), "max_position_embeddings", 512)
+    except (OSError, ValueError) as e:  # no such model here: its loader says so when the stage runs
+        log.debug("%s: no tokenizer to fit the input length to (%s)", model, e)
+        return LENGTH_FLOOR
+    limit = min(512, positions or 512)
+    if not queries or not passages:
+        return min(LENGTH_FLOOR, limit)
+
+    def lengths(texts: list[str]) -> np.ndarray:
+        return np.array([len(ids) for ids in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]])
+
+    # Every query with every passage: the candidates of a query are passages it was not written for.
+    pairs = np.add.outer(lengths(queries), lengths(passages)).ravel() + tokenizer.num_special_tokens_to_add(pair=True)
+    needed = int(np.quantile(pairs, COVERED_PAIRS))
+    fitted = max(LENGTH_FLOOR, -(-needed // LENGTH_STEP) * LENGTH_STEP)
+    chosen = min(fitted, limit)
+    log.info(
+        "%s: max_length %d keeps %.0f%% of %s's pairs whole (%d%% wanted)",
+        model, chosen, 100 * float((pairs <= chosen).mean()), dataset, round(100 * COVERED_PAIRS),
+    )
+    return chosen

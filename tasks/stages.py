@@ -16,7 +16,7 @@ from pipeline import data, evaluation, export, labels, mining, multilingual, sco
 from pipeline.artifacts import fingerprint, point_link, read_json, write_json
 from pipeline.config import config_fingerprint
 from pipeline.errors import PipelineError
-from pipeline.models import PRECISIONS, model_identity, resolve_device, resolve_precision, strip_kind, student_head
+from pipeline.models import PRECISIONS, fitting_max_length, model_identity, resolve_device, resolve_precision, strip_kind, student_head
 from tasks.params import DataParams, EvalParams, LabelParams, MineParams, MultilingualParams, TeacherParams, TrainParams
 
 FINE_TUNED = "fine-tuned"
@@ -103,7 +103,7 @@ class MineHardNegatives(MineParams, Stage):
             embedder=self.embedder, num_negatives=max(self.num_negatives, self.negative_pool), range_min=self.range_min,
             range_max=self.range_max, sampling=self.sampling, max_train_queries=self.max_train_queries,
             max_unjudged_queries=self.max_unjudged_queries, rerank_top_k=self.rerank_top_k, faiss_index=self.faiss_index,
-            nprobe=self.faiss_nprobe, ef_search=self.faiss_ef_search, max_length=self.max_length, seed=self.seed,
+            nprobe=self.faiss_nprobe, ef_search=self.faiss_ef_search, max_length=fitted_max_length(self, self.embedder), seed=self.seed,
             filters=mining.NegativeFilter(self.absolute_margin, self.relative_margin, self.max_score, self.min_score),
             random_share=self.random_negatives, query_prompt_name=self.query_prompt_name,
             document_prompt_name=self.document_prompt_name, ignore_identical_ids=self.ignore_identical_ids,
@@ -139,7 +139,7 @@ class FineTuneTeacher(TeacherParams, Stage):
             learning_rate=self.teacher_learning_rate, bi_encoder_batch_size=self.teacher_bi_encoder_batch_size,
             bi_encoder_learning_rate=self.teacher_bi_encoder_learning_rate,
             # A bi-encoder teacher embeds each text alone, at the embedder's length.
-            max_length=self.max_length if self.teacher_kind == "bi-encoder" else self.teacher_max_length,
+            max_length=fitted_max_length(self, self.embedder) if self.teacher_kind == "bi-encoder" else fitted_teacher_max_length(self),
             negatives=self.teacher_negatives, precision=_train_precision(self.run_device, "auto"), seed=self.seed,
             device=self.run_device, trust_remote_code=self.trust_remote_code,
         ).for_kind()
@@ -194,10 +194,22 @@ def _student_precision(task: TeacherParams) -> str:
     return _precision_name(resolve_precision(choice, task.run_device))
 
 
+def fitted_max_length(task: MineParams, model: str) -> int:
+    """--max-length for ``model``: as given, or (0) fitted to the dataset's pairs in its tokens."""
+    return fitting_max_length(task.max_length, model, task.dataset)
+
+
+def fitted_teacher_max_length(task: TeacherParams) -> int:
+    """--teacher-max-length, or (0) fitted in the tokens of the teacher (its first member, or the
+    backbone it is fine-tuned from)."""
+    given = [t.strip() for t in task.teacher.split(",") if t.strip() not in ("", FINE_TUNED)]
+    return fitting_max_length(task.teacher_max_length, given[0] if given else task.teacher_backbone or task.embedder, task.dataset)
+
+
 def _score_config(task: TeacherParams) -> scoring.ScoreConfig:
     return scoring.ScoreConfig(
         teacher=resolved_teacher(task), teacher_weights=task.teacher_weights, precision=_score_precision(task),
-        max_length=task.teacher_max_length, num_shards=task.score_shards, device=task.run_device,
+        max_length=fitted_teacher_max_length(task), num_shards=task.score_shards, device=task.run_device,
         batch_tokens=task.score_batch_tokens, cache_dir=str(Path(task.cache_dir or task.root / "cache") / "teacher-scores"),
         trust_remote_code=task.trust_remote_code, max_dev_queries=task.max_dev_queries,
     )
@@ -322,7 +334,7 @@ class FitStudent(TrainParams, Stage):
         return training.FitConfig(
             loss=self.loss, student=self.student, student_layers=self.student_layers,
             student_head=student_head(self.student, self.student_head), loss_kwargs=self.loss_kwargs, epochs=self.epochs,
-            batch_size=self.batch_size, learning_rate=self.learning_rate, max_length=self.max_length,
+            batch_size=self.batch_size, learning_rate=self.learning_rate, max_length=fitted_max_length(self, self.student),
             precision=_train_precision(self.run_device, self.train_precision),
             world_size=training.world_size(self.nproc_per_node, self.run_device), seed=self.seed,
             teacher_name=resolved_teacher(self) if "scores" in labels_task.requires() else "",
@@ -421,8 +433,8 @@ def _eval_config(task: EvalParams, cls: type, **extra):
     return cls(
         teacher=resolved_teacher(task), teacher_weights=task.teacher_weights, embedder=task.embedder, student=task.student,
         student_layers=task.student_layers, student_head=student_head(task.student, task.student_head),
-        precision=_student_precision(task), teacher_precision=_score_precision(task), max_length=task.max_length,
-        teacher_max_length=task.teacher_max_length, max_eval_queries=task.max_eval_queries, timing_queries=task.timing_queries,
+        precision=_student_precision(task), teacher_precision=_score_precision(task), max_length=fitted_max_length(task, task.student),
+        teacher_max_length=fitted_teacher_max_length(task), max_eval_queries=task.max_eval_queries, timing_queries=task.timing_queries,
         seed=task.seed, device=task.run_device, **extra,
     )
 
