@@ -138,6 +138,30 @@ def test_tasks_resolve_auto_settings_before_fingerprinting(monkeypatch, small_be
     assert shards == {fit.clone(tasks.ScoreWithTeacher).fp}
 
 
+def test_every_stage_of_a_run_reads_one_input_length_fitted_to_its_dataset(tiny_models, tmp_path):
+    """With no length given, mining, the teacher's fine-tuning and scoring, training and evaluation
+    each get the length that keeps 3 in 4 of this dataset's pairs whole (here 1 + 300 tokens and 3
+    special ones: 320); a length given reaches them unchanged, and so does the teacher's own."""
+    from conftest import write_beir
+
+    long = " ".join(["apple"] * 300)
+    ds = write_beir(tmp_path / "long", {"q0": "apple", "q1": "apple"}, {f"d{i}": ("", long) for i in range(5)},
+                    {"train": [("q0", "d0", 1)], "test": [("q1", "d1", 1)]})
+
+    def lengths(**given) -> dict:
+        fit = tasks.FitStudent(**dag_params(ds, tiny_models, tmp_path / "out", tasks.FitStudent, teacher_kind="cross-encoder", **given))
+        ev = fit.clone(tasks.EvaluateStudent).config
+        return {
+            "mine": fit.clone(tasks.MineHardNegatives).config.max_length, "fit": fit.config.max_length,
+            "eval": ev.max_length, "score": fit.clone(tasks.ScoreShard, shard=0).config.max_length,
+            "fine-tune": fit.clone(tasks.FineTuneTeacher, teacher="").config.max_length, "eval teacher": ev.teacher_max_length,
+        }
+
+    assert set(lengths(max_length=0, teacher_max_length=0).values()) == {320}
+    assert lengths(max_length=64, teacher_max_length=0) == {"mine": 64, "fit": 64, "eval": 64, "score": 320, "fine-tune": 320, "eval teacher": 320}
+    assert lengths(max_length=0, teacher_max_length=96) == {"mine": 320, "fit": 320, "eval": 320, "score": 96, "fine-tune": 96, "eval teacher": 96}
+
+
 CHECK_CFG = """
 import json, warnings
 warnings.simplefilter("always")

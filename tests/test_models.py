@@ -3,11 +3,13 @@ load and score alike; the cosine head's scale is fitted to the labels."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
-from transformers import BertForSequenceClassification
+from transformers import AutoTokenizer, BertForSequenceClassification
 
 from conftest import make_bi_encoder, make_cross_encoder
 from pipeline.models import cut_student, load_bi_encoder, load_cross_encoder
@@ -198,3 +200,63 @@ def test_a_cosine_student_from_the_hub_cache_loads_with_our_code(tiny_models, tm
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "pipeline.heads"
     shutil.rmtree(tmp_path / "hub")
+
+
+def _texts_of_lengths(word: str, lengths: list[int]) -> list[str]:
+    return [" ".join([word] * n) for n in lengths]
+
+
+def test_an_unset_input_length_keeps_three_in_four_pairs_whole(tiny_models, tmp_path):
+    """Queries of 3 tokens and passages of 100 or 300: the 75th percentile pair (3 + 300 and 3
+    special tokens) needs 306 tokens, so the length is the next step of 32; short texts get the
+    floor, texts longer than the model's positions its 512, and a length given is kept."""
+    from conftest import write_beir
+
+    from pipeline.models import LENGTH_FLOOR, fitting_max_length
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["student"])
+    assert len(tokenizer("apple apple apple", add_special_tokens=False)["input_ids"]) == 3  # one token a word
+    special = tokenizer.num_special_tokens_to_add(pair=True)
+
+    def dataset(name: str, passage_lengths: list[int]) -> Path:
+        queries = dict(zip((f"q{i}" for i in range(20)), _texts_of_lengths("apple", [3] * 20)))
+        corpus = {f"d{i}": ("", t) for i, t in enumerate(_texts_of_lengths("apple", passage_lengths))}
+        return write_beir(tmp_path / name, queries, corpus, {"test": [("q0", "d0", 1)]})
+
+    mixed = dataset("mixed", [100] * 70 + [300] * 30)  # the 75th percentile passage is a 300
+    needed = 3 + 300 + special
+    fitted = fitting_max_length(0, tiny_models["student"], mixed)
+    assert fitted % 32 == 0 and needed <= fitted < needed + 32
+    assert fitting_max_length(0, tiny_models["student"], dataset("short", [20] * 100)) == LENGTH_FLOOR
+    assert fitting_max_length(0, tiny_models["student"], dataset("long", [900] * 100)) == 512
+    assert fitting_max_length(200, tiny_models["student"], mixed) == 200
+    # Three in four whole, not fewer: with a quarter of the passages long, the length holds them too.
+    assert fitting_max_length(0, tiny_models["student"], dataset("quarter", [100] * 76 + [300] * 24)) == LENGTH_FLOOR
+
+
+def test_the_input_length_is_fitted_from_a_pairs_file_a_gzip_corpus_and_a_teachers_member(tiny_models, tmp_path):
+    """Every dataset form the stages read is sampled the same way; rows that do not parse are left
+    to PrepareData's one-line error, and a teacher folder of members is measured in its members'
+    tokens."""
+    import gzip
+
+    from conftest import write_beir
+
+    from pipeline.models import fitting_max_length
+
+    long = " ".join(["apple"] * 300)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("not json\n" + "".join(json.dumps({"query": "apple", "positive": long}) + "\n" for _ in range(10)))
+    assert fitting_max_length(0, tiny_models["student"], pairs) == 320
+
+    beir = write_beir(tmp_path / "gz", {"q0": "apple"}, {f"d{i}": ("title", long) for i in range(5)}, {"test": [("q0", "d0", 1)]})
+    with open(beir / "corpus.jsonl", "rb") as src, gzip.open(beir / "corpus.jsonl.gz", "wb") as dst:
+        dst.write(src.read())
+    (beir / "corpus.jsonl").unlink()
+    assert fitting_max_length(0, tiny_models["student"], beir) == 320  # the title and its full stop: 306 tokens
+
+    ensemble = tmp_path / "teacher"
+    shutil.copytree(tiny_models["student"], ensemble / "cross-encoder")
+    (ensemble / "ensemble.json").write_text("{}")
+    assert fitting_max_length(0, str(ensemble), pairs) == 320
+    assert fitting_max_length(0, str(tmp_path / "no-such-model"), pairs) == 128  # its loader reports it when the stage runs
