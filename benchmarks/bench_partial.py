@@ -198,6 +198,7 @@ def table(r: dict) -> str:
         f"{p.get('num_negatives', '?')} mined negatives each); "
         f"the label-only student on {b.get('judged_queries', '?')} judged queries ({b.get('rows', '?')} rows). "
         f"{p['student_layers']}-layer students cut from `{p['student']}` (head {p['student_head']}), {p['epochs']:g} epoch, batch {p['batch_size']}, trained in {p['precision']}. "
+        f"Input length: {p['max_length']} tokens per pair for the students and the retriever, {p.get('teacher_max_length', '?')} for the teacher. "
         f"Test: {m['test_queries']} queries, each reranking the retriever's true top-{p['rerank_top_k']}. "
         f"Speed: {speed_sentence(m)}",
         "",
