@@ -49,7 +49,7 @@ class MineParams(DataParams):
     faiss_nprobe = luigi.IntParameter(default=16, description="IVF lists searched per query")
     faiss_ef_search = luigi.IntParameter(default=128, description="HNSW search depth")
     max_length = luigi.IntParameter(
-        default=0, description="max tokens per (query, passage) for student and embedder; 0: enough for 3 in 4 of the dataset's pairs (128 to 512)"
+        default=256, description="max tokens per (query, passage) for student and embedder; 0: enough for 3 in 4 of the dataset's pairs (128 to 512)"
     )
     cache_dir = luigi.Parameter(default="", description="shared cache root; default <output-dir>/cache")
     query_prompt_name = luigi.Parameter(
@@ -98,7 +98,7 @@ class TeacherParams(MineParams):
     teacher_bi_encoder_learning_rate = luigi.FloatParameter(default=5e-5, description="the bi-encoder teacher's peak learning rate")
     teacher_bi_encoder_batch_size = luigi.IntParameter(default=32, description="the bi-encoder teacher's batch size")
     teacher_negatives = luigi.IntParameter(default=3, description="mined negatives per query for teacher fine-tuning")
-    teacher_max_length = luigi.IntParameter(default=0, description="max tokens per (query, passage) for the teacher; 0: as --max-length's 0")
+    teacher_max_length = luigi.IntParameter(default=512, description="max tokens per (query, passage) for the teacher; 0: as --max-length's 0")
     score_precision = luigi.Parameter(
         default="auto",
         description="auto (bf16 on CUDA and on CPUs with AMX or AVX512-BF16, else fp32), fp32, bf16, fp16 (CUDA), int8 (CPU)",
