@@ -46,7 +46,7 @@ TIMING_QUERIES = 200
 
 def student_params(fit) -> dict:
     """FitStudent's plain parameters, with the precision and input lengths it resolves (bf16 on
-    CPUs with bf16 instructions; lengths fitted to the dataset), in which the benchmarks train and
+    CPUs with bf16 instructions; a length of 0 fitted to the dataset), in which the benchmarks train and
     score their models as the pipeline would."""
     import tasks
 

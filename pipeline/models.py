@@ -373,8 +373,8 @@ def _looks_like_hub_id(ref: str) -> bool:
     return len(parts) == 2 and all(parts) and not Path(ref).exists()
 
 
-# A model's input length, when none is given: long enough to keep most of the dataset's pairs
-# whole. Pairs past it are cut, and a batch pads to its longest pair, so covering every outlier
+# A model's input length when it is asked to fit the data (--max-length 0): long enough to keep
+# most of the dataset's pairs whole. Pairs past it are cut, and a batch pads to its longest pair, so covering every outlier
 # would cost the many for the few; below the floor nothing is saved on short texts, since
 # batches pad to their own longest pair anyway.
 COVERED_PAIRS = 0.75
@@ -423,7 +423,7 @@ def _fitting_max_length(model: str, dataset: str) -> int:
 
     # Every query with every passage: the candidates of a query are passages it was not written for.
     pairs = np.add.outer(lengths(queries), lengths(passages)).ravel() + tokenizer.num_special_tokens_to_add(pair=True)
-    needed = int(np.quantile(pairs, COVERED_PAIRS))
+    needed = int(np.ceil(np.quantile(pairs, COVERED_PAIRS)))
     fitted = max(LENGTH_FLOOR, -(-needed // LENGTH_STEP) * LENGTH_STEP)
     chosen = min(fitted, limit)
     log.info(
