@@ -374,9 +374,9 @@ def _looks_like_hub_id(ref: str) -> bool:
 
 
 # A model's input length when it is asked to fit the data (--max-length 0): long enough to keep
-# most of the dataset's pairs whole. Pairs past it are cut, and a batch pads to its longest pair, so covering every outlier
-# would cost the many for the few; below the floor nothing is saved on short texts, since
-# batches pad to their own longest pair anyway.
+# most of the dataset's pairs whole. Pairs past it are cut, and a batch pads to its longest
+# pair, so covering every outlier would cost the many for the few; below the floor nothing is
+# saved on short texts, since batches pad to their own longest pair anyway.
 COVERED_PAIRS = 0.75
 LENGTH_FLOOR = 128
 LENGTH_STEP = 32
