@@ -774,40 +774,39 @@ def sample_texts(source: str | Path, n: int = 2000) -> tuple[list[str], list[str
     if source.is_file():
         if source.suffix == ".parquet":
             try:
-                rows = pq.ParquetFile(source).iter_batches(batch_size=n, columns=["query", "positive"])
-                first = next(rows, None)
+                first = next(pq.ParquetFile(source).iter_batches(batch_size=n, columns=["query", "positive"]), None)
             except Exception:  # PrepareData says what is wrong with it
                 return [], []
-            table = first.to_pydict() if first is not None else {"query": [], "positive": []}
-            return [str(q) for q in table["query"] if q], [str(p) for p in table["positive"] if p]
-        return _first_fields(source, n, ("query",)), _first_fields(source, n, ("positive",))
+            rows = first.to_pylist() if first is not None else []
+        else:
+            rows = _first_rows(source, n)
+        return _texts(r.get("query") for r in rows), _texts(r.get("positive") for r in rows)
     if not source.is_dir():
         return [], []
     queries, corpus = beir_file(source, "queries.jsonl"), beir_file(source, "corpus.jsonl")
     return (
-        _first_fields(queries, n, ("text",)) if queries else [],
-        _first_fields(corpus, n, ("title", "text")) if corpus else [],
+        _texts(r.get("text") for r in _first_rows(queries, n)) if queries else [],
+        _texts(join_title(str(r.get("title") or "").strip(), str(r.get("text") or "").strip()) for r in _first_rows(corpus, n)) if corpus else [],
     )
 
 
-def _first_fields(path: Path, n: int, names: tuple[str, ...]) -> list[str]:
-    """The non-empty values of the first ``n`` rows that have them; several fields joined as a
-    passage's title and text are."""
-    out: list[str] = []
+def _first_rows(path: Path, n: int) -> list[dict]:
+    """The first ``n`` rows of a JSONL file that parse as objects (an unreadable file: none)."""
+    rows: list[dict] = []
     try:
         for _, raw in _lines(path):
             try:
                 row = json.loads(raw)
             except ValueError:
                 continue
-            if not isinstance(row, dict):
-                continue
-            values = [str(row.get(name) or "").strip() for name in names]
-            text = join_title(*values) if len(values) == 2 else values[0]
-            if text:
-                out.append(text)
-                if len(out) == n:
+            if isinstance(row, dict):
+                rows.append(row)
+                if len(rows) == n:
                     break
     except DataError:  # an unreadable gzip file: PrepareData reports it
         pass
-    return out
+    return rows
+
+
+def _texts(values) -> list[str]:
+    return [text for text in (str(v or "").strip() for v in values) if text]

@@ -12,9 +12,9 @@ from pathlib import Path
 import luigi
 
 from pipeline import registry, teacher
-from pipeline.models import fitting_max_length, resolve_device
+from pipeline.models import resolve_device
 from tasks.params import EvalParams, SnapshotDate
-from tasks.stages import FineTuneTeacher, MineHardNegatives, PrepareData, TrainStudent
+from tasks.stages import FineTuneTeacher, MineHardNegatives, PrepareData, TrainStudent, fitted_max_length
 
 
 # Settings that make a student what it is: a champion made otherwise is not trained further.
@@ -133,8 +133,7 @@ class RetrainStudent(SnapshotDate, EvalParams, luigi.Task):
         registry.promote_or_keep(
             self.registry, self.run_name, run["student"].path, run["metrics"].path, self.input()["gate_data"].path,
             self.input()["gate_mined"].path, self.promotion_tolerance, record, resolve_device(self.device),
-            self.score_precision, fitting_max_length(self.max_length, self.student, self.snapshot()), self.max_eval_queries,
-            self.gate_on_retriever,
+            self.score_precision, fitted_max_length(self.requires()["run"], self.student), self.max_eval_queries, self.gate_on_retriever,
         )
 
 
