@@ -113,35 +113,38 @@ def model_kind(ref: str) -> str:
         return "bi-encoder"
     if ref.startswith("ce:"):
         return "cross-encoder"
-    if any("Pooling" in t for t in _module_types(ref)):
-        return "bi-encoder"
-    return "cross-encoder"
+    if not any("Pooling" in t for t in _module_types(ref)):
+        return "cross-encoder"
+    # A CrossEncoder of sentence-transformers' modules (Transformer, mean Pooling, Dense: a
+    # mean-head student or teacher) has a Pooling module too; the class it was saved from says.
+    saved = _saved_file(ref, "config_sentence_transformers.json")
+    model_type = json.loads(saved.read_text()).get("model_type") if saved is not None else None
+    return "cross-encoder" if model_type == "CrossEncoder" else "bi-encoder"
 
 
 def _module_types(ref: str) -> list[str]:
     """The module classes a saved model's ``modules.json`` names (a folder's, or a hub model's);
     empty when it has none."""
-    folder = Path(ref) if Path(ref).is_dir() else _hub_modules_folder(ref)
-    modules = folder / "modules.json" if folder is not None else None
-    if modules is None or not modules.is_file():
-        return []
-    return [m.get("type", "") for m in json.loads(modules.read_text())]
+    modules = _saved_file(ref, "modules.json")
+    return [m.get("type", "") for m in json.loads(modules.read_text())] if modules is not None else []
 
 
-def _hub_modules_folder(ref: str) -> Path | None:
-    """The folder holding a hub model's ``modules.json``: from the local cache, else (the hub
-    being on) fetched, so that a model not yet downloaded gets the same kind, and so the same
+def _saved_file(ref: str, name: str) -> Path | None:
+    """A file of a saved model: in its folder, or a hub model's from the local cache, else (the
+    hub being on) fetched, so that a model not yet downloaded gets the same kind, and so the same
     student head and fingerprint, as after its first download. None when it has none."""
+    if Path(ref).is_dir():
+        return Path(ref) / name if (Path(ref) / name).is_file() else None
     try:
         from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
-        found = try_to_load_from_cache(ref, "modules.json")
+        found = try_to_load_from_cache(ref, name)
         if found is None and not _offline() and _looks_like_hub_id(ref):
-            found = hf_hub_download(ref, "modules.json")
-    except Exception as e:  # no such file or model, no network: kind by the folder's absence of modules
-        log.debug("%s: no modules.json found (%s)", ref, e)
+            found = hf_hub_download(ref, name)
+    except Exception as e:  # no such file or model, no network: kind by the file's absence
+        log.debug("%s: no %s found (%s)", ref, name, e)
         return None
-    return Path(found).parent if isinstance(found, str) else None
+    return Path(found) if isinstance(found, str) and Path(found).is_file() else None
 
 
 def strip_kind(ref: str) -> str:

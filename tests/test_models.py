@@ -48,6 +48,36 @@ def test_mean_head_student_scores_from_the_token_mean(tiny_models, tmp_path):
     assert np.ptp(ours) > 0
 
 
+def test_a_mean_head_cross_encoder_teaches_and_is_cut_as_a_cross_encoder(tiny_models, tmp_path):
+    """A CrossEncoder of sentence-transformers' modules (Transformer, mean Pooling, Dense: a
+    mean-head student, or a teacher fine-tuned with --teacher-head mean) has a Pooling module, as
+    an embedder does. Given as a teacher it is still scored as a cross-encoder, and a student cut
+    from it keeps its trained head instead of getting a cosine head."""
+    import numpy as np
+    from sentence_transformers.cross_encoder import CrossEncoder
+
+    from pipeline.models import model_kind
+    from pipeline.scoring import TeacherSpec, load_teacher
+
+    trained = cut_student(tiny_models["embedder"], 0, "cpu", 64, head="mean")
+    with torch.no_grad():
+        trained[-1].linear.weight.normal_()
+        trained[-1].linear.bias.fill_(0.25)
+    ref = str(tmp_path / "ce-mean")
+    trained.save_pretrained(ref)
+    assert model_kind(ref) == "cross-encoder" and model_kind(tiny_models["embedder"]) == "bi-encoder"
+
+    student = cut_student(ref, 1, "cpu", 64)
+    assert [type(m).__name__ for m in student] == ["Transformer", "Pooling", "Dense"]
+    torch.testing.assert_close(student[-1].linear.weight, trained[-1].linear.weight)
+    assert student.model.config.num_hidden_layers == 1
+
+    pairs = [("a query", "a passage about it"), ("a query", "text"), ("q", "a much longer passage " * 5)]
+    teacher = load_teacher(TeacherSpec.parse(ref), "cpu", "fp32", 64)
+    expected = CrossEncoder(ref, device="cpu").predict(pairs, activation_fn=torch.nn.Identity())
+    np.testing.assert_allclose(teacher.score(pairs, ["q1", "q1", "q2"], show_progress=False), expected, atol=1e-5)
+
+
 def test_segment_cosine_splits_the_pair_at_the_first_separator():
     from pipeline.heads import SegmentCosine
 
@@ -150,10 +180,10 @@ def test_cosine_head_scores_in_bf16_like_fp32(tiny_models):
 
 
 def test_a_hub_embedder_not_yet_downloaded_gets_the_cosine_head_it_gets_once_cached(tiny_models, tmp_path, monkeypatch):
-    """The student's head is chosen by the backbone's kind, read from its modules.json. A hub
-    sentence-embedding model that is not in the local cache yet, the hub being on, is still a
-    bi-encoder (so the cosine head, and the same fingerprint as after its download): the file is
-    fetched, not taken as missing."""
+    """The student's head is chosen by the backbone's kind, read from its modules.json and the
+    class it was saved from. A hub sentence-embedding model that is not in the local cache yet,
+    the hub being on, is still a bi-encoder (so the cosine head, and the same fingerprint as
+    after its download): the files are fetched, not taken as missing."""
     import huggingface_hub
     from huggingface_hub import constants
 
@@ -170,9 +200,9 @@ def test_a_hub_embedder_not_yet_downloaded_gets_the_cosine_head_it_gets_once_cac
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", hub_download)
     assert models.model_kind("org/embedder") == "bi-encoder"
     assert models.student_head("org/embedder") == "cosine"
-    assert fetched == [("org/embedder", "modules.json")] * 2
+    assert fetched == [("org/embedder", "modules.json"), ("org/embedder", "config_sentence_transformers.json")] * 2
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # off: nothing is fetched, and nothing is known
-    assert models.model_kind("org/embedder") == "cross-encoder" and len(fetched) == 2
+    assert models.model_kind("org/embedder") == "cross-encoder" and len(fetched) == 4
 
 
 def test_a_cosine_student_from_the_hub_cache_loads_with_our_code(tiny_models, tmp_path):
