@@ -17,6 +17,7 @@ import gzip
 import hashlib
 import json
 import logging
+import random
 import re
 import time
 import zlib
@@ -764,48 +765,70 @@ def prepare_data(source: str | Path, out_dir: str | Path, unlabeled_queries: str
     return write_normalized(ds, out_dir, source, started=t0, extra={"unlabeled_file_queries": added})
 
 
-def sample_texts(source: str | Path, n: int = 2000) -> tuple[list[str], list[str]]:
-    """The first ``n`` queries and passages of a dataset, as its stages will read them (title and
-    text joined), for decisions taken before the dataset is prepared (``fitting_max_length``).
+def sample_texts(source: str | Path, n: int = 2000, seed: int = 0) -> tuple[list[str], list[str]]:
+    """``n`` queries and ``n`` passages of a dataset drawn uniformly from its files (seeded), as
+    its stages will read them (title and text joined), for decisions taken before the dataset is
+    prepared (``fitting_max_length``). A whole file is read, but only the rows drawn are parsed:
+    a corpus sorted by source, date or length is sampled as a whole, not by its first rows.
 
     Rows that do not parse are skipped here: PrepareData reports them, with file and line.
     """
     source = Path(source)
     if source.is_file():
-        if source.suffix == ".parquet":
-            try:
-                first = next(pq.ParquetFile(source).iter_batches(batch_size=n, columns=["query", "positive"]), None)
-            except Exception:  # PrepareData says what is wrong with it
-                return [], []
-            rows = first.to_pylist() if first is not None else []
-        else:
-            rows = _first_rows(source, n)
+        rows = _sampled_parquet_rows(source, n, seed, ["query", "positive"]) if source.suffix == ".parquet" else _sampled_rows(source, n, seed)
         return _texts(r.get("query") for r in rows), _texts(r.get("positive") for r in rows)
     if not source.is_dir():
         return [], []
     queries, corpus = beir_file(source, "queries.jsonl"), beir_file(source, "corpus.jsonl")
     return (
-        _texts(r.get("text") for r in _first_rows(queries, n)) if queries else [],
-        _texts(join_title(str(r.get("title") or "").strip(), str(r.get("text") or "").strip()) for r in _first_rows(corpus, n)) if corpus else [],
+        _texts(r.get("text") for r in _sampled_rows(queries, n, seed)) if queries else [],
+        _texts(join_title(str(r.get("title") or "").strip(), str(r.get("text") or "").strip()) for r in _sampled_rows(corpus, n, seed))
+        if corpus else [],
     )
 
 
-def _first_rows(path: Path, n: int) -> list[dict]:
-    """The first ``n`` rows of a JSONL file that parse as objects (an unreadable file: none)."""
-    rows: list[dict] = []
+def _sampled_rows(path: Path, n: int, seed: int) -> list[dict]:
+    """About ``n`` rows of a JSONL file, each line equally likely (a seeded reservoir over the raw
+    lines), in file order; drawn lines that do not parse as objects are left out, and an
+    unreadable file gives what was drawn before the fault."""
+    rng = random.Random(seed)
+    kept: list[tuple[int, bytes]] = []
     try:
-        for _, raw in _lines(path):
-            try:
-                row = json.loads(raw)
-            except ValueError:
-                continue
-            if isinstance(row, dict):
-                rows.append(row)
-                if len(rows) == n:
-                    break
+        for i, (_, raw) in enumerate(_lines(path)):
+            if i < n:
+                kept.append((i, raw))
+            elif (j := rng.randrange(i + 1)) < n:
+                kept[j] = (i, raw)
     except DataError:  # an unreadable gzip file: PrepareData reports it
         pass
+    rows = []
+    for _, raw in sorted(kept):
+        try:
+            row = json.loads(raw)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
     return rows
+
+
+def _sampled_parquet_rows(path: Path, n: int, seed: int, columns: list[str]) -> list[dict]:
+    """``n`` rows of a Parquet file drawn uniformly (seeded), in file order, reading only the row
+    groups that hold them; none from a file that does not read (PrepareData says why)."""
+    try:
+        pf = pq.ParquetFile(path)
+        total = pf.metadata.num_rows
+        drawn = np.sort(np.random.default_rng(seed).choice(total, size=min(n, total), replace=False)) if total else np.zeros(0, np.int64)
+        rows, start = [], 0
+        for g in range(pf.num_row_groups):
+            size = pf.metadata.row_group(g).num_rows
+            lo, hi = np.searchsorted(drawn, [start, start + size])
+            if hi > lo:
+                rows += pf.read_row_group(g, columns=columns).take(pa.array(drawn[lo:hi] - start)).to_pylist()
+            start += size
+        return rows
+    except (OSError, ValueError, KeyError, pa.ArrowException):  # not Parquet, or without those columns: PrepareData says
+        return []
 
 
 def _texts(values) -> list[str]:

@@ -390,8 +390,8 @@ def fitting_max_length(requested: int, model: str, dataset: str | Path) -> int:
     ``dataset``'s (query, passage) pairs whole, in steps of 32, at least 128 and at most what
     the model takes (512 for most encoders).
 
-    Decided from the first queries and passages of the dataset's files, so it is known when the
-    stages are scheduled, before any of them runs, and is the same in every stage.
+    Decided from 2,000 queries and 2,000 passages drawn from the dataset's files (seeded), so it
+    is known when the stages are scheduled, before any of them runs, and is the same in every stage.
     """
     if requested > 0:
         return requested

@@ -264,6 +264,34 @@ def test_an_unset_input_length_keeps_three_in_four_pairs_whole(tiny_models, tmp_
     assert fitting_max_length(0, tiny_models["student"], dataset("quarter", [100] * 76 + [300] * 24)) == LENGTH_FLOOR
 
 
+def test_the_input_length_is_fitted_to_the_whole_of_a_sorted_corpus(tiny_models, tmp_path):
+    """A corpus or pairs file sorted by length (here 2,000 short passages, then 6,000 of 300
+    tokens) is sampled across the whole file: three in four of its pairs are long, so the length
+    holds them, where its first 2,000 rows alone would give the floor. The draw is seeded."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from conftest import write_beir
+
+    from pipeline.data import sample_texts
+    from pipeline.models import LENGTH_FLOOR, fitting_max_length
+
+    lengths = [5] * 2000 + [300] * 6000
+    corpus = {f"d{i}": ("", t) for i, t in enumerate(_texts_of_lengths("apple", lengths))}
+    sorted_beir = write_beir(tmp_path / "sorted", {f"q{i}": "apple" for i in range(50)}, corpus, {"test": [("q0", "d0", 1)]})
+    short_first = write_beir(tmp_path / "short", {f"q{i}": "apple" for i in range(50)}, dict(list(corpus.items())[:2000]), {"test": [("q0", "d0", 1)]})
+    assert fitting_max_length(0, tiny_models["student"], short_first) == LENGTH_FLOOR
+    assert fitting_max_length(0, tiny_models["student"], sorted_beir) == 320
+
+    _, passages = sample_texts(sorted_beir)
+    assert len(passages) == 2000 and 0.2 < sum(len(t.split()) == 5 for t in passages) / 2000 < 0.3
+    assert sample_texts(sorted_beir) == sample_texts(sorted_beir)
+
+    pairs = tmp_path / "pairs.parquet"
+    table = pa.table({"query": ["apple"] * len(lengths), "positive": _texts_of_lengths("apple", lengths)})
+    pq.write_table(table, pairs, row_group_size=2000)
+    assert fitting_max_length(0, tiny_models["student"], pairs) == 320
+
+
 def test_the_input_length_is_fitted_from_a_pairs_file_a_gzip_corpus_and_a_teachers_member(tiny_models, tmp_path):
     """Every dataset form the stages read is sampled the same way; rows that do not parse are left
     to PrepareData's one-line error, and a teacher folder of members is measured in its members'
