@@ -818,7 +818,7 @@ def _sampled_parquet_rows(path: Path, n: int, seed: int, columns: list[str]) -> 
     try:
         pf = pq.ParquetFile(path)
         total = pf.metadata.num_rows
-        drawn = np.sort(np.random.default_rng(seed).choice(total, size=min(n, total), replace=False)) if total else np.zeros(0, np.int64)
+        drawn = np.sort(np.random.default_rng(seed).choice(total, size=min(n, total), replace=False))
         rows, start = [], 0
         for g in range(pf.num_row_groups):
             size = pf.metadata.row_group(g).num_rows

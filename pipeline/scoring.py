@@ -64,7 +64,7 @@ class TeacherSpec:
     def parse(cls, teacher: str, weights: str = "") -> "TeacherSpec":
         """``--teacher`` and ``--teacher-weights``; an ensemble folder (one with ``ensemble.json``)
         stands for its members, each weighted by its own weight times the folder's."""
-        refs = [t.strip() for t in teacher.split(",") if t.strip()]
+        refs = teacher_refs(teacher)
         if not refs:
             raise PipelineError("--teacher is empty")
         ws = [float(w) for w in weights.split(",") if w.strip()] if weights else [1.0] * len(refs)
@@ -72,6 +72,11 @@ class TeacherSpec:
             raise PipelineError(f"--teacher-weights has {len(ws)} values for {len(refs)} teachers")
         members = [m for ref, w in zip(refs, ws) for m in ensemble_members(ref, w)]
         return cls([r for r, _ in members], [w for _, w in members])
+
+
+def teacher_refs(teacher: str) -> list[str]:
+    """The models a comma-separated ``--teacher`` names, in order; [] for none."""
+    return [t.strip() for t in teacher.split(",") if t.strip()]
 
 
 def ensemble_members(ref: str, weight: float = 1.0) -> list[tuple[str, float]]:

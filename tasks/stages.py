@@ -155,19 +155,14 @@ class FineTuneTeacher(TeacherParams, Stage):
         teacher.fine_tune_teacher(self.input()["data"].path, self.input()["mined"].path, self.artifact(), self.config)
 
 
-def _teacher_refs(teacher_param: str) -> list[str]:
-    """The models --teacher names, in order ('fine-tuned' among them); [] for none."""
-    return [t.strip() for t in teacher_param.split(",") if t.strip()]
-
-
 def _needs_fine_tuned(teacher_param: str) -> bool:
-    refs = _teacher_refs(teacher_param)
+    refs = scoring.teacher_refs(teacher_param)
     return not refs or FINE_TUNED in refs
 
 
 def resolved_teacher(task: TeacherParams) -> str:
     """--teacher with the fine-tuned teacher's folder in place of 'fine-tuned' (or of nothing)."""
-    refs = _teacher_refs(task.teacher) or [FINE_TUNED]
+    refs = scoring.teacher_refs(task.teacher) or [FINE_TUNED]
     if FINE_TUNED in refs:
         path = str(task.clone(FineTuneTeacher).artifact())
         refs = [path if r == FINE_TUNED else r for r in refs]
@@ -207,7 +202,7 @@ def fitted_max_length(task: MineParams, model: str) -> int:
 def fitted_teacher_max_length(task: TeacherParams) -> int:
     """--teacher-max-length, or (0) fitted in the tokens of the teacher (its first member, or the
     backbone it is fine-tuned from)."""
-    given = [t for t in _teacher_refs(task.teacher) if t != FINE_TUNED]
+    given = [t for t in scoring.teacher_refs(task.teacher) if t != FINE_TUNED]
     return fitting_max_length(task.teacher_max_length, given[0] if given else task.teacher_backbone or task.embedder, task.dataset)
 
 
