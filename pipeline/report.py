@@ -191,7 +191,7 @@ def write_report(path: str | Path, metrics: dict, verdict: list[str], plots: dic
     p, stages = metrics["params"], metrics.get("stages", {})
     parts = _test_section(metrics, verdict, plots)
     sections = [
-        ("PrepareData", _data_section), ("ScoreWithTeacher", _scoring_section), ("MineHardNegatives", _mining_section),
+        ("PrepareData", _data_section), ("FineTuneTeacher", _teacher_section), ("ScoreWithTeacher", _scoring_section), ("MineHardNegatives", _mining_section),
         ("BuildMultilingualLabels", _views_section), ("BuildLabels", _labels_section), ("FitStudent", _training_section),
     ]
     for stage, section in sections:
@@ -207,8 +207,12 @@ def write_report(path: str | Path, metrics: dict, verdict: list[str], plots: dic
 def _test_section(metrics: dict, verdict: list[str], plots: dict[str, str]) -> list[str]:
     p = metrics["params"]
     missed = metrics.get("test_queries", 0) - metrics.get("test_queries_with_positive_in_top_k", 0)
-    members = metrics.get("stages", {}).get("FineTuneTeacher", {}).get("members")
-    ensemble = (" (fine-tuned ensemble: " + ", ".join(f"{m['kind']} {m['weight']:g}" for m in members) + ")") if members else ""
+    fine_tuned = metrics.get("stages", {}).get("FineTuneTeacher", {})
+    members, chosen = fine_tuned.get("members"), fine_tuned.get("share_chosen_on_dev", {}).get("dev_queries")
+    ensemble = (
+        " (fine-tuned ensemble: " + ", ".join(f"{m['kind']} {m['weight']:g}" for m in members)
+        + (f", the shares chosen on {chosen} dev queries" if chosen else "") + ")"
+    ) if members else ""
     parts = [
         "# Distillation report",
         "",
@@ -271,6 +275,26 @@ def _data_section(s: dict, p: dict, plots: dict) -> list[str]:
         parts += [f"The dataset has no dev split: {s['dev_from_train']} of its judged training queries (a tenth, chosen by "
                   "a hash of the query id) were held out as dev and never trained on.", ""]
     return parts
+
+
+def _teacher_section(s: dict, p: dict, plots: dict) -> list[str]:
+    choice = s.get("share_chosen_on_dev") or {}
+    if not choice.get("dev_queries"):
+        return []
+    dev, share = choice["dev_ndcg@10"], f"{choice['weight']:g}"
+    return [
+        "## Teacher fine-tuning",
+        "",
+        f"The ensemble's members were mixed at the cross-encoder's share that ranks {choice['dev_queries']} dev queries' "
+        "true top-k candidates best (shares 0 to 1 in steps of 0.05):",
+        "",
+        "| teacher | dev nDCG@10 |",
+        "|---|---:|",
+        f"| bi-encoder alone | {dev['0']:.4f} |",
+        f"| cross-encoder alone | {dev['1']:.4f} |",
+        f"| **mixed, cross-encoder share {share}** | **{dev[share]:.4f}** |",
+        "",
+    ]
 
 
 def _scoring_section(s: dict, p: dict, plots: dict) -> list[str]:

@@ -7,7 +7,8 @@ Used when ``--teacher`` names no trained reranker. Three kinds:
 - ``bi-encoder``: MultipleNegativesRankingLoss on (query, positive, hardest negative) triplets.
 - ``ensemble``: the bi-encoder first, then a cross-encoder started from the bi-encoder's weights;
   the teacher is their per-query z-normalised mix (``ensemble.json``), whose heavier member, the
-  cross-encoder, is a CrossEncoder folder of its own (``cross-encoder/``).
+  cross-encoder, is a CrossEncoder folder of its own (``cross-encoder/``). The cross-encoder's
+  share is the one whose mix ranks the dev split's candidates best, unless a share is given.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import hashlib
+import logging
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +35,8 @@ from pipeline.labels import build_rows, to_dataset
 from pipeline.scoring import ENSEMBLE_FILE
 from pipeline.training import train_student, warmup
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class TeacherConfig:
@@ -41,7 +46,10 @@ class TeacherConfig:
     kind: str = "cross-encoder"  # or "bi-encoder", "ensemble"
     loss: str = "MultipleNegativesRankingLoss"  # the cross-encoder's
     head: str = "auto"  # the cross-encoder's, as for a student (cosine from a sentence-embedding start)
-    ensemble_weight: float = 0.5  # the cross-encoder's share of an ensemble (the bi-encoder has the rest)
+    # The cross-encoder's share of an ensemble (the bi-encoder has the rest); None: the share of
+    # pipeline.fusion.WEIGHTS whose mix ranks the first ``dev_queries`` dev queries' candidates best.
+    ensemble_weight: float | None = None
+    dev_queries: int = 1000
     epochs: float = 1.0
     batch_size: int = 16  # the cross-encoder's
     learning_rate: float = 1e-4  # the cross-encoder's
@@ -59,14 +67,32 @@ class TeacherConfig:
         """This configuration with the settings its kind does not use at their defaults, so that
         they do not enter its fingerprint (a bi-encoder teacher ignores the cross-encoder's loss)."""
         unused = {
-            "bi-encoder": ("loss", "head", "ensemble_weight", "batch_size", "learning_rate", "negatives", "max_queries"),
-            "cross-encoder": ("ensemble_weight", "bi_encoder_batch_size", "bi_encoder_learning_rate"),
+            "bi-encoder": ("loss", "head", "ensemble_weight", "dev_queries", "batch_size", "learning_rate", "negatives", "max_queries"),
+            "cross-encoder": ("ensemble_weight", "dev_queries", "bi_encoder_batch_size", "bi_encoder_learning_rate"),
         }.get(self.kind, ())
+        if self.kind == "ensemble" and self.ensemble_weight is not None:
+            unused = ("dev_queries",)
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
         return dataclasses.replace(self, **{name: defaults[name] for name in unused})
 
 
 KINDS = ("cross-encoder", "bi-encoder", "ensemble")
+
+
+def share_setting(value) -> float | None:
+    """``--teacher-ensemble-weight``: a share, or None for ``dev`` (chosen on the dev split)."""
+    if str(value).strip().lower() == "dev":
+        return None
+    try:
+        return _checked_share(float(value), value)
+    except ValueError:
+        return _checked_share(None, value)
+
+
+def _checked_share(share: float | None, given=None) -> float:
+    if share is None or not 0 < share <= 1:
+        raise PipelineError(f"--teacher-ensemble-weight {given if given is not None else share}: expected a share in (0, 1], or 'dev'")
+    return share
 
 
 def fine_tune_teacher(data_dir: str | Path, mined_dir: str | Path, out_dir: str | Path, config: TeacherConfig) -> dict:
@@ -77,8 +103,8 @@ def fine_tune_teacher(data_dir: str | Path, mined_dir: str | Path, out_dir: str 
     # An unknown or teacher-scored loss fails before any member trains.
     if config.kind != "bi-encoder" and resolve_loss(config.loss)[0].needs_teacher:
         raise PipelineError(f"--teacher-loss {config.loss}: the teacher learns from judgments; choose a loss that needs no teacher scores")
-    if config.kind == "ensemble" and not 0 < config.ensemble_weight <= 1:
-        raise PipelineError(f"--teacher-ensemble-weight {config.ensemble_weight}: expected a share in (0, 1]")
+    if config.kind == "ensemble" and config.ensemble_weight is not None:
+        _checked_share(config.ensemble_weight)
     groups = _judged_groups(mined_dir)  # what every member learns from, read once
     if not groups.num_rows:
         from pipeline.mining import ds_source
@@ -94,7 +120,7 @@ def fine_tune_teacher(data_dir: str | Path, mined_dir: str | Path, out_dir: str 
             return _bi_encoder_teacher(data_dir, groups, out_dir, config, recipe)
         if config.kind == "cross-encoder":
             return _cross_encoder_teacher(data_dir, groups, out_dir, config, config.backbone, recipe)
-        return _ensemble_teacher(data_dir, groups, out_dir, config, recipe)
+        return _ensemble_teacher(data_dir, mined_dir, groups, out_dir, config, recipe)
 
 
 def check_fine_tunable(source: str | Path) -> None:
@@ -144,27 +170,66 @@ def kept_teacher(runs_root: str | Path, date: datetime.date, max_age_days: int, 
     return max(found)[2] if found else None
 
 
-def _ensemble_teacher(data_dir: str | Path, groups: pa.Table, out_dir: str | Path, config: TeacherConfig, recipe: dict) -> dict:
+def _ensemble_teacher(
+    data_dir: str | Path, mined_dir: str | Path, groups: pa.Table, out_dir: str | Path, config: TeacherConfig, recipe: dict
+) -> dict:
     # Each member is a finished folder of its own under <out>.parts, so a rerun after a crash
     # keeps the finished members and resumes the cross-encoder from its last checkpoint.
     parts = Path(f"{out_dir}.parts")
     bi, ce = parts / "bi-encoder", parts / "cross-encoder"
     bi_stats = read_json(bi / "stats.json") if (bi / "stats.json").is_file() else _bi_encoder_teacher(data_dir, groups, bi, config)
     ce_stats = read_json(ce / "stats.json") if (ce / "stats.json").is_file() else _cross_encoder_teacher(data_dir, groups, ce, config, str(bi))
+    t0 = time.perf_counter()
+    choice = {"weight": config.ensemble_weight} if config.ensemble_weight is not None else ensemble_share(data_dir, mined_dir, bi, ce, config)
+    share = choice["weight"]
     members = [
-        {"path": "cross-encoder", "kind": "cross-encoder", "weight": config.ensemble_weight},
-        {"path": "bi-encoder", "kind": "bi-encoder", "weight": round(1 - config.ensemble_weight, 6)},
+        {"path": "cross-encoder", "kind": "cross-encoder", "weight": share},
+        {"path": "bi-encoder", "kind": "bi-encoder", "weight": round(1 - share, 6)},
     ]
     members = [m for m in members if m["weight"] > 0]
     stats = {**recipe, "kind": "ensemble", "members": members, "bi-encoder": bi_stats, "cross-encoder": ce_stats,
-             "seconds": round(bi_stats["seconds"] + ce_stats["seconds"], 2)}
+             "seconds": round(bi_stats["seconds"] + ce_stats["seconds"] + time.perf_counter() - t0, 2)}
+    if config.ensemble_weight is None:
+        stats["share_chosen_on_dev"] = choice
     with atomic_dir(out_dir) as tmp:
-        for m in members:
-            shutil.move(str(parts / m["path"]), str(tmp / m["path"]))
+        # Both members, a share of 0 included: the folder is what was trained, ensemble.json what scores.
+        for member in (bi, ce):
+            shutil.move(str(member), str(tmp / member.name))
         write_json(tmp / ENSEMBLE_FILE, {"normalisation": "z-score per query", "members": members})
         write_json(tmp / "stats.json", stats)
     shutil.rmtree(parts, ignore_errors=True)
     return stats
+
+
+def ensemble_share(data_dir: str | Path, mined_dir: str | Path, bi_encoder: Path, cross_encoder: Path, c: TeacherConfig) -> dict:
+    """The cross-encoder's share of the ensemble: of ``pipeline.fusion.WEIGHTS``, the one whose
+    per-query z-score mix ranks the retriever's true top-k of the first ``c.dev_queries`` dev
+    queries best (nDCG@10), as ``pipeline.fusion.choose_weight`` chooses a student's fusion with
+    the retriever; every share's figure comes with it (at 0 the bi-encoder alone, at 1 the
+    cross-encoder alone).
+
+    The demo's dev split chose half and half, but on data where a few hundred judgments leave the
+    cross-encoder behind its own start, the bi-encoder, a fixed half would let the weaker member
+    pull the teacher down; the student learns whatever the teacher says.
+    """
+    from pipeline.data import pair_texts
+    from pipeline.evaluation import judged_candidates
+    from pipeline.fusion import choose_weight
+    from pipeline.models import load_bi_encoder, load_cross_encoder, resolve_precision
+    from pipeline.scoring import BiEncoderScorer, CrossEncoderScorer
+
+    qrels, qids, dids, _ = judged_candidates(data_dir, mined_dir, "dev", c.dev_queries) or ({}, [], [], [])
+    if not any(q in qrels for q in qids):
+        log.warning("no judged dev query to choose the ensemble teacher's shares on: half and half")
+        return {"weight": 0.5, "dev_queries": 0}
+    pairs = pair_texts(data_dir, qids, dids)
+    dtype = resolve_precision(c.precision, c.device)
+    ce = CrossEncoderScorer(load_cross_encoder(str(cross_encoder), c.device, c.max_length, trust_remote_code=c.trust_remote_code), c.device, dtype)
+    bi = BiEncoderScorer(load_bi_encoder(str(bi_encoder), c.device, c.max_length, c.trust_remote_code), c.device, dtype)
+    choice = choose_weight(qids, dids, qrels, ce.score(pairs, desc="dev, cross-encoder"), bi.score(pairs, desc="dev, bi-encoder"))
+    log.info("ensemble teacher: cross-encoder share %g, chosen on %d dev queries (nDCG@10 %.4f; bi-encoder alone %.4f, cross-encoder alone %.4f)",
+             choice["weight"], choice["dev_queries"], choice["dev_ndcg@10"][f"{choice['weight']:g}"], choice["dev_ndcg@10"]["0"], choice["dev_ndcg@10"]["1"])
+    return choice
 
 
 def _cross_encoder_teacher(
@@ -208,7 +273,6 @@ def _bi_encoder_teacher(data_dir: str | Path, groups: pa.Table, out_dir: str | P
     Much cheaper than a cross-encoder on a CPU (each text is encoded once, not once per pair),
     and it starts from the retriever's own quality instead of from a random head.
     """
-    import time
 
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
     from sentence_transformers.losses import MultipleNegativesRankingLoss

@@ -89,8 +89,10 @@ class TeacherParams(MineParams):
     teacher_head = luigi.ChoiceParameter(
         choices=["auto", "cosine", "mean", "cls"], default="auto", description="the cross-encoder teacher's head, as --student-head"
     )
-    teacher_ensemble_weight = luigi.FloatParameter(
-        default=0.5, description="the cross-encoder's share of an ensemble teacher (z-normalised scores; the bi-encoder has the rest)"
+    teacher_ensemble_weight = luigi.Parameter(
+        default="dev",
+        description="the cross-encoder's share of an ensemble teacher (z-normalised scores; the bi-encoder has the rest); "
+        "dev: the share, in steps of 0.05, whose mix ranks the dev split's candidates best",
     )
     teacher_epochs = luigi.FloatParameter(default=1.0)
     teacher_learning_rate = luigi.FloatParameter(default=1e-4, description="the cross-encoder teacher's peak learning rate")

@@ -135,7 +135,7 @@ class FineTuneTeacher(TeacherParams, Stage):
     def config(self) -> teacher.TeacherConfig:
         return teacher.TeacherConfig(
             backbone=self.teacher_backbone or self.embedder, kind=self.teacher_kind, loss=self.teacher_loss, head=self.teacher_head,
-            ensemble_weight=self.teacher_ensemble_weight, epochs=self.teacher_epochs, batch_size=self.teacher_batch_size,
+            ensemble_weight=teacher.share_setting(self.teacher_ensemble_weight), epochs=self.teacher_epochs, batch_size=self.teacher_batch_size,
             learning_rate=self.teacher_learning_rate, bi_encoder_batch_size=self.teacher_bi_encoder_batch_size,
             bi_encoder_learning_rate=self.teacher_bi_encoder_learning_rate,
             # A bi-encoder teacher embeds each text alone, at the embedder's length.

@@ -16,6 +16,7 @@ import tasks
 from conftest import dag_params
 from pipeline import evaluation, labels, mining, multilingual, scoring, teacher, training
 from pipeline.config import config_fingerprint
+from pipeline.errors import PipelineError
 
 # entry point -> (its parameters, the configuration class it takes)
 ENTRY_POINTS = {
@@ -211,6 +212,17 @@ def test_a_teacher_fingerprint_ignores_the_settings_its_kind_does_not_use():
     assert fp(kind="bi-encoder", bi_encoder_learning_rate=1e-3) != fp(kind="bi-encoder")
     assert fp(kind="cross-encoder", loss="BinaryCrossEntropyLoss") != fp(kind="cross-encoder")
     assert fp(kind="cross-encoder", ensemble_weight=0.3) == fp(kind="cross-encoder")
-    # An ensemble uses every setting.
+    assert fp(kind="cross-encoder", dev_queries=50) == fp(kind="cross-encoder")
+    # An ensemble uses every setting; the dev queries only while its share is chosen on them.
     assert fp(kind="ensemble", ensemble_weight=0.3) != fp(kind="ensemble")
     assert fp(kind="ensemble", bi_encoder_learning_rate=1e-3) != fp(kind="ensemble")
+    assert fp(kind="ensemble", dev_queries=50) != fp(kind="ensemble")
+    assert fp(kind="ensemble", ensemble_weight=0.3, dev_queries=50) == fp(kind="ensemble", ensemble_weight=0.3)
+
+
+@pytest.mark.parametrize("given", ["1.5", "0", "half"])
+def test_a_teacher_share_outside_zero_to_one_stops_at_scheduling(given, small_beir, tiny_models, tmp_path):
+    p = dag_params(small_beir, tiny_models, tmp_path, tasks.FineTuneTeacher, teacher="", teacher_kind="ensemble", teacher_ensemble_weight=given)
+    with pytest.raises(PipelineError, match=f"--teacher-ensemble-weight {given}: expected a share in \\(0, 1\\], or 'dev'"):
+        tasks.FineTuneTeacher(**p).fp
+    assert teacher.share_setting("dev") is None and teacher.share_setting(" DEV ") is None and teacher.share_setting("0.25") == 0.25

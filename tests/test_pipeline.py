@@ -227,7 +227,7 @@ def test_ensemble_teacher_is_two_fine_tuned_members_and_scores_as_their_mix(smal
     from pipeline.scoring import read_scores
 
     p = _params(small_beir, tiny_models, tmp_path, teacher="", teacher_kind="ensemble", teacher_backbone=tiny_models["embedder"],
-                teacher_epochs=0.5, teacher_ensemble_weight=0.7, score_precision="fp32", max_train_queries=12)
+                teacher_epochs=0.5, teacher_ensemble_weight="0.7", score_precision="fp32", max_train_queries=12)
     task = tasks.ScoreWithTeacher(**{k: v for k, v in p.items() if k in tasks.ScoreWithTeacher.get_param_names()})
     assert _build(task)
     folder = task.clone(tasks.FineTuneTeacher).artifact()
@@ -262,6 +262,68 @@ def test_ensemble_teacher_is_two_fine_tuned_members_and_scores_as_their_mix(smal
         return out
 
     np.testing.assert_allclose(t["score"], 0.7 * z(np.asarray(ce_raw, np.float64)) + 0.3 * z(bi_raw.astype(np.float64)), atol=2e-3)
+
+
+def test_an_ensemble_teachers_share_is_the_mix_that_ranks_the_dev_split_best(small_beir, tiny_models, tmp_path):
+    """By default the cross-encoder's share of an ensemble teacher is chosen on dev: recomputed
+    here from the published members' own scores and ir-measures, the recorded nDCG@10 of the
+    bi-encoder alone, the cross-encoder alone and the chosen mix are right, and no share of the
+    grid mixes better; both members are kept whatever the share."""
+    import ir_measures
+    import numpy as np
+    from ir_measures import nDCG
+    from sentence_transformers import SentenceTransformer
+
+    from pipeline.models import load_cross_encoder
+    from pipeline.teacher import TeacherConfig, fine_tune_teacher
+
+    mine = tasks.MineHardNegatives(**_params(small_beir, tiny_models, tmp_path, tasks.MineHardNegatives))
+    assert _build(mine)
+    data, mined = mine.clone(tasks.PrepareData).output().path, mine.output().path
+    folder = tmp_path / "teacher"
+    stats = fine_tune_teacher(data, mined, folder, TeacherConfig(
+        backbone=tiny_models["embedder"], kind="ensemble", epochs=0.5, batch_size=8, bi_encoder_batch_size=8,
+        max_length=64, precision="fp32", device="cpu"))
+    choice = stats["share_chosen_on_dev"]
+    share = choice["weight"]
+    manifest = json.loads((folder / "ensemble.json").read_text())
+    assert {m["kind"]: m["weight"] for m in manifest["members"]} == {
+        k: w for k, w in (("cross-encoder", share), ("bi-encoder", round(1 - share, 6))) if w > 0}
+    assert (folder / "cross-encoder" / "config.json").is_file() and (folder / "bi-encoder" / "config.json").is_file()
+
+    cand = pq.read_table(Path(mined) / "candidates-dev.parquet").to_pydict()
+    qids = [q for q, docs in zip(cand["query_id"], cand["doc_ids"]) for _ in docs]
+    dids = [d for docs in cand["doc_ids"] for d in docs]
+    qrels: dict[str, dict[str, int]] = {}
+    for line in (small_beir / "qrels" / "dev.tsv").read_text().splitlines()[1:]:
+        q, d, grade = line.split("\t")
+        qrels.setdefault(q, {})[d] = int(grade)
+    assert choice["dev_queries"] == len(set(qids) & set(qrels)) > 0
+    ds = __import__("pipeline.data", fromlist=["x"]).load_normalized(data)
+    pairs = [(ds.queries[q], ds.passage(d)) for q, d in zip(qids, dids)]
+    ce = np.asarray(load_cross_encoder(str(folder / "cross-encoder"), "cpu", 64).predict(
+        pairs, activation_fn=torch.nn.Identity(), batch_size=8), np.float64)
+    bi = SentenceTransformer(str(folder / "bi-encoder"), device="cpu")
+    bi.max_seq_length = 64
+    be = (bi.encode([a for a, _ in pairs], normalize_embeddings=True) * bi.encode([b for _, b in pairs], normalize_embeddings=True)).sum(1)
+
+    def z(x):
+        x, out = np.asarray(x, np.float64), np.empty(len(qids))
+        for q in set(qids):
+            i = [k for k, v in enumerate(qids) if v == q]
+            out[i] = (x[i] - x[i].mean()) / (x[i].std() or 1.0)
+        return out
+
+    def ndcg(scores):
+        run: dict[str, dict[str, float]] = {}
+        for q, d, s in zip(qids, dids, scores):
+            run.setdefault(q, {})[d] = float(s)
+        return ir_measures.calc_aggregate([nDCG @ 10], {q: qrels[q] for q in run if q in qrels}, run)[nDCG @ 10]
+
+    table = choice["dev_ndcg@10"]
+    assert table["0"] == pytest.approx(ndcg(be), abs=1e-4) and table["1"] == pytest.approx(ndcg(ce), abs=1e-4)
+    assert table[f"{share:g}"] == pytest.approx(ndcg(share * z(ce) + (1 - share) * z(be)), abs=1e-4)
+    assert table[f"{share:g}"] == max(table.values()) and len(table) == 21
 
 
 def test_an_ensemble_folder_stands_for_its_weighted_members(tmp_path):
