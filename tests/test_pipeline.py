@@ -324,6 +324,12 @@ def test_an_ensemble_teachers_share_is_the_mix_that_ranks_the_dev_split_best(sma
     assert table["0"] == pytest.approx(ndcg(be), abs=1e-4) and table["1"] == pytest.approx(ndcg(ce), abs=1e-4)
     assert table[f"{share:g}"] == pytest.approx(ndcg(share * z(ce) + (1 - share) * z(be)), abs=1e-4)
     assert table[f"{share:g}"] == max(table.values()) and len(table) == 21
+    # The report's teacher section shows the members alone and the chosen mix.
+    from pipeline.report import _teacher_section
+
+    section = "\n".join(_teacher_section(stats, {}, {}))
+    assert f"ranks {choice['dev_queries']} dev queries'" in section and f"| bi-encoder alone | {table['0']:.4f} |" in section
+    assert f"| cross-encoder alone | {table['1']:.4f} |" in section and f"share {share:g}** | **{table[f'{share:g}']:.4f}** |" in section
 
 
 def test_an_ensemble_folder_stands_for_its_weighted_members(tmp_path):
