@@ -332,6 +332,17 @@ def test_an_ensemble_teachers_share_is_the_mix_that_ranks_the_dev_split_best(sma
     assert f"| cross-encoder alone | {table['1']:.4f} |" in section and f"share {share:g}** | **{table[f'{share:g}']:.4f}** |" in section
 
 
+def test_an_ensemble_teacher_without_judged_dev_queries_mixes_half_and_half(tmp_path, caplog):
+    """No dev candidates to choose on: the share falls back to half and half, and the log says why."""
+    from pipeline.teacher import TeacherConfig, ensemble_share
+
+    (tmp_path / "mined").mkdir()
+    with caplog.at_level("WARNING"):
+        choice = ensemble_share(tmp_path / "data", tmp_path / "mined", tmp_path / "bi", tmp_path / "ce", TeacherConfig(kind="ensemble"))
+    assert choice == {"weight": 0.5, "dev_queries": 0}
+    assert "no judged dev query to choose the ensemble teacher's shares on" in caplog.text
+
+
 def test_an_ensemble_folder_stands_for_its_weighted_members(tmp_path):
     from pipeline.errors import PipelineError
     from pipeline.scoring import TeacherSpec
