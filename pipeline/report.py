@@ -191,8 +191,8 @@ def write_report(path: str | Path, metrics: dict, verdict: list[str], plots: dic
     p, stages = metrics["params"], metrics.get("stages", {})
     parts = _test_section(metrics, verdict, plots)
     sections = [
-        ("PrepareData", _data_section), ("FineTuneTeacher", _teacher_section), ("ScoreWithTeacher", _scoring_section), ("MineHardNegatives", _mining_section),
-        ("BuildMultilingualLabels", _views_section), ("BuildLabels", _labels_section), ("FitStudent", _training_section),
+        ("PrepareData", _data_section), ("FineTuneTeacher", _teacher_section), ("ScoreWithTeacher", _scoring_section),
+        ("MineHardNegatives", _mining_section), ("BuildMultilingualLabels", _views_section), ("BuildLabels", _labels_section), ("FitStudent", _training_section),
     ]
     for stage, section in sections:
         if stages.get(stage):

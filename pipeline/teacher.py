@@ -273,7 +273,6 @@ def _bi_encoder_teacher(data_dir: str | Path, groups: pa.Table, out_dir: str | P
     Much cheaper than a cross-encoder on a CPU (each text is encoded once, not once per pair),
     and it starts from the retriever's own quality instead of from a random head.
     """
-
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
     from sentence_transformers.losses import MultipleNegativesRankingLoss
     from transformers import set_seed
