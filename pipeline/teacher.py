@@ -84,9 +84,10 @@ def share_setting(value) -> float | None:
     if str(value).strip().lower() == "dev":
         return None
     try:
-        return _checked_share(float(value), value)
+        share = float(value)
     except ValueError:
-        return _checked_share(None, value)
+        share = None
+    return _checked_share(share, value)
 
 
 def _checked_share(share: float | None, given=None) -> float:
@@ -215,18 +216,18 @@ def ensemble_share(data_dir: str | Path, mined_dir: str | Path, bi_encoder: Path
     from pipeline.data import pair_texts
     from pipeline.evaluation import judged_candidates
     from pipeline.fusion import choose_weight
-    from pipeline.models import load_bi_encoder, load_cross_encoder, resolve_precision
-    from pipeline.scoring import BiEncoderScorer, CrossEncoderScorer
+    from pipeline.scoring import TeacherSpec, load_teacher
 
     qrels, qids, dids, _ = judged_candidates(data_dir, mined_dir, "dev", c.dev_queries) or ({}, [], [], [])
     if not any(q in qrels for q in qids):
         log.warning("no judged dev query to choose the ensemble teacher's shares on: half and half")
         return {"weight": 0.5, "dev_queries": 0}
     pairs = pair_texts(data_dir, qids, dids)
-    dtype = resolve_precision(c.precision, c.device)
-    ce = CrossEncoderScorer(load_cross_encoder(str(cross_encoder), c.device, c.max_length, trust_remote_code=c.trust_remote_code), c.device, dtype)
-    bi = BiEncoderScorer(load_bi_encoder(str(bi_encoder), c.device, c.max_length, c.trust_remote_code), c.device, dtype)
-    choice = choose_weight(qids, dids, qrels, ce.score(pairs, desc="dev, cross-encoder"), bi.score(pairs, desc="dev, bi-encoder"))
+    # Each member alone, loaded as the teacher's scoring loads it; the mixes are taken below.
+    members = load_teacher(TeacherSpec([f"ce:{cross_encoder}", f"bi:{bi_encoder}"], [1.0, 1.0]), c.device, c.precision, c.max_length,
+                           trust_remote_code=c.trust_remote_code)
+    ce, bi = (scorer.score(pairs, desc=f"dev, {name}") for scorer, name in zip(members.scorers, ("cross-encoder", "bi-encoder")))
+    choice = choose_weight(qids, dids, qrels, ce, bi)
     log.info("ensemble teacher: cross-encoder share %g, chosen on %d dev queries (nDCG@10 %.4f; bi-encoder alone %.4f, cross-encoder alone %.4f)",
              choice["weight"], choice["dev_queries"], choice["dev_ndcg@10"][f"{choice['weight']:g}"], choice["dev_ndcg@10"]["0"], choice["dev_ndcg@10"]["1"])
     return choice
