@@ -204,17 +204,24 @@ def test_negatives_match_sentence_transformers_mine_hard_negatives(prepared, tin
     # Thresholds at the medians of this model's scores, so each filter removes some candidates, not all.
     gap = float(np.median([p[0] - n[0] for p, n in zip(plain["positive_scores"], plain["negative_scores"])]))
     top = float(np.median([n[0] for n in plain["negative_scores"]]))
+    # Not zero: passages that share the positive's first 64 tokens tie with it, and ties fall on
+    # either side of a zero margin by float noise.
+    share = float(np.median([(p[0] - n[0]) / abs(p[0]) for p, n in zip(plain["positive_scores"], plain["negative_scores"])]))
+    # sentence-transformers retrieves a version-dependent number of spare candidates past range_max
+    # (max_positives, plus one for the query's own text since 6.x); once filters empty most of the
+    # window, the negatives come from those spares. Filtered settings therefore rank the whole corpus.
+    everything = len(doc_ids)
     for settings in (
         dict(range_min=0, range_max=20),
-        dict(range_min=2, range_max=20, absolute_margin=-gap),
-        dict(range_min=0, range_max=20, relative_margin=0.0, max_score=top),
-        dict(range_min=1, range_max=20, min_score=top),
+        dict(range_min=2, range_max=everything, absolute_margin=-gap),
+        dict(range_min=0, range_max=everything, relative_margin=share, max_score=top),
+        dict(range_min=1, range_max=everything, min_score=top),
     ):
         theirs = st_mine(
             pairs, model, corpus=corpus, num_negatives=3, use_faiss=True, output_format="labeled-list",
-            verbose=False, **settings,
+            output_scores=True, verbose=False, **settings,
         )
-        theirs = {r["query"]: {d for d, label in zip(r["positive"], r["labels"]) if label == 0} for r in theirs}
+        theirs = {r["query"]: sorted(r["scores"][1:]) for r in theirs}
         filt = NegativeFilter(**{k: v for k, v in settings.items() if k not in ("range_min", "range_max")})
         skipped = Counter()
         groups = mine(
@@ -222,9 +229,15 @@ def test_negatives_match_sentence_transformers_mine_hard_negatives(prepared, tin
             settings["range_max"], "top", filters=filt, skipped=skipped,
         ).to_pydict()
         assert (sum(skipped.values()) > 0) == (filt != NegativeFilter()), (settings, skipped)
-        ours = {ds.queries[q]: {ds.passage(d) for d in negs} for q, negs in zip(groups["query_id"], groups["negative_ids"])}
+        ours = {ds.queries[q]: sorted(s) for q, s in zip(groups["query_id"], groups["negative_scores"])}
         assert 0 < sum(map(len, ours.values())), settings
-        same = sum(ours[t] == theirs.get(t, set()) for t in texts)  # sentence-transformers drops empty rows
+        # Compared by score: the corpus holds passages whose first 64 tokens coincide, and the two
+        # searches order such exact ties differently. Scores differ by float noise between the two
+        # encoders' batchings; a candidate that close to a threshold may still go either way.
+        same = sum(
+            len(ours[t]) == len(theirs.get(t, [])) and np.allclose(ours[t], theirs.get(t, []), atol=1e-4)
+            for t in texts  # sentence-transformers drops empty rows
+        )
         assert same >= 0.95 * len(qids), settings
 
 
