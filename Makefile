@@ -10,12 +10,13 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: install run run-multilingual scheduler worker test clean bench bench-losses bench-score bench-mine bench-e2e bench-partial bench-unseen bench-apidocs bench-teacher bench-retrain bench-scale
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# The CPU wheel on this machine's disk; a plain `torch` would pull a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[demo,dev]"
+	# The tested versions: a new upstream release changes nothing here until constraints.txt does.
+	$(PY) -m pip install -q -c constraints.txt -e ".[demo,dev]"
 	touch $@
 
 # The export keeps the package's file dates, older than .installed: touch the target, or every
