@@ -253,16 +253,26 @@ class Teacher:
     ) -> np.ndarray:
         """Scores of ``pairs``; with ``cache_dir``, each member's raw scores are read from and added
         to a cache shared across runs, so no pair reaches the same model twice."""
-        raws = [
-            self._member_scores(scorer, ident, pairs, progress, cache_dir, show_progress)
-            for scorer, ident in zip(self.scorers, self.identity)
-        ]
+        raws = self.member_scores(pairs, progress, cache_dir, show_progress)
         if len(raws) == 1:
             return raws[0]
         total = np.zeros(len(pairs), np.float64)
         for raw, w in zip(raws, self.spec.weights):
             total += w * zscore_per_query(raw, query_ids)
         return total.astype(np.float32)
+
+    def member_scores(
+        self,
+        pairs: list[tuple[str, str]],
+        progress: Progress | None = None,
+        cache_dir: str | Path | None = None,
+        show_progress: bool = True,
+    ) -> list[np.ndarray]:
+        """Each member's raw scores of ``pairs``, unmixed, through the cache as in :meth:`score`."""
+        return [
+            self._member_scores(scorer, ident, pairs, progress, cache_dir, show_progress)
+            for scorer, ident in zip(self.scorers, self.identity)
+        ]
 
     def _member_scores(self, scorer, ident: dict, pairs, progress, cache_dir, show_progress: bool = True) -> np.ndarray:
         desc = Path(ident["model"]).name

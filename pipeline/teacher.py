@@ -62,6 +62,9 @@ class TeacherConfig:
     seed: int = 12
     device: str = run_only("cpu", "the trainer's results agree across devices up to float rounding")
     trust_remote_code: bool = run_only(False, "permits a model's own code to load; the model is the same or does not load")
+    # The teacher score cache the scoring stage reads: the members' dev scores that chose the
+    # share go there, so the scoring stage's dev check does not score those pairs again.
+    cache_dir: str = run_only("", "keeps the members' dev scores for the scoring stage; the teacher is the same")
 
     def for_kind(self) -> "TeacherConfig":
         """This configuration with the settings its kind does not use at their defaults, so that
@@ -226,7 +229,7 @@ def ensemble_share(data_dir: str | Path, mined_dir: str | Path, bi_encoder: Path
     # Each member alone, loaded as the teacher's scoring loads it; the mixes are taken below.
     members = load_teacher(TeacherSpec([f"ce:{cross_encoder}", f"bi:{bi_encoder}"], [1.0, 1.0]), c.device, c.precision, c.max_length,
                            trust_remote_code=c.trust_remote_code)
-    ce, bi = (scorer.score(pairs, desc=f"dev, {name}") for scorer, name in zip(members.scorers, ("cross-encoder", "bi-encoder")))
+    ce, bi = members.member_scores(pairs, cache_dir=c.cache_dir or None)
     choice = choose_weight(qids, dids, qrels, ce, bi)
     log.info("ensemble teacher: cross-encoder share %g, chosen on %d dev queries (nDCG@10 %.4f; bi-encoder alone %.4f, cross-encoder alone %.4f)",
              choice["weight"], choice["dev_queries"], choice["dev_ndcg@10"][f"{choice['weight']:g}"], choice["dev_ndcg@10"]["0"], choice["dev_ndcg@10"]["1"])

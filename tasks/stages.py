@@ -141,7 +141,7 @@ class FineTuneTeacher(TeacherParams, Stage):
             # A bi-encoder teacher embeds each text alone, at the embedder's length.
             max_length=fitted_max_length(self, self.embedder) if self.teacher_kind == "bi-encoder" else fitted_teacher_max_length(self),
             negatives=self.teacher_negatives, precision=_train_precision(self.run_device, "auto"), seed=self.seed,
-            device=self.run_device, trust_remote_code=self.trust_remote_code,
+            device=self.run_device, trust_remote_code=self.trust_remote_code, cache_dir=teacher_score_cache(self),
         ).for_kind()
 
     @functools.cached_property
@@ -206,11 +206,16 @@ def fitted_teacher_max_length(task: TeacherParams) -> int:
     return fitting_max_length(task.teacher_max_length, given[0] if given else task.teacher_backbone or task.embedder, task.dataset)
 
 
+def teacher_score_cache(task: TeacherParams) -> str:
+    """The teacher score cache: scoring reads and fills it, teacher fine-tuning adds its dev scores."""
+    return str(Path(task.cache_dir or task.root / "cache") / "teacher-scores")
+
+
 def _score_config(task: TeacherParams) -> scoring.ScoreConfig:
     return scoring.ScoreConfig(
         teacher=resolved_teacher(task), teacher_weights=task.teacher_weights, precision=_score_precision(task),
         max_length=fitted_teacher_max_length(task), num_shards=task.score_shards, device=task.run_device,
-        batch_tokens=task.score_batch_tokens, cache_dir=str(Path(task.cache_dir or task.root / "cache") / "teacher-scores"),
+        batch_tokens=task.score_batch_tokens, cache_dir=teacher_score_cache(task),
         trust_remote_code=task.trust_remote_code, max_dev_queries=task.max_dev_queries,
     )
 

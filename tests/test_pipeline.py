@@ -268,7 +268,8 @@ def test_an_ensemble_teachers_share_is_the_mix_that_ranks_the_dev_split_best(sma
     """By default the cross-encoder's share of an ensemble teacher is chosen on dev: recomputed
     here from the published members' own scores and ir-measures, the recorded nDCG@10 of the
     bi-encoder alone, the cross-encoder alone and the chosen mix are right, and no share of the
-    grid mixes better; both members are kept whatever the share."""
+    grid mixes better; both members are kept whatever the share. The members' dev scores go to
+    the teacher score cache, so the scoring stage's dev check scores none of its pairs again."""
     import ir_measures
     import numpy as np
     from ir_measures import nDCG
@@ -281,9 +282,10 @@ def test_an_ensemble_teachers_share_is_the_mix_that_ranks_the_dev_split_best(sma
     assert _build(mine)
     data, mined = mine.clone(tasks.PrepareData).output().path, mine.output().path
     folder = tmp_path / "teacher"
+    cache = tmp_path / "teacher-scores"
     stats = fine_tune_teacher(data, mined, folder, TeacherConfig(
         backbone=tiny_models["embedder"], kind="ensemble", epochs=0.5, batch_size=8, bi_encoder_batch_size=8,
-        max_length=64, precision="fp32", device="cpu"))
+        max_length=64, precision="fp32", device="cpu", cache_dir=str(cache)))
     choice = stats["share_chosen_on_dev"]
     share = choice["weight"]
     manifest = json.loads((folder / "ensemble.json").read_text())
@@ -330,6 +332,13 @@ def test_an_ensemble_teachers_share_is_the_mix_that_ranks_the_dev_split_best(sma
     section = "\n".join(_teacher_section(stats, {}, {}))
     assert f"ranks {choice['dev_queries']} dev queries'" in section and f"| bi-encoder alone | {table['0']:.4f} |" in section
     assert f"| cross-encoder alone | {table['1']:.4f} |" in section and f"share {share:g}** | **{table[f'{share:g}']:.4f}** |" in section
+
+    from pipeline.scoring import TeacherSpec, load_teacher, teacher_dev_check
+
+    teacher = load_teacher(TeacherSpec.parse(str(folder)), "cpu", "fp32", 64)
+    check = teacher_dev_check(teacher, data, mined, 1000, cache)
+    assert teacher.cache_misses == 0 and teacher.cache_hits == len(pairs) * len(teacher.scorers)
+    assert check["teacher_ndcg@10"] == pytest.approx(table[f"{share:g}"], abs=1e-4)
 
 
 def test_an_ensemble_teacher_without_judged_dev_queries_mixes_half_and_half(tmp_path, caplog):
