@@ -328,6 +328,7 @@ def evaluate_student(data_dir, mined_dir, student_dir, out_dir, config: EvalConf
 
     from pipeline.artifacts import atomic_dir, write_json
     from pipeline.data import judgments, pair_texts
+    from pipeline.fusion import FUSION_FILE, fusion_record
     from pipeline.models import cut_student, load_bi_encoder, load_cross_encoder, resolve_precision
     from pipeline.report import plot_mining, plot_quality_speed, plot_scores, write_report
     from pipeline.scoring import BiEncoderScorer, CrossEncoderScorer, TeacherSpec, load_teacher
@@ -402,6 +403,9 @@ def evaluate_student(data_dir, mined_dir, student_dir, out_dir, config: EvalConf
         if (Path(mined_dir) / "groups.parquet").exists():
             plots["mining"] = "mined_negatives.png"
             plot_mining(pq.read_table(Path(mined_dir) / "groups.parquet"), tmp / plots["mining"])
+        if fusion.get("student"):
+            # What a serving process reads to fuse this student as it was measured (fusion_weight).
+            write_json(tmp / FUSION_FILE, fusion_record(fusion["student"], c.embedder))
         write_json(tmp / "metrics.json", metrics)
         write_report(tmp / "report.md", metrics, lines, plots)
     return metrics

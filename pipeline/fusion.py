@@ -18,8 +18,9 @@ import numpy as np
 
 from pipeline.evaluation import per_query_metrics, to_run
 
-# Beside a registry champion's weights: the fusion weight its evaluation chose, so that a serving
-# process that loads the champion fuses it as it was measured.
+# Beside a registry champion's weights, and beside a run's published student
+# (<output-dir>/fusion.json): the fusion weight its evaluation chose, so that a serving process
+# that loads the student fuses it as it was measured.
 FUSION_FILE = "fusion.json"
 
 WEIGHTS = tuple(i / 20 for i in range(21))  # the reranker's share, 0 to 1 in steps of 0.05
@@ -67,7 +68,8 @@ def fusion_record(choice: dict, retriever: str) -> dict:
     }
 
 
-def fusion_weight(student_dir: str | os.PathLike) -> float | None:
-    """The fusion weight kept beside a student (``fusion.json``), or None where it has none."""
-    path = Path(student_dir) / FUSION_FILE
+def fusion_weight(folder: str | os.PathLike) -> float | None:
+    """The fusion weight in ``folder``'s ``fusion.json`` (a registry student's folder, or a run's
+    output folder), or None where it has none."""
+    path = Path(folder) / FUSION_FILE
     return float(json.loads(path.read_text())["weight"]) if path.is_file() else None

@@ -463,11 +463,12 @@ def _upstream_stats(task: Stage, labels_task: type, students: dict[str, type]) -
 
 
 class TrainStudent(EvalParams, luigi.Task):
-    """Entry point: runs the whole DAG and publishes <output-dir>/student, metrics.json and report.md."""
+    """Entry point: runs the whole DAG and publishes <output-dir>/student, metrics.json and report.md
+    (and fusion.json, the student's fusion weight with the retriever, when dev chose one)."""
 
     evaluation_task = EvaluateStudent
     student_task = FitStudent
-    published = ("teacher_vs_student.png", "quality_vs_speed.png", "mined_negatives.png", "report.md", "metrics.json")
+    published = ("teacher_vs_student.png", "quality_vs_speed.png", "mined_negatives.png", "fusion.json", "report.md", "metrics.json")
 
     def requires(self):
         return self.clone(self.evaluation_task)

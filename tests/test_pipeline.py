@@ -68,6 +68,11 @@ def test_whole_dag_publishes_student_metrics_and_report(finished_run):
         assert f["dev_queries"] == n["dev"] and f"{f['weight']:g}" in f["dev_ndcg@10"]
         assert f["dev_ndcg@10"][f"{f['weight']:g}"] == max(f["dev_ndcg@10"].values())
         assert metrics["test"][f"{name}_fused"]["pairs_per_second"] == metrics["test"][name]["pairs_per_second"]
+    # The distilled student's weight is published beside it for serving.
+    from pipeline.fusion import fusion_weight
+
+    assert fusion_weight(out) == metrics["fusion"]["student"]["weight"]
+    assert json.loads((out / "fusion.json").read_text())["retriever"] == metrics["params"]["embedder"]
     assert {"student_fused vs retriever", "student_fused vs student_label_only_fused"} <= set(metrics["significance"])
     assert "## Fused with the retriever" in report and "| student_fused |" in report
     # The teacher was checked against the retriever on dev before the other shards were scored.
