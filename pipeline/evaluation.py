@@ -275,7 +275,8 @@ class EvalConfig:
     """Settings of the test evaluation (``EvaluateStudent``)."""
 
     # 1: each ranker scores the timed pairs once, in turns, and those scores are its quality scores.
-    REVISION: ClassVar[int] = 1
+    # 2: fusion.json (the student's fusion weight) beside metrics.json, for TrainStudent to publish.
+    REVISION: ClassVar[int] = 2
 
     teacher: str = model()
     teacher_weights: str = ""
