@@ -77,6 +77,8 @@ def fusion_section(fusion: dict[str, dict], language: str = "") -> list[str]:
     for name, f in fusion.items():
         dev, w = f["dev_ndcg@10"], f"{f['weight']:g}"
         lines.append(f"| {name} | {w} | {f['dev_queries']} | {dev[w]:.4f} | {dev['0']:.4f} | {dev['1']:.4f} |")
+    if "student" in fusion and not language:
+        lines += ["", "To serve the student fused: its w is in `fusion.json` beside this report (`pipeline.fusion.fusion_weight`)."]
     return lines + [""]
 
 

@@ -73,6 +73,7 @@ def test_whole_dag_publishes_student_metrics_and_report(finished_run):
 
     assert fusion_weight(out) == metrics["fusion"]["student"]["weight"]
     assert json.loads((out / "fusion.json").read_text())["retriever"] == metrics["params"]["embedder"]
+    assert "its w is in `fusion.json` beside this report" in report
     assert {"student_fused vs retriever", "student_fused vs student_label_only_fused"} <= set(metrics["significance"])
     assert "## Fused with the retriever" in report and "| student_fused |" in report
     # The teacher was checked against the retriever on dev before the other shards were scored.
