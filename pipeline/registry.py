@@ -24,7 +24,7 @@ from pathlib import Path
 
 from pipeline.artifacts import atomic_dir, atomic_file, exclusive, point_link, write_json
 from pipeline.errors import PipelineError
-from pipeline.fusion import FUSION_FILE, fusion_record
+from pipeline.fusion import FUSION_FILE
 
 log = logging.getLogger(__name__)
 
@@ -256,8 +256,9 @@ def promote_or_keep(
         }
         log.info("promotion gate for %s: %s -> %s", run, reason, "promoted" if promoted else "kept the champion")
         metrics = json.loads(Path(metrics_path).read_text())
-        choice = (metrics.get("fusion") or {}).get("student")
-        fusion = fusion_record(choice, (metrics.get("params") or {}).get("embedder", "")) if choice else None
+        # The evaluation writes the student's fusion record beside its metrics.
+        fusion_file = Path(metrics_path).with_name(FUSION_FILE)
+        fusion = json.loads(fusion_file.read_text()) if fusion_file.is_file() else None
         event = reg.record_run(
             run,
             {**record, "promoted": promoted, "gate": gate, "metrics": metrics.get("test"), "stages": metrics.get("stages"),
