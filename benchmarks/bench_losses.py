@@ -6,7 +6,7 @@ Every run of one seed shares the mined groups, teacher and teacher scores, so on
 training and the student's evaluation differ. The budget is equal in (query, passage) pairs per
 step: pair formats get (1 + num_negatives) times the rows per batch. Test candidates are the
 retriever's true top-k; the loss is not chosen on them: the table is a comparison, and the
-default loss (PackedMarginMSELoss) is the one the demo's dev figures chose (docs/benchmarks.md).
+default loss (PackedMarginMSELoss) is the one the demo's dev check kept (docs/losses.md).
 
     make bench-losses            # writes benchmarks/results/losses.{json,md}
 """
