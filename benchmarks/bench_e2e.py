@@ -45,14 +45,24 @@ TIMING_QUERIES = 200
 
 
 def student_params(fit) -> dict:
-    """FitStudent's plain parameters, with the precision and input lengths it resolves (bf16 on
-    CPUs with bf16 instructions; a length of 0 fitted to the dataset), in which the benchmarks train and
-    score their models as the pipeline would."""
-    import tasks
+    """FitStudent's plain parameters, with the precision, input lengths and depth it resolves (bf16
+    on CPUs with bf16 instructions; a length of 0 fitted to the dataset; with --student-speedup, the
+    depth its ChooseStudentDepth stage measures here), in which the benchmarks train and score
+    their models as the pipeline would."""
+    import luigi
 
+    import tasks
+    from pipeline.depth import chosen_layers
+
+    layers = fit.student_layers
+    if "depth" in fit.requires():
+        depth = fit.requires()["depth"]
+        if not luigi.build([depth], local_scheduler=True, workers=1, log_level="WARNING"):
+            raise SystemExit("the pipeline's depth stage failed (see the log above)")
+        layers = chosen_layers(depth.artifact())
     return {
         **{k: v for k, v in fit.param_kwargs.items() if isinstance(v, (int, float, str))}, "precision": fit.config.precision,
-        "max_length": fit.config.max_length, "teacher_max_length": tasks.stages.fitted_teacher_max_length(fit),
+        "max_length": fit.config.max_length, "teacher_max_length": tasks.stages.fitted_teacher_max_length(fit), "student_layers": layers,
     }
 
 

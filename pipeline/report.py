@@ -194,7 +194,8 @@ def write_report(path: str | Path, metrics: dict, verdict: list[str], plots: dic
     parts = _test_section(metrics, verdict, plots)
     sections = [
         ("PrepareData", _data_section), ("FineTuneTeacher", _teacher_section), ("ScoreWithTeacher", _scoring_section),
-        ("MineHardNegatives", _mining_section), ("BuildMultilingualLabels", _views_section), ("BuildLabels", _labels_section), ("FitStudent", _training_section),
+        ("MineHardNegatives", _mining_section), ("BuildMultilingualLabels", _views_section), ("BuildLabels", _labels_section), ("ChooseStudentDepth", _depth_section),
+        ("FitStudent", _training_section),
     ]
     for stage, section in sections:
         if stages.get(stage):
@@ -215,11 +216,13 @@ def _test_section(metrics: dict, verdict: list[str], plots: dict[str, str]) -> l
         " (fine-tuned ensemble: " + ", ".join(f"{m['kind']} {m['weight']:g}" for m in members)
         + (f", the shares chosen on {chosen} dev queries" if chosen else "") + ")"
     ) if members else ""
+    depth = metrics.get("stages", {}).get("ChooseStudentDepth", {})
+    layers = f"first {depth['layers']} layers, measured" if depth else f"first {p['student_layers']} layers"
     parts = [
         "# Distillation report",
         "",
         f"Dataset `{p['dataset']}`; teacher `{p.get('teacher_resolved') or p['teacher']}`{ensemble}; student `{p['student']}` "
-        f"(first {p['student_layers']} layers); loss `{p['loss']}`.",
+        f"({layers}); loss `{p['loss']}`.",
         "",
         "## Test split: reranking the retriever's top candidates",
         "",
@@ -374,6 +377,23 @@ def _labels_section(s: dict, p: dict, plots: dict) -> list[str]:
             "",
         ]
     return parts
+
+
+def _depth_section(s: dict, p: dict, plots: dict) -> list[str]:
+    t = s.get("timed_on", {})
+    rows = [f"| {n} | {v['pairs_per_second']:.1f} | {v['times_teacher']:.2f} |" for n, v in s.get("students", {}).items()]
+    return [
+        "## The student's depth",
+        "",
+        f"The deepest cut of `{p['student']}` (up to {p['student_layers']} layers) whose pairs/s is at least {s.get('speedup')} times "
+        f"the teacher's ({s.get('teacher_pairs_per_second')} pairs/s): **{s.get('layers')} layers**. Timed on {t.get('pairs')} "
+        f"{t.get('source', 'pairs')} of {t.get('queries')} queries, the models taking turns over {t.get('turns')} blocks on {t.get('device')}.",
+        "",
+        "| layers | pairs/s | times the teacher |",
+        "|---:|---:|---:|",
+        *rows,
+        "",
+    ]
 
 
 def _training_section(s: dict, p: dict, plots: dict) -> list[str]:

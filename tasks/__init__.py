@@ -21,6 +21,7 @@ from tasks.retrain import RetrainStudent
 from tasks.stages import (
     BuildLabels,
     BuildMultilingualLabels,
+    ChooseStudentDepth,
     EvaluateMultilingualStudent,
     EvaluateStudent,
     ExportOnnx,
@@ -42,6 +43,7 @@ __all__ = [
     "ScoreShard",
     "ScoreWithTeacher",
     "BuildLabels",
+    "ChooseStudentDepth",
     "FitStudent",
     "EvaluateStudent",
     "ExportOnnx",

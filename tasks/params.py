@@ -127,11 +127,20 @@ class LabelParams(TeacherParams):
     false_negative_margin = luigi.FloatParameter(default=0.0, description="in teacher-score units, before --label-scale")
 
 
-class TrainParams(LabelParams):
+class StudentParams(TeacherParams):
+    """What the student is cut from, and to what depth."""
+
     student = luigi.Parameter(default="sentence-transformers/all-MiniLM-L6-v2", description="backbone the student is cut from")
     # Chosen on the demo's dev split (make bench-e2e; cosine head, lr 3e-4, one seed): nDCG@10 0.826 with
     # 2 layers, 0.861 with 3, 0.865 with 4. The fourth layer adds 0.004 for a third more compute per pair.
-    student_layers = luigi.IntParameter(default=3, description="keep the backbone's first N layers")
+    student_layers = luigi.IntParameter(
+        default=3, description="keep the backbone's first N layers (with --student-speedup: at most N, as measured)"
+    )
+    student_speedup = luigi.FloatParameter(
+        default=0.0,
+        description="the deepest student up to --student-layers whose pairs/s is at least this many times the teacher's, "
+        "timed on dev candidates on this machine (ChooseStudentDepth); 0: --student-layers as given",
+    )
     # Dev nDCG@10 on the demo at each head's best rate of the same grid (make bench-e2e): 0.861 with the
     # cosine head against 0.350 for the [CLS] head a plain CrossEncoder gets from this backbone.
     student_head = luigi.ChoiceParameter(
@@ -139,6 +148,9 @@ class TrainParams(LabelParams):
         description="cosine of query and passage token means (cosine), linear on the token mean (mean) or on [CLS] (cls); "
         "auto: cosine for a sentence-embedding backbone, the backbone's own head for a cross-encoder",
     )
+
+
+class TrainParams(LabelParams, StudentParams):
     loss_kwargs = luigi.Parameter(default="", description="JSON object of loss options")
     epochs = luigi.FloatParameter(default=1.0)
     batch_size = luigi.IntParameter(default=16)

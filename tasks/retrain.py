@@ -18,7 +18,7 @@ from tasks.stages import FineTuneTeacher, MineHardNegatives, PrepareData, TrainS
 
 
 # Settings that make a student what it is: a champion made otherwise is not trained further.
-STUDENT_RECIPE = ("student", "student_layers", "student_head", "loss", "loss_kwargs", "max_length")
+STUDENT_RECIPE = ("student", "student_layers", "student_speedup", "student_head", "loss", "loss_kwargs", "max_length")
 
 
 class RetrainStudent(SnapshotDate, EvalParams, luigi.Task):

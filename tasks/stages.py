@@ -12,12 +12,12 @@ import luigi
 import torch
 
 from losses.factory import resolve_loss
-from pipeline import data, evaluation, export, labels, mining, multilingual, scoring, teacher, training
+from pipeline import data, depth, evaluation, export, labels, mining, multilingual, scoring, teacher, training
 from pipeline.artifacts import fingerprint, point_link, read_json, write_json
 from pipeline.config import config_fingerprint
 from pipeline.errors import PipelineError
 from pipeline.models import PRECISIONS, fitting_max_length, model_identity, resolve_device, resolve_precision, strip_kind, student_head
-from tasks.params import DataParams, EvalParams, LabelParams, MineParams, MultilingualParams, TeacherParams, TrainParams
+from tasks.params import DataParams, EvalParams, LabelParams, MineParams, MultilingualParams, StudentParams, TeacherParams, TrainParams
 
 FINE_TUNED = "fine-tuned"
 
@@ -325,13 +325,65 @@ class BuildLabels(LabelParams, Stage):
         )
 
 
+class ChooseStudentDepth(StudentParams, Stage):
+    """The student's depth with --student-speedup: the deepest cut up to --student-layers that
+    reranks at least that many times the teacher's pairs/s, timed here (pipeline.depth).
+
+    It takes no training setting, so the distilled and the label-only students require the same
+    task; and it waits for the teacher's scores, so that with several workers the timing does not
+    share the machine with the scoring shards.
+    """
+
+    stage_dir = "depth"
+
+    def requires(self):
+        req = {"data": self.clone(PrepareData), "mined": self.clone(MineHardNegatives), "scores": self.clone(ScoreWithTeacher)}
+        if _needs_fine_tuned(self.teacher):
+            req["teacher"] = self.clone(FineTuneTeacher)
+        return req
+
+    @functools.cached_property
+    def config(self) -> depth.DepthConfig:
+        return depth.DepthConfig(
+            teacher=resolved_teacher(self), teacher_weights=self.teacher_weights, student=self.student,
+            max_layers=self.student_layers, speedup=self.student_speedup, student_head=student_head(self.student, self.student_head),
+            precision=_student_precision(self), teacher_precision=_score_precision(self), max_length=fitted_max_length(self, self.student),
+            teacher_max_length=fitted_teacher_max_length(self), seed=self.seed, device=self.run_device,
+        )
+
+    @functools.cached_property
+    def fp(self) -> str:
+        return config_fingerprint(self.config, self.identity, self.requires()["mined"].fp)
+
+    def output(self):
+        return luigi.LocalTarget(str(self.artifact()))
+
+    def run(self):
+        depth.choose_depth(self.input()["data"].path, self.input()["mined"].path, self.artifact(), self.config)
+
+
+def _measured_depth(task: StudentParams, req: dict) -> dict:
+    """``req`` with the depth stage when --student-speedup asks for one."""
+    return {**req, "depth": task.clone(ChooseStudentDepth)} if task.student_speedup > 0 else req
+
+
+def _at_depth(config, inputs: dict):
+    """``config`` at the depth the depth stage chose, if one ran: its fingerprint holds
+    --student-layers as the most, and the depth stage's fingerprint stands for the choice."""
+    if "depth" not in inputs:
+        return config
+    return dataclasses.replace(config, student_layers=depth.chosen_layers(inputs["depth"].path))
+
+
 class FitStudent(TrainParams, Stage):
     """The student cut from --student and trained with --loss on the labels."""
 
     stage_dir = "students"
 
     def requires(self):
-        return {"data": self.clone(PrepareData), "mined": self.clone(MineHardNegatives), "labels": self.clone(BuildLabels)}
+        req = {"data": self.clone(PrepareData), "mined": self.clone(MineHardNegatives), "labels": self.clone(BuildLabels)}
+        # A warm start continues a trained student, whose depth is its own.
+        return req if self.warm_start else _measured_depth(self, req)
 
     @functools.cached_property
     def config(self) -> training.FitConfig:
@@ -350,14 +402,15 @@ class FitStudent(TrainParams, Stage):
 
     @functools.cached_property
     def fp(self) -> str:
-        return config_fingerprint(self.config, self.identity, self.requires()["labels"].fp)
+        req = self.requires()
+        return config_fingerprint(self.config, self.identity, *(req[k].fp for k in ("labels", "depth") if k in req))
 
     def output(self):
         return luigi.LocalTarget(str(self.artifact()))
 
     def run(self):
         i = self.input()
-        training.fit_student_once(i["data"].path, i["mined"].path, i["labels"].path, str(self.artifact()), self.config)
+        training.fit_student_once(i["data"].path, i["mined"].path, i["labels"].path, str(self.artifact()), _at_depth(self.config, i))
 
 
 class ExportOnnx(TrainParams, Stage):
@@ -395,7 +448,7 @@ class EvaluateStudent(EvalParams, Stage):
             req["teacher"] = self.clone(FineTuneTeacher)
         if self.label_only_loss:
             req["label_only"] = self.label_only_student()
-        return req
+        return _measured_depth(self, req)  # the untrained student's row is cut to the students' depth
 
     def label_only_student(self) -> FitStudent:
         """The same student trained on the judgments alone (--label-only-loss), the baseline distillation must beat."""
@@ -409,16 +462,18 @@ class EvaluateStudent(EvalParams, Stage):
 
     @functools.cached_property
     def config(self) -> evaluation.EvalConfig:
-        base = _eval_config(self, evaluation.EvalConfig, fusion_dev_queries=self.fusion_dev_queries)
+        return self.with_baseline_cache(_eval_config(self, evaluation.EvalConfig, fusion_dev_queries=self.fusion_dev_queries))
+
+    def with_baseline_cache(self, config: evaluation.EvalConfig) -> evaluation.EvalConfig:
         # Scores that do not depend on the student's training are shared by every student that
         # reranks the same test pairs (the file inside is named by them), across dates too.
-        key = evaluation.baseline_key(base, self.identity)
-        return dataclasses.replace(base, baseline_cache=str(Path(self.cache_dir or self.root / "cache") / "eval" / key))
+        key = evaluation.baseline_key(config, self.identity)
+        return dataclasses.replace(config, baseline_cache=str(Path(self.cache_dir or self.root / "cache") / "eval" / key))
 
     @functools.cached_property
     def fp(self) -> str:
         req = self.requires()
-        return config_fingerprint(self.config, self.identity, *(req[k].fp for k in ("student", "label_only") if k in req))
+        return config_fingerprint(self.config, self.identity, *(req[k].fp for k in ("student", "label_only", "depth") if k in req))
 
     def output(self):
         return luigi.LocalTarget(str(self.artifact() / "metrics.json"))
@@ -428,8 +483,10 @@ class EvaluateStudent(EvalParams, Stage):
         if self.label_only_loss:
             stages["FitStudent (label-only)"] = self.label_only_student().stats()
         i = self.input()
+        # The untrained student's cached scores are keyed by the depth it is cut to.
+        config = self.with_baseline_cache(_at_depth(self.config, i))
         evaluation.evaluate_student(
-            i["data"].path, i["mined"].path, i["student"].path, self.artifact(), self.config, _run_info(self, stages),
+            i["data"].path, i["mined"].path, i["student"].path, self.artifact(), config, _run_info(self, stages),
             label_only_dir=i["label_only"].path if self.label_only_loss else None,
         )
 
@@ -458,6 +515,8 @@ def _upstream_stats(task: Stage, labels_task: type, students: dict[str, type]) -
     if "scores" in task.clone(labels_task).requires():
         tasks["ScoreWithTeacher"] = task.clone(ScoreWithTeacher)
     tasks[labels_task.__name__] = task.clone(labels_task)
+    if task.student_speedup > 0:
+        tasks["ChooseStudentDepth"] = task.clone(ChooseStudentDepth)
     tasks.update({name: task.clone(cls) for name, cls in students.items()})
     return {name: t.stats() for name, t in tasks.items()}
 
@@ -545,7 +604,7 @@ class EvaluateMultilingualStudent(MultilingualParams, Stage):
         }
         if _needs_fine_tuned(self.teacher):
             req["teacher"] = self.clone(FineTuneTeacher)
-        return req
+        return _measured_depth(self, req)
 
     @functools.cached_property
     def config(self) -> multilingual.MultilingualEvalConfig:
@@ -557,7 +616,7 @@ class EvaluateMultilingualStudent(MultilingualParams, Stage):
     @functools.cached_property
     def fp(self) -> str:
         req = self.requires()
-        return config_fingerprint(self.config, self.identity, req["student"].fp, req["source_only"].fp)
+        return config_fingerprint(self.config, self.identity, *(req[k].fp for k in ("student", "source_only", "depth") if k in req))
 
     def output(self):
         return luigi.LocalTarget(str(self.artifact() / "metrics.json"))
@@ -568,7 +627,7 @@ class EvaluateMultilingualStudent(MultilingualParams, Stage):
         )
         i = self.input()
         multilingual.evaluate_languages(
-            i["data"].path, i["mined"].path, i["student"].path, i["source_only"].path, self.artifact(), self.config,
+            i["data"].path, i["mined"].path, i["student"].path, i["source_only"].path, self.artifact(), _at_depth(self.config, i),
             _run_info(self, stages),
         )
 

@@ -198,10 +198,11 @@ def test_luigi_cfg_shares_the_demo_settings_without_warnings(central):
     dirs = {name: entry.pop() for name, entry in got["entries"].items()}
     assert dirs == {"TrainStudent": "runs/demo", "TrainMultilingualStudent": "runs/demo-multilingual", "RetrainStudent": "runs/retrain"}
     # [DEFAULT]'s settings reach every entry task; a section overrides only what it names.
-    shared = ["models/all-MiniLM-L6-v2", "ensemble", 2]
-    assert got["entries"]["TrainStudent"] == ["data/debian-partly-judged", *shared, 0]
-    assert got["entries"]["RetrainStudent"] == ["data/debian-partly-judged", *shared, 0]
-    assert got["entries"]["TrainMultilingualStudent"] == ["data/debian-descriptions", *shared, 600]
+    shared = ["models/all-MiniLM-L6-v2", "ensemble"]
+    # [TrainStudent] measures its depth up to 3 layers; the other demos keep [DEFAULT]'s 2.
+    assert got["entries"]["TrainStudent"] == ["data/debian-partly-judged", *shared, 3, 0]
+    assert got["entries"]["RetrainStudent"] == ["data/debian-partly-judged", *shared, 2, 0]
+    assert got["entries"]["TrainMultilingualStudent"] == ["data/debian-descriptions", *shared, 2, 600]
 
 
 def test_a_teacher_fingerprint_ignores_the_settings_its_kind_does_not_use():

@@ -1,0 +1,59 @@
+"""The student's depth measured against the teacher (--student-speedup): the rule, and every
+student and row of a run cut to the depth the timing chose."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import luigi
+
+import tasks
+from pipeline.depth import deepest_within
+from pipeline.models import load_cross_encoder
+from tests.conftest import dag_params
+
+
+def test_the_deepest_cut_that_keeps_the_speedup_wins_and_the_shallowest_stands_in_when_none_does(caplog):
+    pps = {1: 800.0, 2: 410.0, 3: 290.0, 4: 220.0}
+    assert deepest_within(pps, teacher_pairs_per_second=100.0, speedup=4.0) == 2
+    assert deepest_within(pps, teacher_pairs_per_second=100.0, speedup=2.9) == 3
+    assert deepest_within(pps, teacher_pairs_per_second=100.0, speedup=2.0) == 4
+    with caplog.at_level(logging.WARNING, logger="pipeline.depth"):
+        assert deepest_within(pps, teacher_pairs_per_second=100.0, speedup=10.0) == 1
+    assert "no student depth up to 4 layers reaches 10.0 times" in caplog.text
+
+
+def _layers(folder) -> int:
+    return load_cross_encoder(str(folder)).model.config.num_hidden_layers
+
+
+def test_every_student_of_a_run_and_its_untrained_row_get_the_measured_depth(small_beir, tiny_models, tmp_path):
+    """A speedup every cut reaches keeps the most layers asked for; one none reaches keeps one.
+    The distilled and label-only students, and the report, follow the depth stage's record."""
+    out = tmp_path / "run"
+    runs = {}
+    for speedup, expected in ((1e-6, 3), (1e6, 1)):
+        params = dag_params(small_beir, tiny_models, out, student_layers=3, student_speedup=speedup, label_only_loss="BinaryCrossEntropyLoss")
+        entry = tasks.TrainStudent(**params)
+        assert luigi.build([entry], local_scheduler=True, workers=1, log_level="WARNING")
+        depth = entry.clone(tasks.ChooseStudentDepth)
+        record = json.loads((depth.artifact() / "stats.json").read_text())
+        assert record["layers"] == expected and record["speedup"] == speedup
+        # Every cut of the 3-layer backbone was timed against the teacher on the same dev pairs.
+        assert sorted(record["students"]) == ["1", "2", "3"] and record["teacher_pairs_per_second"] > 0
+        assert record["timed_on"]["source"] == "dev candidates" and record["timed_on"]["pairs"] > 0
+        evaluation = entry.clone(tasks.EvaluateStudent)
+        # One timing for both students: the label-only one's other loss and rate do not make another.
+        assert evaluation.label_only_student().requires()["depth"].task_id == evaluation.requires()["depth"].task_id == depth.task_id
+        assert _layers(evaluation.clone(tasks.FitStudent).artifact()) == expected
+        assert _layers(evaluation.label_only_student().artifact()) == expected
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert metrics["stages"]["ChooseStudentDepth"]["layers"] == expected
+        assert f"**{expected} layers**" in (out / "report.md").read_text()
+        runs[speedup] = (depth.fp, evaluation.fp)
+    # Two depths, two evaluations; the untrained rows' cached scores are kept apart by the depth
+    # they were cut to (one cache folder each), not by the most layers asked for, which is the same.
+    (d1, e1), (d2, e2) = runs.values()
+    assert d1 != d2 and e1 != e2
+    assert len(list((out / "cache" / "eval").iterdir())) == 2
