@@ -130,3 +130,17 @@ def chosen_layers(depth_dir: str | Path) -> int:
     from pipeline.artifacts import read_json
 
     return int(read_json(Path(depth_dir) / "stats.json")["layers"])
+
+
+def check_cut_to(layers: int, students: dict[str, str | Path]) -> None:
+    """Stop an evaluation whose trained students were cut to another depth than the record says:
+    students trained before the depth was measured anew (its folder deleted) keep their own."""
+    from pipeline.training import layer_count
+
+    for name, folder in students.items():
+        found = layer_count(folder)
+        if found is not None and found != layers:
+            raise PipelineError(
+                f"{folder}: the {name} has {found} layers, but the depth stage now says {layers}; "
+                "delete that student's folder to train it again at the measured depth"
+            )

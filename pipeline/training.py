@@ -259,6 +259,12 @@ def train_student(
     )
     trainer = CrossEncoderTrainer(model=model, args=args, train_dataset=train_dataset, loss=loss_module, evaluator=evaluator)
     checkpoint = last_complete_checkpoint(work)
+    if checkpoint and layer_count(checkpoint) != model.model.config.num_hidden_layers:
+        # Left by a run cut to another depth (a depth measured anew, pipeline.depth): not resumable.
+        log.warning("%s holds a %d-layer student, not %d layers; training from the start",
+                    checkpoint, layer_count(checkpoint), model.model.config.num_hidden_layers)
+        shutil.rmtree(work)
+        checkpoint = None
     t0 = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     seconds = time.perf_counter() - t0
@@ -377,6 +383,12 @@ def _training_arguments(
         # the same number every step, which DDP accepts only with a static graph.
         **({"ddp_static_graph": True} if int(os.environ.get("WORLD_SIZE", "1")) > 1 else {}),
     )
+
+
+def layer_count(model_dir: str | Path) -> int | None:
+    """The transformer layers of a saved student (its ``config.json``), None if it has none."""
+    config = Path(model_dir) / "config.json"
+    return json.loads(config.read_text()).get("num_hidden_layers") if config.is_file() else None
 
 
 def last_complete_checkpoint(work: Path) -> Path | None:

@@ -485,6 +485,9 @@ class EvaluateStudent(EvalParams, Stage):
         i = self.input()
         # The untrained student's cached scores are keyed by the depth it is cut to.
         config = self.with_baseline_cache(_at_depth(self.config, i))
+        if "depth" in i:
+            students = {"student": i["student"].path, **({"label-only student": i["label_only"].path} if self.label_only_loss else {})}
+            depth.check_cut_to(config.student_layers, students)
         evaluation.evaluate_student(
             i["data"].path, i["mined"].path, i["student"].path, self.artifact(), config, _run_info(self, stages),
             label_only_dir=i["label_only"].path if self.label_only_loss else None,

@@ -7,9 +7,11 @@ import json
 import logging
 
 import luigi
+import pytest
 
 import tasks
 from pipeline.depth import deepest_within
+from pipeline.errors import PipelineError
 from pipeline.models import load_cross_encoder
 from tests.conftest import dag_params
 
@@ -57,3 +59,36 @@ def test_every_student_of_a_run_and_its_untrained_row_get_the_measured_depth(sma
     (d1, e1), (d2, e2) = runs.values()
     assert d1 != d2 and e1 != e2
     assert len(list((out / "cache" / "eval").iterdir())) == 2
+
+
+def _saved(folder, layers: int):
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"num_hidden_layers": layers}))
+    return folder
+
+
+def test_an_evaluation_stops_on_students_cut_before_the_depth_was_measured_anew(tmp_path):
+    from pipeline.depth import check_cut_to
+
+    students = {"student": _saved(tmp_path / "a", 3), "label-only student": _saved(tmp_path / "b", 2)}
+    check_cut_to(3, {"student": students["student"]})
+    with pytest.raises(PipelineError, match=r"b: the label-only student has 2 layers, but the depth stage now says 3"):
+        check_cut_to(3, students)
+
+
+def test_a_checkpoint_of_another_depth_is_not_resumed(tiny_models, tmp_path, caplog):
+    """A student cut anew to another depth trains from the start instead of failing to load the
+    checkpoint an interrupted run at the earlier depth left."""
+    from datasets import Dataset
+
+    from pipeline.training import layer_count, train_student
+
+    work = tmp_path / "student.work"
+    stale = _saved(work / "checkpoint-4", 1)
+    (stale / "trainer_state.json").write_text("{}")
+    rows = Dataset.from_dict({"query": ["a b", "c d"] * 4, "passage": ["a b c", "x y"] * 4, "label": [1.0, 0.0] * 4})
+    with caplog.at_level(logging.WARNING, logger="pipeline.training"):
+        train_student(rows, "BinaryCrossEntropyLoss", tmp_path / "student", student=tiny_models["student"], student_layers=2,
+                      epochs=1, batch_size=4, max_length=32, seed=12)
+    assert "holds a 1-layer student, not 2 layers; training from the start" in caplog.text
+    assert layer_count(tmp_path / "student") == 2
