@@ -90,8 +90,10 @@ class RetrainStudent(SnapshotDate, EvalParams, luigi.Task):
         champion = registry.Registry(self.registry).champion()
         if not champion or champion.get("run", "") >= self.run_name:
             return {}
-        mine = self.to_str_params(only_significant=True)
-        if any(champion.get("params", {}).get(k) != mine.get(k) for k in STUDENT_RECIPE):
+        mine, theirs = self.to_str_params(only_significant=True), champion.get("params", {})
+        # A champion recorded before a setting existed was made at that setting's default.
+        defaults = {k: p.serialize(p._default) for k, p in self.get_params() if k in STUDENT_RECIPE}
+        if any(theirs.get(k, defaults[k]) != mine.get(k) for k in STUDENT_RECIPE):
             return {}
         seen = Path(self.output_dir) / champion["run"] / PrepareData.stage_dir / champion.get("data_fingerprint", "")
         student = Path(champion.get("registry_student", ""))

@@ -130,7 +130,7 @@ def dag_params(dataset, tiny_models: dict, out, task_cls=None, **over) -> dict:
         num_negatives=3, epochs=1.0, batch_size=8, max_length=64, teacher_max_length=64, rerank_top_k=10,
         device="cpu", max_dev_queries=4,
         # luigi also reads the repository's luigi.cfg, whose demo settings must not leak into these runs.
-        teacher_kind="cross-encoder", max_unjudged_queries=0, label_only_loss="",
+        teacher_kind="cross-encoder", max_unjudged_queries=0, label_only_loss="", student_speedup=0.0,
     )
     p.update(over)
     if task_cls is not None:

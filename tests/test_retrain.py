@@ -81,7 +81,7 @@ def test_second_date_scores_only_new_pairs(retrained):
     assert set(second["timings"]) >= {"MineHardNegatives", "ScoreWithTeacher", "FitStudent"}
 
 
-def test_second_date_trains_the_champion_further_on_its_new_queries(retrained, tiny_models):
+def test_second_date_trains_the_champion_further_on_its_new_queries(retrained, tiny_models, monkeypatch):
     from datasets import load_from_disk
 
     root, snapshots, new = retrained
@@ -110,6 +110,17 @@ def test_second_date_trains_the_champion_further_on_its_new_queries(retrained, t
     assert RetrainStudent(date=later, continue_champion=False, **params).requires()["run"].warm_start == ""
     other = {**params, "student_layers": params.get("student_layers", 2) + 1}
     assert RetrainStudent(date=later, **other).requires()["run"].warm_start == ""
+
+    # A champion recorded before --student-speedup existed was made without one: it is continued,
+    # and not by a run that measures its depth.
+    from pipeline.registry import Registry
+
+    record = Registry(str(root / "registry")).champion()
+    older = {**record, "params": {k: v for k, v in record["params"].items() if k != "student_speedup"}}
+    assert "student_speedup" in record["params"]
+    monkeypatch.setattr(Registry, "champion", lambda self: older)
+    assert RetrainStudent(date=later, **params).requires()["run"].warm_start == str(root / "registry" / "students" / D2.isoformat())
+    assert RetrainStudent(date=later, **{**params, "student_speedup": 3.0}).requires()["run"].warm_start == ""
 
 
 def test_unchanged_rankers_are_not_rescored_on_a_later_date(retrained, monkeypatch, tmp_path):
