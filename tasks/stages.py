@@ -34,6 +34,11 @@ class Stage(luigi.Task):
     def artifact(self) -> Path:
         return self.root / self.stage_dir / self.fp
 
+    def output(self):
+        # The fingerprinted folder, renamed into place once complete; stages that finish with a
+        # file inside it (scores, metrics) say so.
+        return luigi.LocalTarget(str(self.artifact()))
+
     def stats(self) -> dict:
         path = self.artifact() / "stats.json"
         return read_json(path) if path.exists() else {}
@@ -82,9 +87,6 @@ class PrepareData(DataParams, Stage):
         extra += ["one split per query"] if data.splits_overlap(self.dataset) else []
         return fingerprint("data", content_or_name(self.dataset), *extra)
 
-    def output(self):
-        return luigi.LocalTarget(str(self.artifact()))
-
     def run(self):
         data.prepare_data(self.dataset, self.artifact(), self.unlabeled_queries)
 
@@ -115,9 +117,6 @@ class MineHardNegatives(MineParams, Stage):
     def fp(self) -> str:
         return config_fingerprint(self.config, self.identity, self.requires().fp)
 
-    def output(self):
-        return luigi.LocalTarget(str(self.artifact()))
-
     def run(self):
         mining.mine_hard_negatives(self.input().path, self.artifact(), self.config)
 
@@ -147,9 +146,6 @@ class FineTuneTeacher(TeacherParams, Stage):
     @functools.cached_property
     def fp(self) -> str:
         return config_fingerprint(self.config, self.identity, self.requires()["mined"].fp)
-
-    def output(self):
-        return luigi.LocalTarget(str(self.artifact()))
 
     def run(self):
         teacher.fine_tune_teacher(self.input()["data"].path, self.input()["mined"].path, self.artifact(), self.config)
@@ -315,9 +311,6 @@ class BuildLabels(LabelParams, Stage):
         up = self.requires()
         return config_fingerprint(self.config, self.identity, up["scores"].fp if "scores" in up else up["mined"].fp)
 
-    def output(self):
-        return luigi.LocalTarget(str(self.artifact()))
-
     def run(self):
         scores = self.input().get("scores")
         labels.build_labels(
@@ -354,9 +347,6 @@ class ChooseStudentDepth(StudentParams, Stage):
     @functools.cached_property
     def fp(self) -> str:
         return config_fingerprint(self.config, self.identity, self.requires()["mined"].fp)
-
-    def output(self):
-        return luigi.LocalTarget(str(self.artifact()))
 
     def run(self):
         depth.choose_depth(self.input()["data"].path, self.input()["mined"].path, self.artifact(), self.config)
@@ -405,9 +395,6 @@ class FitStudent(TrainParams, Stage):
         req = self.requires()
         return config_fingerprint(self.config, self.identity, *(req[k].fp for k in ("labels", "depth") if k in req))
 
-    def output(self):
-        return luigi.LocalTarget(str(self.artifact()))
-
     def run(self):
         i = self.input()
         training.fit_student_once(i["data"].path, i["mined"].path, i["labels"].path, str(self.artifact()), _at_depth(self.config, i))
@@ -424,9 +411,6 @@ class ExportOnnx(TrainParams, Stage):
     @functools.cached_property
     def fp(self) -> str:
         return self.requires().fp  # the export of that student, nothing else to set
-
-    def output(self):
-        return luigi.LocalTarget(str(self.artifact()))
 
     def run(self):
         export.export_onnx(self.input().path, self.output().path, trust_remote_code=self.trust_remote_code)
