@@ -12,9 +12,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
-from pipeline.config import model, run_only
+from pipeline.config import model
 from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
@@ -23,8 +22,6 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class DepthConfig:
     """Settings of the depth measurement (``ChooseStudentDepth``)."""
-
-    REVISION: ClassVar[int] = 0
 
     teacher: str = model()
     teacher_weights: str = ""
@@ -39,7 +36,7 @@ class DepthConfig:
     queries: int = 100  # the first dev queries, each with its candidates (training groups without a dev split)
     turns: int = 8
     seed: int = 12
-    device: str = run_only("cpu", "chooses where the timing runs; what it measures is kept in depth.json")
+    device: str = "cpu"  # what a layer costs against the teacher is the device's: a GPU's choice is not a CPU's
 
 
 def deepest_within(pairs_per_second: dict[int, float], teacher_pairs_per_second: float, speedup: float) -> int:

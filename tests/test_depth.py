@@ -60,6 +60,21 @@ def test_every_student_of_a_run_and_its_untrained_row_get_the_measured_depth(sma
     assert d1 != d2 and e1 != e2
     assert len(list((out / "cache" / "eval").iterdir())) == 2
 
+    # Without a dev split, the depth is timed on the training groups' pairs.
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from pipeline.depth import timing_pairs
+
+    only_groups = tmp_path / "groups-only"
+    only_groups.mkdir()
+    shutil.copy(entry.clone(tasks.MineHardNegatives).artifact() / "groups.parquet", only_groups)
+    source, qids, pairs = timing_pairs(entry.clone(tasks.PrepareData).artifact(), only_groups, 5)
+    groups = pq.read_table(only_groups / "groups.parquet").slice(0, 5).to_pylist()
+    assert source == "training groups"
+    assert qids == [g["query_id"] for g in groups for _ in g["positive_ids"] + g["negative_ids"]] and len(pairs) == len(qids)
+
 
 def _saved(folder, layers: int):
     folder.mkdir(parents=True)
