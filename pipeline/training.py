@@ -259,10 +259,10 @@ def train_student(
     )
     trainer = CrossEncoderTrainer(model=model, args=args, train_dataset=train_dataset, loss=loss_module, evaluator=evaluator)
     checkpoint = last_complete_checkpoint(work)
-    if checkpoint and layer_count(checkpoint) != model.model.config.num_hidden_layers:
+    layers = model.model.config.num_hidden_layers
+    if checkpoint and (found := layer_count(checkpoint)) != layers:
         # Left by a run cut to another depth (a depth measured anew, pipeline.depth): not resumable.
-        log.warning("%s holds a %d-layer student, not %d layers; training from the start",
-                    checkpoint, layer_count(checkpoint), model.model.config.num_hidden_layers)
+        log.warning("%s holds a %d-layer student, not %d layers; training from the start", checkpoint, found, layers)
         shutil.rmtree(work)
         checkpoint = None
     t0 = time.perf_counter()
