@@ -4,7 +4,10 @@ A deeper student ranks better and costs more; what a layer costs against the tea
 the hardware (bf16 matrix units, memory bandwidth) and on the data's lengths, so the depth is
 measured, not assumed. The teacher and every candidate cut of the student rerank the same pairs
 taking turns, as the evaluation times them (``pipeline.evaluation.ranker_speed``); the deepest
-cut at least ``speedup`` times the teacher's pairs/s is the depth every student of the run gets.
+cut whose speed is at least ``speedup`` times the teacher's is the depth every student of the run
+gets. "At least" is read off a lower confidence bound over the turns, not their mean: a shared
+machine's speed drifts by tens of percent, and a cut chosen on a mean that sits on the threshold
+serves below it about half the time.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from pipeline.config import model
 from pipeline.errors import PipelineError
@@ -35,20 +40,35 @@ class DepthConfig:
     teacher_max_length: int = 512
     queries: int = 100  # the first dev queries, each with its candidates (training groups without a dev split)
     turns: int = 8
+    confidence: float = 0.95  # the one-sided lower bound of the speedup over the turns that must reach it
     seed: int = 12
     device: str = "cpu"  # what a layer costs against the teacher is the device's: a GPU's choice is not a CPU's
 
 
-def deepest_within(pairs_per_second: dict[int, float], teacher_pairs_per_second: float, speedup: float) -> int:
-    """The most layers whose pairs/s is at least ``speedup`` times the teacher's; the fewest
-    measured when none is (a warning says so)."""
-    fast = [layers for layers, pps in pairs_per_second.items() if pps >= speedup * teacher_pairs_per_second]
+def speedup_bound(teacher_seconds: list[float], student_seconds: list[float], confidence: float) -> float:
+    """A one-sided lower confidence bound of how many times faster the student is than the teacher,
+    from their seconds on the same pairs turn by turn: the mean of the per-turn log ratios less its
+    Student-t margin, back on the ratio scale. With one turn there is no spread to go on; the
+    ratio itself is returned."""
+    from scipy import stats
+
+    logs = np.log(np.asarray(teacher_seconds, float) / np.asarray(student_seconds, float))
+    if len(logs) < 2:
+        return float(np.exp(logs.mean()))
+    margin = stats.t.ppf(confidence, len(logs) - 1) * logs.std(ddof=1) / np.sqrt(len(logs))
+    return float(np.exp(logs.mean() - margin))
+
+
+def deepest_within(times_teacher: dict[int, float], speedup: float) -> int:
+    """The most layers whose speed is at least ``speedup`` times the teacher's (each cut's lower
+    bound, :func:`speedup_bound`); the fewest measured when none is (a warning says so)."""
+    fast = [layers for layers, times in times_teacher.items() if times >= speedup]
     if fast:
         return max(fast)
-    fewest = min(pairs_per_second)
+    fewest = min(times_teacher)
     log.warning(
-        "no student depth up to %d layers reaches %.1f times the teacher's pairs/s (%d layer(s): %.2f times); taking %d",
-        max(pairs_per_second), speedup, fewest, pairs_per_second[fewest] / teacher_pairs_per_second, fewest,
+        "no student depth up to %d layers is surely %.1f times as fast as the teacher (%d layer(s): at least %.2f times); taking %d",
+        max(times_teacher), speedup, fewest, times_teacher[fewest], fewest,
     )
     return fewest
 
@@ -91,8 +111,11 @@ def choose_depth(data_dir: str | Path, mined_dir: str | Path, out_dir: str | Pat
 
     c = config
     t0 = time.perf_counter()
-    if c.max_layers < 1 or c.speedup <= 0:
-        raise PipelineError(f"student depth: max_layers {c.max_layers} and speedup {c.speedup} must both be positive")
+    if c.max_layers < 1 or c.speedup <= 0 or not 0 < c.confidence < 1:
+        raise PipelineError(
+            f"student depth: max_layers {c.max_layers} and speedup {c.speedup} must both be positive, "
+            f"and confidence {c.confidence} between 0 and 1"
+        )
     source, qids, pairs = timing_pairs(data_dir, mined_dir, c.queries)
     dtype = resolve_precision(c.precision, c.device)
     teacher = load_teacher(TeacherSpec.parse(c.teacher, c.teacher_weights), c.device, c.teacher_precision, c.teacher_max_length)
@@ -106,17 +129,30 @@ def choose_depth(data_dir: str | Path, mined_dir: str | Path, out_dir: str | Pat
     log.info("timing the teacher and the student at 1-%d layers on %d %s pairs, taking turns", len(rankers) - 1, len(pairs), source)
     speed, timing, _ = ranker_speed(rankers, qids, 0, c.turns)
     teacher_pps = speed["teacher"]["pairs_per_second"]
-    students = {layers: s["pairs_per_second"] for layers, s in speed.items() if layers != "teacher"}
-    layers = deepest_within(students, teacher_pps, c.speedup)
+    turns = timing["seconds_per_turn"]
+    students = {
+        n: {
+            "pairs_per_second": s["pairs_per_second"],
+            "times_teacher": round(s["pairs_per_second"] / teacher_pps, 2),
+            "times_teacher_at_least": round(speedup_bound(turns["teacher"], turns[n], c.confidence), 2),
+        }
+        for n, s in speed.items()
+        if n != "teacher"
+    }
+    layers = deepest_within({n: s["times_teacher_at_least"] for n, s in students.items()}, c.speedup)
     record = {
         "layers": layers,
         "speedup": c.speedup,
+        "confidence": c.confidence,
         "teacher_pairs_per_second": teacher_pps,
-        "students": {str(n): {"pairs_per_second": pps, "times_teacher": round(pps / teacher_pps, 2)} for n, pps in students.items()},
+        "students": {str(n): s for n, s in students.items()},
         "timed_on": {"source": source, **timing, "device": c.device},
         "seconds": round(time.perf_counter() - t0, 2),
     }
-    log.info("student depth: %d layer(s), %.2f times the teacher's pairs/s", layers, students[layers] / teacher_pps)
+    log.info(
+        "student depth: %d layer(s), %.2f times the teacher's pairs/s (at least %.2f at %g confidence)",
+        layers, students[layers]["times_teacher"], students[layers]["times_teacher_at_least"], c.confidence,
+    )
     with atomic_dir(out_dir) as tmp:
         write_json(tmp / "stats.json", record)
     return record

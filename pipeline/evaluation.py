@@ -131,34 +131,39 @@ def ranker_speed(
     reverses from block to block, so none always follows the same one. A shared machine's speed
     drifts by tens of percent from one minute to the next; timed one after another, a ranker
     takes whatever drift falls in its minutes, while turns spread it over all of them alike.
-    Returns the figures by ranker; the queries, pairs and turns they were measured on; and each
-    ranker's scores from its timed round, in pair order over those pairs (the first ``pairs`` of
-    ``qids``'s), so that no caller scores them a second time.
+    Returns the figures by ranker; the queries, pairs and turns they were measured on, with each
+    ranker's seconds in every turn (``seconds_per_turn``: turn by turn, the rankers scored the
+    same pairs, so their ratios pair up); and each ranker's scores from its timed round, in pair
+    order over those pairs (the first ``pairs`` of ``qids``'s), so that no caller scores them a
+    second time.
     """
     starts = [i for i in range(len(qids)) if i == 0 or qids[i] != qids[i - 1]]
     n_queries = len(starts) if max_queries <= 0 else min(max_queries, len(starts))
     bounds = [*starts[:n_queries], starts[n_queries] if n_queries < len(starts) else len(qids)]
     if not n_queries:
-        return {name: {} for name in rankers}, {"queries": 0, "pairs": 0, "turns": 0}, {name: np.zeros(0, np.float32) for name in rankers}
+        nothing = {"queries": 0, "pairs": 0, "turns": 0, "seconds_per_turn": {name: [] for name in rankers}}
+        return {name: {} for name in rankers}, nothing, {name: np.zeros(0, np.float32) for name in rankers}
     blocks = [slice(bounds[b[0]], bounds[b[-1] + 1]) for b in np.array_split(np.arange(n_queries), min(turns, n_queries))]
     names = list(rankers)
     for name in names:
         rankers[name](blocks[0])
-    seconds = dict.fromkeys(names, 0.0)
+    per_turn = {name: [0.0] * len(blocks) for name in names}
     timed = {name: [None] * len(blocks) for name in names}
     for turn, part in enumerate(blocks):
         order = names[turn % len(names):] + names[: turn % len(names)]
         for name in order[::-1] if turn % 2 else order:
             t0 = time.perf_counter()
             timed[name][turn] = rankers[name](part)
-            seconds[name] += time.perf_counter() - t0
+            per_turn[name][turn] = time.perf_counter() - t0
+    seconds = {name: sum(s) for name, s in per_turn.items()}
     n_pairs = bounds[-1]
     speed = {
         name: {"pairs_per_second": round(n_pairs / s, 2) if s > 0 else float("inf"), "ms_per_query": round(1000 * s / n_queries, 2)}
         for name, s in seconds.items()
     }
     scored = {name: np.concatenate([np.asarray(b, np.float32).reshape(-1) for b in parts]) for name, parts in timed.items()}
-    return speed, {"queries": n_queries, "pairs": n_pairs, "turns": len(blocks)}, scored
+    measured = {"queries": n_queries, "pairs": n_pairs, "turns": len(blocks)}
+    return speed, measured | {"seconds_per_turn": {name: [round(x, 5) for x in s] for name, s in per_turn.items()}}, scored
 
 
 def after_timing(timed: np.ndarray, score_rest: Callable[[], object], n_pairs: int) -> np.ndarray:

@@ -7,23 +7,41 @@ import json
 import logging
 
 import luigi
+import numpy as np
 import pytest
 
 import tasks
-from pipeline.depth import deepest_within
+from pipeline.depth import deepest_within, speedup_bound
 from pipeline.errors import PipelineError
 from pipeline.models import load_cross_encoder
 from tests.conftest import dag_params
 
 
 def test_the_deepest_cut_that_keeps_the_speedup_wins_and_the_shallowest_stands_in_when_none_does(caplog):
-    pps = {1: 800.0, 2: 410.0, 3: 290.0, 4: 220.0}
-    assert deepest_within(pps, teacher_pairs_per_second=100.0, speedup=4.0) == 2
-    assert deepest_within(pps, teacher_pairs_per_second=100.0, speedup=2.9) == 3
-    assert deepest_within(pps, teacher_pairs_per_second=100.0, speedup=2.0) == 4
+    at_least = {1: 8.0, 2: 4.1, 3: 2.9, 4: 2.2}
+    assert deepest_within(at_least, speedup=4.0) == 2
+    assert deepest_within(at_least, speedup=2.9) == 3
+    assert deepest_within(at_least, speedup=2.0) == 4
     with caplog.at_level(logging.WARNING, logger="pipeline.depth"):
-        assert deepest_within(pps, teacher_pairs_per_second=100.0, speedup=10.0) == 1
-    assert "no student depth up to 4 layers reaches 10.0 times" in caplog.text
+        assert deepest_within(at_least, speedup=10.0) == 1
+    assert "no student depth up to 4 layers is surely 10.0 times" in caplog.text
+
+
+def test_a_cut_whose_mean_speedup_clears_the_threshold_by_less_than_its_turns_vary_is_not_taken():
+    teacher = [3.0, 3.3, 2.7, 3.0, 3.6, 2.4, 3.0, 3.0]
+    steady = [1.0, 1.1, 0.9, 1.0, 1.2, 0.8, 1.0, 1.0]  # 3 times as fast in every turn
+    assert speedup_bound(teacher, steady, 0.95) == pytest.approx(3.0)
+    # 3.1 times on average, but between 2.5 and 3.8 times turn by turn.
+    noisy = [t / r for t, r in zip(teacher, [2.5, 3.8, 2.6, 3.6, 2.9, 3.3, 2.7, 3.4])]
+    mean_ratio = float(np.exp(np.mean(np.log(np.divide(teacher, noisy)))))
+    assert mean_ratio > 3.0 > speedup_bound(teacher, noisy, 0.95)
+    # More confidence asks for more; half confidence is the mean itself.
+    assert speedup_bound(teacher, noisy, 0.99) < speedup_bound(teacher, noisy, 0.95) < speedup_bound(teacher, noisy, 0.5)
+    assert speedup_bound(teacher, noisy, 0.5) == pytest.approx(mean_ratio)
+    assert speedup_bound([3.0], [1.0], 0.95) == pytest.approx(3.0)  # one turn: no spread to go on
+    shallower = [t / 4.5 for t in teacher]
+    bounds = {2: speedup_bound(teacher, shallower, 0.95), 3: speedup_bound(teacher, noisy, 0.95)}
+    assert deepest_within(bounds, speedup=3.0) == 2
 
 
 def _layers(folder) -> int:
@@ -44,6 +62,11 @@ def test_every_student_of_a_run_and_its_untrained_row_get_the_measured_depth(sma
         assert record["layers"] == expected and record["speedup"] == speedup
         # Every cut of the 3-layer backbone was timed against the teacher on the same dev pairs.
         assert sorted(record["students"]) == ["1", "2", "3"] and record["teacher_pairs_per_second"] > 0
+        # The choice rests on each cut's lower bound over the turns, recorded with the turns' seconds.
+        turns = record["timed_on"]["seconds_per_turn"]
+        assert sorted(turns) == ["1", "2", "3", "teacher"] and all(len(t) == record["timed_on"]["turns"] for t in turns.values())
+        for n, s in record["students"].items():
+            assert s["times_teacher_at_least"] == pytest.approx(speedup_bound(turns["teacher"], turns[n], 0.95), abs=0.006)
         assert record["timed_on"]["source"] == "dev candidates" and record["timed_on"]["pairs"] > 0
         evaluation = entry.clone(tasks.EvaluateStudent)
         # One timing for both students: the label-only one's other loss and rate do not make another.

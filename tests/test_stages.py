@@ -481,7 +481,9 @@ def test_rankers_are_timed_in_turns_on_whole_queries(monkeypatch):
     costs = {"teacher": 0.03, "student": 0.01, "retriever": 0.002}
     rankers = {name: ranker(name, cost) for name, cost in costs.items()}
     speed, measured, scored = evaluation.ranker_speed(rankers, qids, max_queries=4, turns=2)
-    assert measured == {"queries": 4, "pairs": 10, "turns": 2}
+    assert {k: measured[k] for k in ("queries", "pairs", "turns")} == {"queries": 4, "pairs": 10, "turns": 2}
+    # Each turn's seconds, by ranker: every ranker scored the same block in a turn (5 pairs each here).
+    assert measured["seconds_per_turn"] == {name: pytest.approx([cost * 5, cost * 5]) for name, cost in costs.items()}
     for name, cost in costs.items():
         assert scored[name].tolist() == pytest.approx([cost * 1000 + i for i in range(10)])
     assert calls[:3] == [("teacher", 0, 5), ("student", 0, 5), ("retriever", 0, 5)]  # the untimed first block
@@ -492,4 +494,4 @@ def test_rankers_are_timed_in_turns_on_whole_queries(monkeypatch):
         assert speed[name]["pairs_per_second"] == pytest.approx(1 / cost, rel=1e-3)
         assert speed[name]["ms_per_query"] == pytest.approx(1000 * cost * 10 / 4, rel=1e-3)
     _, every, _ = evaluation.ranker_speed(rankers, qids, max_queries=0, turns=8)
-    assert every == {"queries": 5, "pairs": 12, "turns": 5}  # 0: every query; no more turns than queries
+    assert {k: every[k] for k in ("queries", "pairs", "turns")} == {"queries": 5, "pairs": 12, "turns": 5}  # 0: every query; no more turns than queries
