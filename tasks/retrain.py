@@ -19,6 +19,9 @@ from tasks.stages import FineTuneTeacher, MineHardNegatives, PrepareData, TrainS
 
 # Settings that make a student what it is: a champion made otherwise is not trained further.
 STUDENT_RECIPE = ("student", "student_layers", "student_speedup", "student_head", "loss", "loss_kwargs", "max_length")
+# Recipe settings that came after registries were first written, at the value that every champion
+# recorded without them was made with (the depth was not measured: --student-layers as given).
+RECIPE_BEFORE_RECORDED = {"student_speedup": luigi.FloatParameter().serialize(0.0)}
 
 
 class RetrainStudent(SnapshotDate, EvalParams, luigi.Task):
@@ -91,9 +94,7 @@ class RetrainStudent(SnapshotDate, EvalParams, luigi.Task):
         if not champion or champion.get("run", "") >= self.run_name:
             return {}
         mine, theirs = self.to_str_params(only_significant=True), champion.get("params", {})
-        # A champion recorded before a setting existed was made at that setting's default.
-        defaults = {k: p.serialize(p._default) for k, p in self.get_params() if k in STUDENT_RECIPE}
-        if any(theirs.get(k, defaults[k]) != mine.get(k) for k in STUDENT_RECIPE):
+        if any(theirs.get(k, RECIPE_BEFORE_RECORDED.get(k)) != mine.get(k) for k in STUDENT_RECIPE):
             return {}
         seen = Path(self.output_dir) / champion["run"] / PrepareData.stage_dir / champion.get("data_fingerprint", "")
         student = Path(champion.get("registry_student", ""))
