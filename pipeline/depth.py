@@ -20,6 +20,7 @@ import numpy as np
 
 from pipeline.config import model
 from pipeline.errors import PipelineError
+from pipeline.evaluation import TIMING_TURNS
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +39,12 @@ class DepthConfig:
     teacher_precision: str = "fp32"  # resolved, as the evaluation times the teacher
     max_length: int = 256
     teacher_max_length: int = 512
-    queries: int = 100  # the first dev queries, each with its candidates (training groups without a dev split)
-    turns: int = 8
+    # The first dev queries, each with its candidates (training groups without a dev split; 0: all), in
+    # as many turns as the evaluation's: a ranker's pairs/s depends on how many pairs it gets per
+    # call (an ensemble teacher gained 8% over the student from 250 pairs a call to 500 on the demo),
+    # so the depth is timed on blocks the size of the evaluation's.
+    queries: int = 200
+    turns: int = TIMING_TURNS
     confidence: float = 0.95  # the one-sided lower bound of the speedup over the turns that must reach it
     seed: int = 12
     device: str = "cpu"  # what a layer costs against the teacher is the device's: a GPU's choice is not a CPU's
@@ -74,8 +79,8 @@ def deepest_within(times_teacher: dict[int, float], speedup: float) -> int:
 
 
 def timing_pairs(data_dir: str | Path, mined_dir: str | Path, max_queries: int) -> tuple[str, list[str], list[tuple[str, str]]]:
-    """What the depth is timed on: the first ``max_queries`` dev queries' true top-k candidates,
-    the pairs a reranker serves; without a dev split, the training groups' pairs."""
+    """What the depth is timed on: the first ``max_queries`` dev queries' true top-k candidates
+    (0: every one), the pairs a reranker serves; without a dev split, the training groups' pairs."""
     import pyarrow.parquet as pq
 
     from pipeline.data import pair_texts
@@ -86,7 +91,8 @@ def timing_pairs(data_dir: str | Path, mined_dir: str | Path, max_queries: int) 
         qids, dids, _ = candidate_pairs(pq.read_table(dev), max_queries)
         source = "dev candidates"
     else:
-        groups = pq.read_table(Path(mined_dir) / "groups.parquet").slice(0, max_queries).to_pydict()
+        groups = pq.read_table(Path(mined_dir) / "groups.parquet")
+        groups = (groups.slice(0, max_queries) if max_queries else groups).to_pydict()
         qids, dids = [], []
         for q, pos, neg in zip(groups["query_id"], groups["positive_ids"], groups["negative_ids"]):
             qids += [q] * (len(pos) + len(neg))
@@ -103,6 +109,7 @@ def choose_depth(data_dir: str | Path, mined_dir: str | Path, out_dir: str | Pat
     import time
 
     import torch
+    from transformers import AutoConfig
 
     from pipeline.artifacts import atomic_dir, write_json
     from pipeline.evaluation import ranker_speed
@@ -121,10 +128,10 @@ def choose_depth(data_dir: str | Path, mined_dir: str | Path, out_dir: str | Pat
     teacher = load_teacher(TeacherSpec.parse(c.teacher, c.teacher_weights), c.device, c.teacher_precision, c.teacher_max_length)
     torch.manual_seed(c.seed)
     rankers = {"teacher": lambda part: teacher.score(pairs[part], qids[part], show_progress=False)}
-    for layers in range(1, c.max_layers + 1):
+    # A cut deeper than the backbone would be the backbone again, timed twice.
+    deepest = min(c.max_layers, AutoConfig.from_pretrained(c.student).num_hidden_layers)
+    for layers in range(1, deepest + 1):
         student = CrossEncoderScorer(cut_student(c.student, layers, c.device, c.max_length, head=c.student_head), c.device, dtype)
-        if student.ce.model.config.num_hidden_layers < layers:
-            break  # the backbone has no more layers to keep
         rankers[layers] = lambda part, s=student: s.score(pairs[part], show_progress=False)
     log.info("timing the teacher and the student at 1-%d layers on %d %s pairs, taking turns", len(rankers) - 1, len(pairs), source)
     speed, timing, _ = ranker_speed(rankers, qids, 0, c.turns)

@@ -141,6 +141,10 @@ class StudentParams(TeacherParams):
         description="the deepest student up to --student-layers whose pairs/s is at least this many times the teacher's, "
         "timed on dev candidates on this machine (ChooseStudentDepth); 0: --student-layers as given",
     )
+    timing_queries = luigi.IntParameter(
+        default=200, description="queries whose candidates every ranker is timed on, taking turns: test queries in the evaluation, "
+        "dev queries for --student-speedup's depth (blocks of the same size, so both measure one ratio); 0 = every query",
+    )
     # Dev nDCG@10 on the demo at each head's best rate of the same grid (make bench-e2e): 0.861 with the
     # cosine head against 0.350 for the [CLS] head a plain CrossEncoder gets from this backbone.
     student_head = luigi.ChoiceParameter(
@@ -174,9 +178,6 @@ class TrainParams(LabelParams, StudentParams):
 
 class EvalParams(TrainParams):
     max_eval_queries = luigi.IntParameter(default=0, description="0 = every test query")
-    timing_queries = luigi.IntParameter(
-        default=200, description="test queries whose candidates every ranker is timed on, taking turns; 0 = every test query"
-    )
     fusion_dev_queries = luigi.IntParameter(
         default=1000,
         description="dev queries on which each student's weight in a fusion with the retriever's score is chosen; 0 = no fused rows",

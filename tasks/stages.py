@@ -341,7 +341,7 @@ class ChooseStudentDepth(StudentParams, Stage):
             teacher=resolved_teacher(self), teacher_weights=self.teacher_weights, student=self.student,
             max_layers=self.student_layers, speedup=self.student_speedup, student_head=student_head(self.student, self.student_head),
             precision=_student_precision(self), teacher_precision=_score_precision(self), max_length=fitted_max_length(self, self.student),
-            teacher_max_length=fitted_teacher_max_length(self), seed=self.seed, device=self.run_device,
+            teacher_max_length=fitted_teacher_max_length(self), queries=self.timing_queries, seed=self.seed, device=self.run_device,
         )
 
     @functools.cached_property

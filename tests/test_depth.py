@@ -48,13 +48,15 @@ def _layers(folder) -> int:
     return load_cross_encoder(str(folder)).model.config.num_hidden_layers
 
 
-def test_every_student_of_a_run_and_its_untrained_row_get_the_measured_depth(small_beir, tiny_models, tmp_path):
+def test_every_student_of_a_run_and_its_untrained_row_get_the_measured_depth(small_beir, tiny_models, tmp_path, caplog):
     """A speedup every cut reaches keeps the most layers asked for; one none reaches keeps one.
     The distilled and label-only students, and the report, follow the depth stage's record."""
     out = tmp_path / "run"
     runs = {}
     for speedup, expected in ((1e-6, 3), (1e6, 1)):
-        params = dag_params(small_beir, tiny_models, out, student_layers=3, student_speedup=speedup, label_only_loss="BinaryCrossEntropyLoss")
+        params = dag_params(
+            small_beir, tiny_models, out, student_layers=3, student_speedup=speedup, label_only_loss="BinaryCrossEntropyLoss", timing_queries=3,
+        )
         entry = tasks.TrainStudent(**params)
         assert luigi.build([entry], local_scheduler=True, workers=1, log_level="WARNING")
         depth = entry.clone(tasks.ChooseStudentDepth)
@@ -67,7 +69,9 @@ def test_every_student_of_a_run_and_its_untrained_row_get_the_measured_depth(sma
         assert sorted(turns) == ["1", "2", "3", "teacher"] and all(len(t) == record["timed_on"]["turns"] for t in turns.values())
         for n, s in record["students"].items():
             assert s["times_teacher_at_least"] == pytest.approx(speedup_bound(turns["teacher"], turns[n], 0.95), abs=0.006)
-        assert record["timed_on"]["source"] == "dev candidates" and record["timed_on"]["pairs"] > 0
+        # As many dev queries as the evaluation times test queries, in as many turns: blocks of one size.
+        assert record["timed_on"]["source"] == "dev candidates" and record["timed_on"]["queries"] == 3 and record["timed_on"]["pairs"] > 0
+        assert record["timed_on"]["turns"] == 3
         evaluation = entry.clone(tasks.EvaluateStudent)
         # One timing for both students: the label-only one's other loss and rate do not make another.
         assert evaluation.label_only_student().requires()["depth"].task_id == evaluation.requires()["depth"].task_id == depth.task_id
@@ -75,6 +79,7 @@ def test_every_student_of_a_run_and_its_untrained_row_get_the_measured_depth(sma
         assert _layers(evaluation.label_only_student().artifact()) == expected
         metrics = json.loads((out / "metrics.json").read_text())
         assert metrics["stages"]["ChooseStudentDepth"]["layers"] == expected
+        assert {k: metrics["speed"][k] for k in ("queries", "turns")} == {k: record["timed_on"][k] for k in ("queries", "turns")}
         assert f"**{expected} layers**" in (out / "report.md").read_text()
         runs[speedup] = (depth.fp, evaluation.fp)
     # Two depths, two evaluations; the untrained rows' cached scores are kept apart by the depth
@@ -82,6 +87,17 @@ def test_every_student_of_a_run_and_its_untrained_row_get_the_measured_depth(sma
     (d1, e1), (d2, e2) = runs.values()
     assert d1 != d2 and e1 != e2
     assert len(list((out / "cache" / "eval").iterdir())) == 2
+
+    # Asked for more layers than the 3-layer backbone has, the stage times each cut it has, once.
+    import dataclasses
+
+    from pipeline.depth import choose_depth
+
+    deeper = dataclasses.replace(depth.config, max_layers=5, speedup=1e-6)
+    with caplog.at_level(logging.WARNING):
+        record = choose_depth(depth.input()["data"].path, depth.input()["mined"].path, tmp_path / "deeper", deeper)
+    assert sorted(record["students"]) == ["1", "2", "3"] and record["layers"] == 3
+    assert "exceeds" not in caplog.text
 
     # Without a dev split, the depth is timed on the training groups' pairs.
     import shutil
