@@ -95,8 +95,11 @@ def upstream(dataset: Path, out: Path, loss: str, num_negatives: int | None = No
     if not luigi.build([labels], local_scheduler=True, workers=1, log_level="WARNING"):
         raise SystemExit("the pipeline failed (see the log above)")
     fit = entry.clone(tasks.FitStudent)
+    params = student_params(fit)  # runs the depth stage when luigi.cfg asks for a measured depth
+    depth = fit.requires().get("depth")
     return {
-        "params": student_params(fit),
+        "params": params,
+        "depth": depth.stats() if depth else {},
         "label_only_setting": (entry.label_only_learning_rate, entry.label_only_epochs),
         "data": entry.clone(tasks.PrepareData).artifact(),
         "mined": entry.clone(tasks.MineHardNegatives).artifact(),
@@ -176,7 +179,7 @@ def main() -> None:
              ("student (distilled) fused", "teacher"))
     results = {
         "meta": {"dataset": args.dataset, **data_stats, "teacher": distilled["teacher"], "teacher_stats": distilled["teacher_stats"],
-                 "params": p, "seeds": list(SEEDS), "defaults": args.defaults,
+                 "params": p, "student_depth": distilled["depth"], "seeds": list(SEEDS), "defaults": args.defaults,
                  "test_queries": len(test.queries), "dev_queries": len(dev.queries), "speed": timing,
                  "distilled_rows": distilled["label_stats"], "label_only_rows": label_only["label_stats"],
                  "command": " ".join(sys.argv)},
@@ -203,6 +206,7 @@ def table(r: dict) -> str:
         f"Speed: {speed_sentence(m)}",
         "",
     ]
+    lines += depth_sentence(m.get("student_depth"))
     if m.get("defaults"):
         lines += [f"Nothing tuned on this dataset: each side at its default ({'; '.join(f'{k}: {v}' for k, v in r['chosen'].items())})."]
     else:
@@ -216,6 +220,24 @@ def table(r: dict) -> str:
         lines.append(f"| {name} | {mean_std(x, 'ndcg@10')} | {mean_std(x, 'mrr@10')} | {speed} |")
     lines += [*fusion_sentence(r["test"]), "", *comparison_rows(r["comparisons"])]
     return "\n".join(lines) + "\n"
+
+
+def depth_sentence(d: dict | None) -> list[str]:
+    """How the students' depth was measured (the pipeline's ChooseStudentDepth record), if it was."""
+    if not d:
+        return []
+    t = d.get("timed_on", {})
+    cuts = "; ".join(
+        f"{n}: {s['times_teacher']:.2f}" + (f", at least {s['times_teacher_at_least']:.2f}" if "times_teacher_at_least" in s else "")
+        for n, s in d["students"].items()
+    )
+    bound = f"its {d['confidence']:.0%} lower bound over the turns" if "confidence" in d else "the mean over the turns (before the lower bound)"
+    return [
+        f"Depth: {d['layers']} layers, measured by the pipeline's ChooseStudentDepth on {t.get('pairs')} {t.get('source', 'pairs')} "
+        f"of {t.get('queries')} queries: the deepest cut whose pairs/s is at least {d['speedup']:g} times the teacher's by {bound} "
+        f"(times the teacher, by layers: {cuts}).",
+        "",
+    ]
 
 
 if __name__ == "__main__":
