@@ -325,7 +325,8 @@ def choose_lr(name: str, train, split: Split, work: Path, p: dict) -> tuple[floa
     """The grid's learning rate with the best dev nDCG@10 (first seed)."""
     dev = {}
     for lr in GRID:
-        dev[f"{lr:g}"] = dev_ndcg(train, work / f"{name}-dev-lr{lr:g}", lr, split, p)
+        # Kept by folder name: a measured depth can differ from one run to the next.
+        dev[f"{lr:g}"] = dev_ndcg(train, work / f"{name}-dev-L{p['student_layers']}-lr{lr:g}", lr, split, p)
         print(f"[dev] {name} lr {lr:g}: nDCG@10 {dev[f'{lr:g}']:.4f}", flush=True)
     best = max(GRID, key=lambda lr: dev[f"{lr:g}"])
     return best, dev
@@ -378,7 +379,7 @@ def main() -> None:
     folders, train_seconds = {}, {}
     earlier = json.loads(Path(args.results).with_suffix(".json").read_text())["stages"] if args.reuse_students else {}
     for name, train in sides.items():
-        folders[name] = [work / f"{name.split()[0]}-test-seed{seed}" for seed in seeds]
+        folders[name] = [work / f"{name.split()[0]}-test-L{p['student_layers']}-seed{seed}" for seed in seeds]
         if args.reuse_students and all((f / "config.json").exists() for f in folders[name]):
             train_seconds[name] = earlier.get(name, {}).get("train", float("nan"))
             continue

@@ -147,6 +147,8 @@ def main() -> None:
     def trainer(labels: Path, loss: str):
         return lambda out, setting, seed: train_project(load_from_disk(str(labels)), loss, out, {**p, "epochs": setting[1]}, setting[0], seed)
 
+    # Trained students are kept by folder name, and a measured depth can differ from one run to the next.
+    depth = f"L{p['student_layers']}"
     sides = {"distilled": trainer(distilled["labels"], "PackedMarginMSELoss"),
              "label-only (BCE)": trainer(label_only["labels"], "BinaryCrossEntropyLoss")}
     chosen, dev_grid = {}, {}
@@ -156,7 +158,7 @@ def main() -> None:
         for name, train in sides.items():
             grid = GRID[name]
             dev_grid[name] = {
-                setting_name(x): dev_ndcg(train, work / f"{name.split()[0]}-dev-lr{x[0]:g}-ep{x[1]:g}", x, dev, p) for x in grid
+                setting_name(x): dev_ndcg(train, work / f"{name.split()[0]}-dev-{depth}-lr{x[0]:g}-ep{x[1]:g}", x, dev, p) for x in grid
             }
             chosen[name] = max(grid, key=lambda x: dev_grid[name][setting_name(x)])
             print(f"[dev] {name}: {dev_grid[name]} -> {setting_name(chosen[name])}", flush=True)
@@ -164,7 +166,7 @@ def main() -> None:
     folders = {}
     for name, train in sides.items():
         lr, epochs = chosen[name]
-        folders[name] = [work / f"{name.split()[0]}-test-lr{lr:g}-ep{epochs:g}-seed{seed}" for seed in SEEDS]
+        folders[name] = [work / f"{name.split()[0]}-test-{depth}-lr{lr:g}-ep{epochs:g}-seed{seed}" for seed in SEEDS]
         for seed, out in zip(SEEDS, folders[name]):
             if not (out / "config.json").exists():
                 train(out, chosen[name], seed)
