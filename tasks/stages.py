@@ -446,7 +446,7 @@ class EvaluateStudent(EvalParams, Stage):
 
     @functools.cached_property
     def config(self) -> evaluation.EvalConfig:
-        return self.with_baseline_cache(_eval_config(self, evaluation.EvalConfig, fusion_dev_queries=self.fusion_dev_queries))
+        return _eval_config(self, evaluation.EvalConfig, fusion_dev_queries=self.fusion_dev_queries)
 
     def with_baseline_cache(self, config: evaluation.EvalConfig) -> evaluation.EvalConfig:
         # Scores that do not depend on the student's training are shared by every student that
@@ -467,7 +467,7 @@ class EvaluateStudent(EvalParams, Stage):
         if self.label_only_loss:
             stages["FitStudent (label-only)"] = self.label_only_student().stats()
         i = self.input()
-        # The untrained student's cached scores are keyed by the depth it is cut to.
+        # The untrained student's cached scores are keyed by the depth it is cut to, known only now.
         config = self.with_baseline_cache(_at_depth(self.config, i))
         if "depth" in i:
             students = {"student": i["student"].path, **({"label-only student": i["label_only"].path} if self.label_only_loss else {})}
