@@ -162,8 +162,11 @@ def ranker_speed(
         for name, s in seconds.items()
     }
     scored = {name: np.concatenate([np.asarray(b, np.float32).reshape(-1) for b in parts]) for name, parts in timed.items()}
-    measured = {"queries": n_queries, "pairs": n_pairs, "turns": len(blocks)}
-    return speed, measured | {"seconds_per_turn": {name: [round(x, 5) for x in s] for name, s in per_turn.items()}}, scored
+    measured = {
+        "queries": n_queries, "pairs": n_pairs, "turns": len(blocks),
+        "seconds_per_turn": {name: [round(x, 5) for x in s] for name, s in per_turn.items()},
+    }
+    return speed, measured, scored
 
 
 def after_timing(timed: np.ndarray, score_rest: Callable[[], object], n_pairs: int) -> np.ndarray:

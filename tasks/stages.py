@@ -502,8 +502,8 @@ def _upstream_stats(task: Stage, labels_task: type, students: dict[str, type]) -
     if "scores" in task.clone(labels_task).requires():
         tasks["ScoreWithTeacher"] = task.clone(ScoreWithTeacher)
     tasks[labels_task.__name__] = task.clone(labels_task)
-    if task.student_speedup > 0:
-        tasks["ChooseStudentDepth"] = task.clone(ChooseStudentDepth)
+    if "depth" in (req := task.requires()):
+        tasks["ChooseStudentDepth"] = req["depth"]
     tasks.update({name: task.clone(cls) for name, cls in students.items()})
     return {name: t.stats() for name, t in tasks.items()}
 
