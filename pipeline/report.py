@@ -381,21 +381,24 @@ def _labels_section(s: dict, p: dict, plots: dict) -> list[str]:
 
 def _depth_section(s: dict, p: dict, plots: dict) -> list[str]:
     t = s.get("timed_on", {})
+    confidence = s.get("confidence")
+    # A record from before the lower bound has no "at least" figure: its column is left out.
+    columns = ["layers", "pairs/s", "times the teacher"] + (["at least"] if confidence else [])
     rows = [
-        f"| {n} | {v['pairs_per_second']:.1f} | {v['times_teacher']:.2f} | {v.get('times_teacher_at_least', float('nan')):.2f} |"
+        "| " + " | ".join([str(n), f"{v['pairs_per_second']:.1f}", f"{v['times_teacher']:.2f}"]
+                          + ([f"{v['times_teacher_at_least']:.2f}"] if confidence else [])) + " |"
         for n, v in s.get("students", {}).items()
     ]
-    confidence = s.get("confidence")
     return [
         "## The student's depth",
         "",
         f"The deepest cut of `{p['student']}` (up to {p['student_layers']} layers) whose pairs/s is at least {s.get('speedup')} times "
         f"the teacher's ({s.get('teacher_pairs_per_second')} pairs/s): **{s.get('layers')} layers**. Timed on {t.get('pairs')} "
         f"{t.get('source', 'pairs')} of {t.get('queries')} queries, the models taking turns over {t.get('turns')} blocks on {t.get('device')}"
-        + (f"; \"at least\" is the one-sided {confidence:.0%} lower bound over the turns." if confidence else "."),
+        + (f"; \"at least\" is the one-sided {confidence:.0%} lower bound over the turns." if confidence else "; decided on the mean over the turns."),
         "",
-        "| layers | pairs/s | times the teacher | at least |",
-        "|---:|---:|---:|---:|",
+        "| " + " | ".join(columns) + " |",
+        "|" + "---:|" * len(columns),
         *rows,
         "",
     ]

@@ -48,6 +48,27 @@ def _layers(folder) -> int:
     return load_cross_encoder(str(folder)).model.config.num_hidden_layers
 
 
+def test_the_report_shows_a_lower_bound_column_only_for_records_that_have_one(tmp_path):
+    from pipeline.report import write_report
+
+    timed = {"pairs": 40, "source": "dev candidates", "queries": 3, "turns": 3, "device": "cpu"}
+    cuts = {"1": {"pairs_per_second": 90.0, "times_teacher": 4.5}, "2": {"pairs_per_second": 50.0, "times_teacher": 2.5}}
+    bounded = {"1": {**cuts["1"], "times_teacher_at_least": 4.1}, "2": {**cuts["2"], "times_teacher_at_least": 2.2}}
+    records = {
+        "before the bound": {"layers": 1, "speedup": 3.0, "teacher_pairs_per_second": 20.0, "students": cuts, "timed_on": timed},
+        "bounded": {"layers": 1, "speedup": 3.0, "teacher_pairs_per_second": 20.0, "students": bounded, "timed_on": timed, "confidence": 0.95},
+    }
+    params = {"dataset": "d", "teacher": "t", "student": "s", "loss": "l", "student_layers": 2}
+    text = {}
+    for name, record in records.items():
+        metrics = {"params": params, "test": {"retriever": {"ndcg@10": 0.5, "mrr@10": 0.4, "map": 0.4}}, "stages": {"ChooseStudentDepth": record}}
+        write_report(tmp_path / "report.md", metrics, [], {})
+        text[name] = (tmp_path / "report.md").read_text()
+    assert "| layers | pairs/s | times the teacher | at least |" in text["bounded"] and "| 2 | 50.0 | 2.50 | 2.20 |" in text["bounded"]
+    assert "at least |" not in text["before the bound"] and "| 2 | 50.0 | 2.50 |" in text["before the bound"]
+    assert "nan" not in text["before the bound"] and "the mean over the turns" in text["before the bound"]
+
+
 def test_every_student_of_a_run_and_its_untrained_row_get_the_measured_depth(small_beir, tiny_models, tmp_path, caplog):
     """A speedup every cut reaches keeps the most layers asked for; one none reaches keeps one.
     The distilled and label-only students, and the report, follow the depth stage's record."""
