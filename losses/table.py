@@ -25,6 +25,14 @@ FORMATS: dict[str, tuple[str, str]] = {
 }
 
 
+# Formats whose 0/1 or [0, 1] labels a one-output model fits through a sigmoid (binary
+# cross-entropy): its logits are log-odds, and a sigmoid reads them as probabilities. Every other
+# format trains scores that only rank (in the teacher's units, or none); a sigmoid would crowd the
+# highest near 1, where float32 has few values left: of 100 scores from 12 to 13 in steps of 0.01,
+# 34 stay apart, and from 14 to 15, 5.
+LOG_ODDS_FORMATS = ("pair-binary", "pair-soft")
+
+
 @dataclass(frozen=True)
 class LossSpec:
     name: str
@@ -41,6 +49,12 @@ class LossSpec:
     @property
     def label(self) -> str:
         return FORMATS[self.format][1]
+
+    @property
+    def activation(self) -> str:
+        """What ``CrossEncoder.predict`` applies to the logits of a model trained with this loss
+        (saved in its folder): a sigmoid for log-odds, nothing for scores that rank."""
+        return "torch.nn.Sigmoid" if self.format in LOG_ODDS_FORMATS else "torch.nn.Identity"
 
 
 _ST = "sentence_transformers.cross_encoder.losses"

@@ -21,6 +21,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -41,6 +42,9 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class TeacherConfig:
     """Settings of teacher fine-tuning (``FineTuneTeacher``)."""
+
+    # 1: the cross-encoder's predict applies the activation its loss trained its logits for (LossSpec.activation).
+    REVISION: ClassVar[int] = 1
 
     backbone: str = model()
     kind: str = "cross-encoder"  # or "bi-encoder", "ensemble"

@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -229,13 +230,14 @@ def train_student(
     if warm_start:
         model = load_cross_encoder(warm_start, device, max_length, trust_remote_code=trust_remote_code)
         head_scale = None
-        if not len(train_dataset):
-            return _save_student(model, out_dir, {**(extra_stats or {}), "loss": spec.name, "rows": 0, "steps": 0, "seconds": 0.0})
     else:
         model = cut_student(student, student_layers, device, max_length, trust_remote_code, head=head)
         if num_labels != 1:
             model = _with_num_labels(model, num_labels)
         head_scale = fit_head_scale(model, train_dataset, spec.format)
+    model.activation_fn = _activation(spec)
+    if warm_start and not len(train_dataset):
+        return _save_student(model, out_dir, {**(extra_stats or {}), "loss": spec.name, "rows": 0, "steps": 0, "seconds": 0.0})
     if card:
         _describe(model, card, spec.name)
     loss_module = build_loss(model, loss, student_loss_kwargs(model, loss, loss_kwargs))
@@ -292,6 +294,15 @@ def train_student(
     _save_student(model, out_dir, stats)
     shutil.rmtree(work, ignore_errors=True)
     return stats
+
+
+def _activation(spec):
+    """The activation the trained model's ``predict`` applies, saved with it. sentence-transformers'
+    default for one output is a sigmoid, which ties the top of a ranking for a model whose scores
+    are not log-odds: a cosine head's reach 10 to 20 (``LOG_ODDS_FORMATS``)."""
+    from sentence_transformers.util import import_from_string
+
+    return import_from_string(spec.activation)()
 
 
 def _final_dev_metrics(log_history: list[dict], final_step: int) -> dict:
@@ -425,7 +436,6 @@ def _with_num_labels(model, num_labels: int):
     hf.classifier = torch.nn.Linear(head.in_features, num_labels).to(head.weight.device)
     hf.config.num_labels = num_labels
     hf.num_labels = num_labels
-    model.activation_fn = torch.nn.Identity()
     return model
 
 
@@ -442,6 +452,9 @@ def check_label_only(source: str | Path, loss: str) -> None:
 @dataclasses.dataclass(frozen=True)
 class FitConfig:
     """Settings of student training (``FitStudent``)."""
+
+    # 1: the saved model's predict applies the activation its loss trained its logits for (LossSpec.activation).
+    REVISION: ClassVar[int] = 1
 
     loss: str = "PackedMarginMSELoss"
     student: str = model()

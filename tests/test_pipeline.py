@@ -164,6 +164,22 @@ def test_published_student_loads_as_cross_encoder(finished_run):
     assert "MarginMSELoss" in card
 
 
+def test_published_students_predict_what_their_loss_trained_their_scores_to_be(finished_run, small_beir, tiny_models):
+    """predict with no arguments: a distilled student's raw scores (they rank, in the teacher's
+    units, and a sigmoid would tie the highest), a BCE student's probabilities (log-odds logits)."""
+    import numpy as np
+    from sentence_transformers.cross_encoder import CrossEncoder
+
+    out, _ = finished_run
+    evaluation = tasks.TrainStudent(**_params(small_beir, tiny_models, out, **FINISHED)).clone(tasks.EvaluateStudent)
+    pairs = [("how to parse xml", "An XML library."), ("image viewer", "A fast image viewer."), ("q", "d")]
+    for folder, activation in ((out / "student", torch.nn.Identity), (evaluation.label_only_student().artifact(), torch.nn.Sigmoid)):
+        model = CrossEncoder(str(folder))
+        assert isinstance(model.activation_fn, activation)
+        raw = model.predict(pairs, activation_fn=torch.nn.Identity())
+        np.testing.assert_allclose(model.predict(pairs), activation()(torch.as_tensor(raw)).numpy(), atol=1e-6)
+
+
 def test_teacher_scores_carry_identity_metadata(finished_run, tiny_models):
     from pipeline.scoring import read_scores
 
@@ -254,6 +270,8 @@ def test_ensemble_teacher_is_two_fine_tuned_members_and_scores_as_their_mix(smal
     pairs = [(ds.queries[q], ds.passage(d)) for q, d in zip(t["query_id"], t["doc_id"])]
     ce = load_cross_encoder(str(folder / "cross-encoder"), "cpu", 64)
     ce_raw = ce.predict(pairs, activation_fn=torch.nn.Identity(), batch_size=8)
+    # Trained to rank (MultipleNegativesRankingLoss), the published cross-encoder predicts its raw scores.
+    assert isinstance(ce.activation_fn, torch.nn.Identity)
     bi = SentenceTransformer(str(folder / "bi-encoder"), device="cpu")
     bi.max_seq_length = 64
     q = bi.encode([a for a, _ in pairs], normalize_embeddings=True, prompt_name=None)
