@@ -15,6 +15,7 @@ import random
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pyarrow as pa
@@ -586,6 +587,9 @@ def mining_stats(groups: pa.Table, num_negatives: int, skipped: Counter) -> dict
 class MineConfig:
     """Settings of the mining stage (``MineHardNegatives``)."""
 
+    # 1: candidates-train.parquet, the training queries' true top-k.
+    REVISION: ClassVar[int] = 1
+
     embedder: str = model()
     num_negatives: int = 7
     range_min: int = 0
@@ -611,7 +615,7 @@ class MineConfig:
 
 
 def mine_hard_negatives(data_dir: str | Path, out_dir: str | Path, config: MineConfig) -> dict:
-    """Stage entry: groups for training queries and rerank candidates for dev/test queries.
+    """Stage entry: groups for training queries, and every split's rerank candidates.
 
     Queries and passages are embedded with the embedder's prompt for their side
     (``side_prompt_name``), as sentence-transformers' ``mine_hard_negatives`` does with
@@ -656,6 +660,10 @@ def mine_hard_negatives(data_dir: str | Path, out_dir: str | Path, config: MineC
                 twins,
             )
             write_table(groups, tmp / "groups.parquet")
+            # Every training query's true top-k as well: what a student taught on whole candidate
+            # lists learns to order (pipeline.plain_student).
+            write_table(rerank_candidates(qv, list(train), doc_vecs, c.rerank_top_k, doc_ids, index, train, c.ignore_identical_ids),
+                        tmp / "candidates-train.parquet")
             stats.update(mining_stats(groups, c.num_negatives, skipped))
             stats["positives_left_out"] = sum(len(p) for p in train.values()) - len(groups["positive_ids"].combine_chunks().flatten())
         for split in ("dev", "test"):

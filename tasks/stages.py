@@ -12,7 +12,7 @@ import luigi
 import torch
 
 from losses.factory import resolve_loss
-from pipeline import data, depth, evaluation, export, labels, mining, multilingual, scoring, teacher, training
+from pipeline import data, depth, evaluation, export, labels, mining, multilingual, plain_student, scoring, teacher, training
 from pipeline.artifacts import fingerprint, point_link, read_json, write_json
 from pipeline.config import config_fingerprint
 from pipeline.errors import PipelineError
@@ -414,6 +414,32 @@ class ExportOnnx(TrainParams, Stage):
 
     def run(self):
         export.export_onnx(self.input().path, self.output().path, trust_remote_code=self.trust_remote_code)
+
+
+class PlainStudent(TrainParams, Stage):
+    """The student in sentence-transformers' own modules (mean Pooling, Dense), taught by the
+    trained student on every training query's candidates: plain CrossEncoder(path) loads it."""
+
+    stage_dir = "plain"
+
+    def requires(self):
+        return {"data": self.clone(PrepareData), "mined": self.clone(MineHardNegatives), "student": self.clone(FitStudent)}
+
+    @functools.cached_property
+    def config(self) -> plain_student.PlainStudentConfig:
+        return plain_student.PlainStudentConfig(
+            max_length=fitted_max_length(self, self.student), precision=_train_precision(self.run_device, self.train_precision),
+            max_dev_queries=self.max_dev_queries, seed=self.seed, device=self.run_device,
+        )
+
+    @functools.cached_property
+    def fp(self) -> str:
+        req = self.requires()
+        return config_fingerprint(self.config, self.identity, req["mined"].fp, req["student"].fp)
+
+    def run(self):
+        i = self.input()
+        plain_student.plain_student(i["data"].path, i["mined"].path, i["student"].path, str(self.artifact()), self.config)
 
 
 class EvaluateStudent(EvalParams, Stage):

@@ -1,0 +1,155 @@
+"""The student in sentence-transformers' own modules, which plain ``CrossEncoder(path)`` loads.
+
+The cosine head (``pipeline.heads``) is this package's code, so a student that has it loads only
+with ``trust_remote_code``. This stage puts a mean Pooling and a Dense, sentence-transformers'
+own modules, on the trained student's encoder, and teaches the result to order every training
+query's true top-k candidates as the cosine-head student orders them (ListNetLoss over each
+list). The lists cost the student's time, not the teacher's, and hold five times the pairs the
+teacher labelled: a linear read-out of the tokens' mean needs them. Taught on the teacher's four
+pairs per query instead, such a head ranked below the retriever (docs/student.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+
+from pipeline.config import run_only
+from pipeline.errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+LOSS = "ListNetLoss"  # softmax cross-entropy between the two orders of a list (ListwiseKLDivLoss's gradients at temperature 1)
+
+
+@dataclass(frozen=True)
+class PlainStudentConfig:
+    """Settings of the plain student (``PlainStudent``)."""
+
+    epochs: float = 1.0
+    batch_size: int = 3  # candidate lists per step: 60 pairs with the retriever's top 20
+    learning_rate: float = 2e-4
+    max_length: int = 256
+    precision: str = "fp32"  # resolved: for scoring the lists and for training
+    fit_queries: int = 512  # lists whose pooled vectors fit the Dense's start by least squares
+    max_dev_queries: int = 200  # dev queries both students are checked on (0: none)
+    seed: int = 12
+    device: str = run_only("cpu", "the trainer's results agree across devices up to float rounding")
+
+
+def candidate_lists(data_dir: str | Path, mined_dir: str | Path) -> tuple[pa.Table, list[tuple[str, str]]]:
+    """Every training query's true top-k (``candidates-train.parquet``) with two or more
+    passages, and their (query, passage) texts in order."""
+    from pipeline.data import pair_texts
+
+    path = Path(mined_dir) / "candidates-train.parquet"
+    if not path.exists():
+        raise PipelineError(f"{mined_dir}: no candidates-train.parquet (mined before training candidates were kept); mine again")
+    cand = pq.read_table(path)
+    cand = cand.filter(pc.greater_equal(pc.list_value_length(cand["doc_ids"]), 2))
+    if not cand.num_rows:
+        raise PipelineError(f"{path}: no training query has two candidates to order")
+    sizes = pc.list_value_length(cand["doc_ids"]).to_numpy()
+    qids = np.repeat(np.asarray(cand["query_id"].to_pylist(), object), sizes).tolist()
+    return cand, pair_texts(data_dir, qids, pc.list_flatten(cand["doc_ids"]).to_pylist())
+
+
+def list_rows(cand: pa.Table, pairs: list[tuple[str, str]], scores: np.ndarray) -> pa.Table:
+    """``list``-format rows (query, [passages], [scores]) of the candidate lists."""
+    from pipeline.labels import rows_schema
+
+    offsets = pa.array(np.concatenate([[0], np.cumsum(pc.list_value_length(cand["doc_ids"]).to_numpy())]), pa.int32())
+    starts = offsets.to_numpy()[:-1]
+    columns = [
+        pa.array([pairs[i][0] for i in starts], pa.string()),
+        pa.ListArray.from_arrays(offsets, pa.array([p for _, p in pairs], pa.string())),
+        pa.ListArray.from_arrays(offsets, pa.array(np.asarray(scores, np.float32), pa.float32())),
+    ]
+    return pa.Table.from_arrays(columns, schema=rows_schema("list"))
+
+
+def mean_head_student(student, pairs: list[tuple[str, str]], scores: np.ndarray, device: str, max_length: int):
+    """A CrossEncoder of ``student``'s own encoder (a copy), a mean Pooling and a Dense whose
+    weights are the least-squares fit of ``scores`` on the pooled vectors of ``pairs``: the
+    training starts from the best linear read-out of the encoder as it is."""
+    import copy
+
+    from sentence_transformers.base.modules import Dense
+    from sentence_transformers.cross_encoder import CrossEncoder
+    from sentence_transformers.sentence_transformer.modules import Pooling
+
+    encoder = copy.deepcopy(student[0])
+    dim = encoder.get_embedding_dimension() if hasattr(encoder, "get_embedding_dimension") else encoder.get_word_embedding_dimension()
+    pooling = Pooling(dim, "mean")
+    dense = Dense(dim, 1, activation_function=torch.nn.Identity(), module_input_name="sentence_embedding", module_output_name="scores")
+    model = CrossEncoder(modules=[encoder, pooling, dense], device=device)
+    model.max_seq_length = max_length
+    encoder.model.config.num_labels = 1
+    pooled = []
+    with torch.no_grad():
+        for i in range(0, len(pairs), 64):
+            features = model.preprocess(pairs[i : i + 64])
+            features = {k: v.to(model.device) if torch.is_tensor(v) else v for k, v in features.items()}
+            pooled.append(pooling(encoder(features))["sentence_embedding"].float().cpu())
+    x = torch.cat([torch.cat(pooled), torch.ones(len(pairs), 1)], 1).double()
+    w = torch.linalg.lstsq(x, torch.as_tensor(scores, dtype=torch.float64).unsqueeze(1)).solution.squeeze(1)
+    with torch.no_grad():
+        dense.linear.weight.copy_(w[:-1].unsqueeze(0).float())
+        dense.linear.bias.copy_(w[-1:].float())
+    return model
+
+
+def plain_student(data_dir: str | Path, mined_dir: str | Path, student_dir: str | Path, out_dir: str | Path, config: PlainStudentConfig) -> dict:
+    """Stage entry: score every training query's candidates with the trained student, fit a
+    mean-head student of its encoder to them, and save it to ``out_dir`` with ``stats.json``
+    (the training's statistics and both students' nDCG@10 on dev candidates)."""
+    from sentence_transformers.cross_encoder.evaluation import CrossEncoderRerankingEvaluator
+
+    from pipeline.labels import to_dataset
+    from pipeline.models import load_cross_encoder, resolve_precision
+    from pipeline.scoring import CrossEncoderScorer
+    from pipeline.training import dev_check_samples, train_student
+
+    from pipeline.heads import SegmentCosine
+
+    c = config
+    student = load_cross_encoder(str(student_dir), c.device, c.max_length)
+    if not isinstance(student[-1], SegmentCosine):
+        raise PipelineError(f"{student_dir}: its head is sentence-transformers' own already; CrossEncoder(path) loads it as it is")
+    cand, pairs = candidate_lists(data_dir, mined_dir)
+    log.info("scoring %d candidates of %d training queries with the student", len(pairs), cand.num_rows)
+    scores = CrossEncoderScorer(student, c.device, resolve_precision(c.precision, c.device)).score(pairs, desc="student")
+    rows = list_rows(cand, pairs, scores)
+    fit_pairs = sum(len(d) for d in rows.column("docs").slice(0, c.fit_queries).to_pylist())
+    model = mean_head_student(student, pairs[:fit_pairs], scores[:fit_pairs], c.device, c.max_length)
+
+    dev = None
+    dev_path = Path(mined_dir) / "candidates-dev.parquet"
+    if dev_path.exists() and c.max_dev_queries:
+        dev = dev_check_samples(data_dir, dev_path, c.max_dev_queries)
+    extra = {"lists": rows.num_rows, "pairs": len(pairs), "taught_by": str(student_dir)}
+    if dev:
+        evaluator = CrossEncoderRerankingEvaluator(dev, at_k=10, name="dev", batch_size=64, write_csv=False, always_rerank_positives=False)
+        # Its raw scores, whatever activation an older folder saved (pipeline.training._activation).
+        student.activation_fn = torch.nn.Identity()
+        extra["dev_cosine_student"] = {k: float(v) for k, v in evaluator(student).items()}
+    init = Path(f"{out_dir}.init")
+    shutil.rmtree(init, ignore_errors=True)
+    model.save_pretrained(str(init))
+    try:
+        return train_student(
+            to_dataset(rows).shuffle(seed=c.seed, keep_in_memory=True), LOSS, out_dir, student=str(student_dir),
+            epochs=c.epochs, batch_size=c.batch_size, learning_rate=c.learning_rate, max_length=c.max_length,
+            device=c.device, precision=c.precision, dev_samples=dev, seed=c.seed, warm_start=str(init), extra_stats=extra,
+            card={"model_name": "reranker in sentence-transformers' own modules, taught by a cosine-head student", "dataset": str(data_dir)},
+        )
+    finally:
+        shutil.rmtree(init, ignore_errors=True)
