@@ -409,8 +409,11 @@ def mine(
     ignore_identical_ids: bool = False,
     max_positives: int = 0,
     twins: dict[str, list[str]] | None = None,
-) -> pa.Table:
-    """Groups of (query, positives, mined negatives with retrieval scores and ranks).
+    candidates_k: int = 0,
+) -> pa.Table | tuple[pa.Table, pa.Table]:
+    """Groups of (query, positives, mined negatives with retrieval scores and ranks); with
+    ``candidates_k``, also each query's true top-``candidates_k`` (as :func:`rerank_candidates`),
+    read off the same search.
 
     ``twins`` (:func:`text_twins`): a passage with the exact text of one of the query's positives
     is never its negative, as in sentence-transformers' mining, which de-duplicates the corpus by
@@ -430,10 +433,10 @@ def mine(
     n_hard = num_negatives - n_random
     index = index if index is not None else build_index(doc_vecs)
     max_pos = max((len(p) for p in positives.values()), default=0)
-    k = min(range_max + max_pos, len(doc_ids))
+    k = min(max(range_max + max_pos, candidates_k), len(doc_ids))
     doc_pos = {d: i for i, d in enumerate(doc_ids)}
     own = own_id_columns(query_ids, doc_ids, positives) if ignore_identical_ids else {}
-    if n_hard:
+    if n_hard or candidates_k:
         scores, ids = without_own_ids(*search(index, query_vecs, min(k + bool(own), len(doc_ids))), own, k)
     else:
         scores, ids = np.zeros((len(query_ids), 0)), np.zeros((len(query_ids), 0), int)
@@ -467,7 +470,16 @@ def mine(
         rows["negative_ids"].append(neg_ids)
         rows["negative_scores"].append(neg_scores)
         rows["negative_ranks"].append(neg_ranks)
-    return pa.table(rows, schema=GROUPS_SCHEMA)
+    groups = pa.table(rows, schema=GROUPS_SCHEMA)
+    if not candidates_k:
+        return groups
+    top = ids[:, :candidates_k]
+    candidates = pa.table({
+        "query_id": list(query_ids),
+        "doc_ids": [[doc_ids[j] for j in row if j >= 0] for row in top],
+        "scores": [[float(x) for j, x in zip(row, srow) if j >= 0] for row, srow in zip(top, scores[:, :candidates_k])],
+    }, schema=CANDIDATES_SCHEMA)
+    return groups, candidates
 
 
 def kept_positives(query_id: str, grades: dict[str, int], limit: int, seed: int) -> list[str]:
@@ -654,16 +666,15 @@ def mine_hard_negatives(data_dir: str | Path, out_dir: str | Path, config: MineC
         if train:
             qv = encoders.embed("query", [ds.queries[q] for q in train])
             skipped: Counter = Counter()
-            groups = mine(
+            # Every training query's true top-k as well, from the same search: what a student
+            # taught on whole candidate lists learns to order (pipeline.plain_student).
+            groups, candidates = mine(
                 qv, list(train), doc_vecs, doc_ids, train, c.num_negatives, c.range_min, c.range_max, c.sampling, index,
                 c.seed, c.filters, c.random_share, skipped, c.ignore_identical_ids, c.max_positives,
-                twins,
+                twins, candidates_k=c.rerank_top_k,
             )
             write_table(groups, tmp / "groups.parquet")
-            # Every training query's true top-k as well: what a student taught on whole candidate
-            # lists learns to order (pipeline.plain_student).
-            write_table(rerank_candidates(qv, list(train), doc_vecs, c.rerank_top_k, doc_ids, index, train, c.ignore_identical_ids),
-                        tmp / "candidates-train.parquet")
+            write_table(candidates, tmp / "candidates-train.parquet")
             stats.update(mining_stats(groups, c.num_negatives, skipped))
             stats["positives_left_out"] = sum(len(p) for p in train.values()) - len(groups["positive_ids"].combine_chunks().flatten())
         for split in ("dev", "test"):

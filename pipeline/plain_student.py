@@ -40,9 +40,9 @@ class PlainStudentConfig:
     max_length: int = 256
     precision: str = "fp32"  # resolved: for scoring the lists and for training
     fit_queries: int = 512  # lists whose pooled vectors fit the Dense's start by least squares
-    max_dev_queries: int = 200  # dev queries both students are checked on (0: none)
     seed: int = 12
     device: str = run_only("cpu", "the trainer's results agree across devices up to float rounding")
+    max_dev_queries: int = run_only(200, "sizes the dev check of both students; the model is the same")
 
 
 def candidate_lists(data_dir: str | Path, mined_dir: str | Path) -> tuple[pa.Table, list[tuple[str, str]]]:
@@ -128,7 +128,7 @@ def plain_student(data_dir: str | Path, mined_dir: str | Path, student_dir: str 
     log.info("scoring %d candidates of %d training queries with the student", len(pairs), cand.num_rows)
     scores = CrossEncoderScorer(student, c.device, resolve_precision(c.precision, c.device)).score(pairs, desc="student")
     rows = list_rows(cand, pairs, scores)
-    fit_pairs = sum(len(d) for d in rows.column("docs").slice(0, c.fit_queries).to_pylist())
+    fit_pairs = int(pc.sum(pc.list_value_length(cand["doc_ids"].slice(0, c.fit_queries))).as_py())
     model = mean_head_student(student, pairs[:fit_pairs], scores[:fit_pairs], c.device, c.max_length)
 
     dev = None

@@ -41,17 +41,18 @@ def test_the_plain_student_loads_without_flags_and_orders_the_training_lists_as_
     assert stats["loss"] == "ListNetLoss" and stats["lists"] == len(groups) and stats["pairs"] == len(groups) * params["rerank_top_k"]
     assert "dev_ndcg@10" in stats["dev"] and "dev_ndcg@10" in stats["dev_cosine_student"]
 
-    # It ranks a training query's candidates as the cosine-head student does (its raw scores).
+    # It ranks the training queries' candidates as the cosine-head student does (its raw scores):
+    # far above chance over all lists (about 0 ± 0.05 for 40 lists of 10), on tiny random models.
     from pipeline.data import pair_texts
 
     data = task.clone(tasks.PrepareData).artifact()
     taught = load_cross_encoder(str(task.clone(tasks.FitStudent).artifact()), "cpu", 64)
     agree = []
-    for q, docs in zip(cand["query_id"][:6], cand["doc_ids"][:6]):
+    for q, docs in zip(cand["query_id"], cand["doc_ids"]):
         pairs = pair_texts(data, [q] * len(docs), docs)
         want = taught.predict(pairs, activation_fn=torch.nn.Identity())
         agree.append(spearmanr(plain.predict(pairs), want).statistic)
-    assert np.mean(agree) > 0.5
+    assert np.mean(agree) > 0.25
 
 
 def test_a_student_with_sentence_transformers_own_head_is_not_converted(small_beir, tiny_models, tmp_path):
