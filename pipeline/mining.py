@@ -473,13 +473,7 @@ def mine(
     groups = pa.table(rows, schema=GROUPS_SCHEMA)
     if not candidates_k:
         return groups
-    top = ids[:, :candidates_k]
-    candidates = pa.table({
-        "query_id": list(query_ids),
-        "doc_ids": [[doc_ids[j] for j in row if j >= 0] for row in top],
-        "scores": [[float(x) for j, x in zip(row, srow) if j >= 0] for row, srow in zip(top, scores[:, :candidates_k])],
-    }, schema=CANDIDATES_SCHEMA)
-    return groups, candidates
+    return groups, candidates_table(query_ids, doc_ids, scores[:, :candidates_k], ids[:, :candidates_k])
 
 
 def kept_positives(query_id: str, grades: dict[str, int], limit: int, seed: int) -> list[str]:
@@ -544,9 +538,14 @@ def rerank_candidates(
     index = index if index is not None else build_index(doc_vecs)
     own = own_id_columns(query_ids, doc_ids, relevant or {}) if ignore_identical_ids else {}
     scores, ids = without_own_ids(*search(index, query_vecs, min(top_k + bool(own), len(doc_ids))), own, top_k)
+    return candidates_table(query_ids, doc_ids, scores, ids)
+
+
+def candidates_table(query_ids: list[str], doc_ids: list[str], scores: np.ndarray, ids: np.ndarray) -> pa.Table:
+    """Search results (rows of corpus positions, -1 for none) as each query's candidate ids and scores."""
     out_ids = [[doc_ids[j] for j in row if j >= 0] for row in ids]
     out_scores = [[float(s) for j, s in zip(row, srow) if j >= 0] for row, srow in zip(ids, scores)]
-    return pa.table({"query_id": query_ids, "doc_ids": out_ids, "scores": out_scores}, schema=CANDIDATES_SCHEMA)
+    return pa.table({"query_id": list(query_ids), "doc_ids": out_ids, "scores": out_scores}, schema=CANDIDATES_SCHEMA)
 
 
 def write_table(table: pa.Table, path: str | Path) -> None:

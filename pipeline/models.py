@@ -275,9 +275,7 @@ def cut_student(
 def _pooled_cross_encoder(backbone: str, head: str, device: str, max_length: int | None, trust_remote_code: bool):
     """CrossEncoder(Transformer, mean Pooling, Dense -> 1 score) or CrossEncoder(Transformer,
     SegmentCosine) from a backbone's encoder."""
-    from sentence_transformers.base.modules import Dense
     from sentence_transformers.cross_encoder import CrossEncoder
-    from sentence_transformers.sentence_transformer.modules import Pooling
 
     from pipeline.heads import SegmentCosine
 
@@ -289,13 +287,22 @@ def _pooled_cross_encoder(backbone: str, head: str, device: str, max_length: int
         # CrossEncoder.num_labels reads the encoder's config when the last module is not a Dense.
         encoder.model.config.num_labels = 1
     else:
-        dim = encoder.get_embedding_dimension() if hasattr(encoder, "get_embedding_dimension") else encoder.get_word_embedding_dimension()
-        dense = Dense(dim, 1, activation_function=nn.Identity(), module_input_name="sentence_embedding", module_output_name="scores")
-        modules = [encoder, Pooling(dim, "mean"), dense]
+        modules = [encoder, *mean_head(encoder)]
     model = CrossEncoder(modules=modules, device=device)
     if max_length:
         model.max_seq_length = max_length
     return model
+
+
+def mean_head(encoder) -> tuple:
+    """sentence-transformers' own modules that score a pair from ``encoder``'s token vectors: a
+    mean Pooling and a Dense to one output."""
+    from sentence_transformers.base.modules import Dense
+    from sentence_transformers.sentence_transformer.modules import Pooling
+
+    dim = encoder.get_embedding_dimension() if hasattr(encoder, "get_embedding_dimension") else encoder.get_word_embedding_dimension()
+    dense = Dense(dim, 1, activation_function=nn.Identity(), module_input_name="sentence_embedding", module_output_name="scores")
+    return Pooling(dim, "mean"), dense
 
 
 def _layer_list(model: nn.Module, total: int) -> nn.ModuleList:

@@ -82,14 +82,12 @@ def mean_head_student(student, pairs: list[tuple[str, str]], scores: np.ndarray,
     training starts from the best linear read-out of the encoder as it is."""
     import copy
 
-    from sentence_transformers.base.modules import Dense
     from sentence_transformers.cross_encoder import CrossEncoder
-    from sentence_transformers.sentence_transformer.modules import Pooling
+
+    from pipeline.models import mean_head
 
     encoder = copy.deepcopy(student[0])
-    dim = encoder.get_embedding_dimension() if hasattr(encoder, "get_embedding_dimension") else encoder.get_word_embedding_dimension()
-    pooling = Pooling(dim, "mean")
-    dense = Dense(dim, 1, activation_function=torch.nn.Identity(), module_input_name="sentence_embedding", module_output_name="scores")
+    pooling, dense = mean_head(encoder)
     model = CrossEncoder(modules=[encoder, pooling, dense], device=device)
     model.max_seq_length = max_length
     encoder.model.config.num_labels = 1
@@ -113,12 +111,11 @@ def plain_student(data_dir: str | Path, mined_dir: str | Path, student_dir: str 
     (the training's statistics and both students' nDCG@10 on dev candidates)."""
     from sentence_transformers.cross_encoder.evaluation import CrossEncoderRerankingEvaluator
 
+    from pipeline.heads import SegmentCosine
     from pipeline.labels import to_dataset
     from pipeline.models import load_cross_encoder, resolve_precision
     from pipeline.scoring import CrossEncoderScorer
     from pipeline.training import dev_check_samples, train_student
-
-    from pipeline.heads import SegmentCosine
 
     c = config
     student = load_cross_encoder(str(student_dir), c.device, c.max_length)
