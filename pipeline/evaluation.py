@@ -33,6 +33,7 @@ COMPARISONS = (
     ("student", "teacher"),
     ("student", "student_untrained"),
     ("student", "student_label_only"),
+    ("student", "student_cosine"),
     ("student_label_only", "retriever"),
     ("student_fused", "retriever"),
     ("student_fused", "student"),
@@ -255,6 +256,12 @@ def verdict(
     if "student" in test and "student_untrained" in test:
         gain = test["student"]["ndcg@10"] - test["student_untrained"]["ndcg@10"]
         lines.append(f"Training moved the student {gain:+.4f} nDCG@10 from its untrained start{p_of('student', 'student_untrained')}.")
+    if "student" in test and "student_cosine" in test:
+        gain = test["student"]["ndcg@10"] - test["student_cosine"]["ndcg@10"]
+        lines.append(
+            f"The student, in sentence-transformers' own modules, ranks {gain:+.4f} nDCG@10 against the cosine-head student "
+            f"that taught it{p_of('student', 'student_cosine')}."
+        )
     for name, baseline, how in (
         ("student", "student_label_only", "the same student trained on the judgments alone"),
         ("student_fused", "student_label_only_fused", "the label-only student fused with the retriever the same way"),
@@ -316,10 +323,11 @@ def baseline_key(config: EvalConfig, identity: Callable[[str], str]) -> str:
     return config_fingerprint(dataclasses.replace(config, **{n: getattr(defaults, n) for n in NOT_BASELINE}), identity)
 
 
-def evaluate_student(data_dir, mined_dir, student_dir, out_dir, config: EvalConfig, run: dict, label_only_dir=None) -> dict:
-    """Stage entry: test metrics of retriever, teacher, untrained and trained student, and of a
-    student trained on the judgments alone (``label_only_dir``, when given); metrics.json,
-    report.md and plots in ``out_dir``.
+def evaluate_student(data_dir, mined_dir, student_dir, out_dir, config: EvalConfig, run: dict, label_only_dir=None, cosine_dir=None) -> dict:
+    """Stage entry: test metrics of retriever, teacher, untrained and trained student, of a
+    student trained on the judgments alone (``label_only_dir``, when given) and of the cosine-head
+    student that taught a plain one (``cosine_dir``, when ``student_dir`` is PlainStudent's);
+    metrics.json, report.md and plots in ``out_dir``.
 
     ``run`` holds what the report shows beside the metrics: ``params`` (the run's settings and
     fingerprint), ``stages`` (each upstream stage's statistics) and ``timings``.
@@ -360,7 +368,9 @@ def evaluate_student(data_dir, mined_dir, student_dir, out_dir, config: EvalConf
     students["student"] = CrossEncoderScorer(load_cross_encoder(str(student_dir), c.device, c.max_length), c.device, dtype)
     if label_only_dir:
         students["student_label_only"] = CrossEncoderScorer(load_cross_encoder(str(label_only_dir), c.device, c.max_length), c.device, dtype)
-    descs = {"student_untrained": "untrained student", "student": "student", "student_label_only": "label-only student"}
+    if cosine_dir:
+        students["student_cosine"] = CrossEncoderScorer(load_cross_encoder(str(cosine_dir), c.device, c.max_length), c.device, dtype)
+    descs = {"student_untrained": "untrained student", "student": "student", "student_label_only": "label-only student", "student_cosine": "cosine-head student"}
 
     # The retriever's order is mining's; it is timed re-scoring the same pairs, texts embedded.
     timed = {
@@ -382,10 +392,11 @@ def evaluate_student(data_dir, mined_dir, student_dir, out_dir, config: EvalConf
             len(pairs),
         )
         _store_baselines(baseline_file, scores)
-    trained = {n: students[n] for n in ("student", "student_label_only") if n in students}
+    trained = {n: students[n] for n in ("student", "student_label_only", "student_cosine") if n in students}
     for name, scorer in trained.items():
         scores[name] = after_timing(timing_scores[name], lambda name=name, s=scorer: s.score(pairs[rest], desc=descs[name]), len(pairs))
-    fusion = fuse_with_retriever(data_dir, mined_dir, c.fusion_dev_queries, trained)
+    # The cosine-head student is shown as it is: fusing it too would cost its dev pass for a row nobody serves.
+    fusion = fuse_with_retriever(data_dir, mined_dir, c.fusion_dev_queries, {n: s for n, s in trained.items() if n != "student_cosine"})
     add_fused_rows(qids, scores, speed, fusion)
     test, significance, per_query = evaluate_rankers(qids, dids, qrels, scores, speed=speed)
     lines = verdict(test, significance, fusion)

@@ -171,7 +171,7 @@ def load_cross_encoder(
         model_kwargs=_model_kwargs(ref),
     )
     with _remote_code_refused(ref), _model_found(ref):
-        if _uses_own_head(ref):
+        if uses_own_head(ref):
             model = _load_with_own_head(ref, kwargs)
         else:
             model = CrossEncoder(ref, **kwargs)
@@ -180,7 +180,9 @@ def load_cross_encoder(
     return model
 
 
-def _uses_own_head(ref: str) -> bool:
+def uses_own_head(ref: str) -> bool:
+    """Whether the saved model ``ref`` has this package's head (which plain ``CrossEncoder(ref)``
+    loads only with ``trust_remote_code``)."""
     from pipeline.heads import CLASS_REFS
 
     return any(t in CLASS_REFS for t in _module_types(ref))

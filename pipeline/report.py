@@ -10,7 +10,7 @@ from pipeline.artifacts import atomic_file
 from pipeline.evaluation import outcome
 
 ROW_ORDER = [
-    "retriever", "teacher", "student_untrained", "student_label_only", "student_source_only", "student", "student_label_only_fused",
+    "retriever", "teacher", "student_untrained", "student_label_only", "student_source_only", "student_cosine", "student", "student_label_only_fused",
     "student_source_only_fused", "student_fused",
 ]
 

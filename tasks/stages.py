@@ -16,7 +16,7 @@ from pipeline import data, depth, evaluation, export, labels, mining, multilingu
 from pipeline.artifacts import fingerprint, point_link, read_json, write_json
 from pipeline.config import config_fingerprint
 from pipeline.errors import PipelineError
-from pipeline.models import PRECISIONS, fitting_max_length, model_identity, resolve_device, resolve_precision, strip_kind, student_head
+from pipeline.models import PRECISIONS, fitting_max_length, model_identity, resolve_device, resolve_precision, strip_kind, student_head, uses_own_head
 from tasks.params import DataParams, EvalParams, LabelParams, MineParams, MultilingualParams, StudentParams, TeacherParams, TrainParams
 
 FINE_TUNED = "fine-tuned"
@@ -401,12 +401,12 @@ class FitStudent(TrainParams, Stage):
 
 
 class ExportOnnx(TrainParams, Stage):
-    """The student as one ONNX graph, head included, checked against PyTorch (pipeline.export)."""
+    """The published student as one ONNX graph, head included, checked against PyTorch (pipeline.export)."""
 
     stage_dir = "onnx"
 
     def requires(self):
-        return self.clone(FitStudent)
+        return published_student(self)
 
     @functools.cached_property
     def fp(self) -> str:
@@ -442,6 +442,21 @@ class PlainStudent(TrainParams, Stage):
         plain_student.plain_student(i["data"].path, i["mined"].path, i["student"].path, str(self.artifact()), self.config)
 
 
+def publishes_plain(task: TrainParams) -> bool:
+    """Whether the student a run publishes is PlainStudent's: --plain-student, and a trained student
+    with the cosine head to teach it (a warm-started student keeps its champion's head)."""
+    if not task.plain_student:
+        return False
+    if task.warm_start:
+        return uses_own_head(task.warm_start)
+    return student_head(task.student, task.student_head) == "cosine"
+
+
+def published_student(task: TrainParams) -> Stage:
+    """The stage whose folder a run publishes as <output-dir>/student."""
+    return task.clone(PlainStudent) if publishes_plain(task) else task.clone(FitStudent)
+
+
 class EvaluateStudent(EvalParams, Stage):
     """Test metrics of retriever, teacher, untrained and trained student; report and plots."""
 
@@ -458,6 +473,8 @@ class EvaluateStudent(EvalParams, Stage):
             req["teacher"] = self.clone(FineTuneTeacher)
         if self.label_only_loss:
             req["label_only"] = self.label_only_student()
+        if publishes_plain(self):
+            req["plain"] = self.clone(PlainStudent)
         return _measured_depth(self, req)  # the untrained student's row is cut to the students' depth
 
     def label_only_student(self) -> FitStudent:
@@ -483,24 +500,27 @@ class EvaluateStudent(EvalParams, Stage):
     @functools.cached_property
     def fp(self) -> str:
         req = self.requires()
-        return config_fingerprint(self.config, self.identity, *(req[k].fp for k in ("student", "label_only", "depth") if k in req))
+        return config_fingerprint(self.config, self.identity, *(req[k].fp for k in ("student", "label_only", "plain", "depth") if k in req))
 
     def output(self):
         return luigi.LocalTarget(str(self.artifact() / "metrics.json"))
 
     def run(self):
-        stages = _upstream_stats(self, BuildLabels, {"FitStudent": FitStudent})
+        i = self.input()
+        stages = _upstream_stats(self, BuildLabels, {"FitStudent": FitStudent, **({"PlainStudent": PlainStudent} if "plain" in i else {})})
         if self.label_only_loss:
             stages["FitStudent (label-only)"] = self.label_only_student().stats()
-        i = self.input()
         # The untrained student's cached scores are keyed by the depth it is cut to, known only now.
         config = self.with_baseline_cache(_at_depth(self.config, i))
+        # The published student is the "student" row; the cosine-head student that taught it keeps a row of its own.
+        published, cosine = (i["plain"].path, i["student"].path) if "plain" in i else (i["student"].path, None)
         if "depth" in i:
-            students = {"student": i["student"].path, **({"label-only student": i["label_only"].path} if self.label_only_loss else {})}
+            students = {"student": published, **({"cosine-head student": cosine} if cosine else {}),
+                        **({"label-only student": i["label_only"].path} if self.label_only_loss else {})}
             depth.check_cut_to(config.student_layers, students)
         evaluation.evaluate_student(
-            i["data"].path, i["mined"].path, i["student"].path, self.artifact(), config, _run_info(self, stages),
-            label_only_dir=i["label_only"].path if self.label_only_loss else None,
+            i["data"].path, i["mined"].path, published, self.artifact(), config, _run_info(self, stages),
+            label_only_dir=i["label_only"].path if self.label_only_loss else None, cosine_dir=cosine,
         )
 
 
@@ -539,11 +559,14 @@ class TrainStudent(EvalParams, luigi.Task):
     (and fusion.json, the student's fusion weight with the retriever, when dev chose one)."""
 
     evaluation_task = EvaluateStudent
-    student_task = FitStudent
     published = ("teacher_vs_student.png", "quality_vs_speed.png", "mined_negatives.png", "fusion.json", "report.md", "metrics.json")
 
     def requires(self):
         return self.clone(self.evaluation_task)
+
+    def student_stage(self) -> Stage:
+        """The stage whose folder is published as <output-dir>/student."""
+        return published_student(self)
 
     def output(self):
         return {
@@ -567,7 +590,7 @@ class TrainStudent(EvalParams, luigi.Task):
         ev = self.requires()
         src = ev.artifact()
         root = Path(self.output_dir)
-        point_link(root / "student", ev.clone(self.student_task).artifact())
+        point_link(root / "student", self.student_stage().artifact())
         for name in self.published:
             if (src / name).exists():
                 point_link(root / name, src / name)  # metrics.json last: it marks this run complete
@@ -650,5 +673,7 @@ class TrainMultilingualStudent(MultilingualParams, TrainStudent):
     (with a ``languages`` section) and report.md."""
 
     evaluation_task = EvaluateMultilingualStudent
-    student_task = FitMultilingualStudent
     published = ("languages.png", "report.md", "metrics.json")
+
+    def student_stage(self) -> Stage:
+        return self.clone(FitMultilingualStudent)  # its own head: the multilingual evaluation measures that one

@@ -29,7 +29,7 @@ ENTRY_POINTS = {
     ),
     training.fit_student_once: (["data_dir", "mined_dir", "labels_dir", "out_dir", "config"], training.FitConfig),
     evaluation.evaluate_student: (
-        ["data_dir", "mined_dir", "student_dir", "out_dir", "config", "run", "label_only_dir"], evaluation.EvalConfig
+        ["data_dir", "mined_dir", "student_dir", "out_dir", "config", "run", "label_only_dir", "cosine_dir"], evaluation.EvalConfig
     ),
     multilingual.evaluate_languages: (
         ["data_dir", "mined_dir", "student_dir", "source_only_dir", "out_dir", "config", "run"], multilingual.MultilingualEvalConfig
@@ -174,8 +174,8 @@ print(json.dumps({
     "warnings": [str(w.message) for w in caught if w.category.__name__ == "UnconsumedParameterWarning"],
     "entries": {n: [t.dataset, t.embedder, t.teacher_kind, t.student_layers, t.max_train_queries, t.output_dir]
                 for n, t in entries.items()},
-    "students": [t.task_id for t in (entries["TrainStudent"].clone(tasks.FitStudent), tasks.ExportOnnx().requires(),
-                                     tasks.PlainStudent().requires()["student"])],
+    "students": [t.task_id for t in (entries["TrainStudent"].clone(tasks.FitStudent), tasks.PlainStudent().requires()["student"])],
+    "published": [t.task_id for t in (entries["TrainStudent"].student_stage(), tasks.ExportOnnx().requires(), tasks.PlainStudent())],
 }))
 """
 
@@ -206,7 +206,7 @@ def test_luigi_cfg_shares_the_demo_settings_without_warnings(central):
     assert got["entries"]["RetrainStudent"] == ["data/debian-partly-judged", *shared, 2, 0]
     assert got["entries"]["TrainMultilingualStudent"] == ["data/debian-descriptions", *shared, 2, 600]
     # The tasks that take the demo's student, run alone, address the one TrainStudent trained.
-    assert len(set(got["students"])) == 1
+    assert len(set(got["students"])) == 1 and len(set(got["published"])) == 1
 
 
 def test_a_teacher_fingerprint_ignores_the_settings_its_kind_does_not_use():
