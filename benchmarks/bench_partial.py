@@ -9,6 +9,8 @@ partly judged already), then compares, on the same true top-k test candidates:
 - the distilled student: the pipeline with ``--max-unjudged-queries -1``: the teacher labels
   every training query (PackedMarginMSELoss; an unjudged query's positive is the teacher's best
   candidate);
+- the plain distilled student: what ``TrainStudent`` publishes, taught by each distilled
+  (cosine-head) student in sentence-transformers' own modules (``pipeline.plain_student``);
 - the label-only student: the same student, head, depth and budget trained with
   BinaryCrossEntropyLoss on the judged queries (the only ones it can use);
 - the untrained student and the retriever's own order.
@@ -170,12 +172,15 @@ def main() -> None:
         for seed, out in zip(SEEDS, folders[name]):
             if not (out / "config.json").exists():
                 train(out, chosen[name], seed)
+    folders["distilled, plain"] = [plain(distilled, p, out, seed) for seed, out in zip(SEEDS, folders["distilled"])]
     rankers, timing = test_rows(test, p, distilled["teacher"], folders, args.timing_queries, untrained=True, dev=dev)
 
     def compare(a: str, b: str) -> dict:
         return paired_test(np.asarray(rankers[a]["per_query_ndcg"]), np.asarray(rankers[b]["per_query_ndcg"]))
 
-    pairs = (("student (distilled)", "student (label-only (BCE))"), ("student (distilled)", "retriever"),
+    pairs = (("student (distilled, plain)", "student (label-only (BCE))"), ("student (distilled, plain)", "retriever"),
+             ("student (distilled, plain)", "student (distilled)"), ("student (distilled, plain)", "teacher"),
+             ("student (distilled)", "student (label-only (BCE))"), ("student (distilled)", "retriever"),
              ("student (label-only (BCE))", "retriever"), ("teacher", "retriever"), ("student (distilled)", "teacher"),
              ("student (distilled) fused", "retriever"), ("student (distilled) fused", "student (label-only (BCE)) fused"),
              ("student (distilled) fused", "teacher"))
@@ -191,6 +196,17 @@ def main() -> None:
         "comparisons": {f"{a} vs {b}": compare(a, b) for a, b in pairs},
     }
     write_results(results, Path(args.results), table, plot=False)
+
+
+def plain(upstream: dict, p: dict, cosine: Path, seed: int) -> Path:
+    """The plain student the pipeline would publish for the cosine-head student at ``cosine``."""
+    from pipeline.plain_student import PlainStudentConfig, plain_student
+
+    out = cosine.with_name(cosine.name + "-plain")
+    if not (out / "config.json").exists():
+        config = PlainStudentConfig(max_length=p["max_length"], precision=p["precision"], seed=seed, max_dev_queries=0)
+        plain_student(upstream["data"], upstream["mined"], cosine, out, config)
+    return out
 
 
 def table(r: dict) -> str:
