@@ -36,9 +36,9 @@ class PlainStudentConfig:
     """Settings of the plain student (``PlainStudent``)."""
 
     epochs: float = 1.0
-    # Candidates per list, drawn at random from each query's true top-k (kept in the retriever's
-    # order), so that ranks 11 to 20 are seen too: on the demo's dev split 10 of the top 20 scored
-    # 0.8644 nDCG@10, all 20 0.8660, at half the cost (docs/student.md).
+    # Candidates per list (0: all), drawn at random from each query's true top-k and kept in the
+    # retriever's order, so that ranks 11 to 20 are seen too. 10 of the top 20 halve the time;
+    # on the demo they ranked dev as well as all 20 and test lower (docs/student.md).
     list_size: int = 10
     batch_size: int = 3  # candidate lists per step
     learning_rate: float = 2e-4

@@ -428,8 +428,9 @@ class PlainStudent(TrainParams, Stage):
     @functools.cached_property
     def config(self) -> plain_student.PlainStudentConfig:
         return plain_student.PlainStudentConfig(
-            max_length=fitted_max_length(self, self.student), precision=_train_precision(self.run_device, self.train_precision),
-            max_dev_queries=self.max_dev_queries, seed=self.seed, device=self.run_device,
+            list_size=self.plain_list_size, max_length=fitted_max_length(self, self.student),
+            precision=_train_precision(self.run_device, self.train_precision), max_dev_queries=self.max_dev_queries, seed=self.seed,
+            device=self.run_device,
         )
 
     @functools.cached_property
