@@ -2,11 +2,12 @@
 
 The cosine head (``pipeline.heads``) is this package's code, so a student that has it loads only
 with ``trust_remote_code``. This stage puts a mean Pooling and a Dense, sentence-transformers'
-own modules, on the trained student's encoder, and teaches the result to order every training
-query's true top-k candidates as the cosine-head student orders them (ListNetLoss over each
-list). The lists cost the student's time, not the teacher's, and hold five times the pairs the
-teacher labelled: a linear read-out of the tokens' mean needs them. Taught on the teacher's four
-pairs per query instead, such a head ranked below the retriever (docs/student.md).
+own modules, on the trained student's encoder, and teaches the result to order each training
+query's true top-k candidates (10 drawn from each by default) as the cosine-head student orders
+them (ListNetLoss over each list). The lists cost the student's time, not the teacher's, and
+hold more pairs than the teacher labelled (on the demo two and a half times): a linear read-out
+of the tokens' mean needs them. Taught on the teacher's four pairs per query instead, such a
+head ranked below the retriever (docs/student.md).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ class PlainStudentConfig:
     learning_rate: float = 2e-4
     max_length: int = 256
     precision: str = "fp32"  # resolved: for scoring the lists and for training
-    fit_queries: int = 512  # lists whose pooled vectors fit the Dense's start by least squares
+    fit_queries: int = 512  # lists whose pooled vectors fit the Dense's start (a ridge fit)
     seed: int = 12
     device: str = run_only("cpu", "the trainer's results agree across devices up to float rounding")
     max_dev_queries: int = run_only(200, "sizes the dev check of both students; the model is the same")
@@ -129,7 +130,7 @@ def mean_head_student(student, pairs: list[tuple[str, str]], scores: np.ndarray,
 
 
 def plain_student(data_dir: str | Path, mined_dir: str | Path, student_dir: str | Path, out_dir: str | Path, config: PlainStudentConfig) -> dict:
-    """Stage entry: score every training query's candidates with the trained student, fit a
+    """Stage entry: score the training queries' candidate lists with the trained student, fit a
     mean-head student of its encoder to them, and save it to ``out_dir`` with ``stats.json``
     (the training's statistics and both students' nDCG@10 on dev candidates)."""
     from sentence_transformers.cross_encoder.evaluation import CrossEncoderRerankingEvaluator
@@ -148,7 +149,8 @@ def plain_student(data_dir: str | Path, mined_dir: str | Path, student_dir: str 
     log.info("scoring %d candidates of %d training queries with the student", len(pairs), cand.num_rows)
     scores = CrossEncoderScorer(student, c.device, resolve_precision(c.precision, c.device)).score(pairs, desc="student")
     rows = list_rows(cand, pairs, scores)
-    fit_pairs = int(pc.sum(pc.list_value_length(cand["doc_ids"].slice(0, c.fit_queries))).as_py())
+    sizes = pc.list_value_length(cand["doc_ids"]).to_numpy()
+    fit_pairs = int(sizes[: c.fit_queries].sum())
     model = mean_head_student(student, pairs[:fit_pairs], scores[:fit_pairs], c.device, c.max_length)
 
     dev = None
@@ -169,7 +171,7 @@ def plain_student(data_dir: str | Path, mined_dir: str | Path, student_dir: str 
             to_dataset(rows).shuffle(seed=c.seed, keep_in_memory=True), LOSS, out_dir, student=str(student_dir),
             # One forward pass a step: ListNetLoss's default runs one per `batch_size` pairs, 1.1 to
             # 1.4 times slower here.
-            loss_kwargs={"mini_batch_size": c.batch_size * int(pc.max(pc.list_value_length(cand["doc_ids"])).as_py())},
+            loss_kwargs={"mini_batch_size": c.batch_size * int(sizes.max())},
             epochs=c.epochs, batch_size=c.batch_size, learning_rate=c.learning_rate, max_length=c.max_length,
             device=c.device, precision=c.precision, dev_samples=dev, seed=c.seed, warm_start=str(init), extra_stats=extra,
             card={"model_name": "reranker in sentence-transformers' own modules, taught by a cosine-head student", "dataset": str(data_dir)},

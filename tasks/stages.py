@@ -418,7 +418,7 @@ class ExportOnnx(TrainParams, Stage):
 
 class PlainStudent(TrainParams, Stage):
     """The student in sentence-transformers' own modules (mean Pooling, Dense), taught by the
-    trained student on every training query's candidates: plain CrossEncoder(path) loads it."""
+    trained student on the training queries' candidate lists: plain CrossEncoder(path) loads it."""
 
     stage_dir = "plain"
 
