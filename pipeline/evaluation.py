@@ -364,12 +364,10 @@ def evaluate_student(data_dir, mined_dir, student_dir, out_dir, config: EvalConf
     retriever = BiEncoderScorer(load_bi_encoder(c.embedder, c.device, c.max_length), c.device, dtype)
     teacher = load_teacher(TeacherSpec.parse(c.teacher, c.teacher_weights), c.device, c.teacher_precision, c.teacher_max_length)
     torch.manual_seed(c.seed)
-    students = {"student_untrained": CrossEncoderScorer(cut_student(c.student, c.student_layers, c.device, c.max_length, head=c.student_head), c.device, dtype)}
-    students["student"] = CrossEncoderScorer(load_cross_encoder(str(student_dir), c.device, c.max_length), c.device, dtype)
-    if label_only_dir:
-        students["student_label_only"] = CrossEncoderScorer(load_cross_encoder(str(label_only_dir), c.device, c.max_length), c.device, dtype)
-    if cosine_dir:
-        students["student_cosine"] = CrossEncoderScorer(load_cross_encoder(str(cosine_dir), c.device, c.max_length), c.device, dtype)
+    untrained = CrossEncoderScorer(cut_student(c.student, c.student_layers, c.device, c.max_length, head=c.student_head), c.device, dtype)
+    folders = {"student": student_dir, "student_label_only": label_only_dir, "student_cosine": cosine_dir}
+    trained = {n: CrossEncoderScorer(load_cross_encoder(str(f), c.device, c.max_length), c.device, dtype) for n, f in folders.items() if f}
+    students = {"student_untrained": untrained, **trained}
     descs = {"student_untrained": "untrained student", "student": "student", "student_label_only": "label-only student", "student_cosine": "cosine-head student"}
 
     # The retriever's order is mining's; it is timed re-scoring the same pairs, texts embedded.
@@ -392,7 +390,6 @@ def evaluate_student(data_dir, mined_dir, student_dir, out_dir, config: EvalConf
             len(pairs),
         )
         _store_baselines(baseline_file, scores)
-    trained = {n: students[n] for n in ("student", "student_label_only", "student_cosine") if n in students}
     for name, scorer in trained.items():
         scores[name] = after_timing(timing_scores[name], lambda name=name, s=scorer: s.score(pairs[rest], desc=descs[name]), len(pairs))
     # The cosine-head student is shown as it is: fusing it too would cost its dev pass for a row nobody serves.
