@@ -28,7 +28,7 @@ from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
 
-RIDGE = 1e-6  # the Dense's start: ridge weight, relative to the pooled vectors' mean square norm (mean_head_student)
+RIDGE = 1e-6  # the Dense's start: ridge weight, relative to the fitted pooled vectors' summed square norms (mean_head_student)
 LOSS = "ListNetLoss"  # softmax cross-entropy between the two orders of a list (ListwiseKLDivLoss's gradients at temperature 1)
 
 
@@ -118,8 +118,8 @@ def mean_head_student(student, pairs: list[tuple[str, str]], scores: np.ndarray,
     x = torch.cat([torch.cat(pooled), torch.ones(len(pairs), 1)], 1).double()
     # The pooled vectors are nearly collinear (on the demo the smallest singular value is 3,000
     # times below the largest): exact least squares gave weights of norm 7e5 that cancel to the
-    # scores in fp64 and to noise in bf16. A ridge of 1e-6 of their mean square norm (the bias
-    # free) keeps the fit (within-list Spearman on held-out lists 0.513, exact 0.509) at norm 25.
+    # scores in fp64 and to noise in bf16. A ridge of 1e-6 of their summed square norms (the
+    # bias free) keeps the fit (within-list Spearman on held-out lists 0.513, exact 0.509) at norm 25.
     ridge = RIDGE * x[:, :-1].pow(2).sum() * torch.ones(x.shape[1], dtype=x.dtype)
     ridge[-1] = 0.0
     w = torch.linalg.solve(x.T @ x + torch.diag(ridge), x.T @ torch.as_tensor(scores, dtype=torch.float64))
