@@ -260,7 +260,7 @@ def verdict(
         gain = test["student"]["ndcg@10"] - test["student_cosine"]["ndcg@10"]
         lines.append(
             f"The student, in sentence-transformers' own modules, ranks {gain:+.4f} nDCG@10 against the cosine-head student "
-            f"that taught it{p_of('student', 'student_cosine')}."
+            f"whose encoder it started from{p_of('student', 'student_cosine')}."
         )
     for name, baseline, how in (
         ("student", "student_label_only", "the same student trained on the judgments alone"),
@@ -326,7 +326,7 @@ def baseline_key(config: EvalConfig, identity: Callable[[str], str]) -> str:
 def evaluate_student(data_dir, mined_dir, student_dir, out_dir, config: EvalConfig, run: dict, label_only_dir=None, cosine_dir=None) -> dict:
     """Stage entry: test metrics of retriever, teacher, untrained and trained student, of a
     student trained on the judgments alone (``label_only_dir``, when given) and of the cosine-head
-    student that taught a plain one (``cosine_dir``, when ``student_dir`` is PlainStudent's);
+    student a plain one started from (``cosine_dir``, when ``student_dir`` is PlainStudent's);
     metrics.json, report.md and plots in ``out_dir``.
 
     ``run`` holds what the report shows beside the metrics: ``params`` (the run's settings and

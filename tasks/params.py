@@ -171,12 +171,13 @@ class TrainParams(LabelParams, StudentParams):
         "rows of queries not in it train, with --replay-ratio times as many rows of queries in it",
     )
     replay_ratio = luigi.FloatParameter(default=1.0, description="with --warm-start: replayed rows of seen queries per new row")
-    # On the demo the plain student ranked level with the cosine-head student that taught it
-    # (test nDCG@10 0.8387 and 0.8371, p = 0.78; docs/student.md).
+    # On the demo the plain student taught by the teacher ranked above the cosine-head student
+    # (docs/student.md), and CrossEncoder(path) loads it with no flag.
     plain_student = luigi.BoolParameter(
         default=True, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
-        description="publish the student in sentence-transformers' own modules (PlainStudent), taught by the trained cosine-head "
-        "student on the training queries' candidates: plain CrossEncoder(path) loads it; false: publish the cosine-head student",
+        description="publish the student in sentence-transformers' own modules (PlainStudent), started from the trained cosine-head "
+        "student's encoder and taught by the teacher on the training queries' candidates: plain CrossEncoder(path) loads it; "
+        "false: publish the cosine-head student",
     )
     plain_list_size = luigi.IntParameter(
         default=10, description="candidates of each training query's true top-k that PlainStudent's lists hold, drawn at random; "

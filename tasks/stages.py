@@ -417,20 +417,26 @@ class ExportOnnx(TrainParams, Stage):
 
 
 class PlainStudent(TrainParams, Stage):
-    """The student in sentence-transformers' own modules (mean Pooling, Dense), taught by the
-    trained student on the training queries' candidate lists: plain CrossEncoder(path) loads it."""
+    """The student in sentence-transformers' own modules (mean Pooling, Dense) on the trained
+    student's encoder, taught by the teacher on the training queries' candidate lists: plain
+    CrossEncoder(path) loads it."""
 
     stage_dir = "plain"
 
     def requires(self):
-        return {"data": self.clone(PrepareData), "mined": self.clone(MineHardNegatives), "student": self.clone(FitStudent)}
+        req = {"data": self.clone(PrepareData), "mined": self.clone(MineHardNegatives), "student": self.clone(FitStudent)}
+        if _needs_fine_tuned(self.teacher):
+            req["teacher"] = self.clone(FineTuneTeacher)
+        return req
 
     @functools.cached_property
     def config(self) -> plain_student.PlainStudentConfig:
         return plain_student.PlainStudentConfig(
             list_size=self.plain_list_size, max_length=fitted_max_length(self, self.student),
             precision=_train_precision(self.run_device, self.train_precision), max_dev_queries=self.max_dev_queries, seed=self.seed,
-            device=self.run_device,
+            teacher=resolved_teacher(self), teacher_weights=self.teacher_weights, teacher_precision=_score_precision(self),
+            teacher_max_length=fitted_teacher_max_length(self), cache_dir=teacher_score_cache(self),
+            trust_remote_code=self.trust_remote_code, device=self.run_device,
         )
 
     @functools.cached_property
@@ -445,7 +451,7 @@ class PlainStudent(TrainParams, Stage):
 
 def publishes_plain(task: TrainParams) -> bool:
     """Whether the student a run publishes is PlainStudent's: --plain-student, and a trained student
-    with the cosine head to teach it (a warm-started student keeps its champion's head)."""
+    with the cosine head to start it from (a warm-started student keeps its champion's head)."""
     if not task.plain_student:
         return False
     if task.warm_start:
@@ -513,7 +519,7 @@ class EvaluateStudent(EvalParams, Stage):
             stages["FitStudent (label-only)"] = self.label_only_student().stats()
         # The untrained student's cached scores are keyed by the depth it is cut to, known only now.
         config = self.with_baseline_cache(_at_depth(self.config, i))
-        # The published student is the "student" row; the cosine-head student that taught it keeps a row of its own.
+        # The published student is the "student" row; the cosine-head student it started from keeps a row of its own.
         published, cosine = (i["plain"].path, i["student"].path) if "plain" in i else (i["student"].path, None)
         if "depth" in i:
             students = {"student": published, **({"cosine-head student": cosine} if cosine else {}),

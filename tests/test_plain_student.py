@@ -1,5 +1,5 @@
-"""PlainStudent: the cosine-head student's ranking taught to a student of sentence-transformers'
-own modules, which plain CrossEncoder(path) loads with no flag."""
+"""PlainStudent: the teacher's ranking taught to a student of sentence-transformers' own modules
+on the cosine-head student's encoder, which plain CrossEncoder(path) loads with no flag."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import luigi
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
 from scipy.stats import spearmanr
 
 import tasks
@@ -17,10 +16,9 @@ from pipeline.errors import PipelineError
 from tests.conftest import dag_params
 
 
-def test_the_plain_student_loads_without_flags_and_orders_the_training_lists_as_its_teacher(small_beir, tiny_models, tmp_path):
+def test_the_plain_student_loads_without_flags_and_orders_the_training_lists_as_the_teacher(small_beir, tiny_models, tmp_path):
     from sentence_transformers.cross_encoder import CrossEncoder
 
-    from pipeline.models import load_cross_encoder
 
     params = dag_params(small_beir, tiny_models, tmp_path, tasks.PlainStudent, student=tiny_models["embedder"], student_head="cosine")
     task = tasks.PlainStudent(**params)
@@ -42,19 +40,35 @@ def test_the_plain_student_loads_without_flags_and_orders_the_training_lists_as_
     assert stats["loss"] == "ListNetLoss" and stats["lists"] == len(groups) and stats["pairs"] == len(groups) * size
     assert "dev_ndcg@10" in stats["dev"] and "dev_ndcg@10" in stats["dev_cosine_student"]
 
-    # It ranks the training queries' candidates as the cosine-head student does (its raw scores):
-    # above chance over all lists (0 ± 0.05 for 40 lists of 10). Tiny random models reach 0.16 to
-    # 0.48 depending on the seed and how a step's pairs are batched.
+    assert stats["taught_by"] == task.config.teacher and stats["target_scale"] > 0
+    assert stats["teacher_scoring"]["pairs"] == stats["pairs"]
+
+    # It ranks the training queries' candidates as the teacher does: above chance over all lists
+    # (0 ± 0.05 for 40 lists of 10). Tiny random models reach 0.16 to 0.48 depending on the seed
+    # and how a step's pairs are batched.
     from pipeline.data import pair_texts
+    from pipeline.scoring import TeacherSpec, load_teacher
 
     data = task.clone(tasks.PrepareData).artifact()
-    taught = load_cross_encoder(str(task.clone(tasks.FitStudent).artifact()), "cpu", 64)
+    teacher = load_teacher(TeacherSpec.parse(task.config.teacher), "cpu", "fp32", task.config.teacher_max_length)
     agree = []
     for q, docs in zip(cand["query_id"], cand["doc_ids"]):
         pairs = pair_texts(data, [q] * len(docs), docs)
-        want = taught.predict(pairs, activation_fn=torch.nn.Identity())
-        agree.append(spearmanr(plain.predict(pairs), want).statistic)
+        agree.append(spearmanr(plain.predict(pairs), teacher.score(pairs, [q] * len(docs), show_progress=False)).statistic)
     assert np.mean(agree) > 0.12
+
+
+def test_the_teachers_scores_are_put_on_the_students_spread_within_lists():
+    from pipeline.plain_student import list_spread, teacher_targets
+
+    rng = np.random.default_rng(0)
+    sizes = np.array([10, 10, 5, 8])
+    student = rng.normal(0, 0.5, sizes[:2].sum())  # the student scored the first two lists
+    teacher = rng.normal(3, 7, sizes.sum())
+    targets, scale = teacher_targets(teacher, student, sizes[:2])
+    assert list_spread(targets[:20], sizes[:2]) == pytest.approx(list_spread(student, sizes[:2]), rel=1e-5)
+    assert targets == pytest.approx(teacher * scale, rel=1e-5)  # one factor: every list keeps its order and relative spread
+    assert list_spread(np.array([1.0, 3.0, 0.0, 0.0, 4.0]), np.array([2, 3])) == pytest.approx(np.mean([1.0, np.std([0, 0, 4.0])]))
 
 
 def test_a_student_with_sentence_transformers_own_head_is_not_converted(small_beir, tiny_models, tmp_path):
@@ -92,7 +106,7 @@ def test_train_student_publishes_the_plain_student_and_keeps_the_cosine_head_row
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert {"student", "student_cosine"} <= set(metrics["test"]) and "student vs student_cosine" in metrics["significance"]
     assert metrics["stages"]["PlainStudent"]["loss"] == "ListNetLoss"
-    assert "against the cosine-head student that taught it" in (tmp_path / "report.md").read_text()
+    assert "against the cosine-head student whose encoder it started from" in (tmp_path / "report.md").read_text()
 
     # Asked not to, the run publishes the cosine-head student itself, as trained.
     cosine = tasks.TrainStudent(**{**params, "plain_student": False})
