@@ -19,7 +19,6 @@ from tests.conftest import dag_params
 def test_the_plain_student_loads_without_flags_and_orders_the_training_lists_as_the_teacher(small_beir, tiny_models, tmp_path):
     from sentence_transformers.cross_encoder import CrossEncoder
 
-
     params = dag_params(small_beir, tiny_models, tmp_path, tasks.PlainStudent, student=tiny_models["embedder"], student_head="cosine")
     task = tasks.PlainStudent(**params)
     assert luigi.build([task], local_scheduler=True, workers=1, log_level="WARNING")
