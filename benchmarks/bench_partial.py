@@ -9,8 +9,9 @@ partly judged already), then compares, on the same true top-k test candidates:
 - the distilled student: the pipeline with ``--max-unjudged-queries -1``: the teacher labels
   every training query (PackedMarginMSELoss; an unjudged query's positive is the teacher's best
   candidate);
-- the plain distilled student: what ``TrainStudent`` publishes, taught by each distilled
-  (cosine-head) student in sentence-transformers' own modules (``pipeline.plain_student``);
+- the plain distilled student: what ``TrainStudent`` publishes, in sentence-transformers' own
+  modules on each distilled (cosine-head) student's encoder, taught by the teacher on the
+  training queries' candidate lists (``pipeline.plain_student``);
 - the label-only student: the same student, head, depth and budget trained with
   BinaryCrossEntropyLoss on the judged queries (the only ones it can use);
 - the untrained student and the retriever's own order.
@@ -28,6 +29,7 @@ over 3 seeds with paired t-tests, and every row is timed on the same test pairs.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -108,6 +110,7 @@ def upstream(dataset: Path, out: Path, loss: str, num_negatives: int | None = No
         "labels": labels.artifact() / "dataset",
         "label_stats": labels.stats(),
         "teacher": tasks.stages.resolved_teacher(entry),
+        "plain_config": entry.clone(tasks.PlainStudent).config,
         "teacher_stats": entry.clone(tasks.FineTuneTeacher).stats() if tasks.stages._needs_fine_tuned(entry.teacher) else {},
     }
 
@@ -172,7 +175,7 @@ def main() -> None:
         for seed, out in zip(SEEDS, folders[name]):
             if not (out / "config.json").exists():
                 train(out, chosen[name], seed)
-    folders["distilled, plain"] = [plain(distilled, p, out, seed) for seed, out in zip(SEEDS, folders["distilled"])]
+    folders["distilled, plain"] = [plain(distilled, out, seed) for seed, out in zip(SEEDS, folders["distilled"])]
     rankers, timing = test_rows(test, p, distilled["teacher"], folders, args.timing_queries, untrained=True, dev=dev)
 
     def compare(a: str, b: str) -> dict:
@@ -198,13 +201,15 @@ def main() -> None:
     write_results(results, Path(args.results), table, plot=False)
 
 
-def plain(upstream: dict, p: dict, cosine: Path, seed: int) -> Path:
-    """The plain student the pipeline would publish for the cosine-head student at ``cosine``."""
-    from pipeline.plain_student import PlainStudentConfig, plain_student
+def plain(upstream: dict, cosine: Path, seed: int) -> Path:
+    """The plain student the pipeline would publish for the cosine-head student at ``cosine``
+    (kept by the name of its settings, so that a changed recipe trains anew)."""
+    from pipeline.config import config_fingerprint
+    from pipeline.plain_student import plain_student
 
-    out = cosine.with_name(cosine.name + "-plain")
+    config = dataclasses.replace(upstream["plain_config"], seed=seed, max_dev_queries=0)
+    out = cosine.with_name(f"{cosine.name}-plain-{config_fingerprint(config, str)[:8]}")
     if not (out / "config.json").exists():
-        config = PlainStudentConfig(max_length=p["max_length"], precision=p["precision"], seed=seed, max_dev_queries=0)
         plain_student(upstream["data"], upstream["mined"], cosine, out, config)
     return out
 

@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from pipeline.config import run_only
+from pipeline.config import model, run_only
 from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ class PlainStudentConfig:
     precision: str = "fp32"  # resolved: for the student's scores and for training
     fit_queries: int = 512  # lists whose pooled vectors fit the Dense's start (a ridge fit)
     seed: int = 12
-    teacher: str = ""  # comma-separated members, as ScoreConfig's
+    teacher: str = model()  # comma-separated members, as ScoreConfig's
     teacher_weights: str = ""
     teacher_precision: str = "fp32"  # resolved, as ScoreConfig's
     teacher_max_length: int = 512
