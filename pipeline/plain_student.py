@@ -130,14 +130,14 @@ def mean_head_student(student, pairs: list[tuple[str, str]], scores: np.ndarray,
 
     encoder = copy.deepcopy(student[0])
     pooling, dense = mean_head(encoder)
-    model = CrossEncoder(modules=[encoder, pooling, dense], device=device)
-    model.max_seq_length = max_length
+    plain = CrossEncoder(modules=[encoder, pooling, dense], device=device)
+    plain.max_seq_length = max_length
     encoder.model.config.num_labels = 1
     pooled = []
     with torch.no_grad():
         for i in range(0, len(pairs), 64):
-            features = model.preprocess(pairs[i : i + 64])
-            features = {k: v.to(model.device) if torch.is_tensor(v) else v for k, v in features.items()}
+            features = plain.preprocess(pairs[i : i + 64])
+            features = {k: v.to(plain.device) if torch.is_tensor(v) else v for k, v in features.items()}
             pooled.append(pooling(encoder(features))["sentence_embedding"].float().cpu())
     x = torch.cat([torch.cat(pooled), torch.ones(len(pairs), 1)], 1).double()
     # The pooled vectors are nearly collinear (on the demo the smallest singular value is 3,000
@@ -150,7 +150,7 @@ def mean_head_student(student, pairs: list[tuple[str, str]], scores: np.ndarray,
     with torch.no_grad():
         dense.linear.weight.copy_(w[:-1].unsqueeze(0).float())
         dense.linear.bias.copy_(w[-1:].float())
-    return model
+    return plain
 
 
 def plain_student(data_dir: str | Path, mined_dir: str | Path, student_dir: str | Path, out_dir: str | Path, config: PlainStudentConfig) -> dict:
@@ -192,7 +192,7 @@ def plain_student(data_dir: str | Path, mined_dir: str | Path, student_dir: str 
     scores, scale = teacher_targets(taught, own, sizes[: c.fit_queries])
     del teacher
     rows = list_rows(cand, pairs, scores)
-    model = mean_head_student(student, pairs[:fit_pairs], scores[:fit_pairs], c.device, c.max_length)
+    plain = mean_head_student(student, pairs[:fit_pairs], scores[:fit_pairs], c.device, c.max_length)
 
     extra = {
         "lists": rows.num_rows, "pairs": len(pairs), "taught_by": c.teacher, "started_from": str(student_dir),
@@ -205,7 +205,7 @@ def plain_student(data_dir: str | Path, mined_dir: str | Path, student_dir: str 
         extra["dev_cosine_student"] = {k: float(v) for k, v in evaluator(student).items()}
     init = Path(f"{out_dir}.init")
     shutil.rmtree(init, ignore_errors=True)
-    model.save_pretrained(str(init))
+    plain.save_pretrained(str(init))
     try:
         return train_student(
             to_dataset(rows).shuffle(seed=c.seed, keep_in_memory=True), LOSS, out_dir, student=str(student_dir),
