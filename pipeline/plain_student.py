@@ -214,7 +214,7 @@ def plain_student(data_dir: str | Path, mined_dir: str | Path, student_dir: str 
             loss_kwargs={"mini_batch_size": c.batch_size * int(sizes.max())},
             epochs=c.epochs, batch_size=c.batch_size, learning_rate=c.learning_rate, max_length=c.max_length,
             device=c.device, precision=c.precision, dev_samples=dev, seed=c.seed, warm_start=str(init), extra_stats=extra,
-            card={"model_name": "reranker in sentence-transformers' own modules, distilled from a cross-encoder teacher", "dataset": str(data_dir)},
+            card={"model_name": "reranker in sentence-transformers' own modules, taught the teacher's order of candidate lists", "dataset": str(data_dir)},
         )
     finally:
         shutil.rmtree(init, ignore_errors=True)
