@@ -58,10 +58,12 @@ class PlainStudentConfig:
     max_dev_queries: int = run_only(200, "sizes the dev check of both students; the model is the same")
 
 
-def candidate_lists(data_dir: str | Path, mined_dir: str | Path, list_size: int = 0, seed: int = 12) -> tuple[pa.Table, list[tuple[str, str]]]:
+def candidate_lists(
+    data_dir: str | Path, mined_dir: str | Path, list_size: int = 0, seed: int = 12
+) -> tuple[pa.Table, list[str], list[tuple[str, str]]]:
     """Every training query's true top-k (``candidates-train.parquet``) with two or more
-    passages, each cut to ``list_size`` drawn at random (0: all), and their (query, passage)
-    texts in order."""
+    passages, each cut to ``list_size`` drawn at random (0: all), and in order each pair's query
+    id and its (query, passage) texts."""
     from pipeline.data import pair_texts
 
     path = Path(mined_dir) / "candidates-train.parquet"
@@ -75,7 +77,7 @@ def candidate_lists(data_dir: str | Path, mined_dir: str | Path, list_size: int 
         cand = drawn_lists(cand, list_size, seed)
     sizes = pc.list_value_length(cand["doc_ids"]).to_numpy()
     qids = np.repeat(np.asarray(cand["query_id"].to_pylist(), object), sizes).tolist()
-    return cand, pair_texts(data_dir, qids, pc.list_flatten(cand["doc_ids"]).to_pylist())
+    return cand, qids, pair_texts(data_dir, qids, pc.list_flatten(cand["doc_ids"]).to_pylist())
 
 
 def drawn_lists(cand: pa.Table, size: int, seed: int) -> pa.Table:
@@ -171,10 +173,9 @@ def plain_student(data_dir: str | Path, mined_dir: str | Path, student_dir: str 
         raise PipelineError(f"{student_dir}: its head is sentence-transformers' own already; CrossEncoder(path) loads it as it is")
     if not c.teacher:
         raise PipelineError("PlainStudentConfig.teacher is empty: the plain student is taught by the teacher's scores")
-    cand, pairs = candidate_lists(data_dir, mined_dir, c.list_size, c.seed)
+    cand, qids, pairs = candidate_lists(data_dir, mined_dir, c.list_size, c.seed)
     sizes = pc.list_value_length(cand["doc_ids"]).to_numpy()
-    qids = np.repeat(np.asarray(cand["query_id"].to_pylist(), object), sizes).tolist()
-    # Checked before the lists' scoring, the stage's longest step.
+    # Read before any scoring, so that a bad dev file fails before the models' time is spent.
     dev = None
     dev_path = Path(mined_dir) / "candidates-dev.parquet"
     if dev_path.exists() and c.max_dev_queries:
