@@ -307,6 +307,21 @@ def mean_head(encoder) -> tuple:
     return Pooling(dim, "mean"), dense
 
 
+# What transformers configs call the dropout on attention probabilities: BERT, RoBERTa, XLM-R,
+# MPNet and ELECTRA the first; DistilBERT, ModernBERT and most decoder models the second.
+ATTENTION_DROPOUT_KEYS = ("attention_probs_dropout_prob", "attention_dropout")
+
+
+def set_attention_dropout(config, p: float) -> str:
+    """Set the attention-probability dropout of a transformers ``config`` (read when a model is
+    built from it) to ``p``; returns the setting's name."""
+    for key in ATTENTION_DROPOUT_KEYS:
+        if isinstance(getattr(config, key, None), (int, float)):
+            setattr(config, key, p)
+            return key
+    raise PipelineError(f"{type(config).__name__} has no attention dropout setting ({' or '.join(ATTENTION_DROPOUT_KEYS)}) to set")
+
+
 def _layer_list(model: nn.Module, total: int) -> nn.ModuleList:
     """The encoder's stack of transformer blocks (the ModuleList with num_hidden_layers entries)."""
     candidates = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) == total]

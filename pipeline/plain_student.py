@@ -44,6 +44,10 @@ class PlainStudentConfig:
     list_size: int = 10
     batch_size: int = 3  # candidate lists per step
     learning_rate: float = 2e-4
+    # Dropout on the attention probabilities while training (None: the backbone's own). On CPU
+    # any such dropout moves PyTorch's attention off its fused kernel onto one that builds the
+    # whole attention matrix and its mask: the demo's steps took twice as long at 0.1.
+    attention_dropout: float | None = 0.0
     max_length: int = 256
     precision: str = "fp32"  # resolved: for the student's scores and for training
     fit_queries: int = 512  # lists whose pooled vectors fit the Dense's start (a ridge fit)
@@ -163,7 +167,7 @@ def plain_student(data_dir: str | Path, mined_dir: str | Path, student_dir: str 
 
     from pipeline.heads import SegmentCosine
     from pipeline.labels import to_dataset
-    from pipeline.models import load_cross_encoder, resolve_precision
+    from pipeline.models import load_cross_encoder, resolve_precision, set_attention_dropout
     from pipeline.scoring import CrossEncoderScorer, TeacherSpec, load_teacher, score_pairs
     from pipeline.training import dev_check_samples, train_student
 
@@ -173,6 +177,10 @@ def plain_student(data_dir: str | Path, mined_dir: str | Path, student_dir: str 
         raise PipelineError(f"{student_dir}: its head is sentence-transformers' own already; CrossEncoder(path) loads it as it is")
     if not c.teacher:
         raise PipelineError("PlainStudentConfig.teacher is empty: the plain student is taught by the teacher's scores")
+    if c.attention_dropout is not None:
+        # The plain student's start copies this encoder, config included, and the training
+        # builds its model from that saved start; the scoring below runs without dropout.
+        set_attention_dropout(student[0].model.config, c.attention_dropout)
     cand, qids, pairs = candidate_lists(data_dir, mined_dir, c.list_size, c.seed)
     sizes = pc.list_value_length(cand["doc_ids"]).to_numpy()
     # Read before any scoring, so that a bad dev file fails before the models' time is spent.
@@ -197,7 +205,7 @@ def plain_student(data_dir: str | Path, mined_dir: str | Path, student_dir: str 
 
     extra = {
         "lists": rows.num_rows, "pairs": len(pairs), "taught_by": c.teacher, "started_from": str(student_dir),
-        "target_scale": round(scale, 4), "teacher_scoring": scoring,
+        "target_scale": round(scale, 4), "attention_dropout": c.attention_dropout, "teacher_scoring": scoring,
     }
     if dev:
         evaluator = CrossEncoderRerankingEvaluator(dev, at_k=10, name="dev", batch_size=64, write_csv=False, always_rerank_positives=False)

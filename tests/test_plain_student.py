@@ -41,6 +41,12 @@ def test_the_plain_student_loads_without_flags_and_orders_the_training_lists_as_
 
     assert stats["taught_by"] == task.config.teacher and stats["target_scale"] > 0
     assert stats["teacher_scoring"]["pairs"] == stats["pairs"]
+    # Trained, and saved, without dropout on the attention probabilities; the student it started
+    # from keeps its backbone's.
+    started = json.loads((task.clone(tasks.FitStudent).artifact() / "config.json").read_text())
+    assert started["attention_probs_dropout_prob"] == 0.1
+    assert json.loads((folder / "config.json").read_text())["attention_probs_dropout_prob"] == task.config.attention_dropout == 0.0
+    assert stats["attention_dropout"] == 0.0
 
     # It ranks the training queries' candidates as the teacher does: above chance over all lists
     # (0 ± 0.05 for 40 lists of 10). Tiny random models reach 0.16 to 0.48 depending on the seed
@@ -112,3 +118,20 @@ def test_train_student_publishes_the_plain_student_and_keeps_the_cosine_head_row
     assert luigi.build([cosine], local_scheduler=True, workers=1, log_level="WARNING")
     assert (tmp_path / "student").resolve() == task.clone(tasks.FitStudent).artifact().resolve()
     assert "student_cosine" not in json.loads((tmp_path / "metrics.json").read_text())["test"]
+
+
+def test_attention_dropout_is_set_under_either_name_a_config_gives_it():
+    from transformers import BertConfig, BertModel, DistilBertConfig, T5Config
+
+    from pipeline.models import set_attention_dropout
+
+    bert = BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    assert set_attention_dropout(bert, 0.0) == "attention_probs_dropout_prob"
+    model = BertModel(bert).train()
+    assert model.encoder.layer[0].attention.self.dropout.p == 0.0
+    assert model.encoder.layer[0].attention.output.dropout.p == bert.hidden_dropout_prob == 0.1  # the rest is kept
+
+    distil = DistilBertConfig()
+    assert set_attention_dropout(distil, 0.05) == "attention_dropout" and distil.attention_dropout == 0.05
+    with pytest.raises(PipelineError, match="T5Config has no attention dropout setting"):
+        set_attention_dropout(T5Config(), 0.0)
