@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install run run-multilingual scheduler worker test clean bench bench-losses bench-score bench-mine bench-e2e bench-partial bench-unseen bench-apidocs bench-teacher bench-retrain bench-scale
+.PHONY: install run run-multilingual scheduler worker test clean bench bench-losses bench-score bench-mine bench-e2e bench-partial bench-unseen bench-apidocs bench-teacher bench-retrain bench-scale bench-train-step
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -77,6 +77,10 @@ bench-e2e: install
 # Judgments for 600 training queries, the teacher's labels for the rest (the demo's data).
 bench-partial: install
 	$(PY) benchmarks/bench_partial.py --dataset data/debian-partly-judged --judged 0 --output-dir $(OUT)
+
+# The plain student's training step with its backbone's attention dropout and without (after make run).
+bench-train-step: install
+	$(PY) benchmarks/bench_train_step.py --output-dir $(OUT)
 
 # Teacher recipes and students of the best one, on dev (after make run; reuses its stages).
 bench-teacher: install
