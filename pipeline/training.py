@@ -568,6 +568,13 @@ def _distributed_main(spec_path: str) -> None:
     stats = fit_student(spec["data_dir"], spec["mined_dir"], spec["labels_dir"], spec["out_dir"], config)
     if int(os.environ.get("RANK", "0")) == 0:
         Path(spec["stats_path"]).write_text(json.dumps(stats))
+    # The trainer starts the process group and leaves it open; torn down by interpreter exit
+    # instead, a rank once aborted ("terminate called without an active exception") after its
+    # training had finished, failing the whole run.
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
