@@ -309,6 +309,16 @@ def row(split: Split, runs: list[np.ndarray], speed: dict | None = None) -> dict
     return out
 
 
+def trained_on(labels: Path, p: dict) -> str:
+    """A short digest of what a benchmark student is trained from: the labels' fingerprinted stage
+    folder and the training parameters. Students are kept by folder name so that an interrupted
+    benchmark resumes; with this in the name, a student whose labels or settings changed upstream
+    (a new teacher, another depth, another host's precision) is trained anew instead of reused."""
+    stage = labels.parent if labels.name == "dataset" else labels
+    key = json.dumps({"labels": stage.name, "params": {k: v for k, v in p.items() if k != "output_dir"}}, sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()[:8]
+
+
 def dev_ndcg(train, out: Path, lr: float, split: Split, p: dict) -> float:
     """Dev nDCG@10 of a student trained at ``lr`` (first seed); kept in ``out``/dev.json, so an
     interrupted benchmark reruns only what it had not finished."""
@@ -321,12 +331,12 @@ def dev_ndcg(train, out: Path, lr: float, split: Split, p: dict) -> float:
     return value
 
 
-def choose_lr(name: str, train, split: Split, work: Path, p: dict) -> tuple[float, dict]:
-    """The grid's learning rate with the best dev nDCG@10 (first seed)."""
+def choose_lr(name: str, train, split: Split, work: Path, p: dict, trained: str) -> tuple[float, dict]:
+    """The grid's learning rate with the best dev nDCG@10 (first seed); ``trained`` names what the
+    students are trained from (``trained_on``)."""
     dev = {}
     for lr in GRID:
-        # Kept by folder name: a measured depth can differ from one run to the next.
-        dev[f"{lr:g}"] = dev_ndcg(train, work / f"{name}-dev-L{p['student_layers']}-lr{lr:g}", lr, split, p)
+        dev[f"{lr:g}"] = dev_ndcg(train, work / f"{name}-dev-L{p['student_layers']}-lr{lr:g}-{trained}", lr, split, p)
         print(f"[dev] {name} lr {lr:g}: nDCG@10 {dev[f'{lr:g}']:.4f}", flush=True)
     best = max(GRID, key=lambda lr: dev[f"{lr:g}"])
     return best, dev
@@ -365,21 +375,24 @@ def main() -> None:
     }
     dev, test = Split(ds, up["mined"], "dev"), Split(ds, up["mined"], "test")
     chosen, dev_grid = {}, {}
+    # The plain side's rows come from the teacher's scores of the mined groups, which the labels'
+    # fingerprint covers too.
+    trained = trained_on(up["labels"], p)
     for name, train in sides.items():
-        chosen[name], dev_grid[name] = choose_lr(name.split()[0], train, dev, work, p)
+        chosen[name], dev_grid[name] = choose_lr(name.split()[0], train, dev, work, p, trained)
     # The default depth, checked on dev against one layer less and one more at the chosen rate.
     dev_depth = {str(p["student_layers"]): dev_grid["project"][f"{chosen['project']:g}"]}
     for layers in (p["student_layers"] - 1, p["student_layers"] + 1):
         def train_depth(out, lr, seed, layers=layers):
             return train_project(load_from_disk(str(up["labels"])), p["loss"], out, {**p, "student_layers": layers}, lr, seed)
 
-        dev_depth[str(layers)] = dev_ndcg(train_depth, work / f"project-dev-layers{layers}", chosen["project"], dev, p)
+        dev_depth[str(layers)] = dev_ndcg(train_depth, work / f"project-dev-layers{layers}-{trained}", chosen["project"], dev, p)
     dev_retriever = float(dev.per_query(np.asarray(dev.retrieval, np.float32))["ndcg@10"].mean())
 
     folders, train_seconds = {}, {}
     earlier = json.loads(Path(args.results).with_suffix(".json").read_text())["stages"] if args.reuse_students else {}
     for name, train in sides.items():
-        folders[name] = [work / f"{name.split()[0]}-test-L{p['student_layers']}-seed{seed}" for seed in seeds]
+        folders[name] = [work / f"{name.split()[0]}-test-L{p['student_layers']}-{trained}-seed{seed}" for seed in seeds]
         if args.reuse_students and all((f / "config.json").exists() for f in folders[name]):
             train_seconds[name] = earlier.get(name, {}).get("train", float("nan"))
             continue

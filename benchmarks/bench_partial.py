@@ -43,7 +43,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.bench_e2e import (  # noqa: E402
     SEEDS, TIMING_QUERIES, Split, comparison_rows, dev_ndcg, fusion_sentence, mean_std, render_again, speed_sentence, student_params, test_rows, train_project,
-    write_results,
+    trained_on, write_results,
 )
 
 # Each side's dev grid of (learning rate, epochs). The label-only side also tries 3 epochs: it sees
@@ -152,10 +152,10 @@ def main() -> None:
     def trainer(labels: Path, loss: str):
         return lambda out, setting, seed: train_project(load_from_disk(str(labels)), loss, out, {**p, "epochs": setting[1]}, setting[0], seed)
 
-    # Trained students are kept by folder name, and a measured depth can differ from one run to the next.
     depth = f"L{p['student_layers']}"
     sides = {"distilled": trainer(distilled["labels"], "PackedMarginMSELoss"),
              "label-only (BCE)": trainer(label_only["labels"], "BinaryCrossEntropyLoss")}
+    trained = {"distilled": trained_on(distilled["labels"], p), "label-only (BCE)": trained_on(label_only["labels"], p)}
     chosen, dev_grid = {}, {}
     if args.defaults:
         chosen = {"distilled": (p["learning_rate"], p["epochs"]), "label-only (BCE)": distilled["label_only_setting"]}
@@ -163,7 +163,8 @@ def main() -> None:
         for name, train in sides.items():
             grid = GRID[name]
             dev_grid[name] = {
-                setting_name(x): dev_ndcg(train, work / f"{name.split()[0]}-dev-{depth}-lr{x[0]:g}-ep{x[1]:g}", x, dev, p) for x in grid
+                setting_name(x): dev_ndcg(train, work / f"{name.split()[0]}-dev-{depth}-lr{x[0]:g}-ep{x[1]:g}-{trained[name]}", x, dev, p)
+                for x in grid
             }
             chosen[name] = max(grid, key=lambda x: dev_grid[name][setting_name(x)])
             print(f"[dev] {name}: {dev_grid[name]} -> {setting_name(chosen[name])}", flush=True)
@@ -171,7 +172,7 @@ def main() -> None:
     folders = {}
     for name, train in sides.items():
         lr, epochs = chosen[name]
-        folders[name] = [work / f"{name.split()[0]}-test-{depth}-lr{lr:g}-ep{epochs:g}-seed{seed}" for seed in SEEDS]
+        folders[name] = [work / f"{name.split()[0]}-test-{depth}-lr{lr:g}-ep{epochs:g}-{trained[name]}-seed{seed}" for seed in SEEDS]
         for seed, out in zip(SEEDS, folders[name]):
             if not (out / "config.json").exists():
                 train(out, chosen[name], seed)
