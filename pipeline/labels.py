@@ -44,7 +44,13 @@ GROUPS_PER_BATCH = 25_000
 
 
 class NoRowsError(PipelineError):
-    """A format got no training rows from the groups it was given."""
+    """A format got no training rows from the groups it was given. ``stats`` counts what those
+    groups held (queries short of negatives), so that a caller building rows from more groups
+    than these still reports them."""
+
+    def __init__(self, message: str, stats: dict | None = None):
+        super().__init__(message)
+        self.stats = stats or {}
 
 
 class PairValues:
@@ -197,7 +203,7 @@ def build_rows(
             why = f": it takes judged queries only, and none of these {len(n_pos)} training queries is judged"
         else:
             why = ""
-        raise NoRowsError(f"no training rows in format '{fmt}'{why}")
+        raise NoRowsError(f"no training rows in format '{fmt}'{why}", {"queries_short_of_negatives": short})
     stats = {
         "format": fmt, "rows": table.num_rows, "queries_short_of_negatives": short, "num_negatives": n_neg,
         "judged_queries": int((rows_of & ~unjudged).sum()), "unjudged_queries": int((rows_of & unjudged).sum()),
@@ -411,6 +417,7 @@ def write_labels(
                 table, built = rows(batch, teacher, tables, grades, num_negatives)
             except NoRowsError as e:
                 empty = empty or e
+                _add_stats(stats, e.stats)
                 continue
             if writer is None:
                 writer = pa.ipc.new_stream(str(stream), table.schema)  # the first batch's; the rest must match it

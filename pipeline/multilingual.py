@@ -121,8 +121,8 @@ def multilingual_rows(
             try:
                 view_rows, built = build_rows(fmt, kept, teacher, view, grades, num_negatives, label_scale)
                 tables.append(view_rows)
-            except NoRowsError:
-                built = {"rows": 0, "queries_short_of_negatives": kept.num_rows}
+            except NoRowsError as e:
+                built = {"rows": 0, **e.stats}
             stats["rows"] = built["rows"]
             stats["queries_short_of_negatives"] = built.get("queries_short_of_negatives", 0)
         views[view_name(q_lang, p_lang)] = stats

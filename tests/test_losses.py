@@ -5,9 +5,12 @@ for a student with a cross-encoder's own head and for one with the cosine head."
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import luigi
 import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 import torch
 from datasets import load_from_disk
@@ -68,6 +71,24 @@ def test_labels_built_in_batches_equal_one_pass(fmt, scored, tmp_path):
         assert 0 < whole["false_negatives"]["suspected"] < 3 * whole["judged_queries"]
     assert batched.pop("false_negatives", None) == whole.pop("false_negatives", None)
     assert {k: v for k, v in batched.items() if k != "seconds"} == pytest.approx({k: v for k, v in whole.items() if k != "seconds"})
+
+
+def test_queries_short_of_negatives_count_in_batches_that_build_no_rows(scored, tmp_path):
+    """Every mined negative asked for, and suspected false negatives dropped (so some groups
+    fall short), one group a batch: each short group's batch builds no rows at all, and its
+    query still counts as short, as in one pass over every group."""
+    groups = pq.read_table(Path(scored["mined"]) / "groups.parquet")
+    config = LabelConfig("ntuple", num_negatives=pc.max(pc.list_value_length(groups["negative_ids"])).as_py(),
+                         false_negatives="drop", false_negative_margin=-0.5 / scored["unit_scale"])
+
+    def rows(groups, teacher, tables, grades, num_negatives):
+        return build_rows("ntuple", groups, teacher, tables.texts(), grades, num_negatives)
+
+    whole, alone = (write_labels(scored["data"], scored["mined"], scored["scores"], tmp_path / name, config, rows, groups_per_batch=size)
+                    for name, size in (("whole", 10**6), ("alone", 1)))
+    assert 0 < whole["queries_short_of_negatives"] < groups.num_rows
+    assert alone["queries_short_of_negatives"] == whole["queries_short_of_negatives"]
+    assert alone["rows"] == whole["rows"]
 
 
 def _collate(rows):
