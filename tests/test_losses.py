@@ -35,7 +35,10 @@ OPTIONS = {
 @pytest.fixture(scope="module")
 def scored(small_beir, tiny_models, tmp_path_factory):
     out = tmp_path_factory.mktemp("losses")
-    score = tasks.ScoreWithTeacher(**dag_params(small_beir, tiny_models, out, tasks.ScoreWithTeacher))
+    # The tiny bi-encoder teaches: a tiny random cross-encoder scores every pair within 3e-5 of
+    # the others in fp32, so unit-spread labels sat hundreds of spreads from zero on CPUs that
+    # score in fp32, out of reach of a pointwise loss's few steps.
+    score = tasks.ScoreWithTeacher(**dag_params(small_beir, tiny_models, out, tasks.ScoreWithTeacher, teacher=f"bi:{tiny_models['embedder']}"))
     assert luigi.build([score], local_scheduler=True, log_level="WARNING")
     return {
         "data": score.clone(tasks.PrepareData).output().path,
