@@ -7,6 +7,7 @@ import json
 from collections import Counter
 
 import numpy as np
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -90,7 +91,22 @@ def test_rerun_searches_only_queries_it_has_not_searched(prepared, small_beir, t
     assert third["queries_searched"] == 3 and third["searches_from_cache"] == first["train_queries"] + held_out
     fresh = _mine(tmp_path / "later-data", tiny_models, tmp_path / "m4", tmp_path / "fresh-cache", num_negatives=3)
     assert fresh["queries_searched"] == third["train_queries"] + held_out
-    assert pq.read_table(tmp_path / "m3" / "groups.parquet").equals(pq.read_table(tmp_path / "m4" / "groups.parquet"))
+    _assert_same_groups(pq.read_table(tmp_path / "m3" / "groups.parquet"), pq.read_table(tmp_path / "m4" / "groups.parquet"))
+
+
+def _assert_same_groups(a, b):
+    """The same queries, documents and ranks; the scores equal to fp32 rounding. The three new
+    queries were embedded in a batch of their own in one run and among all the others in the
+    other, and a CPU's fp32 reductions may differ in the last bit between the two (seen on an
+    AVX2-only host: 6e-8, one time in three)."""
+    assert a.schema == b.schema
+    for name in a.column_names:
+        if name.endswith("_scores"):
+            x, y = (np.asarray(pc.list_flatten(t[name]).to_numpy(zero_copy_only=False), np.float64) for t in (a, b))
+            assert pc.list_value_length(a[name]).equals(pc.list_value_length(b[name])), name
+            np.testing.assert_allclose(x, y, rtol=0, atol=1e-6, err_msg=name)
+        else:
+            assert a[name].equals(b[name]), name
 
 
 def test_mining_statistics_and_groups(prepared, tiny_models, tmp_path):
