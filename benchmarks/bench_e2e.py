@@ -310,13 +310,14 @@ def row(split: Split, runs: list[np.ndarray], speed: dict | None = None) -> dict
 
 
 def trained_on(labels: Path, p: dict) -> str:
-    """A short digest of what a benchmark student is trained from: the labels' fingerprinted stage
-    folder and the training parameters. Students are kept by folder name so that an interrupted
-    benchmark resumes; with this in the name, a student whose labels or settings changed upstream
-    (a new teacher, another depth, another host's precision) is trained anew instead of reused."""
-    stage = labels.parent if labels.name == "dataset" else labels
-    key = json.dumps({"labels": stage.name, "params": {k: v for k, v in p.items() if k != "output_dir"}}, sort_keys=True)
-    return hashlib.sha256(key.encode()).hexdigest()[:8]
+    """A short digest of what a benchmark student is trained from: the labels (``<stage>/dataset``,
+    named by the stage's fingerprint) and the training parameters. Students are kept by folder
+    name so that an interrupted benchmark resumes; with this in the name, a student whose labels
+    or settings changed upstream (a new teacher, another depth, another host's precision) is
+    trained anew instead of reused."""
+    from pipeline.artifacts import fingerprint
+
+    return fingerprint(labels.parent.name, {k: v for k, v in p.items() if k != "output_dir"}, length=8)
 
 
 def dev_ndcg(train, out: Path, lr: float, split: Split, p: dict) -> float:

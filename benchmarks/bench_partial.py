@@ -153,9 +153,9 @@ def main() -> None:
         return lambda out, setting, seed: train_project(load_from_disk(str(labels)), loss, out, {**p, "epochs": setting[1]}, setting[0], seed)
 
     depth = f"L{p['student_layers']}"
-    sides = {"distilled": trainer(distilled["labels"], "PackedMarginMSELoss"),
-             "label-only (BCE)": trainer(label_only["labels"], "BinaryCrossEntropyLoss")}
-    trained = {"distilled": trained_on(distilled["labels"], p), "label-only (BCE)": trained_on(label_only["labels"], p)}
+    labels = {"distilled": (distilled["labels"], "PackedMarginMSELoss"), "label-only (BCE)": (label_only["labels"], "BinaryCrossEntropyLoss")}
+    sides = {name: trainer(rows, loss) for name, (rows, loss) in labels.items()}
+    trained = {name: trained_on(rows, p) for name, (rows, _) in labels.items()}
     chosen, dev_grid = {}, {}
     if args.defaults:
         chosen = {"distilled": (p["learning_rate"], p["epochs"]), "label-only (BCE)": distilled["label_only_setting"]}
