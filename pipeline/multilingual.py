@@ -21,12 +21,9 @@ from pipeline.data import Dataset, NormalizedTables, Texts, join_title
 from pipeline.errors import PipelineError
 from pipeline.evaluation import EvalConfig, outcome
 from pipeline.labels import (
-    LabelConfig, NoRowsError, PairValues, build_rows, grouped_lists, label_summary, list_elements, write_labels,
+    LabelConfig, NoRowsError, PairValues, build_rows, grouped_lists, label_summary, list_elements, rows_schema, write_labels,
 )
-
-# Model rows of the per-language table, in the order they are shown.
-RANKERS = ("retriever", "teacher", "student_untrained", "student_source_only", "student")
-
+from pipeline.plain_student import PlainStudentConfig, list_table, plain_student
 
 def parse_languages(languages: str | Sequence[str]) -> list[str]:
     langs = [x.strip() for x in languages.split(",")] if isinstance(languages, str) else list(languages)
@@ -155,6 +152,60 @@ def build_multilingual_labels(data_dir, mined_dir, scores_path, out_dir, config:
     return write_labels(data_dir, mined_dir, scores_path, out_dir, c, rows)
 
 
+def translated_lists(
+    cand: pa.Table, targets: np.ndarray, texts: Mapping[str, Texts], languages: Sequence[str], source: str = "en", cross_lingual: bool = False
+) -> tuple[pa.Table, dict]:
+    """``list``-format rows of every view but the source's: each source candidate list (``cand``,
+    its targets ``targets`` in order) in the view's languages, its untranslated passages left out
+    (in order). A list counts when its query and at least two of its passages are translated: a
+    list of one orders nothing. Returns the rows and ``{"views": {view: counts}}``, the source's
+    view included."""
+    group, sizes, doc_ids = list_elements(cand, "doc_ids")
+    query_ids = cand["query_id"].combine_chunks()
+    targets = np.asarray(targets, np.float32)
+    views = {view_name(source, source): {"lists": cand.num_rows, "pairs": len(doc_ids)}}
+    tables = []
+    for q_lang, p_lang in training_views(languages, source, cross_lingual)[1:]:
+        q_texts, p_texts = texts[q_lang], texts[p_lang]
+        has_query = q_texts.holds_queries(query_ids)
+        has_passage = p_texts.holds_passages(doc_ids)
+        translated = np.bincount(group[has_passage], minlength=cand.num_rows)
+        keep = has_query & (translated >= 2)
+        element = keep[group] & has_passage
+        views[view_name(q_lang, p_lang)] = {
+            "lists": int(keep.sum()), "pairs": int(element.sum()), "missing_query": int((~has_query).sum()),
+            "under_two_passages": int((has_query & ~keep).sum()),
+        }
+        tables.append(list_table(
+            q_texts.query(query_ids.filter(keep)).to_pylist(), translated[keep],
+            p_texts.passage(doc_ids.filter(element)).to_pylist(), targets[element],
+        ))
+    return pa.concat_tables(tables) if tables else rows_schema("list").empty_table(), {"views": views}
+
+
+@dataclass(frozen=True)
+class MultilingualPlainConfig(PlainStudentConfig):
+    """Settings of the multilingual plain student (``MultilingualPlainStudent``)."""
+
+    languages: tuple[str, ...] = ()
+    source: str = "en"
+    cross_lingual: bool = False
+
+
+def multilingual_plain_student(data_dir, mined_dir, student_dir, out_dir, config: MultilingualPlainConfig) -> dict:
+    """Stage entry: the plain student (:func:`pipeline.plain_student.plain_student`) of the
+    multilingual student, taught the teacher's order of the source candidate lists and of the
+    same lists in every view's languages, each translated pair with its source pair's target."""
+    c = config
+    tables = NormalizedTables(data_dir)
+    # A missing language fails here, before any model loads.
+    texts = {lang: language_texts(tables, lang, c.source) for lang in (c.source, *c.languages)}
+    return plain_student(
+        data_dir, mined_dir, student_dir, out_dir, c,
+        more_lists=lambda cand, targets: translated_lists(cand, targets, texts, c.languages, c.source, c.cross_lingual),
+    )
+
+
 def language_candidates(
     candidates: pa.Table, ds: Dataset, lang: str, source: str, max_queries: int = 0, split: str = "test"
 ) -> tuple[list[str], list[str], list[float], dict]:
@@ -196,11 +247,12 @@ class MultilingualEvalConfig(EvalConfig):
 
 
 def evaluate_languages(
-    data_dir, mined_dir, student_dir, source_only_dir, out_dir, config: MultilingualEvalConfig, run: dict
+    data_dir, mined_dir, student_dir, source_only_dir, out_dir, config: MultilingualEvalConfig, run: dict, cosine_dir=None
 ) -> dict:
     """Stage entry: per language, the retriever's order, the teacher on the source texts, and the
-    untrained, source-only and multilingual students on that language's texts, each trained
-    student also fused with the retriever (its weight chosen on that language's dev candidates,
+    untrained, source-only and multilingual students on that language's texts (and the
+    cosine-head student a plain one started from, ``cosine_dir``, when ``student_dir`` is one),
+    each trained student also fused with the retriever (its weight chosen on that language's dev candidates,
     as :func:`pipeline.evaluation.evaluate_student` chooses it); metrics.json, report.md and a
     plot in ``out_dir``. ``run`` is what the report shows beside the metrics (``params``,
     ``stages``, ``timings``), as in :func:`pipeline.evaluation.evaluate_student`."""
@@ -244,6 +296,7 @@ def evaluate_languages(
         "student_untrained": cut_student(c.student, c.student_layers, c.device, c.max_length, head=c.student_head),
         "student_source_only": load_cross_encoder(str(source_only_dir), c.device, c.max_length),
         "student": load_cross_encoder(str(student_dir), c.device, c.max_length),
+        **({"student_cosine": load_cross_encoder(str(cosine_dir), c.device, c.max_length)} if cosine_dir else {}),
     }
     scorers = {name: CrossEncoderScorer(m, c.device, dtype) for name, m in models.items()}
 
@@ -319,7 +372,8 @@ def _language_metrics(ds, lang, source, candidates, qrels, teacher_of, teacher, 
 # The students a language's dev split fuses with the retriever.
 TRAINED = ("student_source_only", "student")
 MULTILINGUAL_COMPARISONS = (
-    ("student", "retriever"), ("student", "student_source_only"), ("student", "student_untrained"), ("teacher", "retriever"),
+    ("student", "retriever"), ("student", "student_source_only"), ("student", "student_untrained"), ("student", "student_cosine"),
+    ("teacher", "retriever"),
     ("student_fused", "retriever"), ("student_fused", "student"), ("student_fused", "student_source_only_fused"),
 )
 
@@ -344,6 +398,9 @@ def language_verdict(per_lang: dict, source: str) -> list[str]:
         students = "" if lang == source else (
             f" It {against('student_source_only', 'the source-only student')} and {against('student_untrained', 'the untrained one')}."
         )
+        if "student_cosine" in r:
+            start = f"the cosine-head student it started from ({r['student_cosine']['ndcg@10']:.4f})"
+            students += f" It {against('student_cosine', start)}."
         fusion = entry.get("fusion", {}).get("student")
         fused = "" if not fusion else (
             f" Fused with the retriever's score (w = {fusion['weight']:g}, chosen on {fusion['dev_queries']} dev queries) it "

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,13 +96,19 @@ def drawn_lists(cand: pa.Table, size: int, seed: int) -> pa.Table:
 
 def list_rows(cand: pa.Table, pairs: list[tuple[str, str]], scores: np.ndarray) -> pa.Table:
     """``list``-format rows (query, [passages], [scores]) of the candidate lists."""
+    sizes = pc.list_value_length(cand["doc_ids"]).to_numpy()
+    starts = np.concatenate([[0], np.cumsum(sizes)])[:-1]
+    return list_table([pairs[i][0] for i in starts], sizes, [p for _, p in pairs], scores)
+
+
+def list_table(queries: list[str], sizes: np.ndarray, passages: list[str], scores: np.ndarray) -> pa.Table:
+    """``list``-format rows of lists of ``sizes`` consecutive passages and scores, one query each."""
     from pipeline.labels import rows_schema
 
-    offsets = pa.array(np.concatenate([[0], np.cumsum(pc.list_value_length(cand["doc_ids"]).to_numpy())]), pa.int32())
-    starts = offsets.to_numpy()[:-1]
+    offsets = pa.array(np.concatenate([[0], np.cumsum(sizes)]), pa.int32())
     columns = [
-        pa.array([pairs[i][0] for i in starts], pa.string()),
-        pa.ListArray.from_arrays(offsets, pa.array([p for _, p in pairs], pa.string())),
+        pa.array(queries, pa.string()),
+        pa.ListArray.from_arrays(offsets, pa.array(passages, pa.string())),
         pa.ListArray.from_arrays(offsets, pa.array(np.asarray(scores, np.float32), pa.float32())),
     ]
     return pa.Table.from_arrays(columns, schema=rows_schema("list"))
@@ -159,10 +166,20 @@ def mean_head_student(student, pairs: list[tuple[str, str]], scores: np.ndarray,
     return plain
 
 
-def plain_student(data_dir: str | Path, mined_dir: str | Path, student_dir: str | Path, out_dir: str | Path, config: PlainStudentConfig) -> dict:
+def plain_student(
+    data_dir: str | Path,
+    mined_dir: str | Path,
+    student_dir: str | Path,
+    out_dir: str | Path,
+    config: PlainStudentConfig,
+    more_lists: Callable[[pa.Table, np.ndarray], tuple[pa.Table, dict]] | None = None,
+) -> dict:
     """Stage entry: score the training queries' candidate lists with the teacher, fit a mean-head
     student of the trained student's encoder to them, and save it to ``out_dir`` with
-    ``stats.json`` (the training's statistics and both students' nDCG@10 on dev candidates)."""
+    ``stats.json`` (the training's statistics and both students' nDCG@10 on dev candidates).
+
+    ``more_lists`` makes further ``list``-format rows from the candidate lists and their targets
+    (the multilingual student's translations of them), with their counts for ``stats.json``."""
     from sentence_transformers.cross_encoder.evaluation import CrossEncoderRerankingEvaluator
 
     from pipeline.heads import SegmentCosine
@@ -201,12 +218,16 @@ def plain_student(data_dir: str | Path, mined_dir: str | Path, student_dir: str 
     scores, scale = teacher_targets(taught, own, sizes[: c.fit_queries])
     del teacher
     rows = list_rows(cand, pairs, scores)
-    plain = mean_head_student(student, pairs[:fit_pairs], scores[:fit_pairs], c.device, c.max_length)
-
     extra = {
         "lists": rows.num_rows, "pairs": len(pairs), "taught_by": c.teacher, "started_from": str(student_dir),
         "target_scale": round(scale, 4), "attention_dropout": c.attention_dropout, "teacher_scoring": scoring,
     }
+    if more_lists is not None:
+        more, counts = more_lists(cand, scores)
+        extra.update(counts)
+        rows = pa.concat_tables([rows, more])
+    plain = mean_head_student(student, pairs[:fit_pairs], scores[:fit_pairs], c.device, c.max_length)
+
     if dev:
         evaluator = CrossEncoderRerankingEvaluator(dev, at_k=10, name="dev", batch_size=64, write_csv=False, always_rerank_positives=False)
         # Its raw scores, whatever activation an older folder saved (pipeline.training._activation).

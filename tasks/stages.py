@@ -632,6 +632,25 @@ class FitMultilingualStudent(MultilingualParams, FitStudent):
         return {**super().requires(), "labels": self.clone(BuildMultilingualLabels)}
 
 
+class MultilingualPlainStudent(MultilingualParams, PlainStudent):
+    """The multilingual student in sentence-transformers' own modules, taught the teacher's order
+    of the training queries' candidate lists in every language view."""
+
+    def requires(self):
+        return {**super().requires(), "student": self.clone(FitMultilingualStudent)}
+
+    @functools.cached_property
+    def config(self) -> multilingual.MultilingualPlainConfig:
+        return multilingual.MultilingualPlainConfig(
+            **dataclasses.asdict(PlainStudent.config.func(self)), languages=tuple(multilingual.parse_languages(self.languages)),
+            source=self.source_language, cross_lingual=self.cross_lingual,
+        )
+
+    def run(self):
+        i = self.input()
+        multilingual.multilingual_plain_student(i["data"].path, i["mined"].path, i["student"].path, str(self.artifact()), self.config)
+
+
 class EvaluateMultilingualStudent(MultilingualParams, Stage):
     """Per-language test metrics: retriever, teacher (source texts), untrained, source-only and
     multilingual students."""
@@ -647,6 +666,8 @@ class EvaluateMultilingualStudent(MultilingualParams, Stage):
         }
         if _needs_fine_tuned(self.teacher):
             req["teacher"] = self.clone(FineTuneTeacher)
+        if publishes_plain(self):
+            req["plain"] = self.clone(MultilingualPlainStudent)
         return _measured_depth(self, req)
 
     @functools.cached_property
@@ -659,19 +680,20 @@ class EvaluateMultilingualStudent(MultilingualParams, Stage):
     @functools.cached_property
     def fp(self) -> str:
         req = self.requires()
-        return config_fingerprint(self.config, self.identity, *(req[k].fp for k in ("student", "source_only", "depth") if k in req))
+        return config_fingerprint(self.config, self.identity, *(req[k].fp for k in ("student", "source_only", "plain", "depth") if k in req))
 
     def output(self):
         return luigi.LocalTarget(str(self.artifact() / "metrics.json"))
 
     def run(self):
-        stages = _upstream_stats(
-            self, BuildMultilingualLabels, {"FitStudent": FitMultilingualStudent, "FitStudentSourceOnly": FitStudent}
-        )
         i = self.input()
+        students = {"FitStudent": FitMultilingualStudent, "FitStudentSourceOnly": FitStudent}
+        stages = _upstream_stats(self, BuildMultilingualLabels, {**students, **({"PlainStudent": MultilingualPlainStudent} if "plain" in i else {})})
+        # The published student is the "student" row, as in EvaluateStudent.
+        published, cosine = (i["plain"].path, i["student"].path) if "plain" in i else (i["student"].path, None)
         multilingual.evaluate_languages(
-            i["data"].path, i["mined"].path, i["student"].path, i["source_only"].path, self.artifact(), _at_depth(self.config, i),
-            _run_info(self, stages),
+            i["data"].path, i["mined"].path, published, i["source_only"].path, self.artifact(), _at_depth(self.config, i),
+            _run_info(self, stages), cosine_dir=cosine,
         )
 
 
@@ -683,4 +705,4 @@ class TrainMultilingualStudent(MultilingualParams, TrainStudent):
     published = ("languages.png", "report.md", "metrics.json")
 
     def student_stage(self) -> Stage:
-        return self.clone(FitMultilingualStudent)  # its own head: the multilingual evaluation measures that one
+        return self.clone(MultilingualPlainStudent) if publishes_plain(self) else self.clone(FitMultilingualStudent)

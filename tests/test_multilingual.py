@@ -135,6 +135,71 @@ def test_multilingual_dag_runs_with_two_languages(parallel_beir, tiny_models, tm
     assert "student_fused" not in (out / "report.md").read_text()
 
 
+def test_candidate_lists_in_each_language_keep_their_translated_passages_and_source_targets(parallel_beir):
+    import numpy as np
+
+    from pipeline.multilingual import translated_lists
+
+    ds = read_dataset(parallel_beir)
+    docs = list(ds.corpus)
+    qids = list(ds.queries)[:9]
+    lists = [docs[i : i + 2 + i % 4] for i in range(len(qids))]
+    cand = pa.table({"query_id": qids, "doc_ids": lists})
+    targets = np.arange(sum(map(len, lists)), dtype=np.float32) / 7
+    texts = {lang: Texts.of(*texts_of(ds, lang, "en")) for lang in ("en", "xx", "yy")}
+    rows, counts = translated_lists(cand, targets, texts, ["xx", "yy"], "en", cross_lingual=True)
+
+    source_target = {(q, d): t for q, d, t in zip(np.repeat(qids, [len(x) for x in lists]), [d for x in lists for d in x], targets)}
+    views = counts["views"]
+    assert list(views) == ["en", "xx", "yy", "xx-en", "en-xx", "yy-en", "en-yy"]
+    assert views["en"] == {"lists": 9, "pairs": len(targets)} and views["xx"]["lists"] == 9 and views["xx"]["pairs"] == len(targets)
+    yq, yc = ds.languages["yy"]
+    expected = [
+        (q, [d for d in x if d in yc]) for q, x in zip(qids, lists) if q in yq and sum(d in yc for d in x) >= 2
+    ]
+    assert views["yy"]["lists"] == len(expected) < 9 and views["yy"]["pairs"] == sum(len(x) for _, x in expected)
+    assert views["yy"]["missing_query"] == sum(q not in yq for q in qids)
+    assert views["yy"]["missing_query"] + views["yy"]["under_two_passages"] + views["yy"]["lists"] == 9
+
+    # Each list reads in its view's languages, with its source pairs' targets in the source order.
+    got = rows.to_pydict()
+    assert rows.num_rows == sum(v["lists"] for k, v in views.items() if k != "en")
+    start = views["xx"]["lists"]
+    for (q, kept), query, passages, labels in zip(expected, got["query"][start:], got["docs"][start:], got["labels"][start:]):
+        assert query == yq[q] and passages == [join_title(*yc[d]) for d in kept]
+        assert labels == pytest.approx([source_target[(q, d)] for d in kept])
+    # Mixed views: the query in one language, the passages in the other.
+    xq, xc = ds.languages["xx"]
+    mixed = list(zip(got["query"], got["docs"]))
+    assert (xq[qids[0]], [ds.passage(d) for d in lists[0]]) in mixed
+    assert (ds.queries[qids[0]], [join_title(*xc[d]) for d in lists[0]]) in mixed
+
+
+def test_the_multilingual_run_publishes_a_plain_student_beside_its_cosine_head_start(parallel_beir, tiny_models, tmp_path):
+    from sentence_transformers.cross_encoder import CrossEncoder
+
+    import tasks
+
+    out = tmp_path / "run"
+    params = dag_params(parallel_beir, tiny_models, out, TrainMultilingualStudent, languages="xx,yy", negative_pool=6,
+                        student=tiny_models["embedder"], student_head="cosine", teacher=f"bi:{tiny_models['embedder']}")
+    task = TrainMultilingualStudent(**params)
+    assert luigi.build([task], local_scheduler=True, workers=1, log_level="WARNING")
+
+    plain = task.clone(tasks.MultilingualPlainStudent)
+    assert (out / "student").resolve() == plain.artifact().resolve()
+    assert CrossEncoder(str(out / "student")).predict([("q", "d")]).shape == (1,)  # no trust_remote_code
+    m = json.loads((out / "metrics.json").read_text())
+    stats = m["stages"]["PlainStudent"]
+    assert stats["started_from"] == str(task.clone(tasks.FitMultilingualStudent).artifact())
+    assert stats["views"]["xx"]["lists"] == stats["views"]["en"]["lists"] > stats["views"]["yy"]["lists"] > 0
+    assert stats["rows"] == sum(v["lists"] for v in stats["views"].values())
+    for lang, entry in m["languages"].items():
+        assert {"student", "student_cosine", "student_fused"} <= set(entry["rankers"]) and "student_cosine_fused" not in entry["rankers"]
+        assert "student vs student_cosine" in entry["significance"]
+    assert all("the cosine-head student it started from (" in line for line in m["verdict"])
+
+
 def test_pairs_file_with_a_column_per_language(tmp_path):
     rows = [
         {"query": "image viewer", "positive": "A fast image viewer.", "split": "train",
