@@ -354,14 +354,15 @@ class LabelConfig:
     false_negative_margin: float = 0.0
 
 
-def build_labels(data_dir, mined_dir, scores_path, out_dir, config: LabelConfig) -> dict:
-    """Stage entry: training rows in ``config.fmt`` saved as a ``datasets`` folder (atomically)."""
+def build_labels(data_dir, mined_dir, scores_path, out_dir, config: LabelConfig, groups_per_batch: int = GROUPS_PER_BATCH) -> dict:
+    """Stage entry: training rows in ``config.fmt`` saved as a ``datasets`` folder (atomically),
+    built ``groups_per_batch`` mined groups at a time."""
     c = config
 
     def rows(groups, teacher, tables, grades, num_negatives):
         return build_rows(c.fmt, groups, teacher, tables.texts(), grades, num_negatives, c.label_scale)
 
-    return write_labels(data_dir, mined_dir, scores_path, out_dir, c, rows)
+    return write_labels(data_dir, mined_dir, scores_path, out_dir, c, rows, groups_per_batch)
 
 
 def write_labels(
