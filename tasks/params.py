@@ -183,6 +183,10 @@ class TrainParams(LabelParams, StudentParams):
         default=10, description="candidates of each training query's true top-k that PlainStudent's lists hold, drawn at random; "
         "0: all (twice the training time with the top 20; docs/student.md has both on the demo)",
     )
+    plain_min_steps = luigi.IntParameter(
+        default=800, description="PlainStudent trains at least this many steps, adding epochs (as a fraction) when its lists are few "
+        "(docs/student.md)",
+    )
     nproc_per_node = luigi.IntParameter(
         default=1, significant=False, description="GPUs to train on, one torchrun process each (DDP); 1 or no GPU = one process"
     )

@@ -432,7 +432,7 @@ class PlainStudent(TrainParams, Stage):
     @functools.cached_property
     def config(self) -> plain_student.PlainStudentConfig:
         return plain_student.PlainStudentConfig(
-            list_size=self.plain_list_size, max_length=fitted_max_length(self, self.student),
+            list_size=self.plain_list_size, min_steps=self.plain_min_steps, max_length=fitted_max_length(self, self.student),
             precision=_train_precision(self.run_device, self.train_precision), max_dev_queries=self.max_dev_queries, seed=self.seed,
             teacher=resolved_teacher(self), teacher_weights=self.teacher_weights, teacher_precision=_score_precision(self),
             teacher_max_length=fitted_teacher_max_length(self), cache_dir=teacher_score_cache(self),

@@ -182,7 +182,8 @@ def test_the_multilingual_run_publishes_a_plain_student_beside_its_cosine_head_s
 
     out = tmp_path / "run"
     params = dag_params(parallel_beir, tiny_models, out, TrainMultilingualStudent, languages="xx,yy", negative_pool=6,
-                        student=tiny_models["embedder"], student_head="cosine", teacher=f"bi:{tiny_models['embedder']}")
+                        student=tiny_models["embedder"], student_head="cosine", teacher=f"bi:{tiny_models['embedder']}",
+                        plain_min_steps=0)
     task = TrainMultilingualStudent(**params)
     assert luigi.build([task], local_scheduler=True, workers=1, log_level="WARNING")
 

@@ -19,8 +19,9 @@ from tests.conftest import dag_params
 def test_the_plain_student_loads_without_flags_and_orders_the_training_lists_as_the_teacher(small_beir, tiny_models, tmp_path):
     from sentence_transformers.cross_encoder import CrossEncoder
 
+    # 40 lists of 10, 14 steps an epoch: a minimum of 30 steps trains them 30/14 epochs.
     params = dag_params(small_beir, tiny_models, tmp_path, tasks.PlainStudent, student=tiny_models["embedder"], student_head="cosine",
-                        teacher=f"bi:{tiny_models['embedder']}")
+                        teacher=f"bi:{tiny_models['embedder']}", plain_min_steps=30)
     task = tasks.PlainStudent(**params)
     assert luigi.build([task], local_scheduler=True, workers=1, log_level="WARNING")
     folder = task.artifact()
@@ -38,6 +39,7 @@ def test_the_plain_student_loads_without_flags_and_orders_the_training_lists_as_
     stats = json.loads((folder / "stats.json").read_text())
     size = min(task.config.list_size or params["rerank_top_k"], params["rerank_top_k"])
     assert stats["loss"] == "ListNetLoss" and stats["lists"] == len(groups) and stats["pairs"] == len(groups) * size
+    assert stats["steps"] == task.config.min_steps == 30 and stats["epochs"] == pytest.approx(30 / 14)
     assert "dev_ndcg@10" in stats["dev"] and "dev_ndcg@10" in stats["dev_cosine_student"]
 
     assert stats["taught_by"] == task.config.teacher and stats["target_scale"] > 0
@@ -89,6 +91,16 @@ def test_a_student_with_sentence_transformers_own_head_is_not_converted(small_be
         plain_student(fit.input()["data"].path, fit.input()["mined"].path, fit.artifact(), tmp_path / "plain", PlainStudentConfig(max_length=64))
 
 
+def test_few_lists_train_more_epochs_up_to_the_minimum_steps():
+    from pipeline.plain_student import training_epochs
+
+    assert training_epochs(2544, 3, 1.0, 800) == 1.0  # 848 steps in one epoch
+    assert training_epochs(1322, 3, 1.0, 800) == pytest.approx(800 / 441)
+    assert training_epochs(1322, 3, 2.0, 800) == 2.0
+    assert training_epochs(1322, 3, 1.0, 0) == 1.0
+    assert training_epochs(0, 3, 1.0, 800) == 1.0
+
+
 def test_drawn_lists_keep_a_random_part_of_each_list_in_its_order():
     import pyarrow as pa
 
@@ -105,7 +117,8 @@ def test_drawn_lists_keep_a_random_part_of_each_list_in_its_order():
 def test_train_student_publishes_the_plain_student_and_keeps_the_cosine_head_row(small_beir, tiny_models, tmp_path):
     from sentence_transformers.cross_encoder import CrossEncoder
 
-    params = dag_params(small_beir, tiny_models, tmp_path, tasks.TrainStudent, student=tiny_models["embedder"], student_head="cosine")
+    params = dag_params(small_beir, tiny_models, tmp_path, tasks.TrainStudent, student=tiny_models["embedder"], student_head="cosine",
+                        plain_min_steps=0)
     task = tasks.TrainStudent(**params)
     assert luigi.build([task], local_scheduler=True, workers=1, log_level="WARNING")
     published = (tmp_path / "student").resolve()
