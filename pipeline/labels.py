@@ -354,15 +354,18 @@ class LabelConfig:
     false_negative_margin: float = 0.0
 
 
-def build_labels(data_dir, mined_dir, scores_path, out_dir, config: LabelConfig, groups_per_batch: int = GROUPS_PER_BATCH) -> dict:
-    """Stage entry: training rows in ``config.fmt`` saved as a ``datasets`` folder (atomically),
-    built ``groups_per_batch`` mined groups at a time."""
-    c = config
+def build_labels(data_dir, mined_dir, scores_path, out_dir, config: LabelConfig) -> dict:
+    """Stage entry: training rows in ``config.fmt`` saved as a ``datasets`` folder (atomically)."""
+    return write_labels(data_dir, mined_dir, scores_path, out_dir, config, format_rows(config))
+
+
+def format_rows(config: LabelConfig) -> Callable:
+    """The ``rows`` function of :func:`write_labels` for ``config``: a batch's rows in its format."""
 
     def rows(groups, teacher, tables, grades, num_negatives):
-        return build_rows(c.fmt, groups, teacher, tables.texts(), grades, num_negatives, c.label_scale)
+        return build_rows(config.fmt, groups, teacher, tables.texts(), grades, num_negatives, config.label_scale)
 
-    return write_labels(data_dir, mined_dir, scores_path, out_dir, c, rows, groups_per_batch)
+    return rows
 
 
 def write_labels(

@@ -23,7 +23,7 @@ from pipeline.evaluation import EvalConfig, outcome
 from pipeline.labels import (
     LabelConfig, NoRowsError, PairValues, build_rows, grouped_lists, label_summary, list_elements, rows_schema, write_labels,
 )
-from pipeline.plain_student import PlainStudentConfig, list_table, plain_student
+from pipeline.plain_student import PlainStudentConfig, list_table, teach_plain_student
 
 def parse_languages(languages: str | Sequence[str]) -> list[str]:
     langs = [x.strip() for x in languages.split(",")] if isinstance(languages, str) else list(languages)
@@ -200,7 +200,7 @@ def multilingual_plain_student(data_dir, mined_dir, student_dir, out_dir, config
     tables = NormalizedTables(data_dir)
     # A missing language fails here, before any model loads.
     texts = {lang: language_texts(tables, lang, c.source) for lang in (c.source, *c.languages)}
-    return plain_student(
+    return teach_plain_student(
         data_dir, mined_dir, student_dir, out_dir, c,
         more_lists=lambda cand, targets: translated_lists(cand, targets, texts, c.languages, c.source, c.cross_lingual),
     )
@@ -399,8 +399,11 @@ def language_verdict(per_lang: dict, source: str) -> list[str]:
             f" It {against('student_source_only', 'the source-only student')} and {against('student_untrained', 'the untrained one')}."
         )
         if "student_cosine" in r:
-            start = f"the cosine-head student it started from ({r['student_cosine']['ndcg@10']:.4f})"
-            students += f" It {against('student_cosine', start)}."
+            t = tests.get("student vs student_cosine")
+            students += (
+                f" It {said.get(outcome(t), 'is not tested against')} the cosine-head student it started from "
+                f"({r['student_cosine']['ndcg@10']:.4f}" + (f"; p = {t['p_value']:.3g}" if t else "") + ")."
+            )
         fusion = entry.get("fusion", {}).get("student")
         fused = "" if not fusion else (
             f" Fused with the retriever's score (w = {fusion['weight']:g}, chosen on {fusion['dev_queries']} dev queries) it "

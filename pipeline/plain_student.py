@@ -179,7 +179,14 @@ def mean_head_student(student, pairs: list[tuple[str, str]], scores: np.ndarray,
     return plain
 
 
-def plain_student(
+def plain_student(data_dir: str | Path, mined_dir: str | Path, student_dir: str | Path, out_dir: str | Path, config: PlainStudentConfig) -> dict:
+    """Stage entry: score the training queries' candidate lists with the teacher, fit a mean-head
+    student of the trained student's encoder to them, and save it to ``out_dir`` with
+    ``stats.json`` (the training's statistics and both students' nDCG@10 on dev candidates)."""
+    return teach_plain_student(data_dir, mined_dir, student_dir, out_dir, config)
+
+
+def teach_plain_student(
     data_dir: str | Path,
     mined_dir: str | Path,
     student_dir: str | Path,
@@ -187,12 +194,9 @@ def plain_student(
     config: PlainStudentConfig,
     more_lists: Callable[[pa.Table, np.ndarray], tuple[pa.Table, dict]] | None = None,
 ) -> dict:
-    """Stage entry: score the training queries' candidate lists with the teacher, fit a mean-head
-    student of the trained student's encoder to them, and save it to ``out_dir`` with
-    ``stats.json`` (the training's statistics and both students' nDCG@10 on dev candidates).
-
-    ``more_lists`` makes further ``list``-format rows from the candidate lists and their targets
-    (the multilingual student's translations of them), with their counts for ``stats.json``."""
+    """:func:`plain_student`, with ``more_lists`` making further ``list``-format rows from the
+    candidate lists and their targets (the multilingual student's translations of them), and
+    their counts for ``stats.json``."""
     from sentence_transformers.cross_encoder.evaluation import CrossEncoderRerankingEvaluator
 
     from pipeline.heads import SegmentCosine

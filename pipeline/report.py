@@ -195,7 +195,7 @@ def write_report(path: str | Path, metrics: dict, verdict: list[str], plots: dic
     sections = [
         ("PrepareData", _data_section), ("FineTuneTeacher", _teacher_section), ("ScoreWithTeacher", _scoring_section),
         ("MineHardNegatives", _mining_section), ("BuildMultilingualLabels", _views_section), ("BuildLabels", _labels_section), ("ChooseStudentDepth", _depth_section),
-        ("FitStudent", _training_section),
+        ("FitStudent", _training_section), ("PlainStudent", _plain_section),
     ]
     for stage, section in sections:
         if stages.get(stage):
@@ -416,4 +416,29 @@ def _training_section(s: dict, p: dict, plots: dict) -> list[str]:
         ]
         parts += [f"- {k}: {v:.4f}" for k, v in s["dev"].items()]
         parts.append("")
+    return parts
+
+
+def _plain_section(s: dict, p: dict, plots: dict) -> list[str]:
+    """The published student in sentence-transformers' own modules against the cosine-head student
+    it started from, on the dev queries the stage checked: the trade-off its format costs or gains."""
+    dev, cosine = s.get("dev", {}), s.get("dev_cosine_student", {})
+    parts = [
+        "## The published student's modules",
+        "",
+        f"The published student is the cosine-head student's encoder with sentence-transformers' own mean Pooling and "
+        f"Dense, which plain `CrossEncoder(path)` loads: taught the teacher's order of {s.get('lists')} candidate lists "
+        + (f"and {sum(v['lists'] for v in s['views'].values()) - s.get('lists', 0)} translations of them " if s.get("views") else "")
+        + f"in {s.get('steps')} steps ({s.get('epochs', 1):.2f} epochs, {s.get('seconds')} s).",
+        "",
+    ]
+    if "dev_ndcg@10" in dev and "dev_ndcg@10" in cosine:
+        parts += [
+            f"| on {s.get('dev_queries', '?')} dev queries | nDCG@10 |",
+            "|---|---:|",
+            f"| retriever | {dev.get('dev_base_ndcg@10', float('nan')):.4f} |",
+            f"| cosine-head student (loads with `trust_remote_code`) | {cosine['dev_ndcg@10']:.4f} |",
+            f"| published student | {dev['dev_ndcg@10']:.4f} ({dev['dev_ndcg@10'] - cosine['dev_ndcg@10']:+.4f}) |",
+            "",
+        ]
     return parts

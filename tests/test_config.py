@@ -14,7 +14,7 @@ import pytest
 
 import tasks
 from conftest import dag_params
-from pipeline import evaluation, labels, mining, multilingual, scoring, teacher, training
+from pipeline import evaluation, labels, mining, multilingual, plain_student, scoring, teacher, training
 from pipeline.config import config_fingerprint
 from pipeline.errors import PipelineError
 
@@ -32,7 +32,12 @@ ENTRY_POINTS = {
         ["data_dir", "mined_dir", "student_dir", "out_dir", "config", "run", "label_only_dir", "cosine_dir"], evaluation.EvalConfig
     ),
     multilingual.evaluate_languages: (
-        ["data_dir", "mined_dir", "student_dir", "source_only_dir", "out_dir", "config", "run"], multilingual.MultilingualEvalConfig
+        ["data_dir", "mined_dir", "student_dir", "source_only_dir", "out_dir", "config", "run", "cosine_dir"],
+        multilingual.MultilingualEvalConfig,
+    ),
+    plain_student.plain_student: (["data_dir", "mined_dir", "student_dir", "out_dir", "config"], plain_student.PlainStudentConfig),
+    multilingual.multilingual_plain_student: (
+        ["data_dir", "mined_dir", "student_dir", "out_dir", "config"], multilingual.MultilingualPlainConfig
     ),
 }
 

@@ -18,7 +18,7 @@ from datasets import load_from_disk
 import tasks
 from losses import LOSS_TABLE, build_loss, resolve_loss
 from losses.table import FORMATS
-from pipeline.labels import LabelConfig, build_labels
+from pipeline.labels import LabelConfig, build_labels, format_rows, write_labels
 from pipeline.models import cut_student
 from pipeline.scoring import read_scores
 from pipeline.training import _with_num_labels, fit_head_scale, student_loss_kwargs, train_student
@@ -60,8 +60,8 @@ def test_labels_built_in_batches_equal_one_pass(fmt, scored, tmp_path):
 
     built = {}
     for name, size in (("whole", 10**6), ("batched", 3)):
-        stats = build_labels(scored["data"], scored["mined"], scored["scores"] if needs_scores else None,
-                             tmp_path / name, config, groups_per_batch=size)
+        stats = write_labels(scored["data"], scored["mined"], scored["scores"] if needs_scores else None,
+                             tmp_path / name, config, format_rows(config), groups_per_batch=size)
         built[name] = (stats, load_from_disk(str(tmp_path / name / "dataset")))
     (whole, whole_rows), (batched, batched_rows) = built["whole"], built["batched"]
     assert batched_rows.num_rows == whole_rows.num_rows > 0
@@ -81,7 +81,8 @@ def test_queries_short_of_negatives_count_in_batches_that_build_no_rows(scored, 
     config = LabelConfig("ntuple", num_negatives=pc.max(pc.list_value_length(groups["negative_ids"])).as_py(),
                          false_negatives="drop", false_negative_margin=-0.5 / scored["unit_scale"])
 
-    whole, alone = (build_labels(scored["data"], scored["mined"], scored["scores"], tmp_path / name, config, groups_per_batch=size)
+    whole, alone = (write_labels(scored["data"], scored["mined"], scored["scores"], tmp_path / name, config, format_rows(config),
+                                 groups_per_batch=size)
                     for name, size in (("whole", 10**6), ("alone", 1)))
     assert 0 < whole["queries_short_of_negatives"] < groups.num_rows
     assert alone["queries_short_of_negatives"] == whole["queries_short_of_negatives"]

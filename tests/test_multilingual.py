@@ -199,6 +199,8 @@ def test_the_multilingual_run_publishes_a_plain_student_beside_its_cosine_head_s
         assert {"student", "student_cosine", "student_fused"} <= set(entry["rankers"]) and "student_cosine_fused" not in entry["rankers"]
         assert "student vs student_cosine" in entry["significance"]
     assert all("the cosine-head student it started from (" in line for line in m["verdict"])
+    translated = sum(v["lists"] for v in stats["views"].values()) - stats["lists"]
+    assert f"{stats['lists']} candidate lists and {translated} translations of them" in (out / "report.md").read_text()
 
 
 def test_pairs_file_with_a_column_per_language(tmp_path):
