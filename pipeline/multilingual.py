@@ -130,12 +130,17 @@ def multilingual_rows(
 
 
 @dataclass(frozen=True)
-class MultilingualLabelConfig(LabelConfig):
-    """Settings of multilingual label building (``BuildMultilingualLabels``)."""
+class TrainingViews:
+    """The languages a multilingual stage trains on (:func:`training_views`)."""
 
     languages: tuple[str, ...] = ()
     source: str = "en"
     cross_lingual: bool = False
+
+
+@dataclass(frozen=True)
+class MultilingualLabelConfig(LabelConfig, TrainingViews):
+    """Settings of multilingual label building (``BuildMultilingualLabels``)."""
 
 
 def build_multilingual_labels(data_dir, mined_dir, scores_path, out_dir, config: MultilingualLabelConfig) -> dict:
@@ -184,12 +189,8 @@ def translated_lists(
 
 
 @dataclass(frozen=True)
-class MultilingualPlainConfig(PlainStudentConfig):
+class MultilingualPlainConfig(PlainStudentConfig, TrainingViews):
     """Settings of the multilingual plain student (``MultilingualPlainStudent``)."""
-
-    languages: tuple[str, ...] = ()
-    source: str = "en"
-    cross_lingual: bool = False
 
 
 def multilingual_plain_student(data_dir, mined_dir, student_dir, out_dir, config: MultilingualPlainConfig) -> dict:
