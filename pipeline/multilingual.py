@@ -25,6 +25,7 @@ from pipeline.labels import (
 )
 from pipeline.plain_student import PlainStudentConfig, list_table, teach_plain_student
 
+
 def parse_languages(languages: str | Sequence[str]) -> list[str]:
     langs = [x.strip() for x in languages.split(",")] if isinstance(languages, str) else list(languages)
     return [x for x in dict.fromkeys(langs) if x]

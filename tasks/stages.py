@@ -459,9 +459,16 @@ def publishes_plain(task: TrainParams) -> bool:
     return student_head(task.student, task.student_head) == "cosine"
 
 
-def published_student(task: TrainParams) -> Stage:
-    """The stage whose folder a run publishes as <output-dir>/student."""
-    return task.clone(PlainStudent) if publishes_plain(task) else task.clone(FitStudent)
+def published_student(task: TrainParams, plain: type | None = None, fit: type | None = None) -> Stage:
+    """The stage whose folder a run publishes as <output-dir>/student: ``plain`` (PlainStudent) or
+    ``fit`` (FitStudent), as :func:`publishes_plain` says."""
+    return task.clone(plain or PlainStudent) if publishes_plain(task) else task.clone(fit or FitStudent)
+
+
+def published_and_cosine(inputs: dict) -> tuple[str, str | None]:
+    """An evaluation's published student (its "student" row) and, when that is the plain student,
+    the cosine-head student it started from (its own row)."""
+    return (inputs["plain"].path, inputs["student"].path) if "plain" in inputs else (inputs["student"].path, None)
 
 
 class EvaluateStudent(EvalParams, Stage):
@@ -519,8 +526,7 @@ class EvaluateStudent(EvalParams, Stage):
             stages["FitStudent (label-only)"] = self.label_only_student().stats()
         # The untrained student's cached scores are keyed by the depth it is cut to, known only now.
         config = self.with_baseline_cache(_at_depth(self.config, i))
-        # The published student is the "student" row; the cosine-head student it started from keeps a row of its own.
-        published, cosine = (i["plain"].path, i["student"].path) if "plain" in i else (i["student"].path, None)
+        published, cosine = published_and_cosine(i)
         if "depth" in i:
             students = {"student": published, **({"cosine-head student": cosine} if cosine else {}),
                         **({"label-only student": i["label_only"].path} if self.label_only_loss else {})}
@@ -607,16 +613,19 @@ class TrainStudent(EvalParams, luigi.Task):
 # ---- multilingual distillation ------------------------------------------------------------
 
 
+def _training_views(task: MultilingualParams) -> dict:
+    """The languages a multilingual stage trains on, as its configuration takes them
+    (``pipeline.multilingual.TrainingViews``)."""
+    return {"languages": tuple(multilingual.parse_languages(task.languages)), "source": task.source_language, "cross_lingual": task.cross_lingual}
+
+
 class BuildMultilingualLabels(MultilingualParams, BuildLabels):
     """Training rows for the source language and each target language (and mixed pairs with
     --cross-lingual), all labelled with the source pairs' teacher scores."""
 
     @functools.cached_property
     def config(self) -> multilingual.MultilingualLabelConfig:
-        return multilingual.MultilingualLabelConfig(
-            **dataclasses.asdict(BuildLabels.config.func(self)), languages=tuple(multilingual.parse_languages(self.languages)),
-            source=self.source_language, cross_lingual=self.cross_lingual,
-        )
+        return multilingual.MultilingualLabelConfig(**dataclasses.asdict(BuildLabels.config.func(self)), **_training_views(self))
 
     def run(self):
         scores = self.input().get("scores")
@@ -641,10 +650,7 @@ class MultilingualPlainStudent(MultilingualParams, PlainStudent):
 
     @functools.cached_property
     def config(self) -> multilingual.MultilingualPlainConfig:
-        return multilingual.MultilingualPlainConfig(
-            **dataclasses.asdict(PlainStudent.config.func(self)), languages=tuple(multilingual.parse_languages(self.languages)),
-            source=self.source_language, cross_lingual=self.cross_lingual,
-        )
+        return multilingual.MultilingualPlainConfig(**dataclasses.asdict(PlainStudent.config.func(self)), **_training_views(self))
 
     def run(self):
         i = self.input()
@@ -689,8 +695,7 @@ class EvaluateMultilingualStudent(MultilingualParams, Stage):
         i = self.input()
         students = {"FitStudent": FitMultilingualStudent, "FitStudentSourceOnly": FitStudent}
         stages = _upstream_stats(self, BuildMultilingualLabels, {**students, **({"PlainStudent": MultilingualPlainStudent} if "plain" in i else {})})
-        # The published student is the "student" row, as in EvaluateStudent.
-        published, cosine = (i["plain"].path, i["student"].path) if "plain" in i else (i["student"].path, None)
+        published, cosine = published_and_cosine(i)
         multilingual.evaluate_languages(
             i["data"].path, i["mined"].path, published, i["source_only"].path, self.artifact(), _at_depth(self.config, i),
             _run_info(self, stages), cosine_dir=cosine,
@@ -705,4 +710,4 @@ class TrainMultilingualStudent(MultilingualParams, TrainStudent):
     published = ("languages.png", "report.md", "metrics.json")
 
     def student_stage(self) -> Stage:
-        return self.clone(MultilingualPlainStudent) if publishes_plain(self) else self.clone(FitMultilingualStudent)
+        return published_student(self, MultilingualPlainStudent, FitMultilingualStudent)
