@@ -392,20 +392,20 @@ def language_verdict(per_lang: dict, source: str) -> list[str]:
             continue
         m, so, un, ret = (r[k]["ndcg@10"] for k in ("student", "student_source_only", "student_untrained", "retriever"))
 
-        def against(other: str, what: str, name: str = "student") -> str:
+        def against(other: str, what: str, name: str = "student", score: float | None = None) -> str:
             t = tests.get(f"{name} vs {other}")
-            return f"{said.get(outcome(t), 'is not tested against')} {what}" + (f" (p = {t['p_value']:.3g})" if t else "")
+            bracket = "; ".join(
+                ([f"{score:.4f}"] if score is not None else []) + ([f"p = {t['p_value']:.3g}"] if t else [])
+            )
+            return f"{said.get(outcome(t), 'is not tested against')} {what}" + (f" ({bracket})" if bracket else "")
 
         order = against("retriever", "the retriever's order")
         students = "" if lang == source else (
             f" It {against('student_source_only', 'the source-only student')} and {against('student_untrained', 'the untrained one')}."
         )
         if "student_cosine" in r:
-            t = tests.get("student vs student_cosine")
-            students += (
-                f" It {said.get(outcome(t), 'is not tested against')} the cosine-head student it started from "
-                f"({r['student_cosine']['ndcg@10']:.4f}" + (f"; p = {t['p_value']:.3g}" if t else "") + ")."
-            )
+            cosine = r["student_cosine"]["ndcg@10"]
+            students += f" It {against('student_cosine', 'the cosine-head student it started from', score=cosine)}."
         fusion = entry.get("fusion", {}).get("student")
         fused = "" if not fusion else (
             f" Fused with the retriever's score (w = {fusion['weight']:g}, chosen on {fusion['dev_queries']} dev queries) it "

@@ -457,6 +457,11 @@ def test_the_language_table_and_verdict_say_beats_only_with_a_significant_gain()
     assert "beats the retriever's order" in en and "does NOT beat" not in en
     assert "is not shown to differ from the source-only student" in de and "does NOT beat the retriever" in de
     assert "is below the retriever's order" in fr and "does NOT beat the retriever" in fr
+    assert "cosine-head" not in en
+    langs["de"]["rankers"]["student_cosine"] = {"ndcg@10": 0.7512}
+    assert "is not tested against the cosine-head student it started from (0.7512)." in language_verdict(langs, "en")[1]
+    langs["de"]["significance"]["student vs student_cosine"] = {"diff": 0.07, "p_value": 0.0013, "queries": 100}
+    assert "beats the cosine-head student it started from (0.7512; p = 0.0013)." in language_verdict(langs, "en")[1]
 
 
 def test_rankers_are_timed_in_turns_on_whole_queries(monkeypatch):
