@@ -459,10 +459,10 @@ def publishes_plain(task: TrainParams) -> bool:
     return student_head(task.student, task.student_head) == "cosine"
 
 
-def published_student(task: TrainParams, plain: type | None = None, fit: type | None = None) -> Stage:
-    """The stage whose folder a run publishes as <output-dir>/student: ``plain`` (PlainStudent) or
-    ``fit`` (FitStudent), as :func:`publishes_plain` says."""
-    return task.clone(plain or PlainStudent) if publishes_plain(task) else task.clone(fit or FitStudent)
+def published_student(task: TrainParams, plain: type = PlainStudent, fit: type = FitStudent) -> Stage:
+    """The stage whose folder a run publishes as <output-dir>/student: ``plain`` or ``fit``, as
+    :func:`publishes_plain` says."""
+    return task.clone(plain) if publishes_plain(task) else task.clone(fit)
 
 
 def published_and_cosine(inputs: dict) -> tuple[str, str | None]:
