@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import luigi
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -167,7 +168,6 @@ def test_published_student_loads_as_cross_encoder(finished_run):
 def test_published_students_predict_what_their_loss_trained_their_scores_to_be(finished_run, small_beir, tiny_models):
     """predict with no arguments: a distilled student's raw scores (they rank, in the teacher's
     units, and a sigmoid would tie the highest), a BCE student's probabilities (log-odds logits)."""
-    import numpy as np
     from sentence_transformers.cross_encoder import CrossEncoder
 
     out, _ = finished_run
@@ -242,7 +242,6 @@ def test_label_only_baseline_needs_a_label_only_loss(small_beir, tiny_models, tm
 def test_ensemble_teacher_is_two_fine_tuned_members_and_scores_as_their_mix(small_beir, tiny_models, tmp_path):
     """--teacher-kind ensemble: a bi-encoder, then a cross-encoder started from it; the scores are
     the weighted sum of each member's per-query z-scores, recomputed here from the saved members."""
-    import numpy as np
     from sentence_transformers import SentenceTransformer
 
     from pipeline.models import load_cross_encoder
@@ -295,7 +294,6 @@ def test_an_ensemble_teachers_share_is_the_mix_that_ranks_the_dev_split_best(sma
     grid mixes better; both members are kept whatever the share. The members' dev scores go to
     the teacher score cache, so the scoring stage's dev check scores none of its pairs again."""
     import ir_measures
-    import numpy as np
     from ir_measures import nDCG
     from sentence_transformers import SentenceTransformer
 
@@ -464,13 +462,7 @@ def distinct_passages(small_beir, tiny_models, tmp_path_factory):
     return write_beir(tmp_path_factory.mktemp("distinct") / "beir", {q: queries[q] for q in used}, keep, qrels)
 
 
-def test_metrics_equal_an_independent_rerank_of_the_true_top_k(distinct_passages, tiny_models, tmp_path):
-    """metrics.json against scripts/check_metrics.py, a plain script that shares no code with the
-    pipeline: the retriever's own top-k by exact search over sentence-transformers embeddings,
-    ir-measures over every test judgment (a positive outside the top-k is a miss), and the
-    published student reranking those candidates with CrossEncoder.predict. Timing covers only
-    the first test queries, so the student's scores come from the timing for
-    those and from the quality pass for the rest."""
+def _check_script():
     import importlib.util
 
     from tests.conftest import REPO
@@ -478,11 +470,37 @@ def test_metrics_equal_an_independent_rerank_of_the_true_top_k(distinct_passages
     spec = importlib.util.spec_from_file_location("check_metrics", REPO / "scripts" / "check_metrics.py")
     check = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(check)
+    return check
 
+
+def test_the_independent_check_counts_queries_whose_retriever_scores_tie_in_the_top_k():
+    """A tie decides the order only down to the (k+1)-th score: one below it does not count."""
+    tied_queries = _check_script().tied_queries
+    sims = np.array([
+        [0.9, 0.8, 0.8, 0.1, 0.0],  # tied inside the top-2
+        [0.9, 0.8, 0.7, 0.7, 0.0],  # tied at the boundary: 3rd and 4th for k = 3
+        [0.9, 0.8, 0.7, 0.1, 0.1],  # tied at the 4th and 5th: below the (k+1)-th for k = 3
+        [0.5, 0.9, 0.2, 0.3, 0.2 + 5e-7],  # unsorted; within 1e-6 at the 4th and 5th
+    ])
+    assert tied_queries(sims, 2) == 1
+    assert tied_queries(sims, 3) == 2
+    assert tied_queries(sims, 4) == 4
+    assert tied_queries(sims[:, :1], 1) == 0
+
+
+def test_metrics_equal_an_independent_rerank_of_the_true_top_k(distinct_passages, tiny_models, tmp_path):
+    """metrics.json against scripts/check_metrics.py, a plain script that shares no code with the
+    pipeline: the retriever's own top-k by exact search over sentence-transformers embeddings,
+    ir-measures over every test judgment (a positive outside the top-k is a miss), and the
+    published student reranking those candidates with CrossEncoder.predict. Timing covers only
+    the first test queries, so the student's scores come from the timing for
+    those and from the quality pass for the rest."""
+    check = _check_script()
     out = tmp_path / "run"
     # A short list, so that the retriever misses some positives.
     assert _build(tasks.TrainStudent(**_params(distinct_passages, tiny_models, out, rerank_top_k=5, timing_queries=3)))
     got = check.independent_metrics(out)
+    assert got["tied_queries"] == 0  # what distinct_passages is for
     for name, tolerance in check.TOLERANCE.items():
         assert got["reported"][name] == pytest.approx(got[name], abs=tolerance), name
 
