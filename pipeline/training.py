@@ -237,7 +237,7 @@ def train_student(
         head_scale = fit_head_scale(model, train_dataset, spec.format)
     model.activation_fn = _activation(spec)
     if warm_start and not len(train_dataset):
-        return _save_student(model, out_dir, {**(extra_stats or {}), "loss": spec.name, "rows": 0, "steps": 0, "seconds": 0.0})
+        return _save_student(model, out_dir, {**(extra_stats or {}), "loss": spec.name, "rows": 0, "epochs": 0, "steps": 0, "seconds": 0.0})
     if card:
         _describe(model, card, spec.name)
     loss_module = build_loss(model, loss, student_loss_kwargs(model, loss, loss_kwargs))
