@@ -187,7 +187,8 @@ def main() -> None:
              ("student (distilled)", "student (label-only (BCE))"), ("student (distilled)", "retriever"),
              ("student (label-only (BCE))", "retriever"), ("teacher", "retriever"), ("student (distilled)", "teacher"),
              ("student (distilled) fused", "retriever"), ("student (distilled) fused", "student (label-only (BCE)) fused"),
-             ("student (distilled) fused", "teacher"))
+             ("student (distilled) fused", "teacher"), ("student (distilled, plain) fused", "retriever"),
+             ("student (distilled, plain) fused", "teacher"))
     results = {
         "meta": {"dataset": args.dataset, **data_stats, "teacher": distilled["teacher"], "teacher_stats": distilled["teacher_stats"],
                  "params": p, "student_depth": distilled["depth"], "seeds": list(SEEDS), "defaults": args.defaults,
