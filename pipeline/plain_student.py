@@ -3,7 +3,8 @@
 The cosine head (``pipeline.heads``) is this package's code, so a student that has it loads only
 with ``trust_remote_code``. This stage puts a mean Pooling and a Dense, sentence-transformers'
 own modules, on the trained student's encoder, and teaches the result to order each training
-query's true top-k candidates (10 drawn from each by default) as the teacher orders them
+query's true top-k candidates (10 drawn from each by default, and more draws of the same
+candidates where the queries are too few for the steps it takes) as the teacher orders them
 (ListNetLoss over each list). The lists hold more pairs than the teacher labelled for the
 cosine-head student (on the demo two and a half times): a linear read-out of the tokens' mean
 needs them. Taught on the teacher's four pairs per query instead, such a head ranked below the
@@ -14,10 +15,12 @@ teacher-taught one on the demo's test (p = 0.0085, docs/student.md).
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pyarrow as pa
@@ -38,12 +41,17 @@ LOSS = "ListNetLoss"  # softmax cross-entropy between the two orders of a list (
 class PlainStudentConfig:
     """Settings of the plain student (``PlainStudent``)."""
 
+    # 1: lists drawn past one a query are new draws of its candidates (ListDraws), not repeats.
+    REVISION: ClassVar[int] = 1
+
+    # Passes over the training queries; with lists drawn from longer ones (``list_size``), each
+    # pass past the first draws new lists of the same queries and the training makes one pass.
     epochs: float = 1.0
-    # Epochs are added, as a fraction, until the training takes this many steps: a Dense read-out
-    # learnt from a few hundred lists is undertrained in one epoch. The multilingual demo's 1,322
-    # lists (441 steps an epoch) ranked English dev at nDCG@10 0.783 in one epoch, 0.858 in three,
-    # against 0.862 for the cosine-head student they started from; the English demo's 2,544 lists
-    # train 848 steps in their one epoch (docs/student.md).
+    # Lists are added until the training takes this many steps (as draws where lists are drawn,
+    # else as a fraction of an epoch more): a Dense read-out learnt from a few hundred lists is
+    # undertrained in 441 steps. The multilingual demo's 1,322 lists ranked English dev at nDCG@10
+    # 0.783 in one epoch, 0.858 in three, against 0.862 for the cosine-head student they started
+    # from; the English demo's 2,544 lists train 848 steps in their one epoch (docs/student.md).
     min_steps: int = 800
     # Candidates per list (0: all), drawn at random from each query's true top-k and kept in the
     # retriever's order, so that ranks 11 to 20 are seen too. 10 of the top 20 halve the time;
@@ -72,11 +80,15 @@ class PlainStudentConfig:
 def candidate_lists(
     data_dir: str | Path, mined_dir: str | Path, list_size: int = 0, seed: int = 12
 ) -> tuple[pa.Table, list[str], list[tuple[str, str]]]:
-    """Every training query's true top-k (``candidates-train.parquet``) with two or more
-    passages, each cut to ``list_size`` drawn at random (0: all), and in order each pair's query
-    id and its (query, passage) texts."""
-    from pipeline.data import pair_texts
+    """Every training query's true top-k with two or more passages, each cut to ``list_size``
+    drawn at random (0: all), and in order each pair's query id and its (query, passage) texts."""
+    every = top_k_lists(mined_dir)
+    cand = ListDraws(every, list_size, seed).take(every.num_rows)
+    return (cand, *list_pairs(data_dir, cand))
 
+
+def top_k_lists(mined_dir: str | Path) -> pa.Table:
+    """Every training query's true top-k (``candidates-train.parquet``) with two or more passages."""
     path = Path(mined_dir) / "candidates-train.parquet"
     if not path.exists():
         raise PipelineError(f"{mined_dir}: no candidates-train.parquet (mined before training candidates were kept); mine again")
@@ -84,20 +96,69 @@ def candidate_lists(
     cand = cand.filter(pc.greater_equal(pc.list_value_length(cand["doc_ids"]), 2))
     if not cand.num_rows:
         raise PipelineError(f"{path}: no training query has two candidates to order")
-    if list_size:
-        cand = drawn_lists(cand, list_size, seed)
+    return cand
+
+
+def list_pairs(data_dir: str | Path, cand: pa.Table) -> tuple[list[str], list[tuple[str, str]]]:
+    """Each pair's query id and its (query, passage) texts, list after list."""
+    from pipeline.data import pair_texts
+
     sizes = pc.list_value_length(cand["doc_ids"]).to_numpy()
     qids = np.repeat(np.asarray(cand["query_id"].to_pylist(), object), sizes).tolist()
-    return cand, qids, pair_texts(data_dir, qids, pc.list_flatten(cand["doc_ids"]).to_pylist())
+    return qids, pair_texts(data_dir, qids, pc.list_flatten(cand["doc_ids"]).to_pylist())
 
 
-def drawn_lists(cand: pa.Table, size: int, seed: int) -> pa.Table:
-    """``cand`` with each ``doc_ids`` list cut to ``size`` of its entries drawn at random (a
-    shorter list whole), in their order."""
-    rng = np.random.default_rng(seed)
-    lists = cand["doc_ids"].to_pylist()
-    kept = [docs if len(docs) <= size else [docs[i] for i in np.sort(rng.choice(len(docs), size, replace=False))] for docs in lists]
-    return cand.set_column(cand.schema.get_field_index("doc_ids"), "doc_ids", pa.array(kept, cand.schema.field("doc_ids").type))
+class ListDraws:
+    """Lists of ``size`` of each query's candidates (0 or a shorter list: all of them), drawn at
+    random and kept in their order, in rounds over the queries.
+
+    A query's next list takes first the candidates its earlier lists have not: with 20 candidates
+    and lists of 10, its second list is the other 10, its third a new draw. A student trained past
+    one pass over the queries then learns the teacher's order of new candidates, where repeating
+    the lists would show it the same ones again: on the debian dev split, 600 queries' lists of 10
+    of 20 over 800 steps ranked 0.864 nDCG@10 drawn anew against 0.840 repeated, over three seeds
+    (p = 0.001, docs/student.md).
+    The first round's lists are the same for the same seed however many follow.
+    """
+
+    def __init__(self, cand: pa.Table, size: int, seed: int):
+        self.cand, self.size = cand, size
+        self.rng = np.random.default_rng(seed)
+        self.lists = cand["doc_ids"].to_pylist()
+        self.unused = [np.arange(len(docs)) for docs in self.lists]  # positions no list took yet in this cycle
+
+    @property
+    def renewable(self) -> bool:
+        """Whether a later round can hold candidates the first did not."""
+        return bool(self.size) and any(len(docs) > self.size for docs in self.lists)
+
+    def take(self, count: int) -> pa.Table:
+        """The next ``count`` lists: whole rounds over the queries in order, then a random part of one."""
+        rows: list[int] = []
+        kept: list[list[str]] = []
+        while len(rows) < count:
+            n, left = len(self.lists), count - len(rows)
+            part = range(n) if left >= n else np.sort(self.rng.choice(n, left, replace=False)).tolist()
+            rows += part
+            kept += [self._draw(i) for i in part]
+        out = self.cand.take(pa.array(rows, pa.int64()))
+        field = out.schema.field("doc_ids")
+        return out.set_column(out.schema.get_field_index("doc_ids"), field, pa.array(kept, field.type))
+
+    def _draw(self, i: int) -> list[str]:
+        docs = self.lists[i]
+        if not self.size or len(docs) <= self.size:
+            return docs
+        free = self.unused[i]
+        if len(free) >= self.size:
+            pick = free[self.rng.choice(len(free), self.size, replace=False)]
+            self.unused[i] = np.setdiff1d(free, pick)
+        else:  # the rest of this cycle, then the start of the next
+            others = np.setdiff1d(np.arange(len(docs)), free)
+            more = others[self.rng.choice(len(others), self.size - len(free), replace=False)]
+            pick = np.concatenate([free, more])
+            self.unused[i] = np.setdiff1d(np.arange(len(docs)), more)
+        return [docs[j] for j in np.sort(pick)]
 
 
 def list_rows(cand: pa.Table, pairs: list[tuple[str, str]], scores: np.ndarray) -> pa.Table:
@@ -118,6 +179,17 @@ def list_table(queries: list[str], sizes: np.ndarray, passages: list[str], score
         pa.ListArray.from_arrays(offsets, pa.array(np.asarray(scores, np.float32), pa.float32())),
     ]
     return pa.Table.from_arrays(columns, schema=rows_schema("list"))
+
+
+def training_rows(
+    cand: pa.Table, pairs: list[tuple[str, str]], scores: np.ndarray, more_lists: Callable[[pa.Table, np.ndarray], tuple[pa.Table, dict]] | None
+) -> tuple[pa.Table, dict]:
+    """``list``-format rows of the candidate lists, with ``more_lists``'s rows and counts."""
+    rows = list_rows(cand, pairs, scores)
+    if more_lists is None:
+        return rows, {}
+    more, counts = more_lists(cand, scores)
+    return pa.concat_tables([rows, more]), counts
 
 
 def training_epochs(lists: int, batch_size: int, epochs: float, min_steps: int) -> float:
@@ -215,7 +287,10 @@ def teach_plain_student(
         # The plain student's start copies this encoder, config included, and the training
         # builds its model from that saved start; the scoring below runs without dropout.
         set_attention_dropout(student[0].model.config, c.attention_dropout)
-    cand, qids, pairs = candidate_lists(data_dir, mined_dir, c.list_size, c.seed)
+    every = top_k_lists(mined_dir)
+    draws = ListDraws(every, c.list_size, c.seed)
+    cand = draws.take(every.num_rows)
+    qids, pairs = list_pairs(data_dir, cand)
     sizes = pc.list_value_length(cand["doc_ids"]).to_numpy()
     # Read before any scoring, so that a bad dev file fails before the models' time is spent.
     dev = None
@@ -233,18 +308,30 @@ def teach_plain_student(
     )
     taught, scoring = score_pairs(teacher, pairs, qids, cache_dir=c.cache_dir or None)
     scores, scale = teacher_targets(taught, own, sizes[: c.fit_queries])
+    rows, counts = training_rows(cand, pairs, scores, more_lists)
+    # Past one pass over the queries, new draws of their candidates rather than the same lists again.
+    wanted = max(c.epochs * rows.num_rows, c.min_steps * c.batch_size)
+    epochs = c.epochs
+    if draws.renewable and wanted > rows.num_rows:
+        new = draws.take(math.ceil((wanted - rows.num_rows) * cand.num_rows / rows.num_rows))
+        _, new_pairs = list_pairs(data_dir, new)
+        log.info("scoring %d candidates of %d more lists with the teacher", len(new_pairs), new.num_rows)
+        # Each list is normalised on its own, as the first round's (one a query) are.
+        lists = np.repeat(np.arange(new.num_rows), pc.list_value_length(new["doc_ids"]).to_numpy()).astype(str).tolist()
+        new_taught, more_scoring = score_pairs(teacher, new_pairs, lists, cache_dir=c.cache_dir or None)
+        cand, pairs = pa.concat_tables([cand, new]), pairs + new_pairs
+        scores = np.concatenate([scores, np.asarray(new_taught, np.float32) * np.float32(scale)])
+        scoring = {k: scoring[k] + more_scoring[k] for k in scoring if k != "pairs_per_second"}
+        scoring["pairs_per_second"] = round(scoring["pairs"] / scoring["seconds"], 2) if scoring["seconds"] > 0 else math.inf
+        rows, counts = training_rows(cand, pairs, scores, more_lists)
+        epochs = 1.0
     del teacher
-    rows = list_rows(cand, pairs, scores)
+    epochs = training_epochs(rows.num_rows, c.batch_size, epochs, c.min_steps)
     extra = {
-        "lists": rows.num_rows, "pairs": len(pairs), "taught_by": c.teacher, "started_from": str(student_dir),
-        "target_scale": round(scale, 4), "attention_dropout": c.attention_dropout, "teacher_scoring": scoring,
+        "lists": cand.num_rows, "pairs": len(pairs), "queries": every.num_rows, "taught_by": c.teacher, "started_from": str(student_dir),
+        "target_scale": round(scale, 4), "attention_dropout": c.attention_dropout, "teacher_scoring": scoring, **counts,
     }
-    if more_lists is not None:
-        more, counts = more_lists(cand, scores)
-        extra.update(counts)
-        rows = pa.concat_tables([rows, more])
     plain = mean_head_student(student, pairs[:fit_pairs], scores[:fit_pairs], c.device, c.max_length)
-    epochs = training_epochs(rows.num_rows, c.batch_size, c.epochs, c.min_steps)
 
     if dev:
         evaluator = CrossEncoderRerankingEvaluator(dev, at_k=10, name="dev", batch_size=64, write_csv=False, always_rerank_positives=False)

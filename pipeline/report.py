@@ -427,7 +427,8 @@ def _plain_section(s: dict, p: dict, plots: dict) -> list[str]:
         "## The published student's modules",
         "",
         f"The published student is the cosine-head student's encoder with sentence-transformers' own mean Pooling and "
-        f"Dense, which plain `CrossEncoder(path)` loads: taught the teacher's order of {s['lists']} candidate lists "
+        f"Dense, which plain `CrossEncoder(path)` loads: taught the teacher's order of {s['lists']} candidate lists of "
+        f"{s['queries']} training queries "
         + (f"and {sum(v['lists'] for v in s['views'].values()) - s['lists']} translations of them " if s.get("views") else "")
         + f"in {s['steps']} steps ({s['epochs']:.2f} epochs, {s['seconds']} s).",
         "",

@@ -184,8 +184,8 @@ class TrainParams(LabelParams, StudentParams):
         "0: all (twice the training time with the top 20; docs/student.md has both on the demo)",
     )
     plain_min_steps = luigi.IntParameter(
-        default=800, description="PlainStudent trains at least this many steps, adding epochs (as a fraction) when its lists are few "
-        "(docs/student.md)",
+        default=800, description="PlainStudent trains at least this many steps: when its training queries are too few, it draws "
+        "more lists of their candidates, those earlier lists left out first (with --plain-list-size 0: more epochs; docs/student.md)",
     )
     nproc_per_node = luigi.IntParameter(
         default=1, significant=False, description="GPUs to train on, one torchrun process each (DDP); 1 or no GPU = one process"

@@ -183,7 +183,7 @@ def test_the_multilingual_run_publishes_a_plain_student_beside_its_cosine_head_s
     out = tmp_path / "run"
     params = dag_params(parallel_beir, tiny_models, out, TrainMultilingualStudent, languages="xx,yy", negative_pool=6,
                         student=tiny_models["embedder"], student_head="cosine", teacher=f"bi:{tiny_models['embedder']}",
-                        plain_min_steps=0)
+                        plain_min_steps=40, plain_list_size=4)
     task = TrainMultilingualStudent(**params)
     assert luigi.build([task], local_scheduler=True, workers=1, log_level="WARNING")
 
@@ -195,12 +195,17 @@ def test_the_multilingual_run_publishes_a_plain_student_beside_its_cosine_head_s
     assert stats["started_from"] == str(task.clone(tasks.FitMultilingualStudent).artifact())
     assert stats["views"]["xx"]["lists"] == stats["views"]["en"]["lists"] > stats["views"]["yy"]["lists"] > 0
     assert stats["rows"] == sum(v["lists"] for v in stats["views"].values())
+    # Lists of 4 of each query's top 10, each with its translations: 40 steps of 3 take more
+    # lists than the queries have, drawn anew, with their translations (how many the new lists
+    # have decides the last step or two).
+    assert stats["lists"] > stats["queries"] and stats["steps"] >= task.plain_min_steps == 40
+    assert stats["teacher_scoring"]["pairs"] == stats["pairs"] == stats["views"]["en"]["pairs"] == 4 * stats["lists"]
     for lang, entry in m["languages"].items():
         assert {"student", "student_cosine", "student_fused"} <= set(entry["rankers"]) and "student_cosine_fused" not in entry["rankers"]
         assert "student vs student_cosine" in entry["significance"]
     assert all("the cosine-head student it started from (" in line for line in m["verdict"])
     translated = sum(v["lists"] for v in stats["views"].values()) - stats["lists"]
-    assert f"{stats['lists']} candidate lists and {translated} translations of them" in (out / "report.md").read_text()
+    assert f"{stats['lists']} candidate lists of {stats['queries']} training queries and {translated} translations of them" in (out / "report.md").read_text()
 
 
 def test_pairs_file_with_a_column_per_language(tmp_path):

@@ -19,9 +19,10 @@ from tests.conftest import dag_params
 def test_the_plain_student_loads_without_flags_and_orders_the_training_lists_as_the_teacher(small_beir, tiny_models, tmp_path):
     from sentence_transformers.cross_encoder import CrossEncoder
 
-    # 40 lists of 10, 14 steps an epoch: a minimum of 30 steps trains them 30/14 epochs.
+    # 40 queries' lists of 4 drawn from their top 10, 14 steps a pass: a minimum of 30 steps
+    # draws 50 lists more, the second of each query's candidates it has not had yet.
     params = dag_params(small_beir, tiny_models, tmp_path, tasks.PlainStudent, student=tiny_models["embedder"], student_head="cosine",
-                        teacher=f"bi:{tiny_models['embedder']}", plain_min_steps=30)
+                        teacher=f"bi:{tiny_models['embedder']}", plain_min_steps=30, plain_list_size=4)
     task = tasks.PlainStudent(**params)
     assert luigi.build([task], local_scheduler=True, workers=1, log_level="WARNING")
     folder = task.artifact()
@@ -37,9 +38,9 @@ def test_the_plain_student_loads_without_flags_and_orders_the_training_lists_as_
     assert sorted(cand["query_id"]) == sorted(groups)
     assert all(len(d) == params["rerank_top_k"] for d in cand["doc_ids"])
     stats = json.loads((folder / "stats.json").read_text())
-    size = min(task.config.list_size or params["rerank_top_k"], params["rerank_top_k"])
-    assert stats["loss"] == "ListNetLoss" and stats["lists"] == len(groups) and stats["pairs"] == len(groups) * size
-    assert stats["steps"] == task.config.min_steps == 30 and stats["epochs"] == pytest.approx(30 / 14)
+    assert stats["loss"] == "ListNetLoss" and stats["queries"] == len(groups) == 40
+    assert stats["lists"] == 30 * task.config.batch_size and stats["pairs"] == stats["lists"] * 4
+    assert stats["steps"] == task.config.min_steps == 30 and stats["epochs"] == 1.0
     assert "dev_ndcg@10" in stats["dev"] and "dev_ndcg@10" in stats["dev_cosine_student"]
 
     assert stats["taught_by"] == task.config.teacher and stats["target_scale"] > 0
@@ -104,14 +105,38 @@ def test_few_lists_train_more_epochs_up_to_the_minimum_steps():
 def test_drawn_lists_keep_a_random_part_of_each_list_in_its_order():
     import pyarrow as pa
 
-    from pipeline.plain_student import drawn_lists
+    from pipeline.plain_student import ListDraws
 
     lists = [[f"d{i}" for i in range(20)], ["a", "b", "c"]]
     cand = pa.table({"query_id": ["q1", "q2"], "doc_ids": lists})
-    drawn = drawn_lists(cand, 10, seed=1)["doc_ids"].to_pylist()
+    drawn = ListDraws(cand, 10, seed=1).take(2)["doc_ids"].to_pylist()
     assert len(drawn[0]) == 10 and drawn[0] == [d for d in lists[0] if d in drawn[0]]  # a subsequence
     assert drawn[1] == lists[1]  # a list no longer than the size stays whole
-    assert drawn_lists(cand, 10, seed=2)["doc_ids"].to_pylist()[0] != drawn[0]
+    assert ListDraws(cand, 10, seed=2).take(2)["doc_ids"].to_pylist()[0] != drawn[0]
+    assert ListDraws(cand, 0, seed=1).take(2)["doc_ids"].to_pylist() == lists and not ListDraws(cand, 0, seed=1).renewable
+
+
+def test_later_draws_take_the_candidates_earlier_lists_left_out():
+    import pyarrow as pa
+
+    from pipeline.plain_student import ListDraws
+
+    lists = [[f"a{i}" for i in range(20)], [f"b{i}" for i in range(15)], ["c0", "c1"]]
+    cand = pa.table({"query_id": ["qa", "qb", "qc"], "doc_ids": lists, "scores": [[0.5] * len(d) for d in lists]})
+    draws = ListDraws(cand, 10, seed=3)
+    assert draws.renewable
+    first = draws.take(3)
+    # The first round is the same however many rounds follow it.
+    assert first.to_pylist() == ListDraws(cand, 10, seed=3).take(10).slice(0, 3).to_pylist()
+    later = draws.take(7)  # two whole rounds, then one list of a query drawn at random
+    assert later["query_id"].to_pylist()[:6] == ["qa", "qb", "qc"] * 2 and later["scores"].to_pylist()[0] == [0.5] * 20
+    a = [first["doc_ids"][0].as_py()] + [d for q, d in zip(later["query_id"].to_pylist(), later["doc_ids"].to_pylist()) if q == "qa"]
+    assert sorted(a[0] + a[1]) == sorted(lists[0])  # a query's second list is the 10 its first left out
+    assert len(set(a[2])) == 10 and a[2] == [d for d in lists[0] if d in a[2]]  # then a new draw, in order
+    b = [first["doc_ids"][1].as_py()] + [d for q, d in zip(later["query_id"].to_pylist(), later["doc_ids"].to_pylist()) if q == "qb"]
+    assert set(lists[1]) - set(b[0]) <= set(b[1])  # the 5 left out come first, then 5 of the others
+    assert set(b[1]) | set(b[2]) == set(lists[1])  # and the third list the 10 those 5 left
+    assert all(d == lists[2] for q, d in zip(later["query_id"].to_pylist(), later["doc_ids"].to_pylist()) if q == "qc")
 
 
 def test_train_student_publishes_the_plain_student_and_keeps_the_cosine_head_row(small_beir, tiny_models, tmp_path):
