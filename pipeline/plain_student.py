@@ -274,7 +274,7 @@ def teach_plain_student(
     from pipeline.heads import SegmentCosine
     from pipeline.labels import to_dataset
     from pipeline.models import load_cross_encoder, resolve_precision, set_attention_dropout
-    from pipeline.scoring import CrossEncoderScorer, TeacherSpec, load_teacher, score_pairs
+    from pipeline.scoring import CrossEncoderScorer, TeacherSpec, load_teacher, score_pairs, scoring_stats
     from pipeline.training import dev_check_samples, train_student
 
     c = config
@@ -321,8 +321,7 @@ def teach_plain_student(
         new_taught, more_scoring = score_pairs(teacher, new_pairs, lists, cache_dir=c.cache_dir or None)
         cand, pairs = pa.concat_tables([cand, new]), pairs + new_pairs
         scores = np.concatenate([scores, np.asarray(new_taught, np.float32) * np.float32(scale)])
-        scoring = {k: scoring[k] + more_scoring[k] for k in scoring if k != "pairs_per_second"}
-        scoring["pairs_per_second"] = round(scoring["pairs"] / scoring["seconds"], 2) if scoring["seconds"] > 0 else math.inf
+        scoring = scoring_stats(scoring, more_scoring)
         rows, counts = training_rows(cand, pairs, scores, more_lists)
         epochs = 1.0
     del teacher

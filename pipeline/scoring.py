@@ -436,9 +436,16 @@ def score_pairs(
     scores = teacher.score(pairs, list(query_ids), progress, cache_dir)
     seconds = time.perf_counter() - t0
     after = _teacher_counters(teacher)
-    stats = {"pairs": len(pairs), "seconds": round(seconds, 3), "pairs_per_second": round(len(pairs) / seconds, 2) if seconds > 0 else math.inf}
-    stats.update({name: round(after[name] - before[name], 3) for name in after})
-    return scores, stats
+    counts = {name: round(after[name] - before[name], 3) for name in after}
+    return scores, scoring_stats({"pairs": len(pairs), "seconds": round(seconds, 3), **counts})
+
+
+def scoring_stats(*calls: dict) -> dict:
+    """The statistics of :func:`score_pairs` calls taken together: their counts and seconds
+    summed, and the pairs per second of the sum."""
+    total = {k: round(sum(c[k] for c in calls), 3) for k in calls[0] if k != "pairs_per_second"}
+    seconds = total["seconds"]
+    return {**total, "pairs_per_second": round(total["pairs"] / seconds, 2) if seconds > 0 else math.inf}
 
 
 def _teacher_counters(teacher: Teacher) -> dict[str, float]:
