@@ -239,6 +239,8 @@ class Teacher:
     scorers: list
     identity: list[dict]
 
+    # Pairs, not member scores: a pair is scored when any member had to score it, from the cache
+    # when every member read it there.
     cache_hits: int = 0
     cache_misses: int = 0
     cache_seconds: float = 0.0  # looking pairs up in the score cache and adding the new ones
@@ -269,16 +271,21 @@ class Teacher:
         show_progress: bool = True,
     ) -> list[np.ndarray]:
         """Each member's raw scores of ``pairs``, unmixed, through the cache as in :meth:`score`."""
-        return [
-            self._member_scores(scorer, ident, pairs, progress, cache_dir, show_progress)
-            for scorer, ident in zip(self.scorers, self.identity)
-        ]
+        scored = np.zeros(len(pairs), bool)
+        raws = []
+        for scorer, ident in zip(self.scorers, self.identity):
+            raw, missing = self._member_scores(scorer, ident, pairs, progress, cache_dir, show_progress)
+            scored[missing] = True
+            raws.append(raw)
+        self.cache_misses += int(scored.sum())
+        self.cache_hits += len(pairs) - int(scored.sum())
+        return raws
 
-    def _member_scores(self, scorer, ident: dict, pairs, progress, cache_dir, show_progress: bool = True) -> np.ndarray:
+    def _member_scores(self, scorer, ident: dict, pairs, progress, cache_dir, show_progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """One member's raw scores of ``pairs`` and the positions it had to score."""
         desc = Path(ident["model"]).name
         if cache_dir is None:
-            self.cache_misses += len(pairs)
-            return scorer.score(pairs, progress, desc=desc, show_progress=show_progress)
+            return scorer.score(pairs, progress, desc=desc, show_progress=show_progress), np.arange(len(pairs))
         t0 = time.perf_counter()
         cache = ScoreCache(Path(cache_dir) / member_fingerprint(ident))
         keys = pair_keys(pairs)
@@ -291,10 +298,8 @@ class Teacher:
             t0 = time.perf_counter()
             cache.add(keys[missing], fresh)
             self.cache_seconds += time.perf_counter() - t0
-        self.cache_hits += len(pairs) - len(missing)
-        self.cache_misses += len(missing)
         log.info("%s: %d pairs from the cache, %d scored", desc, len(pairs) - len(missing), len(missing))
-        return out
+        return out, missing
 
     @property
     def normalization(self) -> str:

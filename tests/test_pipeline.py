@@ -4,6 +4,7 @@ and a changed setting builds new artifacts instead of reusing stale ones."""
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -359,8 +360,14 @@ def test_an_ensemble_teachers_share_is_the_mix_that_ranks_the_dev_split_best(sma
 
     teacher = load_teacher(TeacherSpec.parse(str(folder)), "cpu", "fp32", 64)
     check = teacher_dev_check(teacher, data, mined, 1000, cache)
-    assert teacher.cache_misses == 0 and teacher.cache_hits == len(pairs) * len(teacher.scorers)
+    # Counted in pairs, not member scores: every member read every pair from the cache.
+    assert teacher.cache_misses == 0 and teacher.cache_hits == len(pairs)
     assert check["teacher_ndcg@10"] == pytest.approx(table[f"{share:g}"], abs=1e-4)
+    # A pair one member has to score again counts as scored, however many members read it cached.
+    shutil.rmtree(next(cache.iterdir()))
+    again = load_teacher(TeacherSpec.parse(str(folder)), "cpu", "fp32", 64)
+    assert teacher_dev_check(again, data, mined, 1000, cache)["teacher_ndcg@10"] == pytest.approx(check["teacher_ndcg@10"], abs=1e-6)
+    assert again.cache_misses == len(pairs) and again.cache_hits == 0
 
 
 def test_an_ensemble_teacher_without_judged_dev_queries_mixes_half_and_half(tmp_path, caplog):
