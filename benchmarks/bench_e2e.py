@@ -309,7 +309,7 @@ def row(split: Split, runs: list[np.ndarray], speed: dict | None = None) -> dict
     return out
 
 
-def trained_on(labels: Path, p: dict) -> str:
+def training_digest(labels: Path, p: dict) -> str:
     """A short digest of what a benchmark student is trained from: the labels (``<stage>/dataset``,
     named by the stage's fingerprint) and the training parameters. Students are kept by folder
     name so that an interrupted benchmark resumes; with this in the name, a student whose labels
@@ -334,7 +334,7 @@ def dev_ndcg(train, out: Path, lr: float, split: Split, p: dict) -> float:
 
 def choose_lr(name: str, train, split: Split, work: Path, p: dict, trained: str) -> tuple[float, dict]:
     """The grid's learning rate with the best dev nDCG@10 (first seed); ``trained`` names what the
-    students are trained from (``trained_on``)."""
+    students are trained from (``training_digest``)."""
     dev = {}
     for lr in GRID:
         dev[f"{lr:g}"] = dev_ndcg(train, work / f"{name}-dev-L{p['student_layers']}-lr{lr:g}-{trained}", lr, split, p)
@@ -378,7 +378,7 @@ def main() -> None:
     chosen, dev_grid = {}, {}
     # The plain side's rows come from the teacher's scores of the mined groups, which the labels'
     # fingerprint covers too.
-    trained = trained_on(up["labels"], p)
+    trained = training_digest(up["labels"], p)
     for name, train in sides.items():
         chosen[name], dev_grid[name] = choose_lr(name.split()[0], train, dev, work, p, trained)
     # The default depth, checked on dev against one layer less and one more at the chosen rate.

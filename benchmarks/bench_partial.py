@@ -43,7 +43,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.bench_e2e import (  # noqa: E402
     SEEDS, TIMING_QUERIES, Split, comparison_rows, dev_ndcg, fusion_sentence, mean_std, render_again, speed_sentence, student_params, test_rows, train_project,
-    trained_on, write_results,
+    training_digest, write_results,
 )
 
 # Each side's dev grid of (learning rate, epochs). The label-only side also tries 3 epochs: it sees
@@ -155,7 +155,7 @@ def main() -> None:
     depth = f"L{p['student_layers']}"
     labels = {"distilled": (distilled["labels"], "PackedMarginMSELoss"), "label-only (BCE)": (label_only["labels"], "BinaryCrossEntropyLoss")}
     sides = {name: trainer(rows, loss) for name, (rows, loss) in labels.items()}
-    trained = {name: trained_on(rows, p) for name, (rows, _) in labels.items()}
+    trained = {name: training_digest(rows, p) for name, (rows, _) in labels.items()}
     chosen, dev_grid = {}, {}
     if args.defaults:
         chosen = {"distilled": (p["learning_rate"], p["epochs"]), "label-only (BCE)": distilled["label_only_setting"]}

@@ -56,12 +56,14 @@ def read_beir(folder: Path) -> tuple[dict[str, str], dict[str, str], list[tuple[
     return corpus, queries, judged
 
 
-def tied_queries(sims: np.ndarray, k: int, eps: float = TIE) -> int:
-    """Queries whose retriever scores, down to the (k+1)-th, hold two within ``eps``: passages the
-    embedder sees alike (e.g. the same tokens once cut to max_length). Their order is last-bit
-    noise, which batch shapes and CPU kernels resolve differently in the pipeline and here."""
-    head = -np.sort(-sims, axis=1)[:, : k + 1]
-    return int((np.diff(head, axis=1) > -eps).any(axis=1).sum())
+def retriever_top_k(sims: np.ndarray, k: int, eps: float = TIE) -> tuple[np.ndarray, int]:
+    """Each query's top ``k`` columns of ``sims``, best first (ties in column order), and how many
+    queries hold two scores within ``eps`` down to the (k+1)-th: passages the embedder sees alike
+    (e.g. the same tokens once cut to max_length). Their order is last-bit noise, which batch
+    shapes and CPU kernels resolve differently in the pipeline and here."""
+    order = np.argsort(-sims, axis=1, kind="stable")[:, : k + 1]
+    head = np.take_along_axis(sims, order, axis=1)
+    return order[:, :k], int((np.diff(head, axis=1) > -eps).any(axis=1).sum())
 
 
 def significance_agrees(metrics: dict) -> list[str]:
@@ -107,7 +109,8 @@ def independent_metrics(run: Path, device: str = "cpu") -> dict:
     qv = embedder.encode_query([queries[q] for q in test_ids], normalize_embeddings=True, batch_size=64)
     k = int(p["rerank_top_k"])
     sims = qv @ docs.T
-    top = {q: np.argsort(-sims[i], kind="stable")[:k] for i, q in enumerate(test_ids)}
+    order, tied = retriever_top_k(sims, k)
+    top = dict(zip(test_ids, order))
     retriever_run = [ir_measures.ScoredDoc(q, doc_ids[j], float(sims[i, j])) for i, (q, js) in enumerate(top.items()) for j in js]
 
     student = CrossEncoder(str(run / "student"), device=device, max_length=int(p["max_length"]), trust_remote_code=True)
@@ -123,7 +126,7 @@ def independent_metrics(run: Path, device: str = "cpu") -> dict:
         "retriever": ir_measures.calc_aggregate([measure], qrels, retriever_run)[measure],
         "student": ir_measures.calc_aggregate([measure], qrels, student_run)[measure],
         "reported": {name: metrics["test"][name]["ndcg@10"] for name in TOLERANCE},
-        "tied_queries": tied_queries(sims, k),
+        "tied_queries": tied,
         "significance_off": significance_agrees(metrics),
     }
 

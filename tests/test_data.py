@@ -277,7 +277,8 @@ def test_rows_repeated_whole_are_read_once(beir, tmp_path, caplog):
     (beir / "queries.jsonl").write_text("\n".join([*queries, queries[0]]) + "\n")
     with caplog.at_level("WARNING"):
         stats = prepare_data(beir, tmp_path / "norm")
-    assert load_normalized(tmp_path / "norm").corpus == CORPUS and load_normalized(tmp_path / "norm").queries == QUERIES
+    ds = load_normalized(tmp_path / "norm")
+    assert ds.corpus == CORPUS and ds.queries == QUERIES
     assert stats["documents"] == len(CORPUS) and stats["repeated_rows"] == {"corpus.jsonl": 2, "queries.jsonl": 1}
     assert f"corpus.jsonl: 2 rows repeat an earlier row's id and text and are read once (first on line {len(corpus) + 1})" in caplog.text
     from pipeline.report import _data_section

@@ -482,17 +482,17 @@ def _check_script():
 
 def test_the_independent_check_counts_queries_whose_retriever_scores_tie_in_the_top_k():
     """A tie decides the order only down to the (k+1)-th score: one below it does not count."""
-    tied_queries = _check_script().tied_queries
+    top_k = _check_script().retriever_top_k
     sims = np.array([
         [0.9, 0.8, 0.8, 0.1, 0.0],  # tied inside the top-2
         [0.9, 0.8, 0.7, 0.7, 0.0],  # tied at the boundary: 3rd and 4th for k = 3
         [0.9, 0.8, 0.7, 0.1, 0.1],  # tied at the 4th and 5th: below the (k+1)-th for k = 3
         [0.5, 0.9, 0.2, 0.3, 0.2 + 5e-7],  # unsorted; within 1e-6 at the 4th and 5th
     ])
-    assert tied_queries(sims, 2) == 1
-    assert tied_queries(sims, 3) == 2
-    assert tied_queries(sims, 4) == 4
-    assert tied_queries(sims[:, :1], 1) == 0
+    assert [top_k(sims, k)[1] for k in (2, 3, 4)] == [1, 2, 4]
+    assert top_k(sims[:, :1], 1)[1] == 0
+    # The top k is the retriever's order, ties kept in column order.
+    assert top_k(sims, 3)[0].tolist() == [[0, 1, 2], [0, 1, 2], [0, 1, 2], [1, 0, 3]]
 
 
 def test_metrics_equal_an_independent_rerank_of_the_true_top_k(distinct_passages, tiny_models, tmp_path):
