@@ -356,7 +356,7 @@ def test_an_ensemble_teachers_share_is_the_mix_that_ranks_the_dev_split_best(sma
     assert f"ranks {choice['dev_queries']} dev queries'" in section and f"| bi-encoder alone | {table['0']:.4f} |" in section
     assert f"| cross-encoder alone | {table['1']:.4f} |" in section and f"share {share:g}** | **{table[f'{share:g}']:.4f}** |" in section
 
-    from pipeline.scoring import TeacherSpec, load_teacher, teacher_dev_check
+    from pipeline.scoring import TeacherSpec, load_teacher, member_fingerprint, teacher_dev_check
 
     teacher = load_teacher(TeacherSpec.parse(str(folder)), "cpu", "fp32", 64)
     check = teacher_dev_check(teacher, data, mined, 1000, cache)
@@ -364,7 +364,7 @@ def test_an_ensemble_teachers_share_is_the_mix_that_ranks_the_dev_split_best(sma
     assert teacher.cache_misses == 0 and teacher.cache_hits == len(pairs)
     assert check["teacher_ndcg@10"] == pytest.approx(table[f"{share:g}"], abs=1e-4)
     # A pair one member has to score again counts as scored, however many members read it cached.
-    shutil.rmtree(next(cache.iterdir()))
+    shutil.rmtree(cache / member_fingerprint(teacher.identity[0]))
     again = load_teacher(TeacherSpec.parse(str(folder)), "cpu", "fp32", 64)
     assert teacher_dev_check(again, data, mined, 1000, cache)["teacher_ndcg@10"] == pytest.approx(check["teacher_ndcg@10"], abs=1e-6)
     assert again.cache_misses == len(pairs) and again.cache_hits == 0
