@@ -12,6 +12,8 @@ import hashlib
 import json
 import logging
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -39,13 +41,40 @@ def resolve_precision(precision: str, device: str) -> torch.dtype:
     retraining gate, so that no stage reads 'auto' differently from another."""
     if precision in ("", "auto", None):
         if device.startswith("cuda"):
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+            return torch.bfloat16 if cuda_bf16_supported() else torch.float32
         return torch.bfloat16 if native_bf16_cpu() else torch.float32
     if precision not in PRECISIONS:
         raise PipelineError(f"unknown precision '{precision}' (choose fp32, bf16, fp16, auto; int8 for CPU scoring)")
     if precision == "fp16" and not device.startswith("cuda"):
         raise PipelineError("fp16 inference is only supported on CUDA; use bf16 or fp32 on CPU")
     return PRECISIONS[precision]
+
+
+def cuda_bf16_supported() -> bool:
+    """Whether the GPU computes in bf16, asked without initialising CUDA in this process.
+
+    ``torch.cuda.is_bf16_supported()`` initialises CUDA, and a process that has done so cannot
+    fork children that use CUDA: luigi's ``--workers N`` fork the process that built every
+    stage's configuration, 'auto' precision included. Until this process uses CUDA itself, a
+    child process answers (once per process; about as long as importing torch).
+    """
+    if torch.cuda.is_initialized():
+        return torch.cuda.is_bf16_supported()
+    return _cuda_bf16_in_child()
+
+
+@functools.cache
+def _cuda_bf16_in_child() -> bool:
+    probe = "import torch; print(int(torch.cuda.is_available() and torch.cuda.is_bf16_supported()))"
+    try:
+        done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=600, check=True)
+    except (OSError, subprocess.SubprocessError) as e:
+        detail = getattr(e, "stderr", "") or e
+        raise PipelineError(
+            f"could not ask a child process whether the GPU computes in bf16 ({str(detail).strip()[-300:]}); "
+            "pass --score-precision and --train-precision"
+        ) from None
+    return done.stdout.strip().endswith("1")
 
 
 def native_bf16_cpu() -> bool:

@@ -33,7 +33,7 @@ from pipeline.config import model, run_only
 from pipeline.data import has_training_judgments
 from pipeline.errors import PipelineError
 from pipeline.heads import self_contained
-from pipeline.models import cut_student, load_cross_encoder
+from pipeline.models import cuda_bf16_supported, cut_student, load_cross_encoder
 
 log = logging.getLogger(__name__)
 
@@ -243,7 +243,7 @@ def train_student(
     loss_module = build_loss(model, loss, student_loss_kwargs(model, loss, loss_kwargs))
 
     work = Path(work_dir or f"{out_dir}.work")
-    if precision == "bf16" and device.startswith("cuda") and not torch.cuda.is_bf16_supported():
+    if precision == "bf16" and device.startswith("cuda") and not cuda_bf16_supported():
         raise PipelineError("--train-precision bf16: this GPU does not support bf16")
     evaluator = None
     if dev_samples and num_labels != 1:

@@ -221,6 +221,34 @@ def test_auto_scoring_precision_follows_the_cpu(monkeypatch, tiny_models):
         assert resolve_precision("auto", "cpu") == dtype
 
 
+def test_auto_precision_on_a_gpu_leaves_this_process_without_cuda(monkeypatch):
+    """luigi's --workers N fork the process that resolved 'auto' for every stage's fingerprint;
+    torch's own bf16 check would initialise CUDA in it, and its forked children could not use the
+    GPU. A child process answers while this one holds no CUDA state; once it holds some, torch."""
+    import subprocess
+    import sys
+
+    import torch
+
+    import pipeline.models
+    from pipeline.models import resolve_precision
+
+    def initialises_cuda(*args, **kwargs):
+        raise AssertionError("torch.cuda.is_bf16_supported() ran in the process that forks the workers")
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", initialises_cuda)
+    pipeline.models._cuda_bf16_in_child.cache_clear()
+    probe = "import torch; print(torch.cuda.is_available() and torch.cuda.is_bf16_supported())"
+    gpu_bf16 = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip() == "True"
+    assert resolve_precision("auto", "cuda") == (torch.bfloat16 if gpu_bf16 else torch.float32)
+    assert not torch.cuda.is_initialized()
+
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    for supported, dtype in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda supported=supported: supported)
+        assert resolve_precision("auto", "cuda") == dtype
+
+
 def test_scores_fingerprint_holds_the_resolved_precision(monkeypatch, small_beir, tiny_models, tmp_path):
     """'auto' scored in bf16 on one CPU and fp32 on another must not share score artifacts."""
     import pipeline.models
