@@ -177,7 +177,7 @@ with warnings.catch_warnings(record=True) as caught:
     entries = {c.__name__: c() for c in (tasks.TrainStudent, tasks.TrainMultilingualStudent, tasks.RetrainStudent)}
 print(json.dumps({
     "warnings": [str(w.message) for w in caught if w.category.__name__ == "UnconsumedParameterWarning"],
-    "entries": {n: [t.dataset, t.embedder, t.teacher_kind, t.student_layers, t.max_train_queries, t.output_dir]
+    "entries": {n: [t.dataset, t.embedder, t.teacher_kind, t.student_layers, t.max_train_queries, t.max_unjudged_queries, t.output_dir]
                 for n, t in entries.items()},
     "students": [t.task_id for t in (entries["TrainStudent"].clone(tasks.FitStudent), tasks.PlainStudent().requires()["student"])],
     "published": [t.task_id for t in (entries["TrainStudent"].student_stage(), tasks.ExportOnnx().requires(), tasks.PlainStudent())],
@@ -206,10 +206,11 @@ def test_luigi_cfg_shares_the_demo_settings_without_warnings(central):
     assert dirs == {"TrainStudent": "runs/demo", "TrainMultilingualStudent": "runs/demo-multilingual", "RetrainStudent": "runs/retrain"}
     # [DEFAULT]'s settings reach every entry task; a section overrides only what it names.
     shared = ["models/all-MiniLM-L6-v2", "ensemble"]
-    # [TrainStudent] measures its depth up to 3 layers; the other demos keep [DEFAULT]'s 2.
-    assert got["entries"]["TrainStudent"] == ["data/debian-partly-judged", *shared, 3, 0]
-    assert got["entries"]["RetrainStudent"] == ["data/debian-partly-judged", *shared, 2, 0]
-    assert got["entries"]["TrainMultilingualStudent"] == ["data/debian-descriptions", *shared, 2, 600]
+    # [TrainStudent] measures its depth up to 3 layers; the other demos fix 2. Every
+    # demo trains on all its training queries, the teacher labelling those nobody judged.
+    assert got["entries"]["TrainStudent"] == ["data/debian-partly-judged", *shared, 3, 0, -1]
+    assert got["entries"]["RetrainStudent"] == ["data/debian-partly-judged", *shared, 2, 0, -1]
+    assert got["entries"]["TrainMultilingualStudent"] == ["data/debian-multilingual", *shared, 2, 0, -1]
     # The tasks that take the demo's student, run alone, address the one TrainStudent trained.
     assert len(set(got["students"])) == 1 and len(set(got["published"])) == 1
 

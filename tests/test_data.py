@@ -369,6 +369,19 @@ def test_demo_dataset_is_valid():
     assert {"de", "fr", "it"} <= set(ds.languages)
 
 
+def test_multilingual_demo_dataset_is_the_partly_judged_one_with_translations():
+    """The multilingual demo trains as the English demo does: its judgments are the partly judged
+    folder's, and every query and passage of the full dataset is there, translations included."""
+    from tests.conftest import DEMO
+
+    full, partly, multi = read_dataset(DEMO), read_dataset(DEMO.parent / "debian-partly-judged"), read_dataset(DEMO.parent / "debian-multilingual")
+    assert sorted(multi.qrels) == sorted(partly.qrels)
+    assert len(multi.relevant("train")) == 600 < len(full.relevant("train"))
+    assert multi.relevant("test") == full.relevant("test") and multi.relevant("dev") == full.relevant("dev")
+    assert multi.queries == full.queries and multi.corpus == full.corpus
+    assert multi.languages == full.languages and {"de", "fr", "it"} <= set(multi.languages)
+
+
 def test_bad_data_ends_the_luigi_run_with_one_line_and_no_traceback(beir, tmp_path):
     """Through the command line a user runs: the DataError's line, a non-zero exit, no traceback."""
     import os
